@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# One idempotent setup step for a fresh Debian 12 machine, run as root:
+# Debian packages, the legacy iptables backend, bpffs, and a virtualenv (.venv)
+# with the director installed editable plus its test tools.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(
+  iptables iproute2 ethtool tcpdump
+  libnetfilter-queue-dev libnfnetlink-dev pkg-config build-essential
+  python3 python3-venv python3-dev
+  clang llvm libbpf-dev bpftool
+)
+
+log() { printf 'setup: %s\n' "$*"; }
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "setup: must run as root (it installs Debian packages and uses netfilter)" >&2
+  exit 1
+fi
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  log "installing Debian packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+else
+  log "Debian packages present"
+fi
+
+# python-iptables drives libiptc, i.e. the legacy tables only.
+for t in iptables ip6tables; do
+  if [ -x "/usr/sbin/${t}-legacy" ]; then
+    update-alternatives --set "$t" "/usr/sbin/${t}-legacy" >/dev/null
+  fi
+done
+
+# bpffs is not mounted at boot on these machines; pinned maps live there.
+if ! mountpoint -q /sys/fs/bpf; then
+  mount -t bpf bpf /sys/fs/bpf
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  log "creating .venv with $($PY --version)"
+  "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip >/dev/null
+log "installing the director (editable) and test tools into .venv"
+.venv/bin/python -m pip install -q -e '.[test]'
+log "done"

@@ -1,0 +1,349 @@
+"""The decision core: one packet's bytes and the time in, one Verdict out. Pure.
+
+The dataplane adapters (NFQUEUE, eBPF map sync) apply verdicts; they never re-derive one. The rules
+are DESIGN.md section 5, in this order for a client packet to a VIP:
+
+- IKE, responder cookie zero (initial): a known conversation keeps its real server (a repeat is
+  counted; past the service's threshold with no sign of life the conversation is rescheduled: the
+  passive health signal). A new one follows the client's live state if any (implicit persistence,
+  quiesced servers included) or is scheduled.
+- IKE, responder cookie set: a known conversation is refreshed and turns ESTABLISHED (in NAT mode
+  only with the responder cookie the real server sent). An unknown cookie pair follows the client's
+  real server and is adopted as ESTABLISHED (an IKEv2 IKE SA rekey changes SPIs), or is dropped.
+- ESP / AH: the client's ESTABLISHED entry decides; none -> ICMP protocol-unreachable.
+- ESP-in-UDP: the ESTABLISHED entry of client IP+port; INIT only -> drop; none -> unreachable.
+- NAT-keepalive: follows the client's entry; none -> drop.
+"""
+
+from __future__ import annotations
+
+from array import array
+from enum import IntEnum
+from typing import NamedTuple
+
+from director.conntrack import NO_RS, NO_SLOT, Table, TableFull
+from director.drop_reasons import DropReason
+from director.isakmp_state import State
+from director.packet import Kind, PacketError, classify
+from director.schedulers import RealServer
+from director.service import ConfigError, Method, Service
+
+
+class Action(IntEnum):
+    PASS = 0  # not ours: let the kernel have it unchanged
+    FORWARD = 1  # to real server ``rs`` by ``method`` (or, for a reply, source rewritten to ``addr``)
+    DROP = 2
+    ICMP_UNREACH = 3  # drop and answer ICMP type 3 code 2 to the sender
+
+
+class Verdict(NamedTuple):
+    action: Action
+    kind: Kind
+    reason: int = 0  # DropReason for DROP / ICMP_UNREACH, else 0
+    svc: int = -1
+    rs: int = NO_RS
+    addr: int = 0  # the real server's address (forward) or the VIP (NAT reply source)
+    method: int = Method.DR
+    reply: bool = False  # NAT reply direction: rewrite the source to ``addr``
+
+
+_PASS = {k: Verdict(Action.PASS, k) for k in Kind}
+
+
+class Director:
+    """Services, real servers and the table; ``decide`` is the per-packet entry point."""
+
+    def __init__(self, capacity: int = 65536, *, now: float = 0.0) -> None:
+        self.table = Table(capacity, now=now, on_count=self._count)
+        self.services: dict[int, Service] = {}
+        self._by_vip: dict[int, Service] = {}
+        self._servers: dict[int, RealServer] = {}  # every real server by its global id
+        self._rs_service: dict[int, int] = {}
+        self._nat_by_addr: dict[int, list[tuple[Service, RealServer]]] = {}
+        self.drops = array("Q", [0]) * 100  # by DropReason value
+        self.by_kind = array("Q", [0]) * len(Kind)
+        self.stats = {
+            "forwarded": 0,
+            "passed": 0,
+            "icmp_unreach": 0,
+            "scheduled": 0,
+            "persisted": 0,
+            "rescheduled_dead": 0,
+            "rescheduled_stuck": 0,
+            "adopted": 0,
+            "replies": 0,
+        }
+        self.stuck_by_rs: dict[int, int] = {}
+
+    # -- configuration -----------------------------------------------------------------------
+    def add_service(self, svc: Service) -> None:
+        if svc.id in self.services:
+            raise ConfigError(f"service.id: service {svc.id} exists")
+        if svc.vip in self._by_vip:
+            raise ConfigError(f"service.vip: a service for this VIP exists (id {self._by_vip[svc.vip].id})")
+        for rs in svc.servers.values():
+            self._check_new_server(rs)
+        self.services[svc.id] = svc
+        self._by_vip[svc.vip] = svc
+        self.table.set_timeouts(svc.id, svc.timeouts)
+        self.table.set_soft_expiry(svc.id, svc.soft_limit, svc.soft_grace)
+        for rs in svc.servers.values():
+            self._index_server(svc, rs)
+
+    def remove_service(self, svc_id: int) -> None:
+        svc = self._service(svc_id)
+        for rs_id in list(svc.servers):
+            self.remove_server(svc_id, rs_id)
+        del self.services[svc_id]
+        del self._by_vip[svc.vip]
+
+    def add_server(self, svc_id: int, rs: RealServer) -> None:
+        svc = self._service(svc_id)
+        self._check_new_server(rs)
+        if rs.method == "nat" and svc.ah:
+            raise ConfigError(f"server.method: AH cannot cross NAT; service {svc_id} has ah = true")
+        svc.servers[rs.id] = rs
+        self._index_server(svc, rs)
+        svc.refresh_scheduler()
+
+    def remove_server(self, svc_id: int, rs_id: int) -> None:
+        """Its clients are rescheduled on their next initial packet (and counted then)."""
+        svc = self._service(svc_id)
+        rs = svc.servers.pop(rs_id, None)
+        if rs is None:
+            raise ConfigError(f"server.id: no real server {rs_id} in service {svc_id}")
+        del self._servers[rs_id]
+        del self._rs_service[rs_id]
+        pairs = self._nat_by_addr.get(rs.addr, [])
+        pairs[:] = [p for p in pairs if p[1] is not rs]
+        svc.refresh_scheduler()
+
+    def set_weight(self, rs_id: int, weight: int) -> None:
+        if not 0 <= weight <= 65535:
+            raise ConfigError(f"server.weight: must be 0..65535, got {weight}")
+        rs = self._server(rs_id)
+        rs.weight = weight
+        self.services[self._rs_service[rs_id]].refresh_scheduler()
+
+    def set_up(self, rs_id: int, up: bool) -> None:
+        rs = self._server(rs_id)
+        rs.up = up
+        self.services[self._rs_service[rs_id]].refresh_scheduler()
+
+    def _check_new_server(self, rs: RealServer) -> None:
+        if not 0 <= rs.id < NO_RS:
+            raise ConfigError(f"server.id: must be 0..65534, got {rs.id}")
+        if rs.id in self._servers:
+            raise ConfigError(f"server.id: real server {rs.id} exists")
+        if not 0 <= rs.weight <= 65535:
+            raise ConfigError(f"server.weight: must be 0..65535, got {rs.weight}")
+        if rs.method:
+            Method.parse(rs.method)
+
+    def _index_server(self, svc: Service, rs: RealServer) -> None:
+        self._servers[rs.id] = rs
+        self._rs_service[rs.id] = svc.id
+        if svc.method_of(rs) == Method.NAT:
+            self._nat_by_addr.setdefault(rs.addr, []).append((svc, rs))
+
+    def _service(self, svc_id: int) -> Service:
+        try:
+            return self.services[svc_id]
+        except KeyError:
+            raise ConfigError(f"service.id: no service {svc_id}") from None
+
+    def _server(self, rs_id: int) -> RealServer:
+        try:
+            return self._servers[rs_id]
+        except KeyError:
+            raise ConfigError(f"server.id: no real server {rs_id}") from None
+
+    def _count(self, rs_id: int, state: int, delta: int) -> None:
+        rs = self._servers.get(rs_id)
+        if rs is None:
+            return
+        if state == State.ESTABLISHED:
+            rs.active += delta
+        else:
+            rs.inactive += delta
+        if rs.u_threshold:
+            was = rs.overloaded
+            rs.update_overload()
+            if was != rs.overloaded:
+                self.services[self._rs_service[rs_id]].refresh_scheduler()
+
+    # -- per packet ----------------------------------------------------------------------------
+    def decide(self, data: bytes, now: float) -> Verdict:
+        """Verdict for a packet arriving from a client (toward a VIP)."""
+        try:
+            c = classify(data)
+        except PacketError as e:
+            self.drops[e.reason] += 1
+            return Verdict(Action.DROP, Kind.NOT_OURS, e.reason)
+        kind = c.kind
+        svc = self._by_vip.get(c.dst)
+        if svc is None or kind == Kind.NOT_OURS or kind == Kind.FRAGMENT:
+            self.stats["passed"] += 1
+            return _PASS[kind]
+        self.by_kind[kind] += 1
+        if kind == Kind.IKE_INITIAL:
+            return self._ike_initial(svc, c, now)
+        if kind == Kind.IKE:
+            return self._ike(svc, c, now)
+        if kind == Kind.ESP or kind == Kind.AH:
+            if kind == Kind.AH and not svc.ah:
+                return self._drop(kind, DropReason.NO_ENTRY, svc, icmp=True)
+            s, _ = self.table.established_of_client(svc.id, c.src)
+            if s < 0:
+                return self._drop(kind, DropReason.NO_ENTRY, svc, icmp=True)
+            return self._forward_entry(svc, kind, s, now)
+        if kind == Kind.ESP_IN_UDP:
+            s, saw_init = self.table.established_of_natt(svc.id, c.src, c.sport)
+            if s < 0:
+                if saw_init:
+                    return self._drop(kind, DropReason.ENTRY_NOT_ESTABLISHED, svc)
+                return self._drop(kind, DropReason.NO_ENTRY, svc, icmp=True)
+            return self._forward_entry(svc, kind, s, now)
+        # NAT-keepalive: keeps the NAT mapping, not the entry; follows the client's real server
+        s = self.table.natt_head(svc.id, c.src, c.sport)
+        if s < 0:
+            s = self.table.client_head(svc.id, c.src)
+        if s < 0:
+            return self._drop(kind, DropReason.NO_ENTRY, svc)
+        return self._forward_entry(svc, kind, s, None)
+
+    def _ike_initial(self, svc: Service, c, now: float) -> Verdict:
+        t = self.table
+        s = t.lookup(svc.id, c.src, c.spi_i)
+        if s >= 0:
+            rs = self._servers.get(t.rs[s])
+            if t.state[s] == State.INIT:
+                n = t.retransmit(s, now, c.wire_len)
+                self._follow_port(t, s, c)
+                if rs is None or not rs.up:
+                    rs = self._reschedule(svc, c, s, "rescheduled_dead")
+                elif (
+                    svc.retransmit_threshold
+                    and n >= svc.retransmit_threshold
+                    and not t.spi_r_from_server(s)
+                ):
+                    self.stuck_by_rs[rs.id] = self.stuck_by_rs.get(rs.id, 0) + 1
+                    rs = self._reschedule(svc, c, s, "rescheduled_stuck", exclude=rs.id)
+                if rs is None:
+                    return self._drop(Kind.IKE_INITIAL, DropReason.NO_REAL_SERVER, svc)
+            elif rs is None:
+                return self._drop(Kind.IKE_INITIAL, DropReason.REAL_SERVER_GONE, svc)
+            return self._forward(svc, Kind.IKE_INITIAL, rs)
+        # a new conversation: persistence first, then the scheduler
+        rs = None
+        a = self._affinity_slot(svc, c)
+        if a >= 0:
+            rs = self._servers.get(t.rs[a])
+            if rs is not None and rs.up and self._rs_service.get(rs.id) == svc.id:
+                self.stats["persisted"] += 1
+            else:
+                rs = None
+                self.stats["rescheduled_dead"] += 1
+        if rs is None:
+            rs = svc.scheduler.pick(c.src, c.dst)
+            if rs is None:
+                return self._drop(Kind.IKE_INITIAL, DropReason.NO_REAL_SERVER, svc)
+            self.stats["scheduled"] += 1
+        try:
+            t.create(svc.id, c.src, c.sport, c.spi_i, rs.id, now, ike_len=c.wire_len, natt=c.natt)
+        except TableFull:
+            return self._drop(Kind.IKE_INITIAL, DropReason.TABLE_FULL, svc)
+        return self._forward(svc, Kind.IKE_INITIAL, rs)
+
+    def _ike(self, svc: Service, c, now: float) -> Verdict:
+        t = self.table
+        s = t.lookup(svc.id, c.src, c.spi_i)
+        if s < 0:
+            a = self._affinity_slot(svc, c)
+            rs = self._servers.get(t.rs[a]) if a >= 0 else None
+            if rs is None or not rs.up:
+                return self._drop(Kind.IKE, DropReason.UNKNOWN_IKE_SA, svc)
+            try:
+                s = t.create(svc.id, c.src, c.sport, c.spi_i, rs.id, now, natt=c.natt)
+            except TableFull:
+                return self._drop(Kind.IKE, DropReason.TABLE_FULL, svc)
+            t.establish(s, c.spi_r, now)
+            self.stats["adopted"] += 1
+            return self._forward(svc, Kind.IKE, rs)
+        rs = self._servers.get(t.rs[s])
+        if rs is None:
+            return self._drop(Kind.IKE, DropReason.REAL_SERVER_GONE, svc)
+        if t.state[s] == State.INIT and svc.method_of(rs) == Method.NAT:
+            # anti-spoofing: the responder cookie must be the one the real server sent us
+            if not t.spi_r_from_server(s) or t.spi_r[s] != c.spi_r:
+                return self._drop(Kind.IKE, DropReason.RESPONDER_SPI_MISMATCH, svc)
+        t.establish(s, c.spi_r, now)  # refreshes an ESTABLISHED entry too
+        self._follow_port(t, s, c)
+        return self._forward(svc, Kind.IKE, rs)
+
+    @staticmethod
+    def _follow_port(t: Table, s: int, c) -> None:
+        if c.sport != t.cport[s]:
+            t.set_port(s, c.sport)
+        if c.natt:
+            t.mark_natt(s)
+
+    def _affinity_slot(self, svc: Service, c) -> int:
+        """The client's newest live entry at the service's affinity granularity."""
+        if svc.affinity == "ip-port":
+            return self.table.natt_head(svc.id, c.src, c.sport)
+        return self.table.client_head(svc.id, c.src)
+
+    def _reschedule(self, svc: Service, c, s: int, stat: str, exclude: int = NO_RS) -> RealServer | None:
+        rs = svc.scheduler.pick(c.src, c.dst)
+        if rs is None or rs.id == exclude:
+            others = [r for r in svc.servers.values() if r.available and r.id != exclude]
+            rs = min(others, key=lambda r: (r.active * 256 + r.inactive) / r.weight, default=None)
+        if rs is not None:
+            self.table.move(s, rs.id)
+            self.stats[stat] += 1
+        return rs
+
+    def _forward_entry(self, svc: Service, kind: Kind, s: int, now: float | None) -> Verdict:
+        rs = self._servers.get(self.table.rs[s])
+        if rs is None:
+            return self._drop(kind, DropReason.REAL_SERVER_GONE, svc)
+        if now is not None:
+            self.table.touch(s, now)
+        return self._forward(svc, kind, rs)
+
+    def _forward(self, svc: Service, kind: Kind, rs: RealServer) -> Verdict:
+        self.stats["forwarded"] += 1
+        return Verdict(Action.FORWARD, kind, 0, svc.id, rs.id, rs.addr, svc.method_of(rs))
+
+    def _drop(self, kind: Kind, reason: DropReason, svc: Service, *, icmp: bool = False) -> Verdict:
+        self.drops[reason] += 1
+        if icmp:
+            self.stats["icmp_unreach"] += 1
+            return Verdict(Action.ICMP_UNREACH, kind, reason, svc.id)
+        return Verdict(Action.DROP, kind, reason, svc.id)
+
+    def decide_reply(self, data: bytes, now: float) -> Verdict:
+        """NAT mode, real server -> client: record the responder SPI, rewrite the source to the VIP."""
+        try:
+            c = classify(data, reply=True)
+        except PacketError as e:
+            self.drops[e.reason] += 1
+            return Verdict(Action.DROP, Kind.NOT_OURS, e.reason)
+        pairs = self._nat_by_addr.get(c.src)
+        if not pairs or c.kind == Kind.NOT_OURS or c.kind == Kind.FRAGMENT:
+            self.stats["passed"] += 1
+            return _PASS[c.kind]
+        svc, rs = pairs[0]
+        if c.kind == Kind.IKE or c.kind == Kind.IKE_INITIAL:
+            for svc_i, rs_i in pairs:
+                s = self.table.lookup(svc_i.id, c.dst, c.spi_i)
+                if s >= 0 and self.table.rs[s] == rs_i.id:
+                    svc, rs = svc_i, rs_i
+                    self.table.record_reply(s, c.spi_r)
+                    break
+        self.stats["replies"] += 1
+        return Verdict(Action.FORWARD, c.kind, 0, svc.id, rs.id, svc.vip, Method.NAT, True)
+
+    def expire(self, now: float) -> int:
+        return self.table.expire(now)

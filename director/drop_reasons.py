@@ -1,0 +1,40 @@
+"""Why a packet was dropped (or refused): one closed set of codes for the whole director.
+
+The numbers are part of the interface: they label the drop metric, they are mirrored in
+``ebpf/include/drop_reasons.h`` (a test compares the two), and a retired code is never reused.
+Ranges: 1-49 malformed packets (parser), 50-99 decisions of the table and policy.
+"""
+
+from enum import IntEnum
+
+
+class DropReason(IntEnum):
+    # -- IPv4 ---------------------------------------------------------------
+    IP_TRUNCATED = 1  # fewer than 20 bytes, or fewer than IHL*4
+    IP_BAD_VERSION = 2  # version nibble is not 4
+    IP_BAD_IHL = 3  # IHL < 5
+    IP_BAD_TOTAL_LENGTH = 4  # total length < IHL*4
+    # -- UDP ----------------------------------------------------------------
+    UDP_TRUNCATED = 10  # fewer than 8 bytes of UDP header
+    UDP_BAD_LENGTH = 11  # UDP length < 8 or beyond the IP payload
+    # -- ISAKMP / IKE and NAT-T framing --------------------------------------
+    IKE_TRUNCATED = 20  # fewer than 28 bytes of IKE header
+    IKE_BAD_LENGTH = 21  # IKE length < 28 or not the UDP payload length
+    IKE_BAD_VERSION = 22  # major version neither 1 nor 2
+    IKE_ZERO_SPI_I = 23  # initiator cookie/SPI is zero (never legal)
+    NATT_TRUNCATED = 24  # UDP 4500 payload too short for ESP, marker+IKE or keepalive
+    # -- ESP / AH -----------------------------------------------------------
+    ESP_TRUNCATED = 30  # fewer than 8 bytes (SPI + sequence)
+    ESP_ZERO_SPI = 31  # SPI 0 is reserved (RFC 4303 section 2.1)
+    AH_TRUNCATED = 32  # fewer than 12 bytes of AH
+    AH_BAD_LENGTH = 33  # payload length field below the minimum or beyond the packet
+    AH_ZERO_SPI = 34  # SPI 0 is reserved (RFC 4302 section 2.4)
+    # -- decisions of the table and policy ----------------------------------
+    NO_ENTRY = 50  # ESP/AH/ESP-in-UDP with no ESTABLISHED entry (raw ESP/AH: ICMP 3/2 answered)
+    ENTRY_NOT_ESTABLISHED = 51  # ESP-in-UDP while the client's entry is still INIT
+    UNKNOWN_IKE_SA = 52  # non-initial IKE, unknown cookies, no client affinity to follow
+    NO_REAL_SERVER = 53  # the scheduler found no available real server
+    TABLE_FULL = 54  # hard entry limit reached and no INIT entry to reclaim
+    RATE_LIMITED = 55  # new-entry rate limit (per source or global)
+    REAL_SERVER_GONE = 56  # the entry's real server was removed
+    RESPONDER_SPI_MISMATCH = 57  # NAT mode: responder SPI differs from the one the real server sent

@@ -1,0 +1,665 @@
+"""Classify one IPv4 packet for the director: IKE, NAT-T framing, ESP, AH, or not ours.
+
+Pure parsing of bytes (no I/O, no scapy): :func:`classify` is the per-packet hot path and returns
+one :class:`Classified` or raises :class:`PacketError` carrying a :class:`DropReason`; nothing else
+escapes for any bytes-like input. The header dataclasses and ``build_*`` helpers below it serve
+tests, the lab and tooling; :func:`classify` does not use them.
+
+References: RFC 791 (IPv4), RFC 1071 (checksum), RFC 768 (UDP), RFC 2408 (ISAKMP), RFC 7296 (IKEv2),
+RFC 3948 (UDP encapsulation of ESP), RFC 4303 (ESP), RFC 4302 (AH).
+"""
+
+import ipaddress
+import struct
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import NamedTuple, Self
+
+from director.drop_reasons import DropReason
+
+__all__ = [
+    "AGGRESSIVE",
+    "CREATE_CHILD_SA",
+    "FLAG_INITIATOR",
+    "FLAG_RESPONSE",
+    "IKE_AUTH",
+    "IKE_HEADER_LEN",
+    "IKE_PORT",
+    "IKE_SA_INIT",
+    "INFORMATIONAL",
+    "INFORMATIONAL_V1",
+    "MAIN",
+    "NATT_KEEPALIVE",
+    "NATT_PORT",
+    "NON_ESP_MARKER",
+    "PROTO_AH",
+    "PROTO_ESP",
+    "PROTO_UDP",
+    "QUICK",
+    "AhHeader",
+    "Classified",
+    "EspHeader",
+    "IkeHeader",
+    "Ipv4Header",
+    "Kind",
+    "PacketError",
+    "UdpHeader",
+    "build_ipv4",
+    "build_ipv4_udp",
+    "classify",
+    "ike_header",
+    "int_to_ip",
+    "ip_to_int",
+    "ipv4_checksum",
+]
+
+# -- constants ------------------------------------------------------------------------------------
+
+IKE_PORT = 500
+NATT_PORT = 4500  # RFC 3948
+PROTO_UDP = 17
+PROTO_ESP = 50
+PROTO_AH = 51
+IKE_HEADER_LEN = 28  # RFC 2408 section 3.1, RFC 7296 section 3.1
+
+# Exchange types. IKEv1 (RFC 2408 section 3.1, RFC 2409):
+MAIN = 2  # Identity Protection
+AGGRESSIVE = 4
+INFORMATIONAL_V1 = 5
+QUICK = 32
+# IKEv2 (RFC 7296 section 3.1):
+IKE_SA_INIT = 34
+IKE_AUTH = 35
+CREATE_CHILD_SA = 36
+INFORMATIONAL = 37
+
+# IKEv2 header flags (RFC 7296 section 3.1).
+FLAG_INITIATOR = 0x08
+FLAG_RESPONSE = 0x20
+
+NON_ESP_MARKER = b"\x00\x00\x00\x00"  # RFC 3948 section 2.2: IKE follows on port 4500
+NATT_KEEPALIVE = b"\xff"  # RFC 3948 section 2.3: the whole UDP payload of a NAT-keepalive
+
+_MF_OR_OFFSET = 0x3FFF  # IPv4 flags/fragment word: More Fragments bit | 13-bit fragment offset
+
+
+class PacketError(ValueError):
+    """A malformed packet; ``reason`` says why. The only exception this module raises on bytes."""
+
+    def __init__(self, reason: DropReason) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return self.reason.name
+
+
+class Kind(IntEnum):
+    """What :func:`classify` found: one of a closed set of outcomes."""
+
+    NOT_OURS = 0  # not IKE/ESP/AH/4500: not for the director's decision core
+    IKE_INITIAL = 1  # IKE with responder cookie/SPI zero
+    IKE = 2  # IKE, non-initial (responder cookie/SPI set)
+    NATT_KEEPALIVE = 3  # UDP 4500, payload one byte 0xFF
+    ESP = 4  # IP protocol 50
+    AH = 5  # IP protocol 51
+    ESP_IN_UDP = 6  # UDP 4500, non-zero SPI first
+    FRAGMENT = 7  # any IPv4 fragment: left to the stack to reassemble
+
+
+class Classified(NamedTuple):
+    """The facts the director needs about one packet.
+
+    A ``NamedTuple`` on purpose, not a frozen dataclass: one is built per packet on the hot path,
+    and building a tuple is several times cheaper than running a frozen dataclass ``__init__``.
+    Fields that do not apply to the kind are 0. For ``FRAGMENT`` only src, dst and proto are set.
+    """
+
+    kind: Kind
+    src: int  # IPv4 source address as an int
+    dst: int
+    proto: int  # IP protocol number
+    sport: int  # UDP ports (0 when not UDP)
+    dport: int
+    spi_i: int  # IKE initiator cookie/SPI, unsigned 64-bit (0 when not IKE)
+    spi_r: int  # IKE responder cookie/SPI (0 when not IKE, or zero on the wire)
+    spi: int  # ESP/AH/ESP-in-UDP SPI (0 otherwise)
+    ike_version: int  # IKE major version, 1 or 2 (0 when not IKE)
+    exchange: int  # IKE exchange type
+    flags: int  # IKE flags
+    msg_id: int  # IKE message ID
+    natt: bool  # IKE that came on 4500 behind the non-ESP marker
+    l4_offset: int  # offset of the UDP/ESP/AH header in the buffer (IHL*4)
+    wire_len: int  # IPv4 total length field
+
+
+# -- the hot path ---------------------------------------------------------------------------------
+
+# Only the fields classify needs; "x" skips a byte without building an int for it.
+_IP4 = struct.Struct("!BxHxxHxBxxII")  # version/ihl, total length, flags/frag, proto, src, dst
+_UDP = struct.Struct("!HHH")  # sport, dport, length (checksum not read)
+_U32 = struct.Struct("!I")  # ESP SPI, the non-ESP marker / ESP-in-UDP SPI
+_AH = struct.Struct("!xBxxI")  # payload length, SPI
+_IKE = struct.Struct("!QQxBBBII")  # spi_i, spi_r, version, exchange, flags, msg_id, length
+
+# Module globals are faster to load than attributes of the enum classes.
+_K_NOT_OURS = Kind.NOT_OURS
+_K_IKE_INITIAL = Kind.IKE_INITIAL
+_K_IKE = Kind.IKE
+_K_KEEPALIVE = Kind.NATT_KEEPALIVE
+_K_ESP = Kind.ESP
+_K_AH = Kind.AH
+_K_ESP_IN_UDP = Kind.ESP_IN_UDP
+_K_FRAGMENT = Kind.FRAGMENT
+
+_R_IP_TRUNCATED = DropReason.IP_TRUNCATED
+_R_IP_BAD_VERSION = DropReason.IP_BAD_VERSION
+_R_IP_BAD_IHL = DropReason.IP_BAD_IHL
+_R_IP_BAD_TOTAL_LENGTH = DropReason.IP_BAD_TOTAL_LENGTH
+_R_UDP_TRUNCATED = DropReason.UDP_TRUNCATED
+_R_UDP_BAD_LENGTH = DropReason.UDP_BAD_LENGTH
+_R_IKE_TRUNCATED = DropReason.IKE_TRUNCATED
+_R_IKE_BAD_LENGTH = DropReason.IKE_BAD_LENGTH
+_R_IKE_BAD_VERSION = DropReason.IKE_BAD_VERSION
+_R_IKE_ZERO_SPI_I = DropReason.IKE_ZERO_SPI_I
+_R_NATT_TRUNCATED = DropReason.NATT_TRUNCATED
+_R_ESP_TRUNCATED = DropReason.ESP_TRUNCATED
+_R_ESP_ZERO_SPI = DropReason.ESP_ZERO_SPI
+_R_AH_TRUNCATED = DropReason.AH_TRUNCATED
+_R_AH_BAD_LENGTH = DropReason.AH_BAD_LENGTH
+_R_AH_ZERO_SPI = DropReason.AH_ZERO_SPI
+
+_new = tuple.__new__  # Classified built without the generated __new__'s Python-level call
+
+
+def classify(data: bytes | bytearray | memoryview, reply: bool = False) -> Classified:
+    """Classify the IPv4 packet that starts at ``data[0]`` (no link-layer header).
+
+    ``reply=True`` classifies the reply direction (real server to client) by its UDP *source*
+    port instead of its destination port. The buffer may be longer than the IP total length
+    (link-layer padding, ignored) or shorter (a copy truncated by NFQUEUE): lengths are checked
+    against the header fields, and only the header bytes actually read must be in the buffer.
+    Raises :class:`PacketError` for every malformed packet.
+    """
+    if type(data) is memoryview and (data.format != "B" or data.ndim != 1 or not data.c_contiguous):
+        data = data.tobytes()  # rare: a view of other items or strides; copy to plain bytes
+    n = len(data)
+    if n < 20:
+        raise PacketError(_R_IP_TRUNCATED)
+    vihl, total, frag, proto, src, dst = _IP4.unpack_from(data)
+    if vihl >> 4 != 4:
+        raise PacketError(_R_IP_BAD_VERSION)
+    ihl = (vihl & 0x0F) << 2
+    if ihl < 20:
+        raise PacketError(_R_IP_BAD_IHL)
+    if n < ihl:
+        raise PacketError(_R_IP_TRUNCATED)
+    if total < ihl:
+        raise PacketError(_R_IP_BAD_TOTAL_LENGTH)
+    if frag & _MF_OR_OFFSET:
+        # A non-first fragment has no L4 header; a first one has only part of the message.
+        return _new(Classified, (_K_FRAGMENT, src, dst, proto, 0, 0, 0, 0, 0, 0, 0, 0, 0, False, 0, 0))
+    plen = total - ihl  # IP payload length by the header, whatever the buffer holds
+
+    if proto == 50:  # ESP, RFC 4303 section 2: SPI 4, sequence 4
+        if plen < 8 or n < ihl + 8:
+            raise PacketError(_R_ESP_TRUNCATED)
+        spi = _U32.unpack_from(data, ihl)[0]
+        if not spi:
+            raise PacketError(_R_ESP_ZERO_SPI)
+        return _new(Classified, (_K_ESP, src, dst, 50, 0, 0, 0, 0, spi, 0, 0, 0, 0, False, ihl, total))
+
+    if proto == 51:  # AH, RFC 4302 section 2
+        if plen < 12 or n < ihl + 12:
+            raise PacketError(_R_AH_TRUNCATED)
+        ah_words, spi = _AH.unpack_from(data, ihl)
+        ah_len = (ah_words + 2) << 2  # "payload length" is in 32-bit words, minus 2
+        if ah_len < 12 or ah_len > plen:
+            raise PacketError(_R_AH_BAD_LENGTH)
+        if not spi:
+            raise PacketError(_R_AH_ZERO_SPI)
+        return _new(Classified, (_K_AH, src, dst, 51, 0, 0, 0, 0, spi, 0, 0, 0, 0, False, ihl, total))
+
+    if proto != 17:
+        return _new(Classified, (_K_NOT_OURS, src, dst, proto, 0, 0, 0, 0, 0, 0, 0, 0, 0, False, ihl, total))
+
+    # UDP, RFC 768
+    if plen < 8 or n < ihl + 8:
+        raise PacketError(_R_UDP_TRUNCATED)
+    sport, dport, ulen = _UDP.unpack_from(data, ihl)
+    if ulen < 8 or ulen > plen:
+        raise PacketError(_R_UDP_BAD_LENGTH)
+    port = sport if reply else dport
+    off = ihl + 8  # start of the UDP payload
+    size = ulen - 8  # its length by the UDP header
+    if port == 500:
+        natt = False
+    elif port == 4500:  # RFC 3948 section 2
+        if size == 1:
+            if n > off and data[off] == 0xFF:
+                return _new(
+                    Classified,
+                    (_K_KEEPALIVE, src, dst, 17, sport, dport, 0, 0, 0, 0, 0, 0, 0, False, ihl, total),
+                )
+            raise PacketError(_R_NATT_TRUNCATED)
+        if size < 4 or n < off + 4:
+            raise PacketError(_R_NATT_TRUNCATED)
+        spi = _U32.unpack_from(data, off)[0]
+        if spi:  # ESP-in-UDP: SPI 4 (non-zero, so never mistaken for the marker), sequence 4
+            if size < 8 or n < off + 8:
+                raise PacketError(_R_NATT_TRUNCATED)
+            return _new(
+                Classified,
+                (_K_ESP_IN_UDP, src, dst, 17, sport, dport, 0, 0, spi, 0, 0, 0, 0, False, ihl, total),
+            )
+        off += 4  # the non-ESP marker; an IKE header follows
+        size -= 4
+        natt = True
+    else:
+        return _new(
+            Classified, (_K_NOT_OURS, src, dst, 17, sport, dport, 0, 0, 0, 0, 0, 0, 0, False, ihl, total)
+        )
+
+    # IKE header, RFC 2408 section 3.1 / RFC 7296 section 3.1; nothing past its 28 bytes is read.
+    if size < 28 or n < off + 28:
+        raise PacketError(_R_IKE_TRUNCATED)
+    spi_i, spi_r, version, exchange, flags, msg_id, length = _IKE.unpack_from(data, off)
+    major = version >> 4
+    if major != 1 and major != 2:
+        raise PacketError(_R_IKE_BAD_VERSION)
+    if not spi_i:
+        raise PacketError(_R_IKE_ZERO_SPI_I)
+    if length != size:  # size >= 28 here, so this also rejects length < 28
+        raise PacketError(_R_IKE_BAD_LENGTH)
+    return _new(
+        Classified,
+        (
+            _K_IKE if spi_r else _K_IKE_INITIAL,
+            src, dst, 17, sport, dport, spi_i, spi_r, 0, major, exchange, flags, msg_id, natt, ihl, total,
+        ),
+    )  # fmt: skip
+
+
+# -- checksums ------------------------------------------------------------------------------------
+
+
+def _sum16(data: bytes) -> int:
+    """Ones' complement sum of 16-bit big-endian words, folded to 16 bits (RFC 1071)."""
+    if len(data) & 1:
+        data = bytes(data) + b"\x00"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return total
+
+
+def ipv4_checksum(header_bytes: bytes | bytearray | memoryview) -> int:
+    """The RFC 1071 Internet checksum of ``header_bytes``.
+
+    Over a header whose checksum field is zero this is the value to store; over a header with a
+    correct checksum stored it is 0.
+    """
+    return ~_sum16(bytes(header_bytes)) & 0xFFFF
+
+
+def _udp_checksum(src: int, dst: int, udp: bytes) -> int:
+    """UDP checksum over the IPv4 pseudo-header and ``udp`` (checksum field zero), RFC 768."""
+    pseudo = struct.pack("!IIBBH", src, dst, 0, PROTO_UDP, len(udp))
+    csum = ~_sum16(pseudo + udp) & 0xFFFF
+    return csum or 0xFFFF  # 0 means "no checksum" on the wire, so a computed 0 is sent as 0xFFFF
+
+
+# -- header dataclasses (tests, lab, tooling; not the hot path) -----------------------------------
+
+_IP4_FULL = struct.Struct("!BBHHHBBHII")
+_UDP_FULL = struct.Struct("!HHHH")
+_IKE_FULL = struct.Struct("!QQBBBBII")
+_ESP_FULL = struct.Struct("!II")
+_AH_FULL = struct.Struct("!BBHII")
+
+
+def _need(
+    buf: bytes | bytearray | memoryview, offset: int, size: int, reason: DropReason
+) -> bytes | bytearray | memoryview:
+    """``buf`` as a byte buffer holding ``size`` bytes at ``offset``, or PacketError(reason)."""
+    if type(buf) is memoryview and (buf.format != "B" or buf.ndim != 1 or not buf.c_contiguous):
+        buf = buf.tobytes()
+    if offset < 0 or len(buf) - offset < size:
+        raise PacketError(reason)
+    return buf
+
+
+@dataclass(frozen=True, slots=True)
+class Ipv4Header:
+    """IPv4 header, RFC 791 section 3.1 (options kept as raw bytes).
+
+    ::
+
+         0                   1                   2                   3
+         0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9 0 1
+        +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
+        |Version|  IHL  |Type of Service|          Total Length         |
+        +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
+        |         Identification        |Flags|      Fragment Offset    |
+        +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
+        |  Time to Live |    Protocol   |         Header Checksum       |
+        +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
+        |                       Source Address                          |
+        +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
+        |                    Destination Address                        |
+        +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
+        |                    Options                    |    Padding    |
+        +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
+
+    ``flags_frag`` is the whole second half of word 1 (0x4000 = Don't Fragment, 0x2000 = More
+    Fragments, low 13 bits = offset in 8-byte units). ``to_bytes()`` always writes the correct
+    checksum, whatever ``checksum`` holds; ``from_bytes`` does not verify it.
+    """
+
+    version_ihl: int
+    tos: int
+    total_length: int
+    ident: int
+    flags_frag: int
+    ttl: int
+    proto: int
+    checksum: int
+    src: int
+    dst: int
+    options: bytes = b""
+
+    @property
+    def version(self) -> int:
+        return self.version_ihl >> 4
+
+    @property
+    def header_len(self) -> int:
+        """IHL in bytes."""
+        return (self.version_ihl & 0x0F) * 4
+
+    @property
+    def is_fragment(self) -> bool:
+        return bool(self.flags_frag & _MF_OR_OFFSET)
+
+    @classmethod
+    def from_bytes(cls, buf: bytes | bytearray | memoryview, offset: int = 0) -> Self:
+        buf = _need(buf, offset, 20, DropReason.IP_TRUNCATED)
+        fields = _IP4_FULL.unpack_from(buf, offset)
+        vihl, total = fields[0], fields[2]
+        if vihl >> 4 != 4:
+            raise PacketError(DropReason.IP_BAD_VERSION)
+        ihl = (vihl & 0x0F) * 4
+        if ihl < 20:
+            raise PacketError(DropReason.IP_BAD_IHL)
+        _need(buf, offset, ihl, DropReason.IP_TRUNCATED)
+        if total < ihl:
+            raise PacketError(DropReason.IP_BAD_TOTAL_LENGTH)
+        options = bytes(buf[offset + 20 : offset + ihl])
+        return cls(*fields, options=options)
+
+    def to_bytes(self) -> bytes:
+        if len(self.options) != self.header_len - 20:
+            raise ValueError(f"IHL says {self.header_len} bytes, options give {20 + len(self.options)}")
+        zero = _IP4_FULL.pack(
+            self.version_ihl, self.tos, self.total_length, self.ident, self.flags_frag,
+            self.ttl, self.proto, 0, self.src, self.dst,
+        ) + self.options  # fmt: skip
+        csum = ipv4_checksum(zero)
+        return zero[:10] + csum.to_bytes(2, "big") + zero[12:]
+
+
+@dataclass(frozen=True, slots=True)
+class UdpHeader:
+    """UDP header, RFC 768.
+
+    ::
+
+         0      7 8     15 16    23 24    31
+        +--------+--------+--------+--------+
+        |     Source      |   Destination   |
+        |      Port       |      Port       |
+        +--------+--------+--------+--------+
+        |     Length      |    Checksum     |
+        +--------+--------+--------+--------+
+
+    ``length`` covers header and data (>= 8). Checksum 0 means none was computed.
+    """
+
+    sport: int
+    dport: int
+    length: int
+    checksum: int
+
+    @classmethod
+    def from_bytes(cls, buf: bytes | bytearray | memoryview, offset: int = 0) -> Self:
+        buf = _need(buf, offset, 8, DropReason.UDP_TRUNCATED)
+        header = cls(*_UDP_FULL.unpack_from(buf, offset))
+        if header.length < 8:
+            raise PacketError(DropReason.UDP_BAD_LENGTH)
+        return header
+
+    def to_bytes(self) -> bytes:
+        return _UDP_FULL.pack(self.sport, self.dport, self.length, self.checksum)
+
+
+@dataclass(frozen=True, slots=True)
+class IkeHeader:
+    """ISAKMP / IKE header, RFC 2408 section 3.1 (IKEv1) and RFC 7296 section 3.1 (IKEv2).
+
+    ::
+
+         0                   1                   2                   3
+         0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9 0 1
+        +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
+        |                 Initiator Cookie / IKE SA Initiator's SPI     |
+        |                                                               |
+        +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
+        |                 Responder Cookie / IKE SA Responder's SPI     |
+        |                                                               |
+        +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
+        |  Next Payload | MjVer | MnVer | Exchange Type |     Flags     |
+        +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
+        |                          Message ID                           |
+        +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
+        |                            Length                             |
+        +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
+
+    ``version`` is the whole byte (0x10 = IKEv1, 0x20 = IKEv2); ``length`` is the whole message
+    in bytes, header included. ``from_bytes`` rejects what no peer may send: a major version
+    other than 1 or 2, a zero initiator SPI, a length below 28.
+    """
+
+    spi_i: int
+    spi_r: int
+    next_payload: int
+    version: int
+    exchange: int
+    flags: int
+    msg_id: int
+    length: int
+
+    @property
+    def major(self) -> int:
+        return self.version >> 4
+
+    @property
+    def minor(self) -> int:
+        return self.version & 0x0F
+
+    @classmethod
+    def from_bytes(cls, buf: bytes | bytearray | memoryview, offset: int = 0) -> Self:
+        buf = _need(buf, offset, IKE_HEADER_LEN, DropReason.IKE_TRUNCATED)
+        header = cls(*_IKE_FULL.unpack_from(buf, offset))
+        if header.major not in (1, 2):
+            raise PacketError(DropReason.IKE_BAD_VERSION)
+        if not header.spi_i:
+            raise PacketError(DropReason.IKE_ZERO_SPI_I)
+        if header.length < IKE_HEADER_LEN:
+            raise PacketError(DropReason.IKE_BAD_LENGTH)
+        return header
+
+    def to_bytes(self) -> bytes:
+        return _IKE_FULL.pack(
+            self.spi_i, self.spi_r, self.next_payload, self.version,
+            self.exchange, self.flags, self.msg_id, self.length,
+        )  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class EspHeader:
+    """ESP header, RFC 4303 section 2 (the part before the encrypted payload).
+
+    ::
+
+         0                   1                   2                   3
+         0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9 0 1
+        +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
+        |               Security Parameters Index (SPI)                 |
+        +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
+        |                      Sequence Number                          |
+        +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
+        |                    Payload Data* (variable)                   |
+        ~                                                               ~
+
+    SPI 0 is reserved (RFC 4303 section 2.1) and rejected. Inside UDP 4500 (RFC 3948) the same
+    header follows the UDP header directly.
+    """
+
+    spi: int
+    seq: int
+
+    @classmethod
+    def from_bytes(cls, buf: bytes | bytearray | memoryview, offset: int = 0) -> Self:
+        buf = _need(buf, offset, 8, DropReason.ESP_TRUNCATED)
+        header = cls(*_ESP_FULL.unpack_from(buf, offset))
+        if not header.spi:
+            raise PacketError(DropReason.ESP_ZERO_SPI)
+        return header
+
+    def to_bytes(self) -> bytes:
+        return _ESP_FULL.pack(self.spi, self.seq)
+
+
+@dataclass(frozen=True, slots=True)
+class AhHeader:
+    """AH header, RFC 4302 section 2 (fixed part; the ICV that follows is not kept).
+
+    ::
+
+         0                   1                   2                   3
+         0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9 0 1
+        +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
+        | Next Header   |  Payload Len  |          RESERVED             |
+        +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
+        |                 Security Parameters Index (SPI)               |
+        +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
+        |                    Sequence Number Field                      |
+        +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
+        |                Integrity Check Value-ICV (variable)           |
+        ~                                                               ~
+
+    ``payload_len`` is the AH length in 32-bit words minus 2 (so 1 = 12 bytes, no ICV; 4 = 24
+    bytes with a 96-bit ICV). RESERVED is written as zero. SPI 0 is reserved (section 2.4).
+    """
+
+    next_header: int
+    payload_len: int
+    spi: int
+    seq: int
+
+    @property
+    def length(self) -> int:
+        """The whole AH length in bytes, ICV included."""
+        return (self.payload_len + 2) * 4
+
+    @classmethod
+    def from_bytes(cls, buf: bytes | bytearray | memoryview, offset: int = 0) -> Self:
+        buf = _need(buf, offset, 12, DropReason.AH_TRUNCATED)
+        next_header, payload_len, _reserved, spi, seq = _AH_FULL.unpack_from(buf, offset)
+        header = cls(next_header, payload_len, spi, seq)
+        if header.length < 12:
+            raise PacketError(DropReason.AH_BAD_LENGTH)
+        if not spi:
+            raise PacketError(DropReason.AH_ZERO_SPI)
+        return header
+
+    def to_bytes(self) -> bytes:
+        return _AH_FULL.pack(self.next_header, self.payload_len, 0, self.spi, self.seq)
+
+
+# -- builders (tests and the lab) -----------------------------------------------------------------
+
+
+def build_ipv4(
+    src: int,
+    dst: int,
+    proto: int,
+    payload: bytes,
+    ttl: int = 64,
+    ident: int = 0,
+    flags_frag: int = 0x4000,
+    tos: int = 0,
+    options: bytes = b"",
+    total_length: int | None = None,
+) -> bytes:
+    """An IPv4 packet with a correct header checksum around ``payload``.
+
+    ``options`` must be a multiple of 4 bytes. ``total_length`` overrides the computed total
+    length (to build packets that lie about it, or stand-ins for truncated copies).
+    """
+    if len(options) % 4 or len(options) > 40:
+        raise ValueError("IPv4 options must be a multiple of 4 bytes, at most 40")
+    ihl = 5 + len(options) // 4
+    if total_length is None:
+        total_length = ihl * 4 + len(payload)
+    header = Ipv4Header(
+        0x40 | ihl, tos, total_length, ident, flags_frag, ttl, proto, 0, src, dst, bytes(options)
+    )
+    return header.to_bytes() + bytes(payload)
+
+
+def build_ipv4_udp(
+    src: int,
+    dst: int,
+    sport: int,
+    dport: int,
+    payload: bytes,
+    ttl: int = 64,
+    ident: int = 0,
+    flags_frag: int = 0x4000,
+) -> bytes:
+    """An IPv4/UDP packet with correct IP header and UDP checksums (RFC 791, RFC 768)."""
+    payload = bytes(payload)
+    length = 8 + len(payload)
+    udp = UdpHeader(sport, dport, length, 0).to_bytes() + payload
+    csum = _udp_checksum(src, dst, udp)
+    udp = udp[:6] + csum.to_bytes(2, "big") + udp[8:]
+    return build_ipv4(src, dst, PROTO_UDP, udp, ttl=ttl, ident=ident, flags_frag=flags_frag)
+
+
+def ike_header(
+    spi_i: int,
+    spi_r: int,
+    exchange: int,
+    flags: int = 0,
+    version: int = 0x20,
+    msg_id: int = 0,
+    next_payload: int = 33,
+    body: bytes = b"",
+) -> bytes:
+    """An IKE header followed by ``body``, with the length field set to the whole message."""
+    body = bytes(body)
+    header = IkeHeader(
+        spi_i, spi_r, next_payload, version, exchange, flags, msg_id, IKE_HEADER_LEN + len(body)
+    )
+    return header.to_bytes() + body
+
+
+def ip_to_int(address: str) -> int:
+    """Dotted quad to int (``"192.0.2.1"`` -> 3221225985)."""
+    return int(ipaddress.IPv4Address(address))
+
+
+def int_to_ip(address: int) -> str:
+    """Int to dotted quad."""
+    return str(ipaddress.IPv4Address(address))

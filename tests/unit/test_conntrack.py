@@ -1,0 +1,239 @@
+"""The table alone: indexes, transitions, expiry, soft expiry, drop-entry, counters."""
+
+import pytest
+
+from director.conntrack import NO_SLOT, Table, TableFull, _Index
+from director.isakmp_state import (
+    TRANSITIONS,
+    Event,
+    IllegalTransition,
+    State,
+    Timeouts,
+    transition,
+)
+
+SVC = 1
+C1, C2, C3 = 0x0A000001, 0x0A000002, 0x0A000003
+
+
+def make(capacity=16, **kw):
+    t = Table(capacity, **kw)
+    t.set_timeouts(SVC, Timeouts(init=10.0, established=100.0))
+    return t
+
+
+def test_transition_table_is_enforced():
+    assert transition(State.FREE, Event.INITIAL) == State.INIT
+    assert transition(State.INIT, Event.RESPONDER_SEEN) == State.ESTABLISHED
+    assert transition(State.ESTABLISHED, Event.INITIAL) == State.ESTABLISHED  # no downgrade
+    with pytest.raises(IllegalTransition):
+        transition(State.FREE, Event.RESPONDER_SEEN)
+    with pytest.raises(IllegalTransition):
+        transition(State.FREE, Event.EXPIRE)
+    # every state but FREE can leave by expiry or removal
+    for st in (State.INIT, State.ESTABLISHED):
+        assert TRANSITIONS[(st, Event.EXPIRE)] == State.FREE
+        assert TRANSITIONS[(st, Event.REMOVE)] == State.FREE
+
+
+def test_timeouts_validate():
+    with pytest.raises(ValueError, match="timeouts.init"):
+        Timeouts(init=0)
+    with pytest.raises(ValueError, match="timeouts.established"):
+        Timeouts(established=-1)
+
+
+def test_create_lookup_and_indexes():
+    t = make()
+    a = t.create(SVC, C1, 500, 0x1111, rs=3, now=0.0)
+    b = t.create(SVC, C1, 4500, 0x2222, rs=3, now=1.0)
+    assert t.lookup(SVC, C1, 0x1111) == a
+    assert t.lookup(SVC, C1, 0x2222) == b
+    assert t.lookup(SVC, C2, 0x1111) == NO_SLOT
+    assert t.lookup(SVC + 1, C1, 0x1111) == NO_SLOT  # services are separate
+    assert t.client_head(SVC, C1) == b  # newest first
+    assert t.natt_head(SVC, C1, 500) == a
+    assert t.natt_head(SVC, C1, 4500) == b
+    assert t.state[a] == State.INIT and t.n_init == 2 and len(t) == 2
+    with pytest.raises(ValueError):
+        t.create(SVC, C1, 500, 0x1111, rs=3, now=0.0)
+
+
+def test_establish_moves_counts_and_is_found_for_esp():
+    counts = []
+    t = make(on_count=lambda rs, st, d: counts.append((rs, int(st), d)))
+    a = t.create(SVC, C1, 500, 0x1111, rs=3, now=0.0)
+    assert t.established_of_client(SVC, C1) == (NO_SLOT, True)
+    assert t.establish(a, 0xBEEF, now=1.0) is True
+    assert t.establish(a, 0xBEEF, now=2.0) is False  # already established: a refresh
+    assert t.state[a] == State.ESTABLISHED and t.spi_r[a] == 0xBEEF
+    assert t.established_of_client(SVC, C1) == (a, False)
+    assert t.established_of_natt(SVC, C1, 500) == (a, False)
+    assert counts == [(3, 1, 1), (3, 1, -1), (3, 2, 1)]
+    assert (t.n_init, t.n_established) == (0, 1)
+
+
+def test_init_expires_after_its_short_timeout_established_lives_on():
+    t = make()
+    a = t.create(SVC, C1, 500, 1, rs=0, now=0.0)
+    b = t.create(SVC, C2, 500, 2, rs=0, now=0.0)
+    t.establish(b, 9, now=0.0)
+    assert t.expire(9.0) == 0
+    assert t.lookup(SVC, C1, 1) == a
+    assert t.expire(12.0) == 1  # INIT gone within one tick past 10 s
+    assert t.lookup(SVC, C1, 1) == NO_SLOT
+    assert t.client_head(SVC, C1) == NO_SLOT and t.natt_head(SVC, C1, 500) == NO_SLOT
+    assert t.lookup(SVC, C2, 2) == b
+    assert t.expire(99.0) == 0
+    assert t.expire(102.0) == 1
+    assert len(t) == 0 and t.stats["expired_init"] == 1 and t.stats["expired_established"] == 1
+
+
+def test_refresh_postpones_expiry_lazily():
+    t = make()
+    a = t.create(SVC, C1, 500, 1, rs=0, now=0.0)
+    t.establish(a, 9, now=0.0)
+    for now in range(10, 400, 50):
+        t.touch(a, float(now))
+        assert t.expire(float(now)) == 0
+    assert t.lookup(SVC, C1, 1) == a
+    assert t.expire(360.0 + 100.0 + 2.0) == 1
+
+
+def test_shortened_timeout_applies_on_next_refresh():
+    t = make()
+    a = t.create(SVC, C1, 500, 1, rs=0, now=0.0)
+    t.establish(a, 9, now=0.0)  # deadline 100
+    t.set_timeouts(SVC, Timeouts(init=10.0, established=5.0))
+    assert t.expire(6.0) == 0  # the old deadline stands until the entry is refreshed
+    t.touch(a, 6.0)  # new deadline 11: refiled earlier
+    assert t.expire(13.0) == 1
+
+
+def test_expiry_cost_is_what_expires_not_the_table():
+    t = make(capacity=2000)
+    long_lived = [t.create(SVC, i, 500, i + 1, rs=0, now=0.0) for i in range(1, 1001)]
+    for s in long_lived:
+        t.establish(s, 7, now=0.0)
+    for i in range(1001, 1011):
+        t.create(SVC, i, 500, i + 1, rs=0, now=0.0)
+    visited = []
+    orig = t._expire_one
+    t._expire_one = lambda s, now: (visited.append(s), orig(s, now))[1]
+    assert t.expire(12.0) == 10
+    assert len(visited) == 10  # the 1000 established entries were never looked at
+
+
+def test_wheel_wraps_for_deadlines_beyond_one_revolution():
+    t = Table(4, wheel_size=8, tick=1.0)
+    t.set_timeouts(SVC, Timeouts(init=5.0, established=50.0))
+    a = t.create(SVC, C1, 500, 1, rs=0, now=0.0)
+    t.establish(a, 2, now=0.0)
+    for now in range(1, 50):
+        assert t.expire(float(now)) == 0, now
+    assert t.expire(52.0) == 1
+
+
+def test_retransmit_counts_identical_repeats_only():
+    t = make()
+    a = t.create(SVC, C1, 500, 1, rs=0, now=0.0, ike_len=300)
+    assert t.retransmit(a, 1.0, 300) == 1
+    assert t.retransmit(a, 2.0, 300) == 2
+    assert t.retransmit(a, 3.0, 340) == 0  # COOKIE retry: longer message, the server answered
+    assert t.state[a] == State.INIT
+    assert t.retransmit(a, 4.0, 340) == 1
+
+
+def test_nat_t_float_moves_the_natt_index():
+    t = make()
+    a = t.create(SVC, C1, 500, 1, rs=0, now=0.0)
+    t.set_port(a, 4500)
+    assert t.natt_head(SVC, C1, 500) == NO_SLOT
+    assert t.natt_head(SVC, C1, 4500) == a
+    assert t.lookup(SVC, C1, 1) == a and t.rs[a] == 0
+
+
+def test_full_table_reclaims_oldest_init_never_established():
+    t = make(capacity=3)
+    e1 = t.create(SVC, C1, 500, 1, rs=0, now=0.0)
+    t.establish(e1, 5, now=0.0)
+    i1 = t.create(SVC, C2, 500, 2, rs=0, now=1.0)
+    i2 = t.create(SVC, C3, 500, 3, rs=0, now=2.0)
+    n = t.create(SVC, 99, 500, 4, rs=0, now=3.0)  # full: the oldest INIT (i1) goes
+    assert n == i1 and t.lookup(SVC, C2, 2) == NO_SLOT and t.lookup(SVC, 99, 4) == n
+    assert t.stats["reclaimed_init"] == 1
+    for s in (i2, n):
+        t.establish(s, 6, now=4.0)
+    with pytest.raises(TableFull):
+        t.create(SVC, 100, 500, 5, rs=0, now=5.0)
+    assert t.stats["refused_full"] == 1 and t.n_established == 3
+    assert {t.lookup(SVC, C1, 1), t.lookup(SVC, C3, 3), t.lookup(SVC, 99, 4)} == {e1, i2, n}
+
+
+def test_soft_expiry_keeps_a_counted_number_and_reclaims_them_first():
+    t = make(capacity=3)
+    t.set_soft_expiry(SVC, limit=1, grace=50.0)
+    a = t.create(SVC, C1, 500, 1, rs=0, now=0.0)
+    b = t.create(SVC, C2, 500, 2, rs=0, now=0.0)
+    t.establish(a, 5, now=0.0)
+    t.establish(b, 5, now=0.0)
+    assert t.expire(102.0) == 1  # one kept soft, one reclaimed
+    assert t.soft_count(SVC) == 1 and t.stats["soft_kept"] == 1
+    kept = a if t.state[a] == State.ESTABLISHED else b
+    assert t.view(kept).soft
+    t.touch(kept, 103.0)  # traffic revives it
+    assert t.soft_count(SVC) == 0 and not t.view(kept).soft and t.stats["soft_revived"] == 1
+    assert t.expire(205.0) == 0  # past 103 + 100: soft again (quota free again)
+    assert t.soft_count(SVC) == 1
+    x = t.create(SVC, 50, 500, 7, rs=0, now=205.0)
+    y = t.create(SVC, 51, 500, 8, rs=0, now=205.0)
+    t.establish(x, 1, now=205.0)
+    t.establish(y, 1, now=205.0)
+    z = t.create(SVC, 52, 500, 9, rs=0, now=206.0)  # full: the soft entry is reclaimed
+    assert z == kept and t.stats["reclaimed_soft"] == 1
+
+
+def test_remove_and_move_keep_counts():
+    counts = {}
+
+    def on_count(rs, st, d):
+        counts[(rs, int(st))] = counts.get((rs, int(st)), 0) + d
+
+    t = make(on_count=on_count)
+    a = t.create(SVC, C1, 500, 1, rs=1, now=0.0)
+    b = t.create(SVC, C2, 500, 2, rs=1, now=0.0)
+    t.establish(b, 3, now=0.0)
+    t.move(a, 2)
+    assert counts == {(1, 1): 0, (2, 1): 1, (1, 2): 1}
+    t.remove(b)
+    t.remove(a)
+    assert all(v == 0 for v in counts.values())
+    assert len(t) == 0 and t.n_init == 0 and t.n_established == 0
+
+
+def test_on_change_sees_establish_and_expiry():
+    events = []
+    t = make(on_change=lambda ev, s: events.append((ev, s)))
+    a = t.create(SVC, C1, 500, 1, rs=0, now=0.0)
+    t.establish(a, 2, now=0.0)
+    t.expire(200.0)
+    assert events == [(Event.RESPONDER_SEEN, a), (Event.EXPIRE, a)]
+
+
+def test_index_backward_shift_keeps_every_key_findable():
+    idx = _Index(64, 4)
+    keys = [i.to_bytes(4, "big") for i in range(60)]
+    for i, k in enumerate(keys):
+        idx.insert(k, i)
+    for i in range(0, 60, 3):
+        idx.delete_at(idx.find(keys[i]))
+    for i, k in enumerate(keys):
+        assert idx.get(k) == (-1 if i % 3 == 0 else i)
+    assert idx.size == 40
+
+
+def test_bad_construction_names_the_field():
+    with pytest.raises(ValueError, match="capacity"):
+        Table(0)
+    with pytest.raises(ValueError, match="wheel_size"):
+        Table(4, wheel_size=6)

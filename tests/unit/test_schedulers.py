@@ -1,0 +1,422 @@
+"""Unit tests of director.schedulers: the registry, availability rules and each algorithm."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import pytest
+
+import director
+from director.schedulers import SCHEDULERS, RealServer, Scheduler, make_scheduler
+from director.schedulers.base import register
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(director.__file__)))
+
+ALL = ["dh", "lc", "mh", "nq", "rr", "sed", "sh", "wlc", "wrr"]
+BASE = 0x0A000001  # 10.0.0.1
+VIP = 0xC0000201  # 192.0.2.1
+
+
+def servers(*weights: int) -> list[RealServer]:
+    return [RealServer(id=i, addr=BASE + i, weight=w) for i, w in enumerate(weights)]
+
+
+def make(name: str, srv: list[RealServer], **options: object) -> Scheduler:
+    s = make_scheduler(name, **options)
+    s.update(srv)
+    return s
+
+
+def keys(n: int, seed: int = 1) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.getrandbits(32) for _ in range(n)]
+
+
+def pick_many(s: Scheduler, n: int, seed: int = 1) -> list[RealServer | None]:
+    """n picks with random clients and VIPs (so dh sees more than one destination)."""
+    rng = random.Random(seed)
+    return [s.pick(rng.getrandbits(32), rng.getrandbits(32)) for _ in range(n)]
+
+
+# -- registry ------------------------------------------------------------------------------------
+
+
+def test_registry_holds_every_scheduler():
+    assert sorted(SCHEDULERS) == ALL
+    for name, cls in SCHEDULERS.items():
+        assert cls.name == name
+        assert isinstance(make_scheduler(name), Scheduler)
+
+
+def test_unknown_scheduler_is_named_with_the_known_ones():
+    with pytest.raises(ValueError, match=r"unknown scheduler 'xyz' \(known: dh, lc, mh, nq, rr, sed, sh, wlc, wrr\)"):
+        make_scheduler("xyz")
+
+
+@pytest.mark.parametrize(
+    "name, options, message",
+    [
+        ("rr", {"table_size": 7}, r"scheduler 'rr' has no option 'table_size'"),
+        ("mh", {"tablesize": 251}, r"scheduler 'mh' has no option 'tablesize' \(options: table_size\)"),
+        ("sh", {"bogus": 1}, r"'bogus'"),
+        ("mh", {"table_size": 65536}, r"'table_size' must be prime, got 65536"),
+        ("mh", {"table_size": 1}, r"'table_size' must be >= 2"),
+        ("mh", {"table_size": "65537"}, r"'table_size' must be an integer"),
+        ("mh", {"table_size": True}, r"'table_size' must be an integer"),
+        ("sh", {"table_size": 0}, r"'table_size' must be >= 1"),
+        ("dh", {"fallback": "yes"}, r"'fallback' must be true or false"),
+    ],
+)
+def test_bad_option_is_named(name, options, message):
+    with pytest.raises(ValueError, match=message):
+        make_scheduler(name, **options)
+
+
+def test_good_options_are_taken():
+    assert make_scheduler("mh", table_size=251).table_size == 251
+    assert make_scheduler("sh", table_size=1024, fallback=False).fallback is False
+
+
+def test_register_refuses_a_taken_name():
+    with pytest.raises(ValueError, match="'rr' already taken"):
+
+        @register
+        class Other(Scheduler):
+            name = "rr"
+
+            def pick(self, client, vip):
+                return None
+
+    assert SCHEDULERS["rr"].__name__ == "RoundRobinScheduler"
+
+
+# -- availability, for every scheduler ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_no_servers_gives_none(name):
+    s = make_scheduler(name)
+    assert s.pick(BASE, VIP) is None
+    s.update([])
+    assert s.pick(BASE, VIP) is None
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_none_available_gives_none(name):
+    srv = servers(1, 0, 1)
+    srv[0].up = False
+    srv[2].overloaded = True
+    s = make(name, srv)
+    assert all(p is None for p in pick_many(s, 200))
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_only_available_servers_are_picked(name):
+    srv = servers(3, 0, 2, 5, 1)  # 1: quiesced
+    srv[0].up = False
+    srv[3].overloaded = True
+    s = make(name, srv)
+    picked = Counter(p.id for p in pick_many(s, 2000))
+    assert set(picked) <= {2, 4}
+    assert picked  # something was picked at all
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_weight_zero_gets_no_new_client(name):
+    srv = servers(0, 1)
+    srv[0].active = 0  # the idle server would win lc/nq/sed if weight were ignored
+    srv[1].active = 50
+    s = make(name, srv)
+    assert {p.id for p in pick_many(s, 1000)} == {1}
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_state_change_without_update_is_respected(name):
+    # The service calls update() on changes; should one slip through, pick still never returns
+    # a server that is not available now.
+    srv = servers(1, 1, 1)
+    s = make(name, srv)
+    before = Counter(p.id for p in pick_many(s, 600))
+    srv[1].up = False
+    srv[2].overloaded = True
+    after = Counter(p.id for p in pick_many(s, 600, seed=2))
+    assert set(after) == {0}
+    srv[0].weight = 0
+    assert all(p is None for p in pick_many(s, 100))
+    assert before  # the first round did pick
+
+
+# -- rr, wrr -------------------------------------------------------------------------------------
+
+
+def test_rr_cycles_in_list_order():
+    s = make("rr", servers(1, 5, 1))  # weights are ignored
+    ids = [s.pick(BASE, VIP).id for _ in range(300)]
+    assert ids[:6] == [0, 1, 2, 0, 1, 2]
+    assert Counter(ids) == {0: 100, 1: 100, 2: 100}
+
+
+def test_rr_skips_unavailable_and_keeps_its_place_across_update():
+    srv = servers(1, 1, 1, 1)
+    s = make("rr", srv)
+    assert [s.pick(BASE, VIP).id for _ in range(2)] == [0, 1]
+    srv[2].up = False
+    s.update(srv)
+    assert [s.pick(BASE, VIP).id for _ in range(4)] == [3, 0, 1, 3]
+
+
+def test_wrr_exact_ratio_over_cycles():
+    s = make("wrr", servers(1, 2, 3))
+    ids = [s.pick(BASE, VIP).id for _ in range(600)]
+    assert Counter(ids) == {0: 100, 1: 200, 2: 300}
+    for cycle in range(100):  # every cycle of sum(weights) picks is exact
+        assert Counter(ids[cycle * 6 : cycle * 6 + 6]) == {0: 1, 1: 2, 2: 3}
+
+
+def test_wrr_is_smooth():
+    s = make("wrr", servers(5, 1, 1))
+    assert [s.pick(BASE, VIP).id for _ in range(7)] == [0, 0, 1, 0, 2, 0, 0]
+
+
+def test_wrr_keeps_ratios_among_the_available():
+    srv = servers(1, 2, 3)
+    s = make("wrr", srv)
+    srv[2].overloaded = True
+    assert Counter(s.pick(BASE, VIP).id for _ in range(300)) == {0: 100, 1: 200}
+
+
+def test_wrr_follows_a_weight_change():
+    srv = servers(1, 1)
+    s = make("wrr", srv)
+    srv[1].weight = 4
+    s.update(srv)
+    assert Counter(s.pick(BASE, VIP).id for _ in range(500)) == {0: 100, 1: 400}
+
+
+# -- lc, wlc, sed, nq ----------------------------------------------------------------------------
+
+
+def test_lc_overhead_is_active_times_256_plus_inactive():
+    a, b = servers(1, 1)
+    a.active = 1  # overhead 256
+    b.inactive = 255  # overhead 255
+    s = make("lc", [a, b])
+    assert s.pick(BASE, VIP) is b
+    b.inactive = 256  # tie: first in list
+    assert s.pick(BASE, VIP) is a
+    b.inactive = 257
+    assert s.pick(BASE, VIP) is a
+
+
+def test_lc_ignores_weight_beyond_zero():
+    a, b = servers(1, 10)
+    a.active, b.active = 1, 2
+    assert make("lc", [a, b]).pick(BASE, VIP) is a
+
+
+def test_wlc_compares_overhead_per_weight():
+    a, b = servers(1, 3)
+    a.active, b.active = 1, 2  # 256/1 vs 512/3
+    s = make("wlc", [a, b])
+    assert s.pick(BASE, VIP) is b
+    b.active = 3  # 768/3 == 256/1: tie goes to the first
+    assert s.pick(BASE, VIP) is a
+    b.inactive = 1  # 769/3 > 256
+    a.inactive = 0
+    assert s.pick(BASE, VIP) is a
+    a.inactive = 2  # 258/1 * 3 = 774 > 769
+    assert s.pick(BASE, VIP) is b
+
+
+@pytest.mark.parametrize("name", ["wlc", "sed"])
+def test_weighted_least_follows_weights_in_steady_state(name):
+    srv = servers(1, 2, 3)
+    s = make(name, srv)
+    for _ in range(600):
+        s.pick(BASE, VIP).active += 1
+    assert [r.active for r in srv] == [100, 200, 300]
+    # Clients leave and arrive: the shares stay with the weights.
+    rng = random.Random(5)
+    for _ in range(3000):
+        gone = rng.choices(srv, weights=[r.active for r in srv])[0]
+        gone.active -= 1
+        s.pick(BASE, VIP).active += 1
+    assert [r.active for r in srv] == [100, 200, 300]
+
+
+def test_sed_counts_active_plus_one_and_ignores_inactive():
+    a, b = servers(1, 3)
+    a.inactive = 1000  # wlc would avoid a; sed does not look at INIT entries
+    b.active = 2  # (0+1)/1 vs (2+1)/3: tie, first wins
+    s = make("sed", [a, b])
+    assert s.pick(BASE, VIP) is a
+    assert make("wlc", [a, b]).pick(BASE, VIP) is b
+    b.active = 1  # 2/3 < 1
+    assert s.pick(BASE, VIP) is b
+
+
+def test_nq_takes_an_idle_server_first():
+    a, b, c = servers(10, 1, 1)
+    a.active = 1  # sed: 2/10 is the best expected delay...
+    b.active = 3
+    s = make("nq", [a, b, c])
+    assert s.pick(BASE, VIP) is c  # ...but c is idle
+    c.up = False
+    assert s.pick(BASE, VIP) is a  # no idle available server: sed
+    b.active = 0
+    b.overloaded = True
+    assert s.pick(BASE, VIP) is a
+
+
+# -- sh, dh --------------------------------------------------------------------------------------
+
+
+def test_sh_same_client_same_server_and_even_spread():
+    srv = servers(1, 1, 1, 1)
+    s = make("sh", srv)
+    ks = keys(20000)
+    first = [s.pick(k, VIP).id for k in ks]
+    assert [s.pick(k, VIP ^ 0xFF).id for k in ks] == first  # the VIP plays no part
+    other = make("sh", list(reversed(servers(1, 1, 1, 1))))  # another director, other list order
+    assert [other.pick(k, VIP).id for k in ks] == first
+    shares = Counter(first)
+    assert all(abs(shares[i] / len(ks) - 0.25) < 0.02 for i in range(4)), shares
+
+
+def test_sh_table_gives_buckets_by_weight():
+    s = make("sh", servers(1, 3))
+    assert Counter(s.table_ids()) == {0: 64, 1: 192}
+    shares = Counter(s.pick(k, VIP).id for k in keys(20000))
+    assert abs(shares[1] / 20000 - 0.75) < 0.03, shares
+
+
+def test_sh_fallback_moves_only_the_dead_servers_clients_and_spreads_them():
+    srv = servers(1, 1, 1, 1)
+    s = make("sh", srv)
+    ks = keys(20000)
+    before = {k: s.pick(k, VIP).id for k in ks}
+    srv[0].up = False
+    s.update(srv)
+    after = {k: s.pick(k, VIP).id for k in ks}
+    assert all(after[k] == before[k] for k in ks if before[k] != 0)
+    moved_to = Counter(after[k] for k in ks if before[k] == 0)
+    assert 0 not in moved_to
+    assert all(moved_to[i] > 0.15 * sum(moved_to.values()) for i in (1, 2, 3)), moved_to
+
+
+def test_sh_without_fallback_refuses():
+    srv = servers(1, 1)
+    s = make("sh", srv, fallback=False)
+    ks = keys(2000)
+    srv[0].up = False
+    results = [s.pick(k, VIP) for k in ks]
+    assert {r.id for r in results if r is not None} == {1}
+    assert any(r is None for r in results)
+
+
+def test_dh_hashes_the_vip():
+    s = make("dh", servers(1, 1, 1, 1))
+    vips = keys(8000, seed=3)
+    first = [s.pick(BASE, v).id for v in vips]
+    assert [s.pick(c, v).id for c, v in zip(keys(8000, seed=4), vips)] == first  # client ignored
+    shares = Counter(first)
+    assert all(abs(shares[i] / len(vips) - 0.25) < 0.03 for i in range(4)), shares
+    assert Counter(make("sh", servers(1, 1, 1, 1)).table_ids()) == Counter(s.table_ids())
+
+
+def test_sh_and_dh_hash_independently():
+    # Same table, different seeds: a client address and a VIP with the same value do not
+    # necessarily land in the same bucket.
+    sh, dh = make("sh", servers(1, 1)), make("dh", servers(1, 1))
+    same = sum(sh.bucket(k, 0) == dh.bucket(0, k) for k in keys(5000))
+    assert same < 100  # about 5000/256 = 20 expected by chance
+
+
+# -- mh ------------------------------------------------------------------------------------------
+
+
+def test_mh_same_client_same_server():
+    srv = servers(1, 1, 1)
+    s = make("mh", srv, table_size=4099)
+    ks = keys(5000)
+    first = [s.pick(k, VIP).id for k in ks]
+    assert [s.pick(k, 0).id for k in ks] == first
+    s.update(srv)
+    assert [s.pick(k, VIP).id for k in ks] == first
+    assert set(first) == {0, 1, 2}
+
+
+def test_mh_table_does_not_depend_on_list_order():
+    a = make("mh", servers(1, 2, 1, 1), table_size=1021)
+    b = make("mh", list(reversed(servers(1, 2, 1, 1))), table_size=1021)
+    assert a.table_ids() == b.table_ids()
+
+
+def test_mh_walks_forward_past_a_server_that_went_away_without_update():
+    srv = servers(1, 1, 1)
+    s = make("mh", srv, table_size=251)
+    ks = keys(3000)
+    before = {k: s.pick(k, VIP).id for k in ks}
+    srv[1].up = False
+    after = {k: s.pick(k, VIP).id for k in ks}
+    assert 1 not in after.values()
+    assert all(after[k] == before[k] for k in ks if before[k] != 1)
+
+
+def test_mh_excludes_quiesced_servers_from_the_table():
+    srv = servers(1, 0, 1)
+    s = make("mh", srv, table_size=251)
+    assert set(s.table_ids()) == {0, 2}
+    srv[1].weight = 1
+    s.update(srv)
+    assert set(s.table_ids()) == {0, 1, 2}
+
+
+_MH_DIGEST_SCRIPT = """
+import hashlib
+from director.schedulers import RealServer, make_scheduler
+s = make_scheduler("mh")
+s.update([RealServer(i, 0x0A000001 + i, weight=w) for i, w in enumerate((1, 2, 1, 3))])
+print(hashlib.sha256(bytes(s.table_ids())).hexdigest())
+"""
+
+# Pinned: a change here means directors of two versions would disagree on placement.
+MH_GOLDEN = "d8c2a29f286ed190825ae726612634a93fb8f7ef387355e6f11ce6fc6ac3971f"
+
+
+def _mh_digest_here() -> str:
+    s = make("mh", [RealServer(i, 0x0A000001 + i, weight=w) for i, w in enumerate((1, 2, 1, 3))])
+    return hashlib.sha256(bytes(s.table_ids())).hexdigest()
+
+
+def test_mh_table_is_the_same_in_another_process():
+    digests = set()
+    for seed in ("1", "2"):
+        env = dict(os.environ, PYTHONHASHSEED=seed, PYTHONPATH=ROOT)
+        out = subprocess.run(
+            [sys.executable, "-c", _MH_DIGEST_SCRIPT], env=env, check=True, capture_output=True, text=True
+        )
+        digests.add(out.stdout.strip())
+    assert digests == {_mh_digest_here()}
+
+
+def test_mh_table_matches_the_pinned_digest():
+    assert _mh_digest_here() == MH_GOLDEN
+
+
+def test_mh_populates_65537_slots_well_under_a_second():
+    srv = [RealServer(i, 0x0A000001 + i) for i in range(10)]
+    best = float("inf")
+    for _ in range(3):
+        s = make_scheduler("mh")
+        t0 = time.perf_counter()
+        s.update(srv)
+        best = min(best, time.perf_counter() - t0)
+    assert best < 0.5, f"populating 65537 slots took {best:.3f}s"
+    assert len(s.table_ids()) == 65537
