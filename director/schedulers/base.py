@@ -24,7 +24,7 @@ class RealServer:
     active: int = 0
     inactive: int = 0
     up: bool = True
-    method: str = "dr"  # "dr" | "tun" | "nat"
+    method: str = ""  # "dr" | "tun" | "nat"; "" = the service's method
     u_threshold: int = 0  # 0 = no upper threshold (ipvsadm -x)
     l_threshold: int = 0  # 0 = no lower threshold (ipvsadm -y)
     overloaded: bool = False
@@ -100,9 +100,7 @@ def register(cls: _S) -> _S:
 def scheduler_options(cls: type[Scheduler]) -> tuple[str, ...]:
     """The keyword options a scheduler's constructor accepts, in declaration order."""
     params = inspect.signature(cls.__init__).parameters.values()
-    return tuple(
-        p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY
-    )
+    return tuple(p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY)
 
 
 def make_scheduler(name: str, **options: object) -> Scheduler:
@@ -125,13 +123,19 @@ def make_scheduler(name: str, **options: object) -> Scheduler:
 def check_int_option(scheduler: str, option: str, value: object, minimum: int) -> int:
     """Validate an integer option (bool is not an int here) and return it."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"scheduler {scheduler!r}: option {option!r} must be an integer, got {value!r}")
+        raise ValueError(
+            f"scheduler {scheduler!r}: option {option!r} must be an integer, got {value!r}"
+        )
     if value < minimum:
-        raise ValueError(f"scheduler {scheduler!r}: option {option!r} must be >= {minimum}, got {value}")
+        raise ValueError(
+            f"scheduler {scheduler!r}: option {option!r} must be >= {minimum}, got {value}"
+        )
     return value
 
 
 def check_bool_option(scheduler: str, option: str, value: object) -> bool:
     if not isinstance(value, bool):
-        raise ValueError(f"scheduler {scheduler!r}: option {option!r} must be true or false, got {value!r}")
+        raise ValueError(
+            f"scheduler {scheduler!r}: option {option!r} must be true or false, got {value!r}"
+        )
     return value

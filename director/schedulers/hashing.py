@@ -1,11 +1,11 @@
 """Deterministic hashes for sh, dh and mh, and the weighted bucket table that sh and dh share.
 
-Two directors (active and backup) must map a client to the same real server, so nothing here may
-depend on the process: no ``hash()`` (randomized for str/bytes), no ``id()``, no dict order.
+Two directors (active and backup) must map a client to the same real server, so nothing here
+may depend on the process: no ``hash()`` (randomized for str/bytes), no ``id()``, no dict order.
 Per-lookup keys go through ``mix64`` (the 64-bit finalizer of MurmurHash3: xor-shift, multiply,
-xor-shift, multiply, xor-shift; a bijection on 64-bit words with full avalanche), seeded per use so
-that sh, dh and mh do not correlate. Per-server hashes (Maglev offset and skip) are computed once per
-rebuild, so they can afford blake2b.
+xor-shift, multiply, xor-shift; a bijection on 64-bit words with full avalanche), seeded per use
+so that sh, dh and mh do not correlate. Per-server hashes (Maglev offset and skip) are computed
+once per rebuild, so they can afford blake2b.
 """
 
 from __future__ import annotations
@@ -58,15 +58,15 @@ def reduced_weights(servers: Sequence[RealServer]) -> list[int]:
 def bucket_table(servers: Sequence[RealServer], size: int) -> list[RealServer]:
     """The sh/dh table: ``size`` buckets, each server given ``weight`` buckets per cycle.
 
-    As in IPVS's ip_vs_sh_reassign, servers (here in ``server_order``, weights reduced by their gcd)
-    take ``weight`` buckets each in turn, cycling until every bucket is assigned, so shares follow
-    weights up to the truncation of the last cycle. Weight 0 servers get no bucket (IPVS gives them
-    one, which lookups then skip). Unlike IPVS, the buckets are then laid out in a fixed pseudo-random
-    order (a seeded sort of the bucket numbers): IPVS fills consecutive buckets, so walking forward
-    from a dead server's bucket lands on the same neighbour for almost all of its clients and doubles
-    that one server's load; with the shuffled layout the fallback spreads over the others in
-    proportion to their weights. The layout depends only on ``size``; the table only on membership and
-    weights, so up/overloaded changes move no client of a healthy server.
+    As in IPVS's ip_vs_sh_reassign, servers (here in ``server_order``, weights reduced by their
+    gcd) take ``weight`` buckets each in turn, cycling until every bucket is assigned, so shares
+    follow weights up to the truncation of the last cycle. Weight 0 servers get no bucket (IPVS
+    gives them one, which lookups then skip). Unlike IPVS, the buckets are then laid out in a fixed
+    pseudo-random order (a seeded sort of the bucket numbers): IPVS fills consecutive buckets, so
+    walking forward from a dead server's bucket lands on the same neighbour for almost all of its
+    clients and doubles that one server's load; with the shuffled layout the fallback spreads over
+    the others in proportion to their weights. The layout depends only on ``size``, the table only
+    on membership and weights, so up/overloaded changes move no client of a healthy server.
     """
     members = [s for s in server_order(servers) if s.weight > 0]
     if not members:

@@ -1,17 +1,18 @@
-"""Maglev hashing (``mh``): a prime-sized lookup table filled as in Eisenbud et al., NSDI 2016, §3.4.
+"""Maglev hashing (``mh``): a prime-size lookup table, filled as in Eisenbud et al., NSDI 2016.
 
-Each server gets a permutation of the M slots, permutation[j] = (offset + j * skip) mod M with
-offset = h1(addr) mod M and skip = h2(addr) mod (M - 1) + 1 (M prime, so every permutation visits
-every slot). Servers take turns, each claiming its next preferred slot that is still empty, until the
-table is full. A server of weight w takes w turns per round (weights divided by their gcd first), so
-slot shares follow weights to within one round. Only available servers are in the table: the
-service calls update() when up/overloaded/weight change, and Maglev's minimal disruption keeps the
-clients of other servers where they were. A client maps to slot mix64(client) mod M.
+Section 3.4 of the paper: each server gets a permutation of the M slots, permutation[j] =
+(offset + j * skip) mod M with offset = h1(addr) mod M and skip = h2(addr) mod (M - 1) + 1 (M
+prime, so every permutation visits every slot). Servers take turns, each claiming its next
+preferred slot that is still empty, until the table is full. A server of weight w takes w turns
+per round (weights divided by their gcd first), so slot shares follow weights to within one
+round. Only available servers are in the table: the service calls update() when
+up/overloaded/weight change, and Maglev's minimal disruption keeps the clients of the other
+servers where they were. A client maps to slot mix64(client) mod M.
 
-Deterministic across processes and machines, so active and backup directors build the same table:
-h1 and h2 are blake2b of the 4-byte address with distinct personalisations, and servers take turns
-in address order, not list order. If a server in the table has become unavailable without an
-update(), pick walks forward to the next slot whose server is available.
+Deterministic across processes and machines, so active and backup directors build the same
+table: h1 and h2 are blake2b of the 4-byte address with distinct personalisations, and servers
+take turns in address order, not list order. If a server in the table has become unavailable
+without an update(), pick walks forward to the next slot whose server is available.
 """
 
 from __future__ import annotations

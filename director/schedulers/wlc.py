@@ -1,4 +1,6 @@
-"""Weighted least connections (IPVS ``wlc``): least overhead/weight, overhead = active*256 + inactive.
+"""Weighted least connections (IPVS ``wlc``): least overhead/weight.
+
+Overhead = active*256 + inactive (ip_vs_dest_conn_overhead).
 
 Ratios are compared by cross-multiplication, as ip_vs_wlc does, so there are no floats and no
 rounding: dest beats least when overhead(least) * weight(dest) > overhead(dest) * weight(least).

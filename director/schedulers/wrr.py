@@ -1,13 +1,13 @@
-"""Weighted round robin (``wrr``), in the smooth form (nginx's), not IPVS's gcd/max-weight sequence.
+"""Weighted round robin (``wrr``), smooth (nginx's) rather than IPVS's gcd/max-weight sequence.
 
-Both give every server exactly ``weight`` picks per cycle of sum(weights) picks. They differ in
-order: IPVS's sequence (lower the bar by gcd from max weight, take every server at or above it) sends
-the heaviest server a run of picks at the start of each cycle (weights 5:1:1 give A A A A A B C).
-Smooth WRR interleaves them (5:1:1 gives A A B A C A A), so a reconnect storm after a failover is not dealt out in bursts to one
-gateway. Each pick: every available server's current weight grows by its weight, the largest wins
-(ties: first in list) and loses the sum. Unavailable servers sit the pick out with their current
-weight frozen, so the others keep exact ratios among themselves. O(n) per pick, like IPVS's worst
-case.
+Both give every server exactly ``weight`` picks per cycle of sum(weights) picks; they differ in
+order. IPVS's sequence (lower a bar by gcd from the max weight, take each server at or above it)
+gives the heaviest server a run of picks at the start of each cycle: 5:1:1 gives A A A A A B C.
+Smooth WRR interleaves: 5:1:1 gives A A B A C A A, so a reconnect storm after a failover is not
+dealt out to one gateway in bursts. Each pick: every available server's current weight grows by
+its weight, the largest wins (ties: first in list) and loses the sum. Unavailable servers sit the
+pick out with their current weight frozen, so the others keep exact ratios among themselves.
+O(n) per pick, like IPVS's worst case.
 """
 
 from __future__ import annotations

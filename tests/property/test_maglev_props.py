@@ -21,7 +21,8 @@ SMALL_PRIMES = st.sampled_from([251, 1021, 4099])
 
 @st.composite
 def server_sets(draw, min_size=1, max_size=10, max_weight=1):
-    addrs = draw(st.lists(st.integers(0, 2**32 - 1), min_size=min_size, max_size=max_size, unique=True))
+    ipv4 = st.integers(0, 2**32 - 1)
+    addrs = draw(st.lists(ipv4, min_size=min_size, max_size=max_size, unique=True))
     weights = draw(st.lists(st.integers(1, max_weight), min_size=len(addrs), max_size=len(addrs)))
     return [RealServer(id=i, addr=a, weight=w) for i, (a, w) in enumerate(zip(addrs, weights))]
 
@@ -41,7 +42,7 @@ def reference_populate(servers: list[RealServer], size: int) -> list[int]:
         permutation.append([(offset + j * skip) % size for j in range(size)])
     turns = []
     for i, s in enumerate(members):
-        turns += [i] * s.weight  # test data keeps weights coprime-free: see callers
+        turns += [i] * s.weight  # not reduced: callers keep the gcd at 1
     nxt = [0] * len(members)
     entry = [-1] * size
     n = 0

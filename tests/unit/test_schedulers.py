@@ -15,6 +15,7 @@ import pytest
 import director
 from director.schedulers import SCHEDULERS, RealServer, Scheduler, make_scheduler
 from director.schedulers.base import register
+from director.schedulers.hashing import SEED_MH, mix64
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(director.__file__)))
 
@@ -55,7 +56,8 @@ def test_registry_holds_every_scheduler():
 
 
 def test_unknown_scheduler_is_named_with_the_known_ones():
-    with pytest.raises(ValueError, match=r"unknown scheduler 'xyz' \(known: dh, lc, mh, nq, rr, sed, sh, wlc, wrr\)"):
+    known = r"\(known: dh, lc, mh, nq, rr, sed, sh, wlc, wrr\)"
+    with pytest.raises(ValueError, match=r"unknown scheduler 'xyz' " + known):
         make_scheduler("xyz")
 
 
@@ -63,7 +65,7 @@ def test_unknown_scheduler_is_named_with_the_known_ones():
     "name, options, message",
     [
         ("rr", {"table_size": 7}, r"scheduler 'rr' has no option 'table_size'"),
-        ("mh", {"tablesize": 251}, r"scheduler 'mh' has no option 'tablesize' \(options: table_size\)"),
+        ("mh", {"tablesize": 251}, r"'mh' has no option 'tablesize' \(options: table_size\)"),
         ("sh", {"bogus": 1}, r"'bogus'"),
         ("mh", {"table_size": 65536}, r"'table_size' must be prime, got 65536"),
         ("mh", {"table_size": 1}, r"'table_size' must be >= 2"),
@@ -113,6 +115,12 @@ def test_none_available_gives_none(name):
     srv[0].up = False
     srv[2].overloaded = True
     s = make(name, srv)
+    assert all(p is None for p in pick_many(s, 200))
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_all_quiesced_gives_none(name):
+    s = make(name, servers(0, 0))
     assert all(p is None for p in pick_many(s, 200))
 
 
@@ -338,6 +346,31 @@ def test_sh_and_dh_hash_independently():
     assert same < 100  # about 5000/256 = 20 expected by chance
 
 
+# -- key hashes ------------------------------------------------------------------------------------
+
+
+def test_mix64_avalanches():
+    rng = random.Random(9)
+    flips = []
+    for _ in range(2000):
+        x, bit = rng.getrandbits(32), rng.randrange(32)
+        flips.append(bin(mix64(x, SEED_MH) ^ mix64(x ^ (1 << bit), SEED_MH)).count("1"))
+    assert 31 <= sum(flips) / len(flips) <= 33  # half of 64 bits on average
+    assert min(flips) >= 8
+
+
+@pytest.mark.parametrize("name", ["sh", "dh", "mh"])
+def test_consecutive_addresses_land_on_unrelated_slots(name):
+    # Clients from one NAT pool or one subnet differ in their low bits only; "address mod size"
+    # would put them in consecutive slots (and addresses "size" apart in the same slot).
+    s = make(name, servers(1, 1), table_size=251)
+    slot = s.slot if name == "mh" else (lambda a: s.bucket(a, a))
+    slots = [slot(BASE + i) for i in range(4096)]
+    adjacent = sum((b - a) % 251 == 1 for a, b in zip(slots, slots[1:]))
+    assert adjacent < 60  # about 4096/251 = 16 by chance
+    assert len({slot(BASE + i * 251) for i in range(100)}) > 50
+
+
 # -- mh ------------------------------------------------------------------------------------------
 
 
@@ -399,9 +432,8 @@ def test_mh_table_is_the_same_in_another_process():
     digests = set()
     for seed in ("1", "2"):
         env = dict(os.environ, PYTHONHASHSEED=seed, PYTHONPATH=ROOT)
-        out = subprocess.run(
-            [sys.executable, "-c", _MH_DIGEST_SCRIPT], env=env, check=True, capture_output=True, text=True
-        )
+        cmd = [sys.executable, "-c", _MH_DIGEST_SCRIPT]
+        out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
         digests.add(out.stdout.strip())
     assert digests == {_mh_digest_here()}
 
