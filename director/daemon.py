@@ -1,36 +1,405 @@
-"""The vpn-director daemon entry point (the NFQUEUE dataplane lands with issue 3)."""
+"""The vpn-director daemon: config in, rules and routes installed, NFQUEUE verdicts out.
+
+One event loop (select) over the client queue, the reply queue (NAT), the control socket and a
+one-second tick that expires entries. Signal handlers only set flags. Per packet the loop asks the
+pure core for a Verdict and applies it: DR -> fwmark (policy routing does the rest), NAT -> the
+destination rewritten, TUN -> the queued packet dropped and its IP-in-IP envelope sent from the
+director's own output path (a packet re-entering routing with the director's address as source
+would be dropped as a martian), fragmented to the LAN MTU when needed, ICMP -> protocol-unreachable
+sent (rate limited), DROP / PASS. NAT replies are rewritten in POSTROUTING (see iptables.py). A packet that makes anything raise is counted and dropped: the loop goes on.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import os
+import select
+import signal
+import socket
 import sys
+import time
+from typing import Callable
+
+from director import config as config_mod
+from director.core import Action, Director
+from director.drop_reasons import DropReason
+from director.forwarding.fragment import fragment
+from director.forwarding.rewrite import icmp_unreachable, ipip_encap, nat_dnat, nat_snat
+from director.packet import PacketError, int_to_ip
+from director.ratelimit import TokenBucket
+from director.service import Method
+
+log = logging.getLogger(__name__)
+
+TICK = 1.0
+SLOW_ITERATION = 0.25  # a loop iteration longer than this is logged (rate limited)
+PROTOCOL_VERSION = 1
+
+
+class Daemon:
+    """Owns the Director and the kernel pieces it drives; ``start`` / ``run`` / ``stop``."""
+
+    def __init__(self, cfg: config_mod.Config, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.cfg = cfg
+        self.clock = clock
+        self.director = Director(cfg.daemon.capacity, now=clock())
+        for svc in config_mod.build_services(cfg):
+            self.director.add_service(svc)
+        self.stats = {"packets": 0, "internal_errors": 0, "icmp_sent": 0, "icmp_limited": 0, "slow_iterations": 0}
+        self._icmp_bucket = TokenBucket(cfg.daemon.icmp_rate, now=clock())
+        self._ident = 0
+        self._stop = False
+        self._reload = False
+        self._queues: list = []
+        self._ipr = None
+        self._raw = None
+        self._control = None
+        self._clients: list[socket.socket] = []
+        self._marks: dict[int, int] = {}
+        self._lan_addr = 0
+        self._lan_mtu = 1500
+        self._last_slow_log = 0.0
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def start(self) -> None:
+        from pyroute2 import IPRoute
+
+        from director.dataplane import iptables, routing
+        from director.dataplane.nfqueue import Queue
+        from director.packet import ip_to_int
+
+        d = self.cfg.daemon
+        self._ipr = IPRoute()
+        if not self._ipr.link_lookup(ifname=d.client_interface):
+            raise ValueError(f"daemon.client_interface: no interface '{d.client_interface}' in this namespace")
+        lan_index, lan_addr = routing.interface_address(self._ipr, d.server_interface)
+        self._lan_addr = ip_to_int(lan_addr)
+        self._lan_mtu = self._ipr.get_links(lan_index)[0].get_attr("IFLA_MTU")
+        routing.remove_all(self._ipr)  # leftovers of a crashed run
+        dr = [(svc, rs) for svc in self.director.services.values() for rs in svc.servers.values()
+              if svc.method_of(rs) == Method.DR]
+        if dr:
+            routing.move_local_rule(self._ipr)
+        for _svc, rs in dr:
+            routing.add_server(self._ipr, rs.id, int_to_ip(rs.addr), lan_index)
+            self._marks[rs.id] = routing.mark_of(rs.id)
+        self._raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+        self._queues = [Queue(d.queue, self._on_client), Queue(d.queue + 1, self._on_reply)]
+        self._open_control(d.control_socket)
+        nat = tuple(sorted({int_to_ip(rs.addr) for svc in self.director.services.values()
+                            for rs in svc.servers.values() if svc.method_of(rs) == Method.NAT}))
+        iptables.install(iptables.RuleSet(
+            d.client_interface, d.server_interface,
+            tuple(int_to_ip(s.vip) for s in self.director.services.values()), nat, d.queue, d.fail_open,
+        ))
+        log.info("daemon.started services=%d servers=%d dr=%d nat=%d queue=%d",
+                 len(self.director.services), sum(len(s.servers) for s in self.director.services.values()),
+                 len(dr), len(nat), d.queue)
+
+    def stop(self) -> None:
+        """Rules first (no packet is queued to a closing queue), then queues, routes, socket."""
+        from director.dataplane import iptables, routing
+
+        try:
+            iptables.remove()
+        finally:
+            for q in self._queues:
+                q.close()
+            self._queues = []
+            if self._ipr is not None:
+                routing.remove_all(self._ipr)
+                self._ipr.close()
+                self._ipr = None
+            self._close_control()
+            if self._raw is not None:
+                self._raw.close()
+        log.info("daemon.stopped")
+
+    def request_stop(self, *_args) -> None:
+        self._stop = True
+
+    def request_reload(self, *_args) -> None:
+        self._reload = True
+
+    def run(self) -> None:
+        rfd, wfd = os.pipe()
+        os.set_blocking(wfd, False)
+        old = signal.set_wakeup_fd(wfd)
+        next_tick = self.clock() + TICK
+        try:
+            while not self._stop:
+                timeout = max(0.0, next_tick - self.clock())
+                ready, _, _ = select.select([*self._queues, rfd, *self._control_fds()], [], [], timeout)
+                t0 = self.clock()
+                for r in ready:
+                    if r is rfd:
+                        os.read(rfd, 512)
+                    elif hasattr(r, "drain"):
+                        r.drain()
+                    else:
+                        self._on_control(r)
+                if t0 >= next_tick:
+                    self.director.expire(t0)
+                    next_tick = t0 + TICK
+                if self._reload:
+                    self._reload = False
+                    log.warning("daemon.reload unsupported yet: restart to apply a new config")
+                spent = self.clock() - t0
+                if spent > SLOW_ITERATION:
+                    self.stats["slow_iterations"] += 1
+                    if t0 - self._last_slow_log > 10.0:
+                        self._last_slow_log = t0
+                        log.warning("loop.slow seconds=%.3f", spent)
+        finally:
+            signal.set_wakeup_fd(old)
+            os.close(rfd)
+            os.close(wfd)
+
+    # -- per packet -----------------------------------------------------------------------------
+    def _on_client(self, pkt) -> None:
+        try:
+            data = pkt.get_payload()
+            now = self.clock()
+            v = self.director.decide(data, now)
+            self.stats["packets"] += 1
+            a = v.action
+            if a == Action.FORWARD:
+                m = v.method
+                if m == Method.DR:
+                    pkt.set_mark(self._marks[v.rs])
+                elif m == Method.NAT:
+                    pkt.set_payload(nat_dnat(data, v.addr))
+                else:
+                    pkt.drop()
+                    self._send_tunnel(data, v.addr)
+                    return
+                pkt.accept()
+            elif a == Action.PASS:
+                pkt.accept()
+            else:
+                pkt.drop()
+                if a == Action.ICMP_UNREACH:
+                    self._send_icmp(data, v.svc, now)
+        except Exception:  # the loop must survive any packet: count it, drop it, go on
+            self._internal_error(pkt)
+
+    def _on_reply(self, pkt) -> None:
+        try:
+            data = pkt.get_payload()
+            v = self.director.decide_reply(data, self.clock())
+            self.stats["packets"] += 1
+            if v.action == Action.FORWARD:
+                pkt.set_payload(nat_snat(data, v.addr))
+                pkt.accept()
+            elif v.action == Action.PASS:
+                pkt.accept()
+            else:
+                pkt.drop()
+        except Exception:
+            self._internal_error(pkt)
+
+    def _internal_error(self, pkt) -> None:
+        self.stats["internal_errors"] += 1
+        log.debug("packet.internal_error", exc_info=True)
+        try:
+            pkt.drop()
+        except Exception:  # a verdict already given; nothing left to do
+            pass
+
+    def _send_tunnel(self, data: bytes, rip: int) -> None:
+        self._ident = (self._ident + 1) & 0xFFFF
+        envelope = ipip_encap(data, self._lan_addr, rip, ident=self._ident)
+        dest = (int_to_ip(rip), 0)
+        for piece in fragment(envelope, self._lan_mtu):
+            self._raw.sendto(piece, dest)
+
+    def _send_icmp(self, data: bytes, svc_id: int, now: float) -> None:
+        if not self._icmp_bucket.take(now):
+            self.stats["icmp_limited"] += 1
+            return
+        try:
+            reply = icmp_unreachable(data, self.director.services[svc_id].vip)
+        except PacketError:
+            return  # RFC 1122: never an ICMP error about this packet
+        self._raw.sendto(reply, (int_to_ip(int.from_bytes(reply[16:20], "big")), 0))
+        self.stats["icmp_sent"] += 1
+
+    # -- control socket (line-delimited JSON, versioned) ------------------------------------------
+    def _open_control(self, path: str) -> None:
+        os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
+        if os.path.exists(path):
+            os.unlink(path)
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o077)  # root-only: the socket can change the running table
+        try:
+            s.bind(path)
+        finally:
+            os.umask(old)
+        s.listen(8)
+        s.setblocking(False)
+        self._control = s
+        self._control_path = path
+
+    def _close_control(self) -> None:
+        for c in self._clients:
+            c.close()
+        self._clients = []
+        if self._control is not None:
+            self._control.close()
+            self._control = None
+            try:
+                os.unlink(self._control_path)
+            except FileNotFoundError:
+                pass
+
+    def _control_fds(self) -> list:
+        return ([self._control] if self._control else []) + self._clients
+
+    def _on_control(self, s: socket.socket) -> None:
+        if s is self._control:
+            try:
+                conn, _ = s.accept()
+            except BlockingIOError:
+                return
+            conn.settimeout(1.0)
+            self._clients.append(conn)
+            return
+        try:
+            line = s.makefile("rb").readline(65536)
+            if line:
+                s.sendall(json.dumps(self.handle_request(line)).encode() + b"\n")
+        except (OSError, ValueError):
+            pass
+        finally:
+            self._clients.remove(s)
+            s.close()
+
+    def handle_request(self, line: bytes) -> dict:
+        try:
+            req = json.loads(line)
+            if not isinstance(req, dict):
+                raise ValueError("request: must be a JSON object")
+            if req.get("v") != PROTOCOL_VERSION:
+                raise ValueError(f"v: protocol version {PROTOCOL_VERSION} expected, got {req.get('v')!r}")
+            cmd = req.get("cmd")
+            if cmd == "status":
+                return {"ok": True, "result": self.status()}
+            if cmd == "connections":
+                return {"ok": True, "result": self.connections()}
+            raise ValueError(f"cmd: unknown command {cmd!r}")
+        except ValueError as e:
+            return {"ok": False, "error": str(e)}
+
+    def status(self) -> dict:
+        d = self.director
+        return {
+            "entries": len(d.table),
+            "init": d.table.n_init,
+            "established": d.table.n_established,
+            "stats": {**d.stats, **self.stats},
+            "table": dict(d.table.stats),
+            "drops": {DropReason(i).name: n for i, n in enumerate(d.drops) if n and i in DropReason._value2member_map_},
+            "services": [
+                {
+                    "id": s.id, "vip": int_to_ip(s.vip), "scheduler": s.scheduler_name, "method": s.method.name,
+                    "servers": [
+                        {"id": r.id, "address": int_to_ip(r.addr), "weight": r.weight, "active": r.active,
+                         "inactive": r.inactive, "method": s.method_of(r).name, "up": r.up}
+                        for r in s.servers.values()
+                    ],
+                }
+                for s in d.services.values()
+            ],
+        }
+
+    def connections(self) -> list[dict]:
+        now = self.clock()
+        d = self.director
+        return [
+            {"svc": e.svc, "client": int_to_ip(e.client), "port": e.cport, "state": e.state.name,
+             "spi_i": f"{e.spi_i:016x}", "spi_r": f"{e.spi_r:016x}", "rs": e.rs,
+             "rs_address": int_to_ip(d._servers[e.rs].addr) if e.rs in d._servers else None,
+             "expires_in": round(e.expires - now, 1), "natt": e.natt}
+            for e in d.table.entries()
+        ]
+
+
+def control_request(path: str, request: dict, timeout: float = 5.0) -> dict:
+    """Send one request to a running daemon's control socket and return its answer."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(path)
+        s.sendall(json.dumps({"v": PROTOCOL_VERSION, **request}).encode() + b"\n")
+        return json.loads(s.makefile("rb").readline())
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="vpn-director",
-        description="IPsec-aware load-balancing director. "
-        "The packet dataplane is not built yet: 'demo' runs the decision core on crafted packets.",
-    )
+    p = argparse.ArgumentParser(prog="vpn-director", description="IPsec-aware load-balancing director.")
     sub = p.add_subparsers(dest="command")
-    demo = sub.add_parser("demo", help="run the decision core on crafted IKE/ESP traffic and print the table")
-    demo.add_argument("--clients", type=int, default=6, help="number of crafted clients (default 6)")
+    run = sub.add_parser("run", help="run the director in the foreground (as systemd does)")
+    run.add_argument("--config", required=True, help="TOML config file")
+    run.add_argument("--dataplane", choices=("nfqueue", "ebpf"), default="nfqueue")
+    run.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    chk = sub.add_parser("check", help="validate a config file and exit")
+    chk.add_argument("--config", required=True)
+    demo = sub.add_parser("demo", help="bring up the namespace lab, balance real IKE/ESP packets, tear down")
+    demo.add_argument("--core", action="store_true", help="only the decision core on crafted packets (no kernel)")
+    demo.add_argument("--clients", type=int, default=6, help="--core: number of crafted clients (default 6)")
     demo.add_argument("--scheduler", default="wlc", help="scheduler name (default wlc)")
+    demo.add_argument("--modes", default="dr,tun,nat", help="forwarding modes to show (default dr,tun,nat)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "demo":
-        from director.demo import run_core_demo
+    if args.command is None:
+        build_parser().print_help()
+        return 0
+    logging.basicConfig(
+        level=getattr(args, "log_level", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        if args.command == "check":
+            cfg = config_mod.load(args.config)
+            print(f"{args.config}: ok ({len(cfg.services)} services)")
+            return 0
+        if args.command == "demo":
+            if args.core:
+                from director.demo import run_core_demo
 
-        try:
-            return run_core_demo(clients=args.clients, scheduler=args.scheduler)
-        except ValueError as e:
-            print(f"vpn-director: {e}", file=sys.stderr)
-            return 2
-    build_parser().print_help()
-    return 0 if args.command is None else 2
+                return run_core_demo(clients=args.clients, scheduler=args.scheduler)
+            from director.lab.demo import run_lab_demo
+
+            return run_lab_demo(modes=args.modes.split(","), scheduler=args.scheduler)
+        if args.dataplane == "ebpf":
+            raise ValueError("--dataplane: the eBPF dataplane is not built yet (issue 5); use nfqueue")
+        cfg = config_mod.load(args.config)
+        daemon = Daemon(cfg)
+    except config_mod.ConfigErrors as e:
+        for line in e.errors:
+            print(f"vpn-director: {line}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        print(f"vpn-director: {e}", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, daemon.request_stop)
+    signal.signal(signal.SIGINT, daemon.request_stop)
+    signal.signal(signal.SIGHUP, daemon.request_reload)
+    try:
+        daemon.start()
+    except (ValueError, OSError) as e:
+        print(f"vpn-director: {e}", file=sys.stderr)
+        daemon.stop()
+        return 1
+    try:
+        daemon.run()
+    finally:
+        daemon.stop()
+    return 0
 
 
 if __name__ == "__main__":

@@ -81,7 +81,9 @@ def test_arbitrary_payload_behind_valid_ip(proto, data, opts):
 def valid_packets():
     """Valid packets of every kind, with options, reply direction and padding drawn."""
     ike = st.builds(
-        lambda spi_i, spi_r, exch, flags, ver, msg_id, body: ike_header(spi_i, spi_r, exch, flags, ver, msg_id, body=body),
+        lambda spi_i, spi_r, exch, flags, ver, msg_id, body: ike_header(
+            spi_i, spi_r, exch, flags, ver, msg_id, body=body
+        ),
         nonzero_u64, u64, u8, u8, ike_version, u32, payload,
     )  # fmt: skip
     on_500 = st.builds(lambda ike, sp: build_ipv4_udp(7, 8, sp, 500, ike), ike, u16)
@@ -92,12 +94,16 @@ def valid_packets():
     )  # fmt: skip
     keepalive = st.just(build_ipv4_udp(7, 8, 4500, 4500, b"\xff"))
     esp = st.builds(
-        lambda spi, seq, body, opts: build_ipv4(7, 8, 50, EspHeader(spi, seq).to_bytes() + body, options=opts),
+        lambda spi, seq, body, opts: build_ipv4(
+            7, 8, 50, EspHeader(spi, seq).to_bytes() + body, options=opts
+        ),
         nonzero_u32, u32, payload, options,
     )  # fmt: skip
     ah = st.builds(
         lambda nh, words, spi, seq, tail, opts: build_ipv4(
-            7, 8, 51, AhHeader(nh, words, spi, seq).to_bytes() + b"\xaa" * (words * 4 - 4) + tail, options=opts
+            7, 8, 51,
+            AhHeader(nh, words, spi, seq).to_bytes() + b"\xaa" * (words * 4 - 4) + tail,
+            options=opts,
         ),
         u8, st.integers(1, 20), nonzero_u32, u32, payload, options,
     )  # fmt: skip
@@ -219,7 +225,9 @@ def test_ah_header_round_trip(h):
     src=addr, dst=addr, client_port=u16, spi_i=nonzero_u64, spi_r=u64, exchange=u8, flags=u8,
     version=ike_version, msg_id=u32, body=payload, natt=st.booleans(), reply=st.booleans(), pad=padding,
 )  # fmt: skip
-def test_ike_fields(src, dst, client_port, spi_i, spi_r, exchange, flags, version, msg_id, body, natt, reply, pad):
+def test_ike_fields(
+    src, dst, client_port, spi_i, spi_r, exchange, flags, version, msg_id, body, natt, reply, pad
+):
     port = 4500 if natt else 500
     sport, dport = (port, client_port) if reply else (client_port, port)
     ike = ike_header(spi_i, spi_r, exchange, flags, version, msg_id, body=body)
@@ -230,19 +238,29 @@ def test_ike_fields(src, dst, client_port, spi_i, spi_r, exchange, flags, versio
     )  # fmt: skip
 
 
-@given(src=addr, dst=addr, spi=nonzero_u32, seq=u32, body=payload, opts=options, pad=padding, in_udp=st.booleans())
+@given(
+    src=addr, dst=addr, spi=nonzero_u32, seq=u32, body=payload, opts=options, pad=padding,
+    in_udp=st.booleans(),
+)  # fmt: skip
 def test_esp_fields(src, dst, spi, seq, body, opts, pad, in_udp):
     esp = EspHeader(spi, seq).to_bytes() + body
     if in_udp:
         pkt = build_ipv4_udp(src, dst, 4500, 4500, esp)
-        want = Classified(Kind.ESP_IN_UDP, src, dst, 17, 4500, 4500, 0, 0, spi, 0, 0, 0, 0, False, 20, len(pkt))
+        want = Classified(
+            Kind.ESP_IN_UDP, src, dst, 17, 4500, 4500, 0, 0, spi, 0, 0, 0, 0, False, 20, len(pkt)
+        )
     else:
         pkt = build_ipv4(src, dst, 50, esp, options=opts)
-        want = Classified(Kind.ESP, src, dst, 50, 0, 0, 0, 0, spi, 0, 0, 0, 0, False, 20 + len(opts), len(pkt))
+        want = Classified(
+            Kind.ESP, src, dst, 50, 0, 0, 0, 0, spi, 0, 0, 0, 0, False, 20 + len(opts), len(pkt)
+        )
     assert classify(pkt + pad) == want
 
 
-@given(src=addr, dst=addr, nh=u8, words=st.integers(1, 30), spi=nonzero_u32, seq=u32, opts=options, pad=padding)
+@given(
+    src=addr, dst=addr, nh=u8, words=st.integers(1, 30), spi=nonzero_u32, seq=u32, opts=options,
+    pad=padding,
+)  # fmt: skip
 def test_ah_fields(src, dst, nh, words, spi, seq, opts, pad):
     ah = AhHeader(nh, words, spi, seq).to_bytes() + b"\0" * (words * 4 - 4)
     pkt = build_ipv4(src, dst, 51, ah, options=opts)
@@ -251,7 +269,10 @@ def test_ah_fields(src, dst, nh, words, spi, seq, opts, pad):
     )
 
 
-@given(src=addr, dst=addr, proto=u8, frag=st.integers(1, 0x3FFF), flags=st.sampled_from([0, 0x4000, 0x8000]), body=payload)
+@given(
+    src=addr, dst=addr, proto=u8, frag=st.integers(1, 0x3FFF),
+    flags=st.sampled_from([0, 0x4000, 0x8000]), body=payload,
+)  # fmt: skip
 def test_fragment_fields(src, dst, proto, frag, flags, body):
     pkt = build_ipv4(src, dst, proto, body, flags_frag=flags | frag)
     assert classify(pkt) == Classified(Kind.FRAGMENT, src, dst, proto, 0, 0, 0, 0, 0, 0, 0, 0, 0, False, 0, 0)

@@ -211,7 +211,9 @@ def test_raw_esp_spi_is_unsigned():
 
 def test_ah_minimal_without_icv():
     pkt = build_ipv4(CLIENT, VIP, 51, AhHeader(50, 1, 77, 1).to_bytes())
-    assert classify(pkt) == expect(kind=Kind.AH, src=CLIENT, dst=VIP, proto=51, spi=77, l4_offset=20, wire_len=32)
+    assert classify(pkt) == expect(
+        kind=Kind.AH, src=CLIENT, dst=VIP, proto=51, spi=77, l4_offset=20, wire_len=32
+    )
 
 
 def test_first_fragment_with_more_fragments():
@@ -267,7 +269,8 @@ def test_link_layer_padding_is_ignored(pkt):
 def test_truncated_copy_still_classifies_from_headers():
     # NFQUEUE copied the first 4016 bytes of a 6000-byte IKE_AUTH message.
     body = b"\x5a" * (6000 - 20 - 8 - 4 - 28)
-    full = udp(b"\0\0\0\0" + ike_header(SPI_I, SPI_R, IKE_AUTH, FLAG_INITIATOR, msg_id=1, body=body), 4500, 4500)
+    ike = ike_header(SPI_I, SPI_R, IKE_AUTH, FLAG_INITIATOR, msg_id=1, body=body)
+    full = udp(b"\0\0\0\0" + ike, 4500, 4500)
     assert len(full) == 6000
     got = classify(full[:4016])
     assert got == classify(full)
@@ -279,7 +282,8 @@ def test_truncated_copy_still_classifies_from_headers():
 
 def test_reply_direction_uses_the_source_port():
     # Real server (VIP:4500) answers a NATed client port.
-    pkt = build_ipv4_udp(VIP, CLIENT, 4500, 31337, b"\0\0\0\0" + ike_header(SPI_I, SPI_R, IKE_AUTH, FLAG_RESPONSE, msg_id=1))
+    ike = ike_header(SPI_I, SPI_R, IKE_AUTH, FLAG_RESPONSE, msg_id=1)
+    pkt = build_ipv4_udp(VIP, CLIENT, 4500, 31337, b"\0\0\0\0" + ike)
     got = classify(pkt, reply=True)
     assert (got.kind, got.natt, got.sport, got.dport, got.src) == (Kind.IKE, True, 4500, 31337, VIP)
     assert classify(pkt).kind is Kind.NOT_OURS  # forward direction looks at dport 31337
@@ -300,7 +304,9 @@ def test_not_ours_udp_ports(port):
 @pytest.mark.parametrize("proto", [0, 1, 4, 6, 47, 255])
 def test_not_ours_protocols(proto):
     pkt = build_ipv4(CLIENT, VIP, proto, b"")  # nothing after the IP header is needed
-    assert classify(pkt) == expect(kind=Kind.NOT_OURS, src=CLIENT, dst=VIP, proto=proto, l4_offset=20, wire_len=20)
+    assert classify(pkt) == expect(
+        kind=Kind.NOT_OURS, src=CLIENT, dst=VIP, proto=proto, l4_offset=20, wire_len=20
+    )
 
 
 @pytest.mark.parametrize("make", [bytes, bytearray, memoryview])
@@ -374,7 +380,8 @@ def test_udp_bad_length(length):
 
 def test_udp_length_shorter_than_ip_payload_is_fine_but_ike_must_match_it():
     # UDP length 8+28 inside an IP payload with 40 more bytes: UDP governs.
-    pkt = build_ipv4(CLIENT, VIP, 17, UdpHeader(500, 500, 36, 0).to_bytes() + ike_header(SPI_I, 0, IKE_SA_INIT) + b"\0" * 40)
+    segment = UdpHeader(500, 500, 36, 0).to_bytes() + ike_header(SPI_I, 0, IKE_SA_INIT)
+    pkt = build_ipv4(CLIENT, VIP, 17, segment + b"\0" * 40)
     assert classify(pkt).kind is Kind.IKE_INITIAL
 
 
@@ -434,7 +441,9 @@ def test_ike_length_after_marker_excludes_marker():
     assert reason_of(udp(b"\0\0\0\0" + bytes(ike), 4500, 4500)) is DropReason.IKE_BAD_LENGTH
 
 
-@pytest.mark.parametrize("payload", [b"", b"\x00", b"\xfe", b"\xff\xff", b"\xff\x00\x00", b"\x01\x02\x03\x04", b"\xff" * 7])
+@pytest.mark.parametrize(
+    "payload", [b"", b"\x00", b"\xfe", b"\xff\xff", b"\xff\x00\x00", b"\x01\x02\x03\x04", b"\xff" * 7]
+)
 def test_natt_truncated(payload):
     assert reason_of(udp(payload, 4500, 4500)) is DropReason.NATT_TRUNCATED
 
@@ -452,6 +461,11 @@ def test_esp_truncated_by_total_length():
     assert reason_of(build_ipv4(CLIENT, VIP, 50, b"\0\0\0\x01\0\0\0")) is DropReason.ESP_TRUNCATED
 
 
+def test_esp_truncated_by_total_length_despite_padding():
+    pkt = build_ipv4(CLIENT, VIP, 50, b"\0\0\0\x01\0\0\0") + b"\0" * 20  # buffer has the bytes
+    assert reason_of(pkt) is DropReason.ESP_TRUNCATED
+
+
 def test_esp_truncated_by_buffer():
     pkt = build_ipv4(CLIENT, VIP, 50, EspHeader(1, 1).to_bytes() + b"\0" * 100)
     assert reason_of(pkt[:27]) is DropReason.ESP_TRUNCATED
@@ -462,7 +476,13 @@ def test_esp_zero_spi():
 
 
 def test_ah_truncated_by_total_length():
-    assert reason_of(build_ipv4(CLIENT, VIP, 51, AhHeader(4, 1, 1, 1).to_bytes()[:11])) is DropReason.AH_TRUNCATED
+    pkt = build_ipv4(CLIENT, VIP, 51, AhHeader(4, 1, 1, 1).to_bytes()[:11])
+    assert reason_of(pkt) is DropReason.AH_TRUNCATED
+
+
+def test_ah_truncated_by_total_length_despite_padding():
+    pkt = build_ipv4(CLIENT, VIP, 51, AhHeader(4, 1, 1, 1).to_bytes()[:11]) + b"\x01" * 20
+    assert reason_of(pkt) is DropReason.AH_TRUNCATED
 
 
 def test_ah_truncated_by_buffer():
@@ -498,6 +518,8 @@ def test_ipv4_checksum_rfc1071_and_known_header():
     assert ipv4_checksum(header) == 0xB861
     assert ipv4_checksum(header[:10] + b"\xb8\x61" + header[12:]) == 0
     assert ipv4_checksum(b"\x01") == 0xFEFF  # odd length: padded with a zero byte
+    # ffff + ffff = 1fffe -> fffe + 1 = ffff; + 0001 = 10000 -> 0001: the carry folds twice
+    assert ipv4_checksum(hexbytes("ffff ffff 0001")) == 0xFFFE
 
 
 def test_ipv4_header_to_bytes_writes_correct_checksum():
@@ -613,7 +635,10 @@ def test_scapy_natt_layers_classify():
     IP, UDP, ISAKMP, ESP, _AH, NON_ESP, NAT_KEEPALIVE, Raw = _scapy()
     base = IP(src="192.0.2.10", dst="198.51.100.1") / UDP(sport=4500, dport=4500)
     ike = base / NON_ESP() / ISAKMP(
-        init_cookie=SPI_I.to_bytes(8, "big"), resp_cookie=SPI_R.to_bytes(8, "big"), version=0x20, exch_type=IKE_AUTH
+        init_cookie=SPI_I.to_bytes(8, "big"),
+        resp_cookie=SPI_R.to_bytes(8, "big"),
+        version=0x20,
+        exch_type=IKE_AUTH,
     )
     got = classify(bytes(ike))
     assert (got.kind, got.natt, got.spi_r, got.ike_version) == (Kind.IKE, True, SPI_R, 2)
@@ -653,7 +678,8 @@ def test_udp_checksum_zero_is_sent_as_ffff():
     # Fill the last aligned word with the checksum: the new sum is 0xFFFF, so the checksum is 0.
     payload = b"ab" + computed.to_bytes(2, "big")
     ours = build_ipv4_udp(CLIENT, VIP, 500, 500, payload)
-    theirs = bytes(IP(src=int_to_ip(CLIENT), dst=int_to_ip(VIP), id=0, flags="DF") / UDP(sport=500, dport=500) / Raw(payload))
+    ip = IP(src=int_to_ip(CLIENT), dst=int_to_ip(VIP), id=0, flags="DF")
+    theirs = bytes(ip / UDP(sport=500, dport=500) / Raw(payload))
     assert ours[26:28] == b"\xff\xff"
     assert ours == theirs
 

@@ -1,0 +1,317 @@
+"""The daemon's configuration: TOML in, frozen dataclasses out, every error found at once.
+
+Each error names its field by path (``service[0].server[1].weight: must be 0..65535``), so one
+run tells an operator everything that is wrong. Nothing here touches the running director: a
+config is parsed and validated completely before anything is applied.
+
+Example (see deploy/vpn-director.example.toml)::
+
+    [daemon]
+    client_interface = "eth0"
+    server_interface = "eth1"
+
+    [[service]]
+    vip = "192.0.2.10"
+    scheduler = "wlc"
+    method = "dr"
+
+    [[service.server]]
+    address = "198.51.100.11"
+    weight = 1
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any
+
+from director.isakmp_state import DEFAULT_ESTABLISHED_TIMEOUT, DEFAULT_INIT_TIMEOUT, Timeouts
+from director.schedulers import SCHEDULERS, RealServer
+from director.service import AFFINITY, Method, Service
+
+
+class ConfigErrors(ValueError):
+    """Every problem of one config, each a line naming its field."""
+
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__("\n".join(errors))
+        self.errors = errors
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    address: str
+    weight: int = 1
+    method: str = ""  # "" = the service's method
+    u_threshold: int = 0
+    l_threshold: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceConfig:
+    vip: str
+    scheduler: str = "wlc"
+    scheduler_options: tuple[tuple[str, Any], ...] = ()
+    method: str = "dr"
+    affinity: str = "ip"
+    ah: bool = True
+    init_timeout: float = DEFAULT_INIT_TIMEOUT
+    established_timeout: float = DEFAULT_ESTABLISHED_TIMEOUT
+    retransmit_threshold: int = 3
+    soft_limit: int = 0
+    soft_grace: float = 0.0
+    servers: tuple[ServerConfig, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonConfig:
+    client_interface: str = "eth0"
+    server_interface: str = "eth1"
+    queue: int = 0  # client direction; replies (NAT) use queue + 1
+    fail_open: bool = False
+    capacity: int = 262144
+    icmp_rate: float = 100.0  # ICMP unreachables per second, burst the same
+    control_socket: str = "/run/vpn-director/control.sock"
+    metrics: str = "127.0.0.1:9816"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    services: tuple[ServiceConfig, ...] = ()
+
+
+_DAEMON_KEYS = set(DaemonConfig.__dataclass_fields__)
+_SERVICE_KEYS = {
+    "vip", "scheduler", "scheduler_options", "method", "affinity", "ah", "timeouts",
+    "retransmit_threshold", "soft_expiry", "server",
+}
+_SERVER_KEYS = {"address", "weight", "method", "u_threshold", "l_threshold"}
+
+
+class _Checker:
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+
+    def err(self, path: str, msg: str) -> None:
+        self.errors.append(f"{path}: {msg}")
+
+    def unknown(self, path: str, table: dict, allowed: set[str]) -> None:
+        for k in sorted(set(table) - allowed):
+            self.err(f"{path}.{k}" if path else k, "unknown setting")
+
+    def int_(self, path: str, v: Any, lo: int, hi: int) -> int:
+        if isinstance(v, bool) or not isinstance(v, int):
+            self.err(path, f"must be an integer, got {v!r}")
+            return lo
+        if not lo <= v <= hi:
+            self.err(path, f"must be {lo}..{hi}, got {v}")
+        return v
+
+    def num(self, path: str, v: Any, positive: bool = True) -> float:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            self.err(path, f"must be a number, got {v!r}")
+            return 1.0
+        if positive and not v > 0:
+            self.err(path, f"must be > 0, got {v}")
+        elif not v >= 0:
+            self.err(path, f"must be >= 0, got {v}")
+        return float(v)
+
+    def str_(self, path: str, v: Any, choices: tuple[str, ...] | None = None) -> str:
+        if not isinstance(v, str) or not v:
+            self.err(path, f"must be a non-empty string, got {v!r}")
+            return ""
+        if choices and v not in choices:
+            self.err(path, f"must be one of {', '.join(choices)}, got '{v}'")
+        return v
+
+    def bool_(self, path: str, v: Any) -> bool:
+        if not isinstance(v, bool):
+            self.err(path, f"must be true or false, got {v!r}")
+            return False
+        return v
+
+    def ipv4(self, path: str, v: Any) -> str:
+        try:
+            a = ipaddress.IPv4Address(v)
+        except (ipaddress.AddressValueError, ValueError, TypeError):
+            self.err(path, f"not an IPv4 address: {v!r}")
+            return "0.0.0.0"
+        if a.is_multicast or a.is_unspecified or a == ipaddress.IPv4Address("255.255.255.255"):
+            self.err(path, f"not a unicast address: {v}")
+        return str(a)
+
+
+def parse(text: str) -> Config:
+    """Parse and validate TOML text; raises ConfigErrors listing every problem."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigErrors([f"toml: {e}"]) from None
+    return from_dict(raw)
+
+
+def load(path: str) -> Config:
+    try:
+        with open(path, "rb") as f:
+            text = f.read().decode()
+    except OSError as e:
+        raise ConfigErrors([f"config: cannot read {path}: {e.strerror}"]) from None
+    except UnicodeDecodeError:
+        raise ConfigErrors([f"config: {path} is not UTF-8 text"]) from None
+    return parse(text)
+
+
+def from_dict(raw: dict) -> Config:
+    c = _Checker()
+    c.unknown("", raw, {"daemon", "service"})
+    d = raw.get("daemon", {})
+    if not isinstance(d, dict):
+        c.err("daemon", "must be a table")
+        d = {}
+    c.unknown("daemon", d, _DAEMON_KEYS)
+    base = DaemonConfig()
+    daemon = DaemonConfig(
+        client_interface=c.str_("daemon.client_interface", d.get("client_interface", base.client_interface)),
+        server_interface=c.str_("daemon.server_interface", d.get("server_interface", base.server_interface)),
+        queue=c.int_("daemon.queue", d.get("queue", base.queue), 0, 65534),
+        fail_open=c.bool_("daemon.fail_open", d.get("fail_open", base.fail_open)),
+        capacity=c.int_("daemon.capacity", d.get("capacity", base.capacity), 1, 50_000_000),
+        icmp_rate=c.num("daemon.icmp_rate", d.get("icmp_rate", base.icmp_rate), positive=False),
+        control_socket=c.str_("daemon.control_socket", d.get("control_socket", base.control_socket)),
+        metrics=c.str_("daemon.metrics", d.get("metrics", base.metrics)),
+    )
+    services = []
+    raw_services = raw.get("service", [])
+    if not isinstance(raw_services, list):
+        c.err("service", "must be an array of tables ([[service]])")
+        raw_services = []
+    vips: dict[str, int] = {}
+    addresses: dict[str, str] = {}
+    for i, s in enumerate(raw_services):
+        services.append(_service(c, f"service[{i}]", s, vips, addresses))
+    if c.errors:
+        raise ConfigErrors(c.errors)
+    return Config(daemon, tuple(services))
+
+
+def _service(c: _Checker, p: str, s: Any, vips: dict[str, int], addresses: dict[str, str]) -> ServiceConfig:
+    if not isinstance(s, dict):
+        c.err(p, "must be a table")
+        return ServiceConfig(vip="0.0.0.0")
+    c.unknown(p, s, _SERVICE_KEYS)
+    if "vip" not in s:
+        c.err(f"{p}.vip", "missing")
+    vip = c.ipv4(f"{p}.vip", s.get("vip", "0.0.0.0")) if "vip" in s else "0.0.0.0"
+    if vip in vips:
+        c.err(f"{p}.vip", f"duplicate of service[{vips[vip]}]")
+    vips.setdefault(vip, int(p[8:-1]))
+    scheduler = c.str_(f"{p}.scheduler", s.get("scheduler", "wlc"), tuple(sorted(SCHEDULERS)))
+    opts = s.get("scheduler_options", {})
+    if not isinstance(opts, dict):
+        c.err(f"{p}.scheduler_options", "must be a table")
+        opts = {}
+    method = c.str_(f"{p}.method", s.get("method", "dr"), ("dr", "tun", "nat"))
+    affinity = c.str_(f"{p}.affinity", s.get("affinity", "ip"), AFFINITY)
+    ah = c.bool_(f"{p}.ah", s.get("ah", method != "nat"))
+    if ah and method == "nat":
+        c.err(f"{p}.ah", "AH cannot cross NAT; a NAT-mode service must set ah = false")
+    t = s.get("timeouts", {})
+    if not isinstance(t, dict):
+        c.err(f"{p}.timeouts", "must be a table")
+        t = {}
+    c.unknown(f"{p}.timeouts", t, {"init", "established"})
+    init = c.num(f"{p}.timeouts.init", t.get("init", DEFAULT_INIT_TIMEOUT))
+    est = c.num(f"{p}.timeouts.established", t.get("established", DEFAULT_ESTABLISHED_TIMEOUT))
+    if init > 0 and est > 0 and est < init:
+        c.err(f"{p}.timeouts.established", f"must be >= timeouts.init ({init}), got {est}")
+    soft = s.get("soft_expiry", {})
+    if not isinstance(soft, dict):
+        c.err(f"{p}.soft_expiry", "must be a table")
+        soft = {}
+    c.unknown(f"{p}.soft_expiry", soft, {"limit", "grace"})
+    soft_limit = c.int_(f"{p}.soft_expiry.limit", soft.get("limit", 0), 0, 50_000_000)
+    soft_grace = c.num(f"{p}.soft_expiry.grace", soft.get("grace", 0.0), positive=bool(soft_limit))
+    servers = []
+    raw_servers = s.get("server", [])
+    if not isinstance(raw_servers, list):
+        c.err(f"{p}.server", "must be an array of tables ([[service.server]])")
+        raw_servers = []
+    for j, r in enumerate(raw_servers):
+        q = f"{p}.server[{j}]"
+        if not isinstance(r, dict):
+            c.err(q, "must be a table")
+            continue
+        c.unknown(q, r, _SERVER_KEYS)
+        if "address" not in r:
+            c.err(f"{q}.address", "missing")
+        addr = c.ipv4(f"{q}.address", r.get("address", "0.0.0.0")) if "address" in r else "0.0.0.0"
+        key = f"{vip}/{addr}"
+        if key in addresses:
+            c.err(f"{q}.address", f"duplicate of {addresses[key]}")
+        addresses.setdefault(key, q)
+        rs_method = r.get("method", "")
+        if rs_method != "":
+            rs_method = c.str_(f"{q}.method", rs_method, ("dr", "tun", "nat"))
+            if rs_method == "nat" and ah:
+                c.err(f"{q}.method", "AH cannot cross NAT; set the service's ah = false")
+        u = c.int_(f"{q}.u_threshold", r.get("u_threshold", 0), 0, 50_000_000)
+        lo = c.int_(f"{q}.l_threshold", r.get("l_threshold", 0), 0, 50_000_000)
+        if u and lo > u:
+            c.err(f"{q}.l_threshold", f"must be <= u_threshold ({u}), got {lo}")
+        servers.append(
+            ServerConfig(addr, c.int_(f"{q}.weight", r.get("weight", 1), 0, 65535), rs_method, u, lo)
+        )
+    return ServiceConfig(
+        vip=vip,
+        scheduler=scheduler,
+        scheduler_options=tuple(sorted(opts.items())),
+        method=method,
+        affinity=affinity,
+        ah=ah,
+        init_timeout=init,
+        established_timeout=est,
+        retransmit_threshold=c.int_(f"{p}.retransmit_threshold", s.get("retransmit_threshold", 3), 0, 255),
+        soft_limit=soft_limit,
+        soft_grace=soft_grace,
+        servers=tuple(servers),
+    )
+
+
+def build_services(cfg: Config) -> list[Service]:
+    """Services with real servers for a Director. Ids: service i+1, real servers numbered in order."""
+    from director.packet import ip_to_int
+
+    out = []
+    rs_id = 0
+    for i, s in enumerate(cfg.services):
+        servers = {}
+        for r in s.servers:
+            servers[rs_id] = RealServer(
+                id=rs_id, addr=ip_to_int(r.address), weight=r.weight, method=r.method,
+                u_threshold=r.u_threshold, l_threshold=r.l_threshold,
+            )
+            rs_id += 1
+        try:
+            out.append(
+                Service(
+                    id=i + 1,
+                    vip=ip_to_int(s.vip),
+                    scheduler_name=s.scheduler,
+                    scheduler_options=dict(s.scheduler_options),
+                    method=Method.parse(s.method),
+                    timeouts=Timeouts(s.init_timeout, s.established_timeout),
+                    affinity=s.affinity,
+                    ah=s.ah,
+                    retransmit_threshold=s.retransmit_threshold,
+                    soft_limit=s.soft_limit,
+                    soft_grace=s.soft_grace,
+                    servers=servers,
+                )
+            )
+        except ValueError as e:  # scheduler options are checked by the scheduler itself
+            raise ConfigErrors([f"service[{i}].{str(e).removeprefix('service.')}"]) from None
+    return out

@@ -1,0 +1,33 @@
+/* Why a packet was dropped: mirrors director/drop_reasons.py (a test compares the two).
+ * Numbers are an interface (metric labels, BPF stats); a retired code is never reused. */
+#ifndef VPN_DIRECTOR_DROP_REASONS_H
+#define VPN_DIRECTOR_DROP_REASONS_H
+
+enum drop_reason {
+	DROP_IP_TRUNCATED = 1,
+	DROP_IP_BAD_VERSION = 2,
+	DROP_IP_BAD_IHL = 3,
+	DROP_IP_BAD_TOTAL_LENGTH = 4,
+	DROP_UDP_TRUNCATED = 10,
+	DROP_UDP_BAD_LENGTH = 11,
+	DROP_IKE_TRUNCATED = 20,
+	DROP_IKE_BAD_LENGTH = 21,
+	DROP_IKE_BAD_VERSION = 22,
+	DROP_IKE_ZERO_SPI_I = 23,
+	DROP_NATT_TRUNCATED = 24,
+	DROP_ESP_TRUNCATED = 30,
+	DROP_ESP_ZERO_SPI = 31,
+	DROP_AH_TRUNCATED = 32,
+	DROP_AH_BAD_LENGTH = 33,
+	DROP_AH_ZERO_SPI = 34,
+	DROP_NO_ENTRY = 50,
+	DROP_ENTRY_NOT_ESTABLISHED = 51,
+	DROP_UNKNOWN_IKE_SA = 52,
+	DROP_NO_REAL_SERVER = 53,
+	DROP_TABLE_FULL = 54,
+	DROP_RATE_LIMITED = 55,
+	DROP_REAL_SERVER_GONE = 56,
+	DROP_RESPONDER_SPI_MISMATCH = 57,
+};
+
+#endif
