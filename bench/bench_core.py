@@ -110,20 +110,33 @@ class Timing:
         }
 
 
-def measure(loop: Callable[..., object], n: int, repeats: int, args: Callable[[int], tuple]) -> Timing:
-    """Run ``loop(*args(r))`` for r in range(repeats); ``args`` builds fresh state, untimed."""
-    times = []
+Spec = tuple[Callable[..., object], int, Callable[[int], tuple]]  # loop, operations, args(repeat)
+
+
+def measure_many(specs: dict[str, Spec], repeats: int) -> dict[str, Timing]:
+    """Run every ``loop(*args(r))``, repeats interleaved (r = 0 for all, then 1, ...).
+
+    Interleaving puts a noisy spell on every measurement alike, so ratios between them hold up.
+    ``args`` builds fresh state and is not timed.
+    """
+    times: dict[str, list[float]] = {key: [] for key in specs}
     for r in range(repeats):
-        a = args(r)
+        for key, (loop, _, args) in specs.items():
+            a = args(r)
+            gc.collect()
+            t0 = time.perf_counter()
+            loop(*a)
+            times[key].append(time.perf_counter() - t0)
+    return {key: Timing(n, times[key]) for key, (_, n, _) in specs.items()}
+
+
+def measure(loop: Callable[..., object], n: int, repeats: int, args: Callable[[int], tuple]) -> Timing:
+    return measure_many({"": (loop, n, args)}, repeats)[""]
+
+
+def once(fn: Callable[[], object], collect: bool = True) -> tuple[float, object]:
+    if collect:
         gc.collect()
-        t0 = time.perf_counter()
-        loop(*a)
-        times.append(time.perf_counter() - t0)
-    return Timing(n, times)
-
-
-def once(fn: Callable[[], object]) -> tuple[float, object]:
-    gc.collect()
     t0 = time.perf_counter()
     out = fn()
     return time.perf_counter() - t0, out
@@ -139,6 +152,14 @@ def vm_rss() -> int | None:
     except OSError:
         pass
     return None
+
+
+def loadavg() -> str:
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return "unknown"
 
 
 def machine() -> dict[str, Any]:
@@ -406,21 +427,31 @@ def section_a(rep: Report, z: dict, repeats: int, rng: random.Random) -> None:
     by_src = {c.ip: i % 3 for i, c in enumerate(clients)}
     same = lists[0]
 
+    clock = iter(range(1, 1 << 30))  # now = 1 s + 1 ms per timed loop: never goes back
+
+    def now() -> float:
+        return 1.0 + next(clock) * 0.001
+
+    # the baselines and the decides, repeats interleaved so that a noisy spell hits them all alike;
+    # each decide(mix) repeat gets its own list: its initial IKE comes from never-seen clients
+    specs = {
+        "floor": (loop_noop, n, lambda r: (_noop, same, 1.0)),
+        "classify": (loop_classify, n, lambda r: (classify, same)),
+        "dict": (loop_dict_slice, n, lambda r: (keys.get, same)),
+        "classify_dict": (loop_classify_dict, n, lambda r: (classify, by_src.get, same)),
+        "decide_mix": (loop_decide, n, lambda r: (d.decide, lists[r], now())),
+        "decide_esp": (loop_decide, n, lambda r: (d.decide, only_esp, now())),
+        "decide_ike": (loop_decide, n, lambda r: (d.decide, only_ike, now())),
+    }
+    m = measure_many(specs, repeats)
+    floor, cls, dct, cd, mix, esp, ike = m.values()
     rep.header()
-    floor = measure(loop_noop, n, repeats, lambda r: (_noop, same, 1.0))
     rep.rate("a.floor", "(i) baseline: empty loop calling a no-op", floor, "pkt")
-    cls = measure(loop_classify, n, repeats, lambda r: (classify, same))
     rep.rate("a.classify", "(ii) baseline: classify() alone", cls, "pkt", floor, "floor")
-    dct = measure(loop_dict_slice, n, repeats, lambda r: (keys.get, same))
     rep.rate("a.dict", "(iii) baseline: dict.get(pkt[12:20])", dct, "pkt", floor, "floor")
-    cd = measure(loop_classify_dict, n, repeats, lambda r: (classify, by_src.get, same))
     rep.rate("a.classify_dict", "(iv) baseline: classify() + dict.get(src)", cd, "pkt", floor, "floor")
-    # each repeat gets its own list: its initial IKE comes from clients never seen (no retransmits)
-    mix = measure(loop_decide, n, repeats, lambda r: (d.decide, lists[r], 1.0 + r))
     rep.rate("a.decide_mix", "Director.decide, realistic mix", mix, "pkt", floor, "floor")
-    esp = measure(loop_decide, n, repeats, lambda r: (d.decide, only_esp, 10.0 + r))
     rep.rate("a.decide_esp", "Director.decide, ESP only (raw + in UDP, 50/50)", esp, "pkt", floor, "floor")
-    ike = measure(loop_decide, n, repeats, lambda r: (d.decide, only_ike, 20.0 + r))
     rep.rate("a.decide_ike", "Director.decide, IKE only (non-initial, established)", ike, "pkt", floor,
              "floor")  # fmt: skip
     rep.out("  ratios (cost per packet, best of each):")
@@ -437,21 +468,31 @@ def section_a(rep: Report, z: dict, repeats: int, rng: random.Random) -> None:
     raw_esp = [c.esp for c in picks]
     ips = [c.ip for c in picks]
     slots = [d.table.client_head(SVC, ip) for ip in ips]
-    rs0 = d.services[SVC].servers[0]
-    rep.out("  one raw ESP packet, decide and its parts alone (each includes the loop floor):")
-    whole = measure(loop_decide, n, repeats, lambda r: (d.decide, raw_esp, 30.0 + r))
-    rep.rate("a.esp_raw_decide", "  decide(raw ESP)", whole, "pkt", floor, "floor")
-    parts = {
-        "classify": ("classify(raw ESP)", loop_classify, lambda r: (classify, raw_esp)),
-        "lookup": ("table.established_of_client", loop_clients, lambda r: (d.table.established_of_client, ips)),
-        "touch": ("table.touch (refresh)", loop_touch, lambda r: (d.table.touch, slots, 40.0 + r)),
-        "verdict": ("Verdict(...) construction", loop_verdict, lambda r: (Verdict, raw_esp, rs0.addr)),
-        "forward": ("Director._forward (Verdict + method_of)", loop_forward,
-                    lambda r: (d._forward, d.services[SVC], rs0, raw_esp)),
-        "enum": ("one enum attribute load (Kind.ESP)", loop_enum, lambda r: (Kind, raw_esp)),
-    }  # fmt: skip
-    for key, (label, loop, args) in parts.items():
-        rep.rate(f"a.esp_part_{key}", f"    {label}", measure(loop, n, repeats, args), "pkt", whole, "decide")
+    svc, rs0 = d.services[SVC], d.services[SVC].servers[0]
+    labels = {
+        "decide": "  decide(raw ESP)",
+        "classify": "    classify(raw ESP)",
+        "lookup": "    table.established_of_client",
+        "touch": "    table.touch (refresh the entry)",
+        "forward": "    Director._forward (builds the Verdict)",
+        "verdict": "    Verdict(...) construction alone",
+        "enum": "    one enum attribute load (Kind.ESP)",
+    }
+    parts = measure_many({
+        "decide": (loop_decide, n, lambda r: (d.decide, raw_esp, now())),
+        "classify": (loop_classify, n, lambda r: (classify, raw_esp)),
+        "lookup": (loop_clients, n, lambda r: (d.table.established_of_client, ips)),
+        "touch": (loop_touch, n, lambda r: (d.table.touch, slots, now())),
+        "forward": (loop_forward, n, lambda r: (d._forward, svc, rs0, raw_esp)),
+        "verdict": (loop_verdict, n, lambda r: (Verdict, raw_esp, rs0.addr)),
+        "enum": (loop_enum, n, lambda r: (Kind, raw_esp)),
+    }, repeats)  # fmt: skip
+    rep.out("  one raw ESP packet: decide, and its parts each alone (each includes the loop floor):")
+    for key, t in parts.items():
+        if key == "decide":
+            rep.rate("a.esp_raw_decide", labels[key], t, "pkt", floor, "floor")
+        else:
+            rep.rate(f"a.esp_part_{key}", labels[key], t, "pkt", parts["decide"], "decide")
 
 
 # -- section b -------------------------------------------------------------------------------------
@@ -479,14 +520,17 @@ def section_b(rep: Report, z: dict, repeats: int, rng: random.Random) -> None:
         raise RuntimeError(f"section b: {made} entries after {n} initial packets")
     # the same, split: the first and last quarter of the fill (flat if creation is O(1))
     q = n // 4
-    first_q = measure(loop_decide, q, reps_b, lambda r: (make_director(capacity).decide, initials[:q], 1.0))
 
     def last_quarter(r: int) -> tuple:
         dd = make_director(capacity)
         loop_decide(dd.decide, initials[: n - q], 1.0)
         return dd.decide, initials[n - q :], 1.0
 
-    last_q = measure(loop_decide, q, reps_b, last_quarter)
+    quarters = measure_many({
+        "first": (loop_decide, q, lambda r: (make_director(capacity).decide, initials[:q], 1.0)),
+        "last": (loop_decide, q, last_quarter),
+    }, reps_b)  # fmt: skip
+    first_q, last_q = quarters["first"], quarters["last"]
     rep.rate("b.new_first_quarter", "  first quarter of the fill", first_q, "entry")
     rep.rate("b.new_last_quarter", "  last quarter of the fill", last_q, "entry", first_q, "first quarter")
 
@@ -629,78 +673,100 @@ def probe_lengths(index, keys: list[bytes]) -> float:
     return total / len(keys)
 
 
-def table_lookups(t: Table, lay: Layout, z: dict, repeats: int, rng: random.Random) -> dict[str, Timing]:
+def lookup_specs(name: str, t: Table, lay: Layout, z: dict, rng: random.Random) -> dict[str, Spec]:
     m = min(z["lookups"], lay.n)
     idx = rng.sample(range(lay.n), m)
     hits = [(lay.clients[i], lay.spis[i]) for i in idx]
     misses = [(CLIENT_BASE + lay.n + 17 + j, rng.getrandbits(64) | 1) for j in range(m)]
     clients = [lay.clients[i] for i in idx]
-    out = {
-        "floor": measure(loop_keys_noop, m, repeats, lambda r: (_noop, hits)),
-        "hit": measure(loop_keys, m, repeats, lambda r: (t.lookup, hits)),
-        "miss": measure(loop_keys, m, repeats, lambda r: (t.lookup, misses)),
-        "client": measure(loop_clients, m, repeats, lambda r: (t.client_head, clients)),
-    }
     for i, c in zip(idx[:50], clients[:50]):  # sanity: lookups find what was put in
         if t.lookup(SVC, c, lay.spis[i]) != t.client_head(SVC, c) or t.lookup(SVC, c, lay.spis[i]) < 0:
             raise RuntimeError("section c: lookup does not find an entry it holds")
+    return {
+        f"{name}.floor": (loop_keys_noop, m, lambda r: (_noop, hits)),
+        f"{name}.hit": (loop_keys, m, lambda r: (t.lookup, hits)),
+        f"{name}.miss": (loop_keys, m, lambda r: (t.lookup, misses)),
+        f"{name}.client": (loop_clients, m, lambda r: (t.client_head, clients)),
+    }
+
+
+def expire_due(tables: dict[str, tuple[Table, Layout]]) -> dict[str, Timing]:
+    """Expiry with entries due (see Layout), the tables' steps interleaved; per expired entry."""
+    steps = 5
+    for t, lay in tables.values():
+        if t.expire(lay.init_t0 + 29.5) != 0:  # nothing due yet: the wheel up to just before the first
+            raise RuntimeError("section c: entries expired before their time")
+        if int(lay.span) < steps + 30 + 2:
+            raise RuntimeError("section c: the layout spans too few ticks")
+    one: dict[str, list[float]] = {name: [] for name in tables}
+    ten: dict[str, list[float]] = {name: [] for name in tables}
+    for j in range(steps):  # one tick each: k INIT entries due
+        for name, (t, lay) in tables.items():
+            tick = lay.init_t0 + 31 + j
+            dt, gone = once(lambda: t.expire(tick), collect=False)
+            if gone != lay.k:
+                raise RuntimeError(f"section c: expected {lay.k} due at tick {tick}, {gone} expired")
+            one[name].append(dt / gone)
+    for j in range(3):  # ten ticks at once: 10 k due, the same cost per entry if proportional
+        for name, (t, lay) in tables.items():
+            tick = lay.init_t0 + 31 + steps + 10 * j + 9
+            dt, gone = once(lambda: t.expire(tick), collect=False)
+            if gone != 10 * lay.k:
+                raise RuntimeError(f"section c: expected {10 * lay.k} due by tick {tick}, {gone} expired")
+            ten[name].append(dt / gone)
+    for t, lay in tables.values():  # drain the rest of the INIT entries; then nothing is due for hours
+        t.expire(lay.init_t0 + 31 + int(lay.span) + 2)
+        if t.n_init != 0:
+            raise RuntimeError(f"section c: {t.n_init} INIT entries left after their timeout")
+    out = {}
+    for name in tables:
+        out[f"{name}.one_tick"] = Timing(1, one[name])
+        out[f"{name}.ten_ticks"] = Timing(1, ten[name])
     return out
 
 
-def expire_steps(t: Table, lay: Layout, repeats: int) -> dict[str, Any]:
-    """Time expire() calls at chosen ticks (see Layout); returns timings and counts."""
-    k, t0 = lay.k, int(lay.init_t0)
-    res: dict[str, Any] = {}
-    if t.expire(t0 + 29.5) != 0:  # nothing due yet: brings the wheel up to just before the first due
-        raise RuntimeError("section c: entries expired before their time")
-    steps = min(5, int(lay.span) - 12)
-    per_entry = []
-    for j in range(steps):  # one tick each: k INIT entries due
-        dt, gone = once(lambda: t.expire(t0 + 31.0 + j))
-        per_entry.append(dt / gone)
-        if gone != k:
-            raise RuntimeError(f"section c: expected {k} due at tick {t0 + 31 + j}, {gone} expired")
-    res["one_tick"] = Timing(1, per_entry)
-    # ten ticks at once: 10 k entries, the same cost per entry if expiry is proportional
-    start = t0 + 31 + steps
-    dt, gone = once(lambda: t.expire(start + 9.0))
-    if gone != 10 * k:
-        raise RuntimeError(f"section c: expected {10 * k} due in ticks {start}..{start + 9}, {gone} expired")
-    res["ten_ticks"] = Timing(gone, [dt])
-    # drain the rest of the INIT entries; then nothing is due for hours
-    end = t0 + 31 + int(lay.span) + 2
-    t.expire(float(end))
-    if t.n_init != 0:
-        raise RuntimeError(f"section c: {t.n_init} INIT entries left after their timeout")
-    # nothing due: one empty tick per call (a wheel bucket is visited, nothing else)
-    calls = 200
-    empty = []
-    base = end + 1
+def expire_idle(tables: dict[str, tuple[Table, Layout]], repeats: int) -> dict[str, Timing]:
+    """expire() with nothing due, one empty tick per call, tables interleaved; then the same tick."""
+    start = max(int(lay.init_t0 + lay.span) + 40 for _, lay in tables.values())
+    calls = max(50, min(500, (3800 - start) // repeats))  # stay clear of the ESTABLISHED buckets
+    times: dict[str, list[float]] = {name: [] for name in tables}
     for r in range(repeats):
-        ticks = [float(base + r * calls + i) for i in range(calls)]
-        gc.collect()
-        c0 = time.perf_counter()
-        for now in ticks:
-            t.expire(now)
-        empty.append(time.perf_counter() - c0)
-    res["empty_tick"] = Timing(calls, empty)
-    # the same tick again: returns at once
-    now = float(base + repeats * calls)
-    res["same_tick"] = measure(lambda e, reps: [e(now) for _ in range(reps)], calls, repeats,
-                               lambda r: (t.expire, calls))  # fmt: skip
-    # the lazy wheel's revolution: the bucket of the ESTABLISHED entries due 4.5 h after second 0
-    # comes round (every wheel_size ticks) before they are due; they are refiled, none expires
-    est_tick = int(lay.nows[0] + t.timeouts(SVC).established) + 1
-    bucket_tick = est_tick & t._wheel_mask  # the first time that bucket comes round
-    in_bucket = sum(1 for i in range(0, lay.n, 2) if int(lay.nows[i] + t.timeouts(SVC).established) + 1 == est_tick)
-    if bucket_tick > now and in_bucket:
-        t.expire(bucket_tick - 1.0)
-        n_est = t.n_established
-        dt, gone = once(lambda: t.expire(float(bucket_tick)))
+        for name, (t, _) in tables.items():
+            ticks = [float(start + r * calls + i) for i in range(calls)]
+            gc.collect()
+            t0 = time.perf_counter()
+            for now in ticks:
+                if t.expire(now):
+                    raise RuntimeError("section c: an entry expired in an empty tick")
+            times[name].append(time.perf_counter() - t0)
+    out = {f"{name}.empty_tick": Timing(calls, times[name]) for name in tables}
+    for name, (t, _) in tables.items():
+        now = float(start + repeats * calls)
+        out[f"{name}.same_tick"] = measure(lambda e, reps: [e(now) for _ in range(reps)], calls, repeats,
+                                           lambda r: (t.expire, calls))  # fmt: skip
+    return out
+
+
+def expire_refile(t: Table, lay: Layout, repeats: int) -> Timing | None:
+    """The lazy wheel's revolution: a bucket of ESTABLISHED entries due in 4.5 h comes round.
+
+    Every wheel_size ticks each bucket is visited; its entries that are not due are refiled and
+    none expires. Timed over ``repeats`` consecutive buckets; per refiled entry.
+    """
+    est = t.timeouts(SVC).established
+    per_tick = Counter(int(lay.nows[i] + est) + 1 for i in range(0, lay.n, 2))
+    first = int(lay.nows[0] + est) + 1
+    bucket_tick = first & t._wheel_mask  # the first time that bucket comes round
+    if bucket_tick <= t._now_tick + 1:
+        return None
+    t.expire(bucket_tick - 1.0)
+    n_est, times = t.n_established, []
+    for j in range(repeats):
+        dt, gone = once(lambda: t.expire(float(bucket_tick + j)), collect=False)
         if gone or t.n_established != n_est:
             raise RuntimeError("section c: an ESTABLISHED entry expired early")
-        res["refile"] = Timing(in_bucket, [dt])
-    return res
+        times.append(dt / max(1, per_tick[first + j]))
+    return Timing(1, times)
 
 
 def section_c(rep: Report, z: dict, repeats: int, rng: random.Random, naive: bool, seed: int) -> None:
@@ -724,53 +790,71 @@ def section_c(rep: Report, z: dict, repeats: int, rng: random.Random, naive: boo
     rep.value("c.fill_establish_s", f"fill: {n // 2:,} x establish", t_establish, "s", ",.2f",
               f"= {(n // 2) / t_establish:,.0f} /s")  # fmt: skip
 
-    # 2. lookups at n against a small table of the same layout
-    big = table_lookups(t, lay, z, repeats, rng)
-    small_lay = Layout(z["small"], max(1, z["small"] // 100), random.Random(5))
-    st = Table(capacity=z["small"])
+    # 2. lookups at n against a small table of the same layout, repeats interleaved
+    ns = z["small"]
+    small_lay = Layout(ns, max(1, ns // 100), random.Random(seed + 1))
+    st = Table(capacity=ns)
     small_lay.fill(st)
-    small = table_lookups(st, small_lay, z, repeats, rng)
+    lk = measure_many({**lookup_specs("big", t, lay, z, rng), **lookup_specs("small", st, small_lay, z, rng)},
+                      repeats)  # fmt: skip
     sample = [struct_key(lay.clients[i], lay.spis[i]) for i in rng.sample(range(n), min(20_000, n))]
     probes = probe_lengths(t._by_cookie, sample)
     load = t._by_cookie.size / (t._by_cookie.mask + 1)
     rep.header()
-    rep.rate("c.lookup_floor", "baseline: empty loop calling a no-op(svc, c, spi)", big["floor"], "op")
-    rep.rate("c.lookup_hit", f"lookup(svc, client, cookie), hit, at {n:,}", big["hit"], "op", big["floor"],
+    rep.rate("c.lookup_floor", "baseline: empty loop calling a no-op(svc, c, spi)", lk["big.floor"], "op")
+    rep.rate("c.lookup_hit", f"lookup(svc, client, cookie), hit, at {n:,}", lk["big.hit"], "op",
+             lk["big.floor"], "floor")  # fmt: skip
+    rep.rate("c.lookup_hit_small", f"lookup, hit, at {ns:,}", lk["small.hit"], "op", lk["small.floor"], "floor")
+    rep.rate("c.lookup_miss", f"lookup, miss, at {n:,}", lk["big.miss"], "op", lk["big.floor"], "floor")
+    rep.rate("c.lookup_miss_small", f"lookup, miss, at {ns:,}", lk["small.miss"], "op", lk["small.floor"],
              "floor")  # fmt: skip
-    rep.rate("c.lookup_hit_small", f"lookup, hit, at {z['small']:,}", small["hit"], "op", small["floor"],
-             "floor")  # fmt: skip
-    rep.rate("c.lookup_miss", f"lookup, miss, at {n:,}", big["miss"], "op", big["floor"], "floor")
-    rep.rate("c.client_head", f"client_head(svc, client) (raw ESP path), at {n:,}", big["client"], "op",
-             big["floor"], "floor")  # fmt: skip
-    rep.ratio("c.ratio_lookup_big_small", f"lookup hit at {n:,} / at {z['small']:,}",
-              big["hit"].best / small["hit"].best, "O(1): ~1 up to cache misses")  # fmt: skip
-    rep.ratio("c.ratio_lookup_miss_hit", "lookup miss / hit", big["miss"].best / big["hit"].best)
+    rep.rate("c.client_head", f"client_head(svc, client) (raw ESP path), at {n:,}", lk["big.client"], "op",
+             lk["big.floor"], "floor")  # fmt: skip
+    rep.ratio("c.ratio_lookup_big_small", f"lookup hit at {n:,} / at {ns:,}",
+              lk["big.hit"].best / lk["small.hit"].best, "O(1): ~1, plus cache misses")  # fmt: skip
+    rep.ratio("c.ratio_lookup_miss_big_small", f"lookup miss at {n:,} / at {ns:,}",
+              lk["big.miss"].best / lk["small.miss"].best)  # fmt: skip
     rep.value("c.cookie_index_load", "cookie index load factor", load, "", ",.3f")
     rep.value("c.cookie_index_probes", "cookie index: mean buckets per successful find", probes, "", ",.2f",
               f"(linear probing theory at this load: {0.5 * (1 + 1 / (1 - load)):.2f})")  # fmt: skip
 
+    naive_timing = None
+    if naive:  # c': the naive design's lookups, interleaved with ours (printed in c')
+        t_naive_fill, maps = once(lambda: naive_fill(lay))
+        m = min(z["lookups"], n)
+        hits = [(lay.clients[i], lay.spis[i]) for i in rng.sample(range(n), m)]
+        naive_timing = (t_naive_fill, measure_many({
+            "ours": (loop_keys, m, lambda r: (t.lookup, hits)),
+            "naive": (loop_naive_lookup, m, lambda r: (maps[0].get, hits)),
+        }, repeats))  # fmt: skip
+        del maps
+        gc.collect()
+
     # 3. expiry
-    ex = expire_steps(t, lay, repeats)
-    small_ex = expire_steps(st, small_lay, repeats)
+    tables = {"big": (t, lay), "small": (st, small_lay)}
+    ex = {**expire_due(tables), **expire_idle(tables, repeats)}
+    refile = expire_refile(t, lay, repeats)
     rep.header()
-    rep.rate("c.expire_one_tick", f"expire(), one tick, {k:,} due: per expired entry", ex["one_tick"],
-             "entry")  # fmt: skip
+    one = ex["big.one_tick"]
+    rep.rate("c.expire_one_tick", f"expire(), one tick, {k:,} due: per expired entry", one, "entry")
     rep.rate("c.expire_ten_ticks", f"expire(), ten ticks, {10 * k:,} due: per expired entry",
-             ex["ten_ticks"], "entry", ex["one_tick"], "one tick")  # fmt: skip
-    rep.rate("c.expire_small", f"expire(), table of {z['small']:,}, {small_lay.k:,} due: per entry",
-             small_ex["one_tick"], "entry", ex["one_tick"], f"at {n:,}")  # fmt: skip
-    rep.rate("c.expire_empty_tick", f"expire(), nothing due, one empty tick, at {n:,}", ex["empty_tick"],
+             ex["big.ten_ticks"], "entry", one, "one tick")  # fmt: skip
+    rep.rate("c.expire_small", f"expire(), table of {ns:,}, one tick, {small_lay.k:,} due: per entry",
+             ex["small.one_tick"], "entry", one, f"at {n:,}")  # fmt: skip
+    rep.rate("c.expire_empty_tick", f"expire(), nothing due, one empty tick, at {n:,}", ex["big.empty_tick"],
              "call")  # fmt: skip
-    rep.rate("c.expire_empty_tick_small", f"expire(), nothing due, one empty tick, at {z['small']:,}",
-             small_ex["empty_tick"], "call", ex["empty_tick"], f"at {n:,}")  # fmt: skip
-    rep.rate("c.expire_same_tick", "expire(), same tick again", ex["same_tick"], "call")
-    if "refile" in ex:
-        rep.rate("c.expire_refile", f"expire(), bucket of {k:,} not-yet-due ESTABLISHED: per refile",
-                 ex["refile"], "entry", ex["one_tick"], "expiry")  # fmt: skip
+    rep.rate("c.expire_empty_tick_small", f"expire(), nothing due, one empty tick, at {ns:,}",
+             ex["small.empty_tick"], "call", ex["big.empty_tick"], f"at {n:,}")  # fmt: skip
+    rep.rate("c.expire_same_tick", f"expire(), same tick again, at {n:,}", ex["big.same_tick"], "call")
+    if refile is not None:
+        rep.rate("c.expire_refile", f"expire(), {k:,} ESTABLISHED not yet due: per refile", refile, "entry",
+                 one, "expiry")  # fmt: skip
     rep.ratio("c.ratio_expire_ten_one", "per-entry expiry cost, 10 ticks / 1 tick",
-              ex["ten_ticks"].best / ex["one_tick"].best, "proportional: ~1")  # fmt: skip
-    rep.ratio("c.ratio_expire_empty_big_small", f"empty-tick expire() at {n:,} / at {z['small']:,}",
-              ex["empty_tick"].best / small_ex["empty_tick"].best, "no table scan: ~1")  # fmt: skip
+              ex["big.ten_ticks"].best / one.best, "proportional: ~1")  # fmt: skip
+    rep.ratio("c.ratio_expire_big_small", f"per-entry expiry cost at {n:,} / at {ns:,}",
+              one.best / ex["small.one_tick"].best, "~1, plus cache misses")  # fmt: skip
+    rep.ratio("c.ratio_expire_empty_big_small", f"empty-tick expire() at {n:,} / at {ns:,}",
+              ex["big.empty_tick"].best / ex["small.empty_tick"].best, "no table scan: ~1")  # fmt: skip
     del t, st
     gc.collect()
 
@@ -801,12 +885,12 @@ def section_c(rep: Report, z: dict, repeats: int, rng: random.Random, naive: boo
     if rss and None not in rss.values():
         rep.value("c.rss_construct_bytes_per_entry", "VmRSS delta after construct / capacity",
                   (rss["constructed"] - rss["before"]) / n, "B/entry", ",.1f",
-                  "(calloc'ed index keys not yet touched)")  # fmt: skip
+                  "(every column and index is written at construction)")  # fmt: skip
         rep.value("c.rss_bytes_per_entry", "VmRSS delta after fill / entries", (rss["filled"] - rss["before"]) / n,
                   "B/entry", ",.1f", "(fresh interpreter)")  # fmt: skip
 
     if naive:
-        section_c_naive(rep, lay, z, repeats, rng, bpe, big["hit"])
+        section_c_naive(rep, lay, bpe, naive_timing)
 
 
 def struct_key(client: int, spi: int) -> bytes:
@@ -840,8 +924,7 @@ def naive_fill(lay: Layout) -> tuple[dict, dict, dict]:
     return by_cookie, by_client, by_natt
 
 
-def section_c_naive(rep: Report, lay: Layout, z: dict, repeats: int, rng: random.Random, ours: float,
-                    our_hit: Timing) -> None:
+def section_c_naive(rep: Report, lay: Layout, ours: float, timing: tuple[float, dict[str, Timing]] | None) -> None:
     rep.section(f"c'. COMPARISON ONLY, not our code: a naive table of {lay.n:,} slotted objects in three dicts")
     rep.out("  (dict (svc, client, cookie) -> object, plus dicts by (svc, client) and (svc, client, port);")
     rep.out("   no timer wheel or FIFO lists, so it holds less than ours; key ints shared with the objects)")
@@ -850,21 +933,20 @@ def section_c_naive(rep: Report, lay: Layout, z: dict, repeats: int, rng: random
     maps = naive_fill(lay)
     current = tracemalloc.get_traced_memory()[0] - base
     tracemalloc.stop()
+    del maps
+    gc.collect()
     bpe = current / lay.n
     rep.value("c_naive.tracemalloc_bytes_per_entry", "naive: tracemalloc current / entries", bpe, "B/entry")
     rep.ratio("c_naive.ratio_naive_ours", "naive bytes/entry / ours", bpe / ours)
-    del maps
-    gc.collect()
-    t_fill, maps = once(lambda: naive_fill(lay))
+    if timing is None:
+        return
+    t_fill, lk = timing
     rep.value("c_naive.fill_s", "naive: fill (untraced)", t_fill, "s", ",.2f", f"= {lay.n / t_fill:,.0f} entries/s")
-    m = min(z["lookups"], lay.n)
-    hits = [(lay.clients[i], lay.spis[i]) for i in rng.sample(range(lay.n), m)]
-    nl = measure(loop_naive_lookup, m, repeats, lambda r: (maps[0].get, hits))
     rep.header()
-    rep.rate("c_naive.lookup_hit", f"naive: dict.get((svc, client, cookie)), hit, at {lay.n:,}", nl, "op")
-    rep.ratio("c_naive.ratio_ours_naive_lookup", "our lookup / naive dict lookup", our_hit.best / nl.best)
-    del maps
-    gc.collect()
+    rep.rate("c_naive.lookup_hit_ours", f"ours: lookup(svc, client, cookie), hit, at {lay.n:,}", lk["ours"], "op")
+    rep.rate("c_naive.lookup_hit", f"naive: dict.get((svc, client, cookie)), hit, at {lay.n:,}", lk["naive"], "op",
+             lk["ours"], "ours")  # fmt: skip
+    rep.ratio("c_naive.ratio_ours_naive_lookup", "our lookup / naive dict lookup", lk["ours"].best / lk["naive"].best)
 
 
 # -- main ------------------------------------------------------------------------------------------
@@ -895,16 +977,22 @@ def main(argv: list[str] | None = None) -> int:
     rep.out(f"vpn-director decision-core micro-benchmarks ({mode}; best and median of {repeats} repeats)")
     rep.out(f"machine: {mach['nproc']} CPU, {mach['cpu']}; {mach['implementation']} {mach['python']}; "
             f"{mach['platform']}")  # fmt: skip
-    t0 = time.perf_counter()
-    if "a" in args.sections:
-        section_a(rep, z, repeats, rng)
-    if "b" in args.sections:
-        section_b(rep, z, repeats, rng)
-    if "c" in args.sections:
-        section_c(rep, z, repeats, rng, naive=not args.no_naive, seed=args.seed)
-    elapsed = time.perf_counter() - t0
+    rep.out(f"load average at start: {loadavg()} (other work on this machine skews absolute numbers)")
+    t0, c0 = time.perf_counter(), time.process_time()
+    elapsed: dict[str, float] = {}
+    for key, run in (
+        ("a", lambda: section_a(rep, z, repeats, rng)),
+        ("b", lambda: section_b(rep, z, repeats, rng)),
+        ("c", lambda: section_c(rep, z, repeats, rng, naive=not args.no_naive, seed=args.seed)),
+    ):
+        if key in args.sections:
+            s0 = time.perf_counter()
+            run()
+            elapsed[key] = time.perf_counter() - s0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     rep.out()
-    rep.out(f"done in {elapsed:.1f} s")
+    per = ", ".join(f"{k} {v:.1f} s" for k, v in elapsed.items())
+    rep.out(f"done in {wall:.1f} s wall ({per}), {cpu:.1f} s CPU; load average at end: {loadavg()}")
     if args.json:
         doc = {
             "mode": mode,
@@ -912,7 +1000,9 @@ def main(argv: list[str] | None = None) -> int:
             "sizes": z,
             "machine": mach,
             "seed": args.seed,
-            "elapsed_s": elapsed,
+            "elapsed_s": wall,
+            "elapsed_by_section_s": elapsed,
+            "cpu_s": cpu,
             "targets": {"entries_per_s": TARGET_ENTRIES_PER_S, "bytes_per_entry": TARGET_BYTES_PER_ENTRY},
             "results": rep.results,
         }

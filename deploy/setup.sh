@@ -52,4 +52,5 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 log "installing the director (editable) and test tools into .venv"
 .venv/bin/python -m pip install -q -e '.[test]'
+make -C ebpf
 log "done"

@@ -53,12 +53,18 @@ class LabClient:
     def new_spi() -> int:
         return int.from_bytes(os.urandom(8), "big") | 1
 
+    @staticmethod
+    def ike_bytes(spi_i: int, spi_r: int = 0, *, v1: bool = False, exchange: int | None = None,
+                  body: bytes = b"") -> bytes:
+        """One IKE message (UDP payload): IKE_SA_INIT / IKE_AUTH, or Main Mode with ``v1``."""
+        if exchange is None:
+            exchange = MAIN if v1 else (IKE_SA_INIT if spi_r == 0 else IKE_AUTH)
+        return ike_header(spi_i, spi_r, exchange, flags=0 if v1 else 0x08, version=0x10 if v1 else 0x20, body=body)
+
     # -- sending -------------------------------------------------------------------------------
     def send_ike(self, spi_i: int, spi_r: int = 0, *, v1: bool = False, natt: bool = False,
                  exchange: int | None = None, body: bytes = b"") -> None:
-        if exchange is None:
-            exchange = MAIN if v1 else (IKE_SA_INIT if spi_r == 0 else IKE_AUTH)
-        msg = ike_header(spi_i, spi_r, exchange, flags=0 if v1 else 0x08, version=0x10 if v1 else 0x20, body=body)
+        msg = self.ike_bytes(spi_i, spi_r, v1=v1, exchange=exchange, body=body)
         if natt:
             self.s4500.sendto(MARKER + msg, (self.vip, 4500))
         else:
