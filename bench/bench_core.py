@@ -977,7 +977,8 @@ def main(argv: list[str] | None = None) -> int:
     rep.out(f"vpn-director decision-core micro-benchmarks ({mode}; best and median of {repeats} repeats)")
     rep.out(f"machine: {mach['nproc']} CPU, {mach['cpu']}; {mach['implementation']} {mach['python']}; "
             f"{mach['platform']}")  # fmt: skip
-    rep.out(f"load average at start: {loadavg()} (other work on this machine skews absolute numbers)")
+    load_start = loadavg()
+    rep.out(f"load average at start: {load_start} (other work on this machine skews absolute numbers)")
     t0, c0 = time.perf_counter(), time.process_time()
     elapsed: dict[str, float] = {}
     for key, run in (
@@ -992,7 +993,8 @@ def main(argv: list[str] | None = None) -> int:
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     rep.out()
     per = ", ".join(f"{k} {v:.1f} s" for k, v in elapsed.items())
-    rep.out(f"done in {wall:.1f} s wall ({per}), {cpu:.1f} s CPU; load average at end: {loadavg()}")
+    load_end = loadavg()
+    rep.out(f"done in {wall:.1f} s wall ({per}), {cpu:.1f} s CPU; load average at end: {load_end}")
     if args.json:
         doc = {
             "mode": mode,
@@ -1003,6 +1005,7 @@ def main(argv: list[str] | None = None) -> int:
             "elapsed_s": wall,
             "elapsed_by_section_s": elapsed,
             "cpu_s": cpu,
+            "loadavg": {"start": load_start, "end": load_end},
             "targets": {"entries_per_s": TARGET_ENTRIES_PER_S, "bytes_per_entry": TARGET_BYTES_PER_ENTRY},
             "results": rep.results,
         }

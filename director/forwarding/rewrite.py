@@ -277,7 +277,7 @@ def icmp_unreachable(orig: bytes | bytearray | memoryview, src: int, code: int =
         raise PacketError(_R_IP_BAD_TOTAL_LENGTH)
     if frag & _OFFSET:
         raise PacketError(_R_ICMP_SUPPRESSED)  # non-first fragment
-    if odst >= 0xE0000000 or 0xE0000000 <= osrc < 0xF0000000 or not osrc or osrc >> 24 == 127:
+    if odst >= 0xE0000000 or osrc >= 0xE0000000 or not osrc or osrc >> 24 == 127:
         raise PacketError(_R_ICMP_SUPPRESSED)
     if proto == _PROTO_ICMP:
         if total == ihl or n == ihl:
