@@ -3,12 +3,16 @@
 Every node is a network namespace named ``<prefix>-<role>``; nothing is created in the root
 namespace. The two shared segments are Linux bridges inside a switch namespace ``sw``::
 
-    c1 .11 ─┐                                   ┌─ rs1 .11   (VIP on lo in dr/tun)
-    c2 .12 ─┤                                   ├─ rs2 .12
-    nat .13 ┤  wan 198.18.0.0/24   lan 198.18.1.0/24 ├─ rs3 .13
-     │      ├── director eth0 .1 + VIP .100/32 ──┤  director eth1 .1
-     c3     └── gw eth0 .254 ─────────────────── ┴─ gw eth1 .254   (return path for dr/tun)
-    198.19.3.2 behind nat 198.19.3.1 (MASQUERADE on nat's wan leg)
+    c1 198.18.0.11   c2 .12   nat .13 (MASQUERADE) <-- c3 198.19.3.2 (default via nat 198.19.3.1)
+      |                |         |
+    ==+================+=========+===== wan 198.18.0.0/24 ==+==================+==
+                                                            |                  |
+                                  director eth0 .1 + VIP .100/32    gw eth0 .254
+                                  director eth1 .1                  gw eth1 .254
+                                                            |                  |
+    ==+================+=========+===== lan 198.18.1.0/24 ==+==================+==
+      |                |         |
+    rs1 198.18.1.11  rs2 .12   rs3 .13   dr/tun: VIP on lo, default via gw; nat: via director
 
 Links, addresses and routes go through pyroute2; sysctls are written to /proc/sys from a thread
 that has entered the namespace; only iptables (nat) and tc (tun) are shelled out. :meth:`Lab.down`
@@ -43,7 +47,10 @@ from pyroute2 import netns as pr_netns
 
 from director.packet import ip_to_int, ipv4_checksum
 
-__all__ = ["Lab", "LabError", "LabCommandError", "MODES", "ROLES", "cleanup", "list_labs", "pids_in_netns"]
+__all__ = [
+    "Lab", "LabCommandError", "LabError", "MODES", "ROLES",
+    "cleanup", "in_netns", "list_labs", "pids_in_netns", "read_sysctl",
+]  # fmt: skip
 
 MODES = ("dr", "tun", "nat")
 RS_ROLES = ("rs1", "rs2", "rs3")
@@ -245,6 +252,8 @@ class Lab:
         if prefix is not None and (not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.]{0,40}", prefix)):
             raise ValueError(f"prefix must be letters, digits, '_' or '.', not {prefix!r}")
         self.mode = mode
+        self.rs_addrs = list(type(self).rs_addrs)  # per-instance copies: callers may mutate them
+        self.client_addrs = dict(type(self).client_addrs)
         self.prefix = prefix or f"vdl{secrets.token_hex(3)}"
         self.ns = {role: f"{self.prefix}-{role}" for role in ROLES}
         self.tmpdir: Path | None = None
@@ -290,9 +299,16 @@ class Lab:
     def _build(self) -> None:
         for role in ROLES:
             name = self.ns[role]
-            # O_EXCL: never adopt (and later delete) a namespace someone else made.
-            IPRoute(netns=name, flags=os.O_CREAT | os.O_EXCL).close()
+            # Never adopt (and later delete) a namespace someone else made. Recorded before the
+            # call, so a failure half-way through creating it still gets it removed.
+            if os.path.exists(os.path.join(NETNS_DIR, name)):
+                raise LabError(f"namespace {name} already exists (another lab with prefix {self.prefix}?)")
             self._created.append(name)
+            try:
+                IPRoute(netns=name, flags=os.O_CREAT | os.O_EXCL).close()
+            except FileExistsError:
+                self._created.remove(name)  # lost a race: it is someone else's
+                raise LabError(f"namespace {name} already exists") from None
             _write_sysctls(name, {
                 "net/ipv4/conf/all/rp_filter": 0,
                 "net/ipv4/conf/default/rp_filter": 0,
@@ -301,8 +317,10 @@ class Lab:
                 "net/ipv6/conf/default/disable_ipv6": 1,
             })  # fmt: skip
 
-        iprs = {role: IPRoute(netns=self.ns[role], flags=0) for role in ROLES}
+        iprs: dict[str, IPRoute] = {}
         try:
+            for role in ROLES:
+                iprs[role] = IPRoute(netns=self.ns[role], flags=0)
             for ipr in iprs.values():
                 ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
             self._wire(iprs)

@@ -81,7 +81,6 @@ class Responder:
         for addr in addrs:
             for port in (IKE_PORT, NATT_PORT):
                 sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
                 sock.bind((addr, port))
                 sock.setblocking(False)

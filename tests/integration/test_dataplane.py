@@ -19,6 +19,7 @@ from director.lab.director_proc import DirectorProcess
 from director.lab.netns import REPO
 
 MODES = ["dr", "tun", "nat"]
+IP_MTU_DISCOVER, IP_PMTUDISC_DO = 10, 2  # <linux/in.h>; Python's socket module lacks the names
 
 
 @pytest.fixture
@@ -220,3 +221,20 @@ def test_ah_on_a_nat_service_is_refused_at_configuration(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip() == ("vpn-director: service[0].ah: AH cannot cross NAT; "
                                 "a NAT-mode service must set ah = false")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_full_size_df_esp_gets_through(make_lab, run_director, mode):
+    """1500 bytes with DF on a 1500-MTU path: TUN's 1520-byte envelope is fragmented, not the packet."""
+    lab = make_lab(mode)
+    d = run_director(lab)
+    c1 = LabClient(lab, "c1")
+    c1.ikev2_connect()
+    c1.esp.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DO)  # DF on
+    c1.send_esp(0x6161, size=1472)  # SPI + sequence + 1472 = 1480 bytes of ESP, 1500 on the wire
+    deadline = time.monotonic() + 3.0
+    while not (hits := where(lab, lambda r: r["kind"] == "esp" and r["spi"] == 0x6161)):
+        assert time.monotonic() < deadline, f"the 1500-byte DF packet never arrived:\n{d.log()}"
+        time.sleep(0.05)
+    (records,) = hits.values()
+    assert [r["len"] for r in records] == [1480]

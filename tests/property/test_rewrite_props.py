@@ -12,7 +12,9 @@ from director.packet import PacketError, build_ipv4, build_ipv4_udp
 
 u8 = st.integers(0, 0xFF)
 u16 = st.integers(0, 0xFFFF)
-addr = st.integers(0, 0xFFFFFFFF) | st.sampled_from([0, 0xFFFFFFFF, 0x0A000001, 0xC6336401])
+# Plain random addresses, plus the ones RFC 1122 singles out: zero, loopback, multicast, class E.
+special = st.sampled_from([0, 0xFFFFFFFF, 0x0A000001, 0xC6336401, 0xDFFFFFFF, 0xE0000000, 0xF0000000])
+addr = st.integers(0, 0xFFFFFFFF) | special | st.integers(0x7F000000, 0x7FFFFFFF)
 port = u16 | st.sampled_from([0, 500, 4500, 0xFFFF])
 options = st.integers(0, 10).flatmap(lambda words: st.binary(min_size=4 * words, max_size=4 * words))
 not_first = st.integers(1, 0x1FFF).flatmap(lambda off: st.sampled_from([off, off | 0x2000]))
@@ -94,12 +96,17 @@ def esp_packets(draw):
 def fragments(draw):
     """Non-first fragments (no L4 header) of UDP or ESP: the payload is just bytes."""
     proto, data = draw(st.sampled_from([17, 50, 51])), draw(st.binary(min_size=8, max_size=200))
-    return build_ipv4(
-        draw(addr), draw(addr), proto, data, ident=draw(u16), flags_frag=draw(not_first), options=draw(options)
-    )
+    src, dst, ident, flags_frag = draw(addr), draw(addr), draw(u16), draw(not_first)
+    return build_ipv4(src, dst, proto, data, ident=ident, flags_frag=flags_frag, options=draw(options))
 
 
 packets = udp_packets() | esp_packets() | fragments()
+
+# Any other protocol, payload shorter than the 8 bytes ICMP quotes (odd lengths included).
+short_packets = st.builds(
+    lambda src, dst, proto, data: build_ipv4(src, dst, proto, data),
+    addr, addr, st.integers(2, 255), st.binary(max_size=10),
+)  # fmt: skip
 
 
 # -- NAT -------------------------------------------------------------------------------------------
@@ -118,6 +125,38 @@ def test_snat_equals_full_recompute(pkt, new_src, new_sport):
     got = nat_snat(pkt, new_src, new_sport)
     udp = has_udp_header(pkt)
     assert got == ref_recompute(with_fields(pkt, src=new_src, sport=new_sport if udp else None))
+
+
+def low_half_zeroing(residue_without_addr: int, high: int) -> int:
+    """The low 16 bits that, with ``high``, bring a folded sum to 0xFFFF (checksum 0x0000)."""
+    return (-(residue_without_addr + high)) % 0xFFFF
+
+
+@given(packets, st.integers(0, 0xFFFF), st.sampled_from([12, 16]))
+def test_ip_checksum_landing_on_zero(pkt, high, offset):
+    # Pick the new address so that the full recompute gives IP checksum 0x0000 (folded sum 0xFFFF).
+    ihl = (pkt[0] & 0x0F) * 4
+    header = bytearray(pkt[:ihl])
+    header[offset : offset + 4] = b"\x00\x00\x00\x00"
+    header[10:12] = b"\x00\x00"
+    new = (high << 16) | low_half_zeroing(ones_sum(bytes(header)), high)
+    got = (nat_dnat if offset == 16 else nat_snat)(pkt, new)
+    assert got[10:12] == b"\x00\x00"
+    assert got == ref_recompute(with_fields(pkt, **{"dst" if offset == 16 else "src": new}))
+
+
+@given(udp_packets(), st.integers(0, 0xFFFF))
+def test_udp_checksum_landing_on_zero_is_sent_as_ffff(pkt, high):
+    ihl = (pkt[0] & 0x0F) * 4
+    assume(pkt[ihl + 6 : ihl + 8] != b"\x00\x00")
+    udp = bytearray(pkt[ihl:])
+    udp[6:8] = b"\x00\x00"
+    rest = ones_sum(pkt[12:16] + struct.pack("!BBH", 0, 17, len(udp)) + bytes(udp))  # dst left out
+    new_dst = (high << 16) | low_half_zeroing(rest, high)
+    got = nat_dnat(pkt, new_dst)
+    assert got[ihl + 6 : ihl + 8] == b"\xff\xff"
+    assert got == ref_recompute(with_fields(pkt, dst=new_dst))
+    assert nat_dnat(got, struct.unpack_from("!I", pkt, 16)[0]) == pkt
 
 
 @given(udp_packets(), addr, port)
@@ -164,6 +203,15 @@ def test_wrong_checksums_stay_exactly_as_wrong(pkt, new_dst, new_dport, ip_csum,
         assert residue(got) == residue(bad)
 
 
+@given(packets, addr, port, st.binary(min_size=1, max_size=46))
+def test_padding_past_total_length_ignored(pkt, new_addr, new_port, padding):
+    assert nat_dnat(pkt + padding, new_addr, new_port) == nat_dnat(pkt, new_addr, new_port)
+    assert nat_snat(pkt + padding, new_addr, new_port) == nat_snat(pkt, new_addr, new_port)
+    assert ipip_encap(pkt + padding, new_addr, new_addr, ident=new_port) == ipip_encap(
+        pkt, new_addr, new_addr, ident=new_port
+    )
+
+
 @given(packets, addr, port, st.integers(1, 60))
 def test_truncated_copies_refused(pkt, new_addr, new_port, cut):
     assume(cut < len(pkt))
@@ -190,6 +238,31 @@ def test_encap_decap_round_trip(pkt, outer_src, outer_dst, ident):
     assert struct.unpack_from("!II", wrapped, 12) == (outer_src, outer_dst)
 
 
+@given(
+    st.sampled_from([4, 4, 4, 17, 41, 50]),
+    st.sampled_from([0, 0x4000, 0x4000, 0x2000, 0x0001, 0x2005]),
+    packets | st.binary(max_size=60),
+    st.binary(max_size=8),
+)
+def test_decap_returns_only_a_whole_inner_packet(proto, flags_frag, inner, extra):
+    # Model: decap succeeds exactly when the outer packet is protocol 4, not a fragment, and its
+    # payload is one IPv4 packet whose total length is the payload length.
+    payload = inner + extra
+    outer = build_ipv4(0x0A000001, 0x0A000002, proto, payload, flags_frag=flags_frag)
+    whole = (
+        len(payload) >= 20 and payload[0] >> 4 == 4 and (payload[0] & 0x0F) >= 5
+        and struct.unpack_from("!H", payload, 2)[0] == len(payload)
+        and (payload[0] & 0x0F) * 4 <= len(payload)
+    )  # fmt: skip
+    ok = proto == 4 and not flags_frag & 0x3FFF and whole
+    try:
+        got = ipip_decap(outer)
+    except PacketError:
+        assert not ok
+    else:
+        assert ok and got == payload
+
+
 # -- ICMP ------------------------------------------------------------------------------------------
 
 
@@ -205,9 +278,9 @@ def must_refuse(pkt: bytes) -> bool:
 
 icmp_packets = st.builds(
     lambda src, dst, icmp_type, rest: build_ipv4(src, dst, 1, bytes([icmp_type]) + rest),
-    addr, addr, u8, st.binary(max_size=20),
+    addr, addr, u8 | st.integers(0, 42), st.binary(max_size=20),
 )  # fmt: skip
-icmp_originals = packets | icmp_packets
+icmp_originals = packets | short_packets | icmp_packets
 
 
 @given(icmp_originals, addr, st.integers(0, 15), st.integers(1, 255))
