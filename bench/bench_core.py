@@ -673,12 +673,25 @@ def probe_lengths(index, keys: list[bytes]) -> float:
     return total / len(keys)
 
 
+def fresh_int(x: int) -> int:
+    return int.from_bytes(x.to_bytes(8, "big"), "big")  # a new object, never the stored one
+
+
+def fresh_keys(lay: Layout, idx: list[int]) -> list[tuple[int, int]]:
+    """(client, cookie) of entries ``idx`` as new objects, allocated in the order they are used.
+
+    A packet's fields are new, cache-hot ints; reusing the ints the fill made (scattered over
+    the heap in fill order) would add the harness's own cache misses to every lookup at 1M.
+    """
+    return [(fresh_int(lay.clients[i]), fresh_int(lay.spis[i])) for i in idx]
+
+
 def lookup_specs(name: str, t: Table, lay: Layout, z: dict, rng: random.Random) -> dict[str, Spec]:
     m = min(z["lookups"], lay.n)
     idx = rng.sample(range(lay.n), m)
-    hits = [(lay.clients[i], lay.spis[i]) for i in idx]
+    hits = fresh_keys(lay, idx)
     misses = [(CLIENT_BASE + lay.n + 17 + j, rng.getrandbits(64) | 1) for j in range(m)]
-    clients = [lay.clients[i] for i in idx]
+    clients = [fresh_int(c) for c, _ in hits]
     for i, c in zip(idx[:50], clients[:50]):  # sanity: lookups find what was put in
         if t.lookup(SVC, c, lay.spis[i]) != t.client_head(SVC, c) or t.lookup(SVC, c, lay.spis[i]) < 0:
             raise RuntimeError("section c: lookup does not find an entry it holds")
@@ -822,7 +835,7 @@ def section_c(rep: Report, z: dict, repeats: int, rng: random.Random, naive: boo
     if naive:  # c': the naive design's lookups, interleaved with ours (printed in c')
         t_naive_fill, maps = once(lambda: naive_fill(lay))
         m = min(z["lookups"], n)
-        hits = [(lay.clients[i], lay.spis[i]) for i in rng.sample(range(n), m)]
+        hits = fresh_keys(lay, rng.sample(range(n), m))
         naive_timing = (t_naive_fill, measure_many({
             "ours": (loop_keys, m, lambda r: (t.lookup, hits)),
             "naive": (loop_naive_lookup, m, lambda r: (maps[0].get, hits)),

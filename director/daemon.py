@@ -47,7 +47,7 @@ class Daemon:
         self.director = Director(cfg.daemon.capacity, now=clock())
         for svc in config_mod.build_services(cfg):
             self.director.add_service(svc)
-        self.stats = {"packets": 0, "internal_errors": 0, "icmp_sent": 0, "icmp_limited": 0, "slow_iterations": 0}
+        self.stats = {"packets": 0, "internal_errors": 0, "icmp_sent": 0, "icmp_limited": 0, "icmp_suppressed": 0, "slow_iterations": 0}
         self._icmp_bucket = TokenBucket(cfg.daemon.icmp_rate, now=clock())
         self._ident = 0
         self._stop = False
@@ -221,8 +221,9 @@ class Daemon:
             return
         try:
             reply = icmp_unreachable(data, self.director.services[svc_id].vip)
-        except PacketError:
-            return  # RFC 1122: never an ICMP error about this packet
+        except PacketError:  # RFC 1122: never an ICMP error about this packet (drop already counted)
+            self.stats["icmp_suppressed"] += 1
+            return
         self._raw.sendto(reply, (int_to_ip(int.from_bytes(reply[16:20], "big")), 0))
         self.stats["icmp_sent"] += 1
 

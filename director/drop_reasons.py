@@ -38,3 +38,4 @@ class DropReason(IntEnum):
     RATE_LIMITED = 55  # new-entry rate limit (per source or global)
     REAL_SERVER_GONE = 56  # the entry's real server was removed
     RESPONDER_SPI_MISMATCH = 57  # NAT mode: responder SPI differs from the one the real server sent
+    ICMP_SUPPRESSED = 58  # RFC 1122 3.2.2: no ICMP error may answer this packet (the drop stands)

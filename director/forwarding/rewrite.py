@@ -51,11 +51,8 @@ _R_IP_BAD_VERSION = DropReason.IP_BAD_VERSION
 _R_IP_BAD_IHL = DropReason.IP_BAD_IHL
 _R_IP_BAD_TOTAL_LENGTH = DropReason.IP_BAD_TOTAL_LENGTH
 _R_UDP_TRUNCATED = DropReason.UDP_TRUNCATED
-# RFC 1122 section 3.2.2 forbids an ICMP error about this packet. No DropReason says that yet: the
-# right one is a new ICMP_SUPPRESSED (58, table/policy range). Until it exists, NO_ENTRY stands in:
-# the only caller answers the core's ICMP_UNREACH verdict, whose drop reason is NO_ENTRY, so the
-# drop is still counted under the reason that caused it; only the answer is withheld.
-_R_ICMP_SUPPRESSED = DropReason.NO_ENTRY
+# RFC 1122 section 3.2.2 forbids an ICMP error about this packet: the drop stands, the answer is withheld.
+_R_ICMP_SUPPRESSED = DropReason.ICMP_SUPPRESSED
 
 # ICMP types that are errors (RFC 792, RFC 1122 section 3.2.2: 3, 4, 5, 11, 12). A type above 18
 # (the last one RFC 792 and RFC 950 define) is treated as an error too, as Linux's __icmp_send
@@ -251,7 +248,7 @@ def icmp_unreachable(orig: bytes | bytearray | memoryview, src: int, code: int =
     Anything more would echo ciphertext back, make the answer larger for a spoofed source to
     reflect, and cost a bigger copy per answered packet.
 
-    Refused with PacketError (reason NO_ENTRY for now, see ``_R_ICMP_SUPPRESSED``) for originals no
+    Refused with PacketError (reason ICMP_SUPPRESSED) for originals no
     ICMP error may answer (RFC 1122 section 3.2.2, RFC 1812 section 4.3.2.7): an ICMP error (types 3,
     4, 5, 11, 12, any type above 18, or an ICMP packet too short to show its type); a non-first
     fragment; a destination that is multicast, limited broadcast or class E (224.0.0.0 and up); a

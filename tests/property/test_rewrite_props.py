@@ -3,7 +3,7 @@ undoes itself, decap(encap(p)) == p, ICMP answers are well formed or refused for
 
 import struct
 
-from hypothesis import assume, example, given
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 from director.drop_reasons import DropReason
@@ -283,13 +283,19 @@ icmp_packets = st.builds(
 icmp_originals = packets | short_packets | icmp_packets
 
 
+@settings(max_examples=300)
 @given(icmp_originals, addr, st.integers(0, 15), st.integers(1, 255))
+@example(build_ipv4(0x0A000001, 0x0A000002, 47, b"\x01\x02\x03"), 1, 2, 64)  # odd-length quote
+@example(build_ipv4(0xF0000001, 0x0A000002, 50, bytes(8)), 1, 2, 64)  # class E source
+@example(build_ipv4(0x0A000001, 0xF0000001, 50, bytes(8)), 1, 2, 64)  # class E destination
+@example(build_ipv4(0x0A000001, 0x0A000002, 1, b"\x13\x00" + bytes(6)), 1, 2, 64)  # ICMP type 19
+@example(build_ipv4(0x0A000001, 0x0A000002, 1, b"\x12\x00" + bytes(6)), 1, 2, 64)  # ICMP type 18
 def test_icmp_unreachable_well_formed_or_refused(orig, src, code, ttl):
     if must_refuse(orig):
         try:
             icmp_unreachable(orig, src, code, ttl)
         except PacketError as err:
-            assert err.reason == DropReason.NO_ENTRY  # stand-in for ICMP_SUPPRESSED
+            assert err.reason == DropReason.ICMP_SUPPRESSED
         else:
             raise AssertionError("answered a packet RFC 1122 says must not get an ICMP error")
         return

@@ -23,7 +23,7 @@ RIP = ip_to_int("10.1.2.3")
 DIRECTOR = ip_to_int("10.1.0.1")
 SPI = 0xC0FFEE01
 ROUTER_ALERT = b"\x94\x04\x00\x00"  # RFC 2113: one 4-byte option, so IHL 6
-SUPPRESSED = DropReason.NO_ENTRY  # stand-in for ICMP_SUPPRESSED (see rewrite._R_ICMP_SUPPRESSED)
+SUPPRESSED = DropReason.ICMP_SUPPRESSED
 
 
 # -- the reference: RFC 1071 from scratch, one 16-bit word at a time -------------------------------
@@ -157,11 +157,11 @@ NAT_CASES = {
     "esp": ESP_1400,
     "esp-small": esp(60),
     "ah": build_ipv4(CLIENT, VIP, 51, struct.pack("!BBHII", 50, 4, 0, SPI, 1) + bytes(12) + b"payload!"),
-    "udp-ihl6": build_ipv4(
-        CLIENT, VIP, 17, ike_udp()[20:], options=ROUTER_ALERT
-    ),  # the UDP checksum does not cover IP options: the 20-byte packet's UDP part is still right
+    # IHL 6. The UDP checksum does not cover IP options: the UDP part of UDP_100 is still right.
+    "udp-ihl6": build_ipv4(CLIENT, VIP, 17, UDP_100[20:], options=ROUTER_ALERT),
     "esp-ihl6": build_ipv4(CLIENT, VIP, 50, ESP_1400[20:], options=ROUTER_ALERT),
-    "non-first-fragment-udp": build_ipv4(CLIENT, VIP, 17, bytes(range(200)), flags_frag=0x0000 | 185),
+    # Non-first fragments: the last one (offset 185 * 8) and a middle one (MF, offset 7 * 8).
+    "non-first-fragment-udp": build_ipv4(CLIENT, VIP, 17, bytes(range(200)), flags_frag=185),
     "non-first-fragment-esp": build_ipv4(CLIENT, VIP, 50, bytes(range(64)), flags_frag=0x2000 | 7),
 }
 
@@ -473,7 +473,7 @@ def test_icmp_unreachable_matches_reference_and_scapy(name):
     assert got[28:] == orig[:quote_len]
     assert ip_header_ok(got)
     assert ones_sum(got[20:]) == 0xFFFF  # ICMP checksum over the whole ICMP message
-    assert got[20:24] == bytes([3, 2]) + got[22:24] and got[24:28] == b"\x00" * 4
+    assert got[20:22] == b"\x03\x02" and got[24:28] == b"\x00" * 4  # type, code; unused
     assert struct.unpack_from("!II", got, 12) == (VIP, struct.unpack_from("!I", orig, 12)[0])
     assert got == scapy_unreachable(orig, quote_len)
 

@@ -1,0 +1,607 @@
+"""Dataplane benchmark: packets/s delivered at the real servers through the real daemon, in the lab.
+
+Not a test: it prints numbers and ratios measured in one run on one path, and passes or fails
+nothing. The path is the lab's (docs/lab.md): client c1 -> bridge -> director eth0 -> director
+eth1 -> bridge -> real server, all veth in namespaces. Traffic is one flow of 64-byte-payload ESP
+(an ESP packet of SPI + sequence + 64 bytes, a 106-byte frame), or IKE, from c1's eth0.
+
+    .venv/bin/python bench/bench_dataplane.py [--quick] [--json out.json]
+
+Cases, every one on the same path in the same run (DESIGN.md section 8 sets the targets):
+  a   plain kernel IP forwarding: ESP to rs1's own address, routed by the director, no daemon.
+  a0  the raw NetfilterQueue loop (set_mark + accept, nothing else) on that same path: the
+      denominator of the slow-path target ("0.8x the raw NetfilterQueue mark loop").
+  b   ESP to the VIP through the daemon (NFQUEUE) in DR, TUN and NAT mode, c1 established by an
+      IKEv2 exchange first, at several offered rates and unlimited (saturation, collapse).
+  c   IKE through the daemon: non-initial messages of the established client (INFORMATIONAL on
+      4500), and initial IKE_SA_INIT from a new initiator SPI per packet (new ISAKMP entries/s).
+  d   what a user might build instead: iptables DNAT (conntrack) of ESP to rs1, no daemon.
+  a'  (full run) plain forwarding again at the end: how much the machine drifted during the run.
+
+How it measures:
+  - Offered load: bench/build/pktgen (AF_PACKET, sendmmsg batches, PACKET_QDISC_BYPASS,
+    SO_SNDBUFFORCE) in c1, pinned to CPU 0; the daemon (all its threads) pinned to CPU 1; this
+    script pins itself to CPU 0 so its sampling never takes the daemon's core.
+  - Delivery is counted at the real servers: an iptables raw-table DROP rule per kind of benchmark
+    traffic (source c1: esp, udp/500, udp/4500) in rs1..rs3, so the real server's stack does no
+    work past PREROUTING; the rules' packet counters give the exact totals (loss %). The delivered
+    rate is the rise of rx_packets on the real servers' eth0 (pyroute2) over a window inside the
+    send (the first and last moments cut off), so a queue drained after the sender stopped does
+    not flatter it.
+  - Also per case: the daemon's CPU% (utime+stime from /proc/PID/stat over the window; softirq
+    work run in its context, such as forwarding after a verdict, counts as its stime on this
+    kernel), each CPU's busy % and softirq share (/proc/stat), NFQUEUE drops (queue full /
+    socket buffer overrun, /proc/net/netfilter/nfnetlink_queue), backlog drops
+    (/proc/net/softnet_stat) and the answer time of the control socket during the load.
+
+Bounded: each case sends for a fixed time (full 3 s, --quick 1.2 s); pktgen itself stops at 30 s;
+the full run takes about 3 minutes, --quick under a minute. Every lab is built with ``with Lab``
+and torn down even on failure. All traffic stays in the lab's namespaces.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, installed or not
+
+from director.lab import craft  # noqa: E402
+from director.lab.client import LabClient  # noqa: E402
+from director.lab.director_proc import DirectorProcess  # noqa: E402
+from director.lab.netns import Lab  # noqa: E402
+from director.packet import INFORMATIONAL, ip_to_int  # noqa: E402
+
+BENCH = Path(__file__).resolve().parent
+PKTGEN = BENCH / "build" / "pktgen"
+GEN_CPU, DAEMON_CPU = 0, 1
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+ESP_SIZE = 64  # bytes after the ESP header (SPI, sequence): LabClient.send_esp's default
+ESP_SPI = 0x0000BE01
+CAPACITY = 1 << 20  # table slots: a few seconds of initial-IKE flood fit without reclaiming
+ETH, IP, UDP, MARKER = 14, 20, 8, 4
+# where pktgen writes its per-packet counter
+OFF_ESP_SEQ = ETH + IP + 4  # the ESP sequence number
+OFF_IKE_MSGID = ETH + IP + UDP + MARKER + 20  # message ID of an IKE message on 4500
+OFF_IKE_SPI_LOW = ETH + IP + UDP + 4  # low half of the initiator SPI of an IKE message on 500
+
+PROFILES: dict[str, dict[str, Any]] = {
+    # seconds per case, window cut at the start / end, wait for queues to drain after a case
+    "full": dict(seconds=3.0, warm=0.6, tail=0.3, settle=0.5,
+                 esp_rates=[20_000, 50_000, 100_000, 200_000, 0], ike_rates=[20_000, 100_000, 0],
+                 raw_rates=[100_000, 0], dnat_rates=[200_000, 0], shared_core=True, plain_again=True),
+    "quick": dict(seconds=1.2, warm=0.3, tail=0.15, settle=0.3,
+                  esp_rates=[50_000, 0], ike_rates=[0], raw_rates=[0], dnat_rates=[0],
+                  shared_core=False, plain_again=False),
+}  # fmt: skip
+
+# The raw NetfilterQueue loop of case a0: what DESIGN.md calls the "mark loop", nothing else.
+RAW_LOOP = r"""
+import socket, sys
+from netfilterqueue import NetfilterQueue
+def cb(pkt):
+    pkt.set_mark(1)
+    pkt.accept()
+q = NetfilterQueue()
+q.bind(0, cb, max_len=8192, sock_len=64 << 20)
+s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 12, fileno=q.get_fd())
+print("ready", flush=True)
+q.run_socket(s)
+"""
+
+
+# -- small helpers ---------------------------------------------------------------------------------
+
+
+def build_pktgen() -> None:
+    """``make -C bench`` when the binary is missing or older than its source; fails loudly."""
+    src = BENCH / "pktgen.c"
+    if PKTGEN.is_file() and PKTGEN.stat().st_mtime >= src.stat().st_mtime:
+        return
+    proc = subprocess.run(["make", "-C", str(BENCH)], capture_output=True, text=True)
+    if proc.returncode or not PKTGEN.is_file():
+        raise SystemExit(f"bench_dataplane: `make -C {BENCH}` failed:\n{proc.stdout}{proc.stderr}")
+
+
+def machine() -> dict[str, Any]:
+    cpu = "unknown"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {"nproc": os.cpu_count(), "cpu": cpu, "kernel": platform.release(),
+            "python": sys.version.split()[0], "platform": platform.platform()}  # fmt: skip
+
+
+def loadavg() -> str:
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
+
+
+def pin(pid: int, cpu: int) -> None:
+    """Every thread of ``pid`` onto ``cpu``."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        os.sched_setaffinity(int(tid), {cpu})
+
+
+def proc_cpu_ticks(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime (fields 14 and 15 of stat)
+
+
+def cpu_times() -> dict[int, tuple[int, int, int]]:
+    """Per CPU: (busy, softirq, total) jiffies from /proc/stat."""
+    out = {}
+    with open("/proc/stat") as f:
+        for line in f:
+            if line.startswith("cpu") and line[3].isdigit():
+                name, *vals = line.split()
+                v = [int(x) for x in vals[:8]]  # user nice system idle iowait irq softirq steal
+                total = sum(v)
+                out[int(name[3:])] = (total - v[3] - v[4], v[6], total)
+    return out
+
+
+def softnet_dropped() -> int:
+    """Packets dropped because a CPU's input backlog was full (all CPUs, all namespaces)."""
+    with open("/proc/net/softnet_stat") as f:
+        return sum(int(line.split()[1], 16) for line in f)
+
+
+def zero_udp_checksum(ip: bytes) -> bytes:
+    """RFC 768: a zero UDP checksum means none; pktgen may then vary the payload freely."""
+    return ip[: IP + 6] + b"\0\0" + ip[IP + 8 :]
+
+
+def mac_bytes(mac: str) -> bytes:
+    return bytes.fromhex(mac.replace(":", ""))
+
+
+# -- one lab's measuring kit -----------------------------------------------------------------------
+
+
+@dataclass
+class Sample:
+    t: float
+    rx: int  # rx_packets summed over the real servers' eth0
+    cpus: dict[int, tuple[int, int, int]]
+    daemon: int | None  # utime + stime ticks of the measured process
+
+
+@dataclass
+class Case:
+    group: str  # a, a0, b, c, c-new, d, a'
+    label: str
+    mode: str
+    rate: int  # offered target, packets/s; 0 = as fast as the generator goes
+    row: dict[str, Any] = field(default_factory=dict)
+
+
+class Bench:
+    """Frames, sinks and counters for one Lab; ``run`` measures one case."""
+
+    def __init__(self, lab: Lab, prof: dict[str, Any], out: list[dict[str, Any]]) -> None:
+        self.lab = lab
+        self.prof = prof
+        self.out = out
+        self.c1 = lab.client_addr_ints["c1"]
+        dmac = self._mac("director", "eth0")
+        smac = self._mac("c1", "eth0")
+        self.l2 = mac_bytes(dmac) + mac_bytes(smac) + b"\x08\x00"
+        self.rs_ipr = {role: lab.ipr(role) for role in lab.rs_roles}
+        self.rs_idx = {role: ipr.link_lookup(ifname="eth0")[0] for role, ipr in self.rs_ipr.items()}
+        self.measured_pid: int | None = None
+        self.director: DirectorProcess | None = None
+        self.ike_run = 0
+
+    def _mac(self, role: str, ifname: str) -> str:
+        ipr = self.lab.ipr(role)
+        return ipr.link("get", index=ipr.link_lookup(ifname=ifname)[0])[0].get_attr("IFLA_ADDRESS")
+
+    # -- frames ---------------------------------------------------------------------------------
+    def frame(self, ip: bytes) -> str:
+        return (self.l2 + ip).hex()
+
+    def esp_to(self, dst: int) -> str:
+        return self.frame(craft.esp(self.c1, dst, ESP_SPI, 1, size=ESP_SIZE))
+
+    def ike_info(self, spi_i: int, spi_r: int) -> str:
+        """A non-initial IKEv2 INFORMATIONAL of the established conversation, on 4500, 64 bytes."""
+        ip = craft.ike(self.c1, self.lab.vip_int, spi_i, spi_r, natt=True, sport=4500,
+                       exchange=INFORMATIONAL, body=bytes(36))  # fmt: skip
+        return self.frame(zero_udp_checksum(ip))
+
+    def ike_new(self) -> str:
+        """IKE_SA_INIT on 500; pktgen writes a counter into the SPI's low half: a new SPI per packet.
+
+        The high half changes per run, so a second run creates entries too (no retransmits).
+        """
+        self.ike_run += 1
+        spi_i = (0x5EED0000 | self.ike_run) << 32
+        ip = craft.ike(self.c1, self.lab.vip_int, spi_i, 0, body=bytes(36))
+        return self.frame(zero_udp_checksum(ip))
+
+    # -- sinks and counters -----------------------------------------------------------------------
+    def install_sinks(self) -> None:
+        """raw PREROUTING DROP of the benchmark's traffic in every real server (counted per rule)."""
+        c1 = self.lab.client_addrs["c1"]
+        for role in self.lab.rs_roles:
+            for match in (["-p", "esp"], ["-p", "udp", "--dport", "500"], ["-p", "udp", "--dport", "4500"]):
+                self.lab.run(role, ["iptables", "-w", "-t", "raw", "-A", "PREROUTING", "-s", c1, *match, "-j", "DROP"])
+
+    def sink_total(self) -> int:
+        total = 0
+        for role in self.lab.rs_roles:
+            text = self.lab.run(role, ["iptables", "-w", "-t", "raw", "-L", "PREROUTING", "-n", "-v", "-x"]).stdout
+            for line in text.splitlines()[2:]:
+                parts = line.split()
+                if len(parts) > 2 and parts[2] == "DROP":
+                    total += int(parts[0])
+        return total
+
+    def rx(self) -> int:
+        total = 0
+        for role, ipr in self.rs_ipr.items():
+            stats = ipr.link("get", index=self.rs_idx[role])[0].get_attr("IFLA_STATS64")
+            total += stats["rx_packets"]
+        return total
+
+    def nfq_dropped(self) -> int:
+        """queue_dropped + user_dropped over the director namespace's queues."""
+        text = self.lab.run("director", ["cat", "/proc/net/netfilter/nfnetlink_queue"], check=False).stdout
+        return sum(int(p[5]) + int(p[6]) for p in (line.split() for line in text.splitlines()) if len(p) >= 7)
+
+    def daemon_packets(self) -> int | None:
+        if self.director is None:
+            return None
+        return self.director.status()["stats"]["packets"]
+
+    def sample(self) -> Sample:
+        pid = self.measured_pid
+        return Sample(time.monotonic(), self.rx(), cpu_times(), proc_cpu_ticks(pid) if pid else None)
+
+    # -- one case ---------------------------------------------------------------------------------
+    def pktgen(self, hexframe: str, rate: int, seconds: float, seq_off: int, count: int | None = None):
+        if count is None:
+            count = int(rate * seconds) if rate else 50_000_000
+        batch = 64 if not rate else max(1, min(64, rate // 5000))  # paced: at most ~5000 batches/s
+        argv = ["taskset", "-c", str(GEN_CPU), str(PKTGEN), "eth0", hexframe, str(count),
+                "--rate", str(rate), "--batch", str(batch), "--seconds", str(seconds),
+                "--seq-offset", str(seq_off)]  # fmt: skip
+        return self.lab.popen("c1", argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def warm_up(self, hexframe: str, seq_off: int, what: str) -> None:
+        """A short burst: resolves neighbours, teaches the bridges, and proves the path works."""
+        self.lab.ping("c1", self.lab.director_wan)
+        before = self.sink_total()
+        proc = self.pktgen(hexframe, 20_000, 1.0, seq_off, count=1000)
+        proc.communicate(timeout=30)
+        time.sleep(0.2)
+        got = self.sink_total() - before
+        if got < 900:
+            raise RuntimeError(f"{self.lab.mode}: only {got} of 1000 {what} packets reached the real servers; "
+                               f"daemon log:\n{self.director.log() if self.director else '(no daemon)'}")
+
+    def run(self, case: Case, hexframe: str, seq_off: int) -> dict[str, Any]:
+        p = self.prof
+        self.lab.ping("c1", self.lab.director_wan)  # keep the wan bridge's entry for the director fresh
+        sink0, nfq0, back0, dpk0 = self.sink_total(), self.nfq_dropped(), softnet_dropped(), self.daemon_packets()
+        start = time.monotonic()
+        proc = self.pktgen(hexframe, case.rate, p["seconds"], seq_off)
+        time.sleep(p["warm"])
+        a = self.sample()
+        probe = ControlProbe(self.director) if self.director else None
+        end_at = start + p["seconds"] - p["tail"]
+        while time.monotonic() < end_at and proc.poll() is None:
+            time.sleep(0.01)
+        b = self.sample()
+        try:
+            stdout, stderr = proc.communicate(timeout=p["seconds"] + 30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+        if proc.returncode:
+            raise RuntimeError(f"pktgen exited {proc.returncode}: {stderr.strip()}")
+        gen = json.loads(stdout.strip().splitlines()[-1])
+        time.sleep(p["settle"])
+        if probe:
+            probe.join()
+        delivered = self.sink_total() - sink0
+        dt = b.t - a.t
+        row: dict[str, Any] = {
+            "group": case.group, "case": case.label, "mode": case.mode, "rate": case.rate,
+            "sent": gen["sent"], "gen_seconds": gen["seconds"], "offered_pps": gen["pps"],
+            "gen_errors": gen["errors"], "batch": gen["batch"],
+            "delivered": delivered, "delivered_pps": (b.rx - a.rx) / dt if dt > 0 else 0.0,
+            "window_s": dt,
+            "loss_pct": 100.0 * (1 - delivered / gen["sent"]) if gen["sent"] else 0.0,
+            "nfq_dropped": self.nfq_dropped() - nfq0, "backlog_dropped": softnet_dropped() - back0,
+        }  # fmt: skip
+        ticks = {c: (b.cpus[c][0] - a.cpus[c][0], b.cpus[c][1] - a.cpus[c][1], b.cpus[c][2] - a.cpus[c][2])
+                 for c in b.cpus}  # fmt: skip
+        row["cpu_busy_pct"] = {c: 100.0 * busy / tot if tot else 0.0 for c, (busy, _, tot) in ticks.items()}
+        row["cpu_softirq_pct"] = {c: 100.0 * si / tot if tot else 0.0 for c, (_, si, tot) in ticks.items()}
+        if a.daemon is not None and b.daemon is not None and dt > 0:
+            row["daemon_cpu_pct"] = 100.0 * (b.daemon - a.daemon) / CLK_TCK / dt
+        if dpk0 is not None:
+            row["daemon_packets"] = self.daemon_packets() - dpk0
+        if probe:
+            row["control_answer_s"] = probe.seconds
+        case.row = row
+        self.out.append(row)
+        print_row(row)
+        return row
+
+
+class ControlProbe(threading.Thread):
+    """One status request to the daemon while it is under load; ``seconds`` = answer time or None."""
+
+    TIMEOUT = 2.0
+
+    def __init__(self, director: DirectorProcess) -> None:
+        super().__init__(daemon=True)
+        self.director = director
+        self.seconds: float | None = None
+        self.start()
+
+    def run(self) -> None:
+        from director.daemon import control_request
+
+        t0 = time.monotonic()
+        try:
+            control_request(str(self.director.control), {"cmd": "status"}, timeout=self.TIMEOUT)
+            self.seconds = time.monotonic() - t0
+        except OSError:
+            self.seconds = None
+
+
+# -- output ----------------------------------------------------------------------------------------
+
+HEADER = (f"{'case':<34}{'mode':<5}{'target':>9}{'offered':>10}{'delivered':>11}{'loss%':>7}"
+          f"{'daemon%':>8}{'cpu0%':>7}{'cpu1%':>7}{'si1%':>6}{'nfq drop':>10}{'ctl s':>7}")  # fmt: skip
+
+
+def fmt_rate(r: float) -> str:
+    return "max" if r == 0 else f"{r / 1000:.0f}k"
+
+
+def print_row(r: dict[str, Any]) -> None:
+    d = r.get("daemon_cpu_pct")
+    ctl = r.get("control_answer_s", "")
+    ctl_s = "" if ctl == "" else ("TIMEOUT" if ctl is None else f"{ctl:.2f}")
+    busy, si = r["cpu_busy_pct"], r["cpu_softirq_pct"]
+    print(f"{r['case']:<34}{r['mode']:<5}{fmt_rate(r['rate']):>9}{r['offered_pps']:>10,.0f}"
+          f"{r['delivered_pps']:>11,.0f}{r['loss_pct']:>7.1f}{'' if d is None else f'{d:.0f}':>8}"
+          f"{busy.get(0, 0):>7.0f}{busy.get(1, 0):>7.0f}{si.get(1, 0):>6.0f}{r['nfq_dropped']:>10,}"
+          f"{ctl_s:>7}", flush=True)  # fmt: skip
+
+
+# -- the cases, lab by lab -------------------------------------------------------------------------
+
+
+def start_daemon(lab: Lab, cpu: int) -> DirectorProcess:
+    d = DirectorProcess(lab, scheduler="rr")
+    text = d.config_path.read_text()
+    d.config_path.write_text(text.replace("[daemon]\n", f"[daemon]\ncapacity = {CAPACITY}\n", 1))
+    d.start()
+    pin(d.proc.pid, cpu)
+    return d
+
+
+def plain_cases(bench: Bench, group: str = "a") -> None:
+    """a: ESP to rs1's own address, routed by the director's kernel, no daemon."""
+    lab = bench.lab
+    lab.ipr("c1").route("replace", dst=lab.lan_net, gateway=lab.director_wan)  # the lab has no such route
+    frame = bench.esp_to(lab.rs_addr_ints[0])
+    bench.warm_up(frame, OFF_ESP_SEQ, "plain ESP")
+    label = "a  plain IP forwarding" if group == "a" else "a' plain IP forwarding (again)"
+    bench.run(Case(group, label, lab.mode, 0), frame, OFF_ESP_SEQ)
+
+
+def raw_loop_cases(bench: Bench) -> None:
+    """a0: the same plain path, every packet through a bare NetfilterQueue mark+accept loop."""
+    lab = bench.lab
+    rule = ["-t", "mangle", "PREROUTING", "-i", "eth0", "-d", lab.rs_addrs[0], "-p", "esp",
+            "-j", "NFQUEUE", "--queue-num", "0"]  # fmt: skip
+    proc = lab.popen("director", [sys.executable, "-c", RAW_LOOP], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                     text=True)  # fmt: skip
+    try:
+        if proc.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"raw NetfilterQueue loop did not start: {proc.stderr.read()}")
+        pin(proc.pid, DAEMON_CPU)
+        lab.run("director", ["iptables", "-w", rule[0], rule[1], "-A", *rule[2:]])
+        bench.measured_pid = proc.pid
+        frame = bench.esp_to(lab.rs_addr_ints[0])
+        bench.warm_up(frame, OFF_ESP_SEQ, "queued plain ESP")
+        for rate in bench.prof["raw_rates"]:
+            bench.run(Case("a0", "a0 raw NFQUEUE mark loop", lab.mode, rate), frame, OFF_ESP_SEQ)
+    finally:
+        bench.measured_pid = None
+        lab.run("director", ["iptables", "-w", rule[0], rule[1], "-D", *rule[2:]], check=False)
+        proc.terminate()
+        proc.wait(timeout=5)
+
+
+def daemon_cases(bench: Bench, shared_core: bool) -> None:
+    """b and c: the daemon forwards ESP and IKE of an established client."""
+    lab, prof = bench.lab, bench.prof
+    d = start_daemon(lab, DAEMON_CPU)
+    bench.director, bench.measured_pid = d, d.proc.pid
+    try:
+        client = LabClient(lab, "c1")
+        spi_i, spi_r, _ = client.ikev2_connect()
+        client.close()
+        bench.install_sinks()
+        esp = bench.esp_to(lab.vip_int)
+        bench.warm_up(esp, OFF_ESP_SEQ, "ESP to the VIP")
+        m = lab.mode.upper()
+        for rate in prof["esp_rates"]:
+            bench.run(Case("b", f"b  ESP via daemon ({m})", lab.mode, rate), esp, OFF_ESP_SEQ)
+        info = bench.ike_info(spi_i, spi_r)
+        for rate in prof["ike_rates"]:
+            bench.run(Case("c", f"c  IKE non-initial ({m})", lab.mode, rate), info, OFF_IKE_MSGID)
+        for rate in prof["ike_rates"]:
+            bench.run(Case("c-new", f"c  IKE initial, new SPI ({m})", lab.mode, rate), bench.ike_new(),
+                      OFF_IKE_SPI_LOW)  # fmt: skip
+        st = d.status()
+        bench.out[-1]["daemon_table"] = {"entries": st["entries"], **st["table"]}
+        if shared_core:
+            pin(d.proc.pid, GEN_CPU)  # the layout DESIGN warns about: daemon and softirq on one core
+            bench.run(Case("b-shared", f"b  ESP, daemon on gen. core ({m})", lab.mode, 0), esp, OFF_ESP_SEQ)
+            pin(d.proc.pid, DAEMON_CPU)
+        st = d.status()
+        bench.out[-1]["daemon_status"] = {"stats": st["stats"], "drops": st["drops"]}
+    finally:
+        bench.director, bench.measured_pid = None, None
+        rc = d.stop()
+        if rc != 0:
+            print(f"!! vpn-director exited {rc}:\n{d.log()[-2000:]}", flush=True)
+
+
+def dnat_cases(bench: Bench) -> None:
+    """d: iptables DNAT of ESP (conntrack), no daemon."""
+    lab = bench.lab
+    lab.run("director", ["iptables", "-w", "-t", "nat", "-A", "PREROUTING", "-i", "eth0", "-d", lab.vip,
+                         "-p", "esp", "-j", "DNAT", "--to-destination", lab.rs_addrs[0]])  # fmt: skip
+    frame = bench.esp_to(lab.vip_int)
+    bench.warm_up(frame, OFF_ESP_SEQ, "DNAT ESP")
+    for rate in bench.prof["dnat_rates"]:
+        bench.run(Case("d", "d  iptables DNAT (conntrack)", lab.mode, rate), frame, OFF_ESP_SEQ)
+
+
+def with_lab(mode: str, prof: dict[str, Any], out: list[dict[str, Any]], body) -> None:
+    with Lab(mode) as lab:
+        lab.start_responders()
+        bench = Bench(lab, prof, out)
+        body(bench)
+
+
+# -- summary ---------------------------------------------------------------------------------------
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    plain = [r for r in rows if r["group"] == "a"]
+    base = plain[0]["delivered_pps"] if plain else 0.0
+    for r in rows:
+        r["ratio_to_plain"] = r["delivered_pps"] / base if base else None
+    summary: dict[str, Any] = {"plain_pps": base}
+    again = [r for r in rows if r["group"] == "a'"]
+    if again and base:
+        summary["plain_again_pps"] = again[0]["delivered_pps"]
+        summary["plain_drift"] = again[0]["delivered_pps"] / base
+    raw = [r["delivered_pps"] for r in rows if r["group"] == "a0"]
+    raw_cap = max(raw) if raw else 0.0
+    summary["raw_loop_capacity_pps"] = raw_cap
+    for group in ("b", "c", "c-new", "d"):
+        for mode in ("dr", "tun", "nat"):
+            rs = [r for r in rows if r["group"] == group and r["mode"] == mode]
+            if not rs:
+                continue
+            cap = max(r["delivered_pps"] for r in rs)
+            flood = [r for r in rs if r["rate"] == 0]
+            item = {"capacity_pps": cap, "ratio_to_plain": cap / base if base else None,
+                    "ratio_to_raw_loop": cap / raw_cap if raw_cap else None}  # fmt: skip
+            if flood:
+                f = flood[0]
+                item["flood_offered_pps"] = f["offered_pps"]
+                item["flood_delivered_pps"] = f["delivered_pps"]
+                item["flood_over_capacity"] = f["delivered_pps"] / cap if cap else None
+                item["overload_factor"] = f["offered_pps"] / cap if cap else None
+            summary[f"{group}.{mode}"] = item
+    return summary
+
+
+def print_summary(s: dict[str, Any]) -> None:
+    print("\nsummary (capacity = best delivered rate over the offered rates; flood = unlimited offer)")
+    print(f"  a   plain IP forwarding: {s['plain_pps']:,.0f} pps  (the 1.0x of every ratio below)")
+    if "plain_drift" in s:
+        print(f"  a'  plain again at the end: {s['plain_again_pps']:,.0f} pps = {s['plain_drift']:.2f}x of a")
+    if s["raw_loop_capacity_pps"]:
+        print(f"  a0  raw NetfilterQueue mark loop: {s['raw_loop_capacity_pps']:,.0f} pps = "
+              f"{s['raw_loop_capacity_pps'] / s['plain_pps']:.2f}x of a")  # fmt: skip
+    names = {"b": "ESP via daemon", "c": "IKE non-initial", "c-new": "new ISAKMP entries/s", "d": "iptables DNAT"}
+    for key, item in s.items():
+        if "." not in key:
+            continue
+        group, mode = key.split(".")
+        line = f"  {group:<5} {names[group]:<22} {mode:<4} capacity {item['capacity_pps']:>9,.0f} pps"
+        line += f" = {item['ratio_to_plain']:.3f}x plain" if item["ratio_to_plain"] is not None else ""
+        if item.get("ratio_to_raw_loop") and group != "d":
+            line += f", {item['ratio_to_raw_loop']:.2f}x raw loop"
+        if "flood_delivered_pps" in item:
+            line += (f"; flood {item['flood_offered_pps']:,.0f} offered ({item['overload_factor']:.1f}x) -> "
+                     f"{item['flood_delivered_pps']:,.0f} = {item['flood_over_capacity']:.2f}x capacity")  # fmt: skip
+        print(line)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer rates, 1.2 s per case (under a minute)")
+    ap.add_argument("--json", metavar="PATH", help="also write every number to this JSON file")
+    args = ap.parse_args(argv)
+    if os.geteuid() != 0:
+        print("bench_dataplane: needs root (network namespaces, iptables, AF_PACKET)", file=sys.stderr)
+        return 2
+    if (os.cpu_count() or 1) < 2:
+        print("bench_dataplane: needs 2 CPUs (generator and daemon on different cores)", file=sys.stderr)
+        return 2
+    build_pktgen()
+    os.sched_setaffinity(0, {GEN_CPU})  # never on the daemon's core
+    name = "quick" if args.quick else "full"
+    prof = PROFILES[name]
+    mach = machine()
+    load0 = loadavg()
+    print(f"vpn-director dataplane benchmark ({name}: {prof['seconds']} s per case)")
+    print(f"machine: {mach['nproc']} CPU, {mach['cpu']}; kernel {mach['kernel']}; Python {mach['python']}")
+    print(f"load average at start: {load0} (other work on this machine skews every number)")
+    print(f"frame: {ETH + IP + 8 + ESP_SIZE}-byte Ethernet frame, ESP with {ESP_SIZE} bytes after SPI+seq; "
+          f"pktgen on CPU {GEN_CPU}, daemon on CPU {DAEMON_CPU}")  # fmt: skip
+    print("delivered = packets/s arriving at the real servers in a window inside the send; loss% from "
+          "exact totals; si1% = CPU 1 softirq share\n")
+    print(HEADER)
+    rows: list[dict[str, Any]] = []
+    t0 = time.monotonic()
+
+    def dr(b: Bench) -> None:
+        plain_cases(b)
+        raw_loop_cases(b)
+        daemon_cases(b, prof["shared_core"])
+
+    with_lab("dr", prof, rows, dr)
+    with_lab("tun", prof, rows, lambda b: daemon_cases(b, False))
+    with_lab("nat", prof, rows, lambda b: daemon_cases(b, False))
+    with_lab("nat", prof, rows, dnat_cases)
+    if prof["plain_again"]:
+        with_lab("dr", prof, rows, lambda b: plain_cases(b, "a'"))
+    wall = time.monotonic() - t0
+
+    summary = summarize(rows)
+    print_summary(summary)
+    print("\nratio of every case's delivered rate to a:")
+    for r in rows:
+        ratio = r["ratio_to_plain"]
+        print(f"  {r['case']:<36}{fmt_rate(r['rate']):>5}  {'' if ratio is None else f'{ratio:.3f}x'}")
+    load1 = loadavg()
+    print(f"\ndone in {wall:.0f} s; load average at end: {load1}")
+    if args.json:
+        doc = {"profile": name, "settings": prof, "machine": mach, "load_start": load0, "load_end": load1,
+               "wall_s": wall, "cases": rows, "summary": summary}  # fmt: skip
+        Path(args.json).write_text(json.dumps(doc, indent=1, default=str) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
