@@ -234,11 +234,16 @@ class Bench:
         return self.frame(zero_udp_checksum(ip))
 
     # -- sinks and counters -----------------------------------------------------------------------
-    def install_sinks(self) -> None:
-        """raw PREROUTING DROP of the benchmark's traffic in every real server (counted per rule)."""
+    SINKS = {"esp": (["-p", "esp"],), "ike": (["-p", "udp", "--dport", "500"], ["-p", "udp", "--dport", "4500"])}
+
+    def install_sinks(self, kind: str) -> None:
+        """raw PREROUTING DROP of c1's ``kind`` traffic in every real server (counted per rule).
+
+        IKE sinks go in only after the client's handshake, which needs the responders.
+        """
         c1 = self.lab.client_addrs["c1"]
         for role in self.lab.rs_roles:
-            for match in (["-p", "esp"], ["-p", "udp", "--dport", "500"], ["-p", "udp", "--dport", "4500"]):
+            for match in self.SINKS[kind]:
                 self.lab.run(role, ["iptables", "-w", "-t", "raw", "-A", "PREROUTING", "-s", c1, *match, "-j", "DROP"])
 
     def sink_total(self) -> int:
@@ -413,15 +418,14 @@ def plain_cases(bench: Bench, group: str = "a") -> None:
 def raw_loop_cases(bench: Bench) -> None:
     """a0: the same plain path, every packet through a bare NetfilterQueue mark+accept loop."""
     lab = bench.lab
-    rule = ["-t", "mangle", "PREROUTING", "-i", "eth0", "-d", lab.rs_addrs[0], "-p", "esp",
-            "-j", "NFQUEUE", "--queue-num", "0"]  # fmt: skip
+    rule = ["PREROUTING", "-i", "eth0", "-d", lab.rs_addrs[0], "-p", "esp", "-j", "NFQUEUE", "--queue-num", "0"]
     proc = lab.popen("director", [sys.executable, "-c", RAW_LOOP], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                      text=True)  # fmt: skip
     try:
         if proc.stdout.readline().strip() != "ready":
             raise RuntimeError(f"raw NetfilterQueue loop did not start: {proc.stderr.read()}")
         pin(proc.pid, DAEMON_CPU)
-        lab.run("director", ["iptables", "-w", rule[0], rule[1], "-A", *rule[2:]])
+        lab.run("director", ["iptables", "-w", "-t", "mangle", "-A", *rule])
         bench.measured_pid = proc.pid
         frame = bench.esp_to(lab.rs_addr_ints[0])
         bench.warm_up(frame, OFF_ESP_SEQ, "queued plain ESP")
@@ -429,7 +433,7 @@ def raw_loop_cases(bench: Bench) -> None:
             bench.run(Case("a0", "a0 raw NFQUEUE mark loop", lab.mode, rate), frame, OFF_ESP_SEQ)
     finally:
         bench.measured_pid = None
-        lab.run("director", ["iptables", "-w", rule[0], rule[1], "-D", *rule[2:]], check=False)
+        lab.run("director", ["iptables", "-w", "-t", "mangle", "-D", *rule], check=False)
         proc.terminate()
         proc.wait(timeout=5)
 
@@ -443,7 +447,7 @@ def daemon_cases(bench: Bench, shared_core: bool) -> None:
         client = LabClient(lab, "c1")
         spi_i, spi_r, _ = client.ikev2_connect()
         client.close()
-        bench.install_sinks()
+        bench.install_sinks("ike")
         esp = bench.esp_to(lab.vip_int)
         bench.warm_up(esp, OFF_ESP_SEQ, "ESP to the VIP")
         m = lab.mode.upper()
@@ -485,6 +489,7 @@ def with_lab(mode: str, prof: dict[str, Any], out: list[dict[str, Any]], body) -
     with Lab(mode) as lab:
         lab.start_responders()
         bench = Bench(lab, prof, out)
+        bench.install_sinks("esp")
         body(bench)
 
 

@@ -172,6 +172,28 @@ _R_AH_ZERO_SPI = DropReason.AH_ZERO_SPI
 _new = tuple.__new__  # Classified built without the generated __new__'s Python-level call
 
 
+def ipv4_header(buf: bytes | bytearray | memoryview) -> tuple[int, int, int, int, int, int]:
+    """(IHL in bytes, total length, flags+fragment offset, protocol, src, dst), the header checked.
+
+    The one IPv4 header check of the project (the parser and every rewrite use it): at least 20
+    bytes, version 4, IHL >= 5 and within the buffer, total length >= IHL. The total length may
+    exceed the buffer (a truncated copy); callers that need the whole packet check that themselves.
+    """
+    if len(buf) < 20:
+        raise PacketError(_R_IP_TRUNCATED)
+    vihl, total, frag, proto, src, dst = _IP4.unpack_from(buf)
+    if vihl >> 4 != 4:
+        raise PacketError(_R_IP_BAD_VERSION)
+    ihl = (vihl & 0x0F) << 2
+    if ihl < 20:
+        raise PacketError(_R_IP_BAD_IHL)
+    if len(buf) < ihl:
+        raise PacketError(_R_IP_TRUNCATED)
+    if total < ihl:
+        raise PacketError(_R_IP_BAD_TOTAL_LENGTH)
+    return ihl, total, frag, proto, src, dst
+
+
 def classify(data: bytes | bytearray | memoryview, reply: bool = False) -> Classified:
     """Classify the IPv4 packet that starts at ``data[0]`` (no link-layer header).
 
@@ -184,18 +206,7 @@ def classify(data: bytes | bytearray | memoryview, reply: bool = False) -> Class
     if type(data) is memoryview and (data.format != "B" or data.ndim != 1 or not data.c_contiguous):
         data = data.tobytes()  # rare: a view of other items or strides; copy to plain bytes
     n = len(data)
-    if n < 20:
-        raise PacketError(_R_IP_TRUNCATED)
-    vihl, total, frag, proto, src, dst = _IP4.unpack_from(data)
-    if vihl >> 4 != 4:
-        raise PacketError(_R_IP_BAD_VERSION)
-    ihl = (vihl & 0x0F) << 2
-    if ihl < 20:
-        raise PacketError(_R_IP_BAD_IHL)
-    if n < ihl:
-        raise PacketError(_R_IP_TRUNCATED)
-    if total < ihl:
-        raise PacketError(_R_IP_BAD_TOTAL_LENGTH)
+    ihl, total, frag, proto, src, dst = ipv4_header(data)
     if frag & _MF_OR_OFFSET:
         # A non-first fragment has no L4 header; a first one has only part of the message.
         return _new(Classified, (_K_FRAGMENT, src, dst, proto, 0, 0, 0, 0, 0, 0, 0, 0, 0, False, 0, 0))

@@ -27,7 +27,7 @@ section 4.3.2 (ICMP errors), RFC 6864 (the IPv4 ID field).
 import struct
 
 from director.drop_reasons import DropReason
-from director.packet import PacketError
+from director.packet import PacketError, ipv4_header
 
 __all__ = ["icmp_unreachable", "ipip_decap", "ipip_encap", "nat_dnat", "nat_snat"]
 
@@ -39,7 +39,7 @@ _MF_OR_OFFSET = 0x3FFF  # More Fragments | offset: any fragment at all
 
 # vihl, total length, flags/fragment, protocol, header checksum, source, destination ("x" skips TOS,
 # ID and TTL without building ints for them)
-_IP = struct.Struct("!BxHxxHxBHII")
+_U16 = struct.Struct("!H")
 _CSUM_ADDRS = struct.Struct("!HII")  # header checksum, source, destination: written at offset 10
 _UDP = struct.Struct("!HHHH")  # sport, dport, length, checksum
 _TOS_TOTAL = struct.Struct("!BBH")  # vihl, TOS, total length: what encapsulation reads
@@ -68,16 +68,8 @@ def _nat(pkt: bytes | bytearray | memoryview, new_addr: int, new_port: int | Non
     """Rewrite the destination (``dst``) or source address and UDP port; see nat_dnat/nat_snat."""
     buf = bytearray(pkt)  # the one working copy
     n = len(buf)
-    if n < 20:
-        raise PacketError(_R_IP_TRUNCATED)
-    vihl, total, frag, proto, hc, src_addr, dst_addr = _IP.unpack_from(buf)
-    if vihl >> 4 != 4:
-        raise PacketError(_R_IP_BAD_VERSION)
-    ihl = (vihl & 0x0F) << 2
-    if ihl < 20:
-        raise PacketError(_R_IP_BAD_IHL)
-    if total < ihl:
-        raise PacketError(_R_IP_BAD_TOTAL_LENGTH)
+    ihl, total, frag, proto, src_addr, dst_addr = ipv4_header(buf)
+    hc = _U16.unpack_from(buf, 10)[0]
     if n < total:
         raise PacketError(_R_IP_TRUNCATED)  # a truncated copy: rewriting it would send a stub
     if n > total:
@@ -162,16 +154,8 @@ def ipip_encap(
     if type(pkt) is not bytes:
         pkt = bytes(pkt)  # also the raw bytes of a memoryview of wider items
     n = len(pkt)
-    if n < 20:
-        raise PacketError(_R_IP_TRUNCATED)
-    vihl, tos, total = _TOS_TOTAL.unpack_from(pkt)
-    if vihl >> 4 != 4:
-        raise PacketError(_R_IP_BAD_VERSION)
-    ihl = (vihl & 0x0F) << 2
-    if ihl < 20:
-        raise PacketError(_R_IP_BAD_IHL)
-    if total < ihl:
-        raise PacketError(_R_IP_BAD_TOTAL_LENGTH)
+    _ihl, total, _frag, _proto, _src, _dst = ipv4_header(pkt)
+    tos = pkt[1]
     if n < total:
         raise PacketError(_R_IP_TRUNCATED)
     outer_total = total + 20
@@ -199,18 +183,8 @@ def ipip_decap(pkt: bytes | bytearray | memoryview) -> bytes:
     """
     if type(pkt) is not bytes:
         pkt = bytes(pkt)
-    n = len(pkt)
-    if n < 20:
-        raise PacketError(_R_IP_TRUNCATED)
-    vihl, total, frag, proto, _hc, _src, _dst = _IP.unpack_from(pkt)
-    if vihl >> 4 != 4:
-        raise PacketError(_R_IP_BAD_VERSION)
-    ihl = (vihl & 0x0F) << 2
-    if ihl < 20:
-        raise PacketError(_R_IP_BAD_IHL)
-    if total < ihl:
-        raise PacketError(_R_IP_BAD_TOTAL_LENGTH)
-    if n < total:
+    ihl, total, frag, proto, _src, _dst = ipv4_header(pkt)
+    if len(pkt) < total:
         raise PacketError(_R_IP_TRUNCATED)
     if proto != _PROTO_IPIP:
         raise PacketError(_R_IP_BAD_VERSION)
@@ -260,18 +234,7 @@ def icmp_unreachable(orig: bytes | bytearray | memoryview, src: int, code: int =
     if type(orig) is not bytes:
         orig = bytes(orig)
     n = len(orig)
-    if n < 20:
-        raise PacketError(_R_IP_TRUNCATED)
-    vihl, total, frag, proto, _hc, osrc, odst = _IP.unpack_from(orig)
-    if vihl >> 4 != 4:
-        raise PacketError(_R_IP_BAD_VERSION)
-    ihl = (vihl & 0x0F) << 2
-    if ihl < 20:
-        raise PacketError(_R_IP_BAD_IHL)
-    if n < ihl:
-        raise PacketError(_R_IP_TRUNCATED)
-    if total < ihl:
-        raise PacketError(_R_IP_BAD_TOTAL_LENGTH)
+    ihl, total, frag, proto, osrc, odst = ipv4_header(orig)
     if frag & _OFFSET:
         raise PacketError(_R_ICMP_SUPPRESSED)  # non-first fragment
     if odst >= 0xE0000000 or osrc >= 0xE0000000 or not osrc or osrc >> 24 == 127:
