@@ -15,7 +15,8 @@ Sections:
      and new entries/s when the table is full (each one reclaims the oldest INIT entry).
   c  the table at 1,000,000 entries: bytes/entry (tracemalloc and VmRSS), fill time, lookups at
      1M against a small table, expiry per expired entry, and an ``expire()`` with nothing due.
-  c' for comparison only (not our code): a naive dict-of-slotted-objects table, bytes/entry.
+  c' for comparison only (not our code): a naive dict-of-slotted-objects table: bytes/entry, and
+     its lookups interleaved with ours.
 
 Timing: every measurement runs ``--repeats`` times; the table shows the best (least disturbed by
 noisy neighbours) and the median, and rates and ratios use the best. The garbage collector stays
@@ -69,11 +70,12 @@ MIX = {
 
 SIZES = {
     # established clients, mix list length, new entries (b), handshakes (b), table entries (c),
-    # entries expiring per tick (c), small table for the O(1) comparison (c), lookups sampled (c)
+    # entries expiring per tick (c), small table for the O(1) comparison (c: table / 128, so that
+    # its indexes have the same load factor as the big table's), lookups sampled (c)
     "full": dict(clients=10_000, mix=100_000, entries=200_000, handshakes=100_000, table=1_000_000,
-                 k=10_000, small=10_000, lookups=100_000, repeats=5),
+                 k=10_000, small=7_812, lookups=100_000, repeats=5),
     "quick": dict(clients=1_000, mix=10_000, entries=20_000, handshakes=10_000, table=100_000,
-                  k=1_000, small=1_000, lookups=10_000, repeats=3),
+                  k=1_000, small=781, lookups=10_000, repeats=3),
 }  # fmt: skip
 
 
@@ -160,6 +162,28 @@ def loadavg() -> str:
             return " ".join(f.read().split()[:3])
     except OSError:
         return "unknown"
+
+
+def code_state() -> dict[str, Any]:
+    """Which code ran: the commit, the files under director/ that differ from it, and digests of
+    the decision-core sources as they were when this run imported them (read-only git calls)."""
+    import hashlib
+
+    root = Path(__file__).resolve().parents[1]
+    out: dict[str, Any] = {}
+    for name in ("packet", "core", "conntrack", "isakmp_state"):
+        data = (root / "director" / f"{name}.py").read_bytes()
+        out[f"{name}.py"] = hashlib.sha256(data).hexdigest()[:12]
+    try:
+        git = ["git", "-C", str(root)]
+        out["commit"] = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                       timeout=10, check=True).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(git + ["status", "--porcelain", "--", "director"], capture_output=True, text=True,
+                               timeout=10, check=True).stdout.split("\n")  # fmt: skip
+        out["uncommitted"] = sorted(line[3:] for line in dirty if line.strip())
+    except (OSError, subprocess.SubprocessError):
+        out["commit"] = "unknown"
+    return out
 
 
 def machine() -> dict[str, Any]:
@@ -827,7 +851,8 @@ def section_c(rep: Report, z: dict, repeats: int, rng: random.Random, naive: boo
               lk["big.hit"].best / lk["small.hit"].best, "O(1): ~1, plus cache misses")  # fmt: skip
     rep.ratio("c.ratio_lookup_miss_big_small", f"lookup miss at {n:,} / at {ns:,}",
               lk["big.miss"].best / lk["small.miss"].best)  # fmt: skip
-    rep.value("c.cookie_index_load", "cookie index load factor", load, "", ",.3f")
+    small_load = st._by_cookie.size / (st._by_cookie.mask + 1)
+    rep.value("c.cookie_index_load", "cookie index load factor", load, "", ",.3f", f"(small table: {small_load:.3f})")
     rep.value("c.cookie_index_probes", "cookie index: mean buckets per successful find", probes, "", ",.2f",
               f"(linear probing theory at this load: {0.5 * (1 + 1 / (1 - load)):.2f})")  # fmt: skip
 
@@ -990,6 +1015,9 @@ def main(argv: list[str] | None = None) -> int:
     rep.out(f"vpn-director decision-core micro-benchmarks ({mode}; best and median of {repeats} repeats)")
     rep.out(f"machine: {mach['nproc']} CPU, {mach['cpu']}; {mach['implementation']} {mach['python']}; "
             f"{mach['platform']}")  # fmt: skip
+    code = code_state()
+    dirty = ", ".join(code.get("uncommitted", [])) or "none"
+    rep.out(f"code: commit {code['commit']}; uncommitted changes under director/: {dirty}")
     load_start = loadavg()
     rep.out(f"load average at start: {load_start} (other work on this machine skews absolute numbers)")
     t0, c0 = time.perf_counter(), time.process_time()
@@ -1014,6 +1042,7 @@ def main(argv: list[str] | None = None) -> int:
             "repeats": repeats,
             "sizes": z,
             "machine": mach,
+            "code": code,
             "seed": args.seed,
             "elapsed_s": wall,
             "elapsed_by_section_s": elapsed,

@@ -154,6 +154,41 @@ def cpu_times() -> dict[int, tuple[int, int, int]]:
     return out
 
 
+def busy_before(seconds: float = 1.0) -> dict[int, float]:
+    """Each CPU's busy % over ``seconds`` before the run: work that is not ours skews every number."""
+    a = cpu_times()
+    time.sleep(seconds)
+    b = cpu_times()
+    return {c: 100.0 * (b[c][0] - a[c][0]) / max(1, b[c][2] - a[c][2]) for c in b}
+
+
+PF_KTHREAD = 0x00200000
+
+
+def foreign_ticks(lab_netns: set[tuple[int, int]]) -> dict[int, int]:
+    """utime+stime of every user process that is not ours: not this script, not in a lab namespace.
+
+    Kernel threads are left out on purpose: ksoftirqd does our packets' work when softirq load is
+    high. What remains is other people's work on a shared machine, which skews the numbers.
+    """
+    me = os.getpid()
+    out = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            if int(fields[6]) & PF_KTHREAD:
+                continue
+            st = os.stat(f"/proc/{entry}/ns/net")
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) not in lab_netns:
+            out[int(entry)] = int(fields[11]) + int(fields[12])
+    return out
+
+
 def softnet_dropped() -> int:
     """Packets dropped because a CPU's input backlog was full (all CPUs, all namespaces)."""
     with open("/proc/net/softnet_stat") as f:
@@ -175,9 +210,11 @@ def mac_bytes(mac: str) -> bytes:
 @dataclass
 class Sample:
     t: float
+    tx: int  # tx_packets of c1's eth0: what the generator got onto the wire
     rx: int  # rx_packets summed over the real servers' eth0
     cpus: dict[int, tuple[int, int, int]]
     daemon: int | None  # utime + stime ticks of the measured process
+    foreign: dict[int, int]  # utime + stime ticks of processes that are not ours, by pid
 
 
 @dataclass
@@ -202,9 +239,15 @@ class Bench:
         self.l2 = mac_bytes(dmac) + mac_bytes(smac) + b"\x08\x00"
         self.rs_ipr = {role: lab.ipr(role) for role in lab.rs_roles}
         self.rs_idx = {role: ipr.link_lookup(ifname="eth0")[0] for role, ipr in self.rs_ipr.items()}
+        self.c1_ipr = lab.ipr("c1")
+        self.c1_idx = self.c1_ipr.link_lookup(ifname="eth0")[0]
         self.measured_pid: int | None = None
         self.director: DirectorProcess | None = None
         self.ike_run = 0
+        self.lab_netns = set()
+        for name in lab.ns.values():
+            st = os.stat(f"/run/netns/{name}")
+            self.lab_netns.add((st.st_dev, st.st_ino))
 
     def _mac(self, role: str, ifname: str) -> str:
         ipr = self.lab.ipr(role)
@@ -256,6 +299,9 @@ class Bench:
                     total += int(parts[0])
         return total
 
+    def tx(self) -> int:
+        return self.c1_ipr.link("get", index=self.c1_idx)[0].get_attr("IFLA_STATS64")["tx_packets"]
+
     def rx(self) -> int:
         total = 0
         for role, ipr in self.rs_ipr.items():
@@ -275,7 +321,8 @@ class Bench:
 
     def sample(self) -> Sample:
         pid = self.measured_pid
-        return Sample(time.monotonic(), self.rx(), cpu_times(), proc_cpu_ticks(pid) if pid else None)
+        return Sample(time.monotonic(), self.tx(), self.rx(), cpu_times(), proc_cpu_ticks(pid) if pid else None,
+                      foreign_ticks(self.lab_netns))
 
     # -- one case ---------------------------------------------------------------------------------
     def pktgen(self, hexframe: str, rate: int, seconds: float, seq_off: int, count: int | None = None):
@@ -307,7 +354,7 @@ class Bench:
         proc = self.pktgen(hexframe, case.rate, p["seconds"], seq_off)
         time.sleep(p["warm"])
         a = self.sample()
-        probe = ControlProbe(self.director) if self.director else None
+        probe = ControlProbe(self.director, p["seconds"] + 5) if self.director else None
         end_at = start + p["seconds"] - p["tail"]
         while time.monotonic() < end_at and proc.poll() is None:
             time.sleep(0.01)
@@ -327,7 +374,8 @@ class Bench:
         dt = b.t - a.t
         row: dict[str, Any] = {
             "group": case.group, "case": case.label, "mode": case.mode, "rate": case.rate,
-            "sent": gen["sent"], "gen_seconds": gen["seconds"], "offered_pps": gen["pps"],
+            "sent": gen["sent"], "gen_seconds": gen["seconds"], "gen_pps": gen["pps"],
+            "offered_pps": (b.tx - a.tx) / dt if dt > 0 else 0.0,
             "gen_errors": gen["errors"], "batch": gen["batch"],
             "delivered": delivered, "delivered_pps": (b.rx - a.rx) / dt if dt > 0 else 0.0,
             "window_s": dt,
@@ -338,8 +386,12 @@ class Bench:
                  for c in b.cpus}  # fmt: skip
         row["cpu_busy_pct"] = {c: 100.0 * busy / tot if tot else 0.0 for c, (busy, _, tot) in ticks.items()}
         row["cpu_softirq_pct"] = {c: 100.0 * si / tot if tot else 0.0 for c, (_, si, tot) in ticks.items()}
+        foreign = sum(t - a.foreign.get(pid, 0) for pid, t in b.foreign.items())
+        row["others_cpu_pct"] = 100.0 * foreign / CLK_TCK / dt if dt > 0 else 0.0
         if a.daemon is not None and b.daemon is not None and dt > 0:
             row["daemon_cpu_pct"] = 100.0 * (b.daemon - a.daemon) / CLK_TCK / dt
+            if row["delivered_pps"] > 0:  # CPU time of the daemon per packet it got through
+                row["daemon_us_per_pkt"] = 1e6 * row["daemon_cpu_pct"] / 100.0 / row["delivered_pps"]
         if dpk0 is not None:
             row["daemon_packets"] = self.daemon_packets() - dpk0
         if probe:
@@ -353,11 +405,10 @@ class Bench:
 class ControlProbe(threading.Thread):
     """One status request to the daemon while it is under load; ``seconds`` = answer time or None."""
 
-    TIMEOUT = 2.0
-
-    def __init__(self, director: DirectorProcess) -> None:
+    def __init__(self, director: DirectorProcess, timeout: float) -> None:
         super().__init__(daemon=True)
         self.director = director
+        self.timeout = timeout
         self.seconds: float | None = None
         self.start()
 
@@ -366,7 +417,7 @@ class ControlProbe(threading.Thread):
 
         t0 = time.monotonic()
         try:
-            control_request(str(self.director.control), {"cmd": "status"}, timeout=self.TIMEOUT)
+            control_request(str(self.director.control), {"cmd": "status"}, timeout=self.timeout)
             self.seconds = time.monotonic() - t0
         except OSError:
             self.seconds = None
@@ -375,7 +426,7 @@ class ControlProbe(threading.Thread):
 # -- output ----------------------------------------------------------------------------------------
 
 HEADER = (f"{'case':<34}{'mode':<5}{'target':>9}{'offered':>10}{'delivered':>11}{'loss%':>7}"
-          f"{'daemon%':>8}{'cpu0%':>7}{'cpu1%':>7}{'si1%':>6}{'nfq drop':>10}{'ctl s':>7}")  # fmt: skip
+          f"{'daemon%':>8}{'us/pkt':>7}{'cpu0%':>7}{'cpu1%':>7}{'si1%':>6}{'nfq drop':>10}{'ctl s':>7}{'others%':>8}")  # fmt: skip
 
 
 def fmt_rate(r: float) -> str:
@@ -384,13 +435,14 @@ def fmt_rate(r: float) -> str:
 
 def print_row(r: dict[str, Any]) -> None:
     d = r.get("daemon_cpu_pct")
+    us = r.get("daemon_us_per_pkt")
     ctl = r.get("control_answer_s", "")
     ctl_s = "" if ctl == "" else ("TIMEOUT" if ctl is None else f"{ctl:.2f}")
     busy, si = r["cpu_busy_pct"], r["cpu_softirq_pct"]
     print(f"{r['case']:<34}{r['mode']:<5}{fmt_rate(r['rate']):>9}{r['offered_pps']:>10,.0f}"
-          f"{r['delivered_pps']:>11,.0f}{r['loss_pct']:>7.1f}{'' if d is None else f'{d:.0f}':>8}"
+          f"{r['delivered_pps']:>11,.0f}{r['loss_pct']:>7.1f}{'' if d is None else f'{d:.0f}':>8}{'' if us is None else f'{us:.1f}':>7}"
           f"{busy.get(0, 0):>7.0f}{busy.get(1, 0):>7.0f}{si.get(1, 0):>6.0f}{r['nfq_dropped']:>10,}"
-          f"{ctl_s:>7}", flush=True)  # fmt: skip
+          f"{ctl_s:>7}{r['others_cpu_pct']:>8.0f}", flush=True)  # fmt: skip
 
 
 # -- the cases, lab by lab -------------------------------------------------------------------------
@@ -413,6 +465,16 @@ def plain_cases(bench: Bench, group: str = "a") -> None:
     bench.warm_up(frame, OFF_ESP_SEQ, "plain ESP")
     label = "a  plain IP forwarding" if group == "a" else "a' plain IP forwarding (again)"
     bench.run(Case(group, label, lab.mode, 0), frame, OFF_ESP_SEQ)
+    if group != "a":
+        return
+    # a2: the same, with the director's receive processing steered to the daemon's core by RPS, the
+    # two-core layout of the daemon cases (there, work after a verdict runs on CPU 1).
+    rps = "/sys/class/net/eth0/queues/rx-0/rps_cpus"  # `ip netns exec` mounts the namespace's /sys
+    lab.run("director", ["sh", "-c", f"echo {1 << DAEMON_CPU:x} > {rps}"])
+    try:
+        bench.run(Case("a2", "a2 plain, director on CPU 1 (RPS)", lab.mode, 0), frame, OFF_ESP_SEQ)
+    finally:
+        lab.run("director", ["sh", "-c", f"echo 0 > {rps}"])
 
 
 def raw_loop_cases(bench: Bench) -> None:
@@ -502,6 +564,9 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     for r in rows:
         r["ratio_to_plain"] = r["delivered_pps"] / base if base else None
     summary: dict[str, Any] = {"plain_pps": base}
+    rps = [r for r in rows if r["group"] == "a2"]
+    base2 = rps[0]["delivered_pps"] if rps else 0.0
+    summary["plain_rps_pps"] = base2
     again = [r for r in rows if r["group"] == "a'"]
     if again and base:
         summary["plain_again_pps"] = again[0]["delivered_pps"]
@@ -517,6 +582,7 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
             cap = max(r["delivered_pps"] for r in rs)
             flood = [r for r in rs if r["rate"] == 0]
             item = {"capacity_pps": cap, "ratio_to_plain": cap / base if base else None,
+                    "ratio_to_plain_rps": cap / base2 if base2 else None,
                     "ratio_to_raw_loop": cap / raw_cap if raw_cap else None}  # fmt: skip
             if flood:
                 f = flood[0]
@@ -531,6 +597,9 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
 def print_summary(s: dict[str, Any]) -> None:
     print("\nsummary (capacity = best delivered rate over the offered rates; flood = unlimited offer)")
     print(f"  a   plain IP forwarding: {s['plain_pps']:,.0f} pps  (the 1.0x of every ratio below)")
+    if s["plain_rps_pps"]:
+        print(f"  a2  plain, director on CPU 1 (RPS): {s['plain_rps_pps']:,.0f} pps = "
+              f"{s['plain_rps_pps'] / s['plain_pps']:.2f}x of a")  # fmt: skip
     if "plain_drift" in s:
         print(f"  a'  plain again at the end: {s['plain_again_pps']:,.0f} pps = {s['plain_drift']:.2f}x of a")
     if s["raw_loop_capacity_pps"]:
@@ -542,7 +611,8 @@ def print_summary(s: dict[str, Any]) -> None:
             continue
         group, mode = key.split(".")
         line = f"  {group:<5} {names[group]:<22} {mode:<4} capacity {item['capacity_pps']:>9,.0f} pps"
-        line += f" = {item['ratio_to_plain']:.3f}x plain" if item["ratio_to_plain"] is not None else ""
+        line += f" = {item['ratio_to_plain']:.3f}x a" if item["ratio_to_plain"] is not None else ""
+        line += f", {item['ratio_to_plain_rps']:.3f}x a2" if item["ratio_to_plain_rps"] is not None else ""
         if item.get("ratio_to_raw_loop") and group != "d":
             line += f", {item['ratio_to_raw_loop']:.2f}x raw loop"
         if "flood_delivered_pps" in item:
@@ -570,7 +640,11 @@ def main(argv: list[str] | None = None) -> int:
     load0 = loadavg()
     print(f"vpn-director dataplane benchmark ({name}: {prof['seconds']} s per case)")
     print(f"machine: {mach['nproc']} CPU, {mach['cpu']}; kernel {mach['kernel']}; Python {mach['python']}")
-    print(f"load average at start: {load0} (other work on this machine skews every number)")
+    idle = busy_before()
+    print(f"load average at start: {load0}; CPU busy before the run: "
+          + ", ".join(f"cpu{c} {v:.0f}%" for c, v in sorted(idle.items())))
+    if max(idle.values()) > 10:
+        print("!! other work is running on this machine: every number below is skewed by it")
     print(f"frame: {ETH + IP + 8 + ESP_SIZE}-byte Ethernet frame, ESP with {ESP_SIZE} bytes after SPI+seq; "
           f"pktgen on CPU {GEN_CPU}, daemon on CPU {DAEMON_CPU}")  # fmt: skip
     print("delivered = packets/s arriving at the real servers in a window inside the send; loss% from "
@@ -602,6 +676,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\ndone in {wall:.0f} s; load average at end: {load1}")
     if args.json:
         doc = {"profile": name, "settings": prof, "machine": mach, "load_start": load0, "load_end": load1,
+               "cpu_busy_before_pct": idle,
                "wall_s": wall, "cases": rows, "summary": summary}  # fmt: skip
         Path(args.json).write_text(json.dumps(doc, indent=1, default=str) + "\n")
         print(f"wrote {args.json}")

@@ -10,6 +10,7 @@ APT_PACKAGES=(
   libnetfilter-queue-dev libnfnetlink-dev pkg-config build-essential
   python3 python3-venv python3-dev
   clang llvm libbpf-dev bpftool
+  prometheus
 )
 
 log() { printf 'setup: %s\n' "$*"; }

@@ -27,9 +27,9 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
-from director.isakmp_state import DEFAULT_ESTABLISHED_TIMEOUT, DEFAULT_INIT_TIMEOUT, Timeouts
-from director.schedulers import SCHEDULERS, RealServer
-from director.service import AFFINITY, Method, Service
+from director.isakmp_state import DEFAULT_ESTABLISHED_TIMEOUT, DEFAULT_INIT_TIMEOUT
+from director.schedulers import SCHEDULERS
+from director.service import AFFINITY
 
 
 class ConfigErrors(ValueError):
@@ -281,37 +281,40 @@ def _service(c: _Checker, p: str, s: Any, vips: dict[str, int], addresses: dict[
     )
 
 
-def build_services(cfg: Config) -> list[Service]:
-    """Services with real servers for a Director. Ids: service i+1, real servers numbered in order."""
-    from director.packet import ip_to_int
-
-    out = []
-    rs_id = 0
-    for i, s in enumerate(cfg.services):
-        servers = {}
-        for r in s.servers:
-            servers[rs_id] = RealServer(
-                id=rs_id, addr=ip_to_int(r.address), weight=r.weight, method=r.method,
-                u_threshold=r.u_threshold, l_threshold=r.l_threshold,
-            )
-            rs_id += 1
-        try:
-            out.append(
-                Service(
-                    id=i + 1,
-                    vip=ip_to_int(s.vip),
-                    scheduler_name=s.scheduler,
-                    scheduler_options=dict(s.scheduler_options),
-                    method=Method.parse(s.method),
-                    timeouts=Timeouts(s.init_timeout, s.established_timeout),
-                    affinity=s.affinity,
-                    ah=s.ah,
-                    retransmit_threshold=s.retransmit_threshold,
-                    soft_limit=s.soft_limit,
-                    soft_grace=s.soft_grace,
-                    servers=servers,
-                )
-            )
-        except ValueError as e:  # scheduler options are checked by the scheduler itself
-            raise ConfigErrors([f"service[{i}].{str(e).removeprefix('service.')}"]) from None
+def service_to_dict(s: ServiceConfig) -> dict:
+    """The TOML-shaped table of one service (``from_dict`` reads it back to an equal ServiceConfig)."""
+    out: dict[str, Any] = {
+        "vip": s.vip,
+        "scheduler": s.scheduler,
+        "method": s.method,
+        "affinity": s.affinity,
+        "ah": s.ah,
+        "timeouts": {"init": s.init_timeout, "established": s.established_timeout},
+        "retransmit_threshold": s.retransmit_threshold,
+    }
+    if s.scheduler_options:
+        out["scheduler_options"] = dict(s.scheduler_options)
+    if s.soft_limit:
+        out["soft_expiry"] = {"limit": s.soft_limit, "grace": s.soft_grace}
+    out["server"] = [server_to_dict(r) for r in s.servers]
     return out
+
+
+def server_to_dict(r: ServerConfig) -> dict:
+    out: dict[str, Any] = {"address": r.address, "weight": r.weight}
+    if r.method:
+        out["method"] = r.method
+    if r.u_threshold:
+        out["u_threshold"] = r.u_threshold
+    if r.l_threshold:
+        out["l_threshold"] = r.l_threshold
+    return out
+
+
+def to_dict(cfg: Config) -> dict:
+    """The whole config as the dict ``from_dict`` takes (round trip: equal Config)."""
+    d = cfg.daemon
+    return {
+        "daemon": {k: getattr(d, k) for k in DaemonConfig.__dataclass_fields__},
+        "service": [service_to_dict(s) for s in cfg.services],
+    }

@@ -29,6 +29,12 @@ from director.schedulers import RealServer
 from director.service import ConfigError, Method, Service
 
 
+_SERVICE_FIELDS = frozenset({
+    "scheduler_name", "scheduler_options", "method", "affinity", "ah", "timeouts",
+    "retransmit_threshold", "soft_limit", "soft_grace",
+})
+
+
 class Action(IntEnum):
     PASS = 0  # not ours: let the kernel have it unchanged
     FORWARD = 1  # to real server ``rs`` by ``method`` (or, for a reply, source rewritten to ``addr``)
@@ -48,6 +54,23 @@ class Verdict(NamedTuple):
 
 
 _PASS = {k: Verdict(Action.PASS, k) for k in Kind}
+
+NK = len(Kind)
+# per-service counters: [(verdict - 1) * NK + kind] * 2 + (0 packets | 1 bytes), verdict FORWARD..ICMP
+SVC_COUNTERS = 3 * NK * 2
+# per-real-server counters: [(direction * NK + kind) * 2 + (0 packets | 1 bytes)], then connections
+RS_CONNS = 2 * NK * 2
+RS_COUNTERS = RS_CONNS + 1
+
+
+def svc_counter(action: Action, kind: Kind, bytes_: bool = False) -> int:
+    """Index into a service's counters (for readers: metrics, listings)."""
+    return ((action - 1) * NK + kind) * 2 + bytes_
+
+
+def rs_counter(reply: bool, kind: Kind, bytes_: bool = False) -> int:
+    """Index into a real server's counters; ``reply`` = NAT replies from the server."""
+    return (reply * NK + kind) * 2 + bytes_
 
 
 class Director:
@@ -74,6 +97,8 @@ class Director:
             "replies": 0,
         }
         self.stuck_by_rs: dict[int, int] = {}
+        self.svc_counters: dict[int, array] = {}
+        self.rs_counters: dict[int, array] = {}
 
     # -- configuration -----------------------------------------------------------------------
     def add_service(self, svc: Service) -> None:
@@ -85,17 +110,81 @@ class Director:
             self._check_new_server(rs)
         self.services[svc.id] = svc
         self._by_vip[svc.vip] = svc
+        self.svc_counters[svc.id] = array("Q", [0]) * SVC_COUNTERS
         self.table.set_timeouts(svc.id, svc.timeouts)
         self.table.set_soft_expiry(svc.id, svc.soft_limit, svc.soft_grace)
         for rs in svc.servers.values():
             self._index_server(svc, rs)
 
-    def remove_service(self, svc_id: int) -> None:
+    def remove_service(self, svc_id: int) -> int:
+        """Remove a service, its real servers and its entries (a scan: operator action only)."""
         svc = self._service(svc_id)
         for rs_id in list(svc.servers):
             self.remove_server(svc_id, rs_id)
         del self.services[svc_id]
         del self._by_vip[svc.vip]
+        del self.svc_counters[svc_id]
+        t = self.table
+        doomed = [s for s in t.slots() if t.svc[s] == svc_id]
+        for s in doomed:
+            t.remove(s)
+        return len(doomed)
+
+    def change_service(
+        self,
+        svc_id: int,
+        *,
+        fields: dict | None = None,
+        scheduler=None,
+        remove: list[int] = (),
+        update: list[tuple[int, dict]] = (),
+        add: list[RealServer] = (),
+    ) -> None:
+        """One atomic change of a running service (the reconciler validated the end state).
+
+        ``fields`` are Service settings, ``scheduler`` a ready Scheduler for a new scheduler name
+        or options, ``update`` (real server id, {weight, method, u_threshold, l_threshold}).
+        Entries stay: new timeouts apply from each entry's next refresh (IPVS semantics).
+        """
+        svc = self._service(svc_id)
+        for rs_id in remove:
+            self.remove_server(svc_id, rs_id)
+        for k, v in (fields or {}).items():
+            if k not in _SERVICE_FIELDS:
+                raise ConfigError(f"service.{k}: not a service setting")
+            setattr(svc, k, v)
+        if scheduler is not None:
+            svc.scheduler = scheduler
+        for rs_id, f in update:
+            rs = self._server(rs_id)
+            rs.weight, rs.method, rs.u_threshold, rs.l_threshold = (
+                f["weight"], f["method"], f["u_threshold"], f["l_threshold"])
+            rs.update_overload()
+        for rs in add:
+            self._check_new_server(rs)
+            svc.servers[rs.id] = rs
+            self._index_server(svc, rs)
+        svc.check_ah()
+        self.table.set_timeouts(svc.id, svc.timeouts)
+        self.table.set_soft_expiry(svc.id, svc.soft_limit, svc.soft_grace)
+        self._reindex_nat(svc)
+        svc.refresh_scheduler()
+
+    def _reindex_nat(self, svc: Service) -> None:
+        for pairs in self._nat_by_addr.values():
+            pairs[:] = [p for p in pairs if p[0] is not svc]
+        for rs in svc.servers.values():
+            if svc.method_of(rs) == Method.NAT:
+                self._nat_by_addr.setdefault(rs.addr, []).append((svc, rs))
+
+    def server(self, rs_id: int) -> RealServer | None:
+        return self._servers.get(rs_id)
+
+    def service_of(self, rs_id: int) -> int | None:
+        return self._rs_service.get(rs_id)
+
+    def service_by_vip(self, vip: int) -> Service | None:
+        return self._by_vip.get(vip)
 
     def add_server(self, svc_id: int, rs: RealServer) -> None:
         svc = self._service(svc_id)
@@ -114,6 +203,7 @@ class Director:
             raise ConfigError(f"server.id: no real server {rs_id} in service {svc_id}")
         del self._servers[rs_id]
         del self._rs_service[rs_id]
+        del self.rs_counters[rs_id]
         pairs = self._nat_by_addr.get(rs.addr, [])
         pairs[:] = [p for p in pairs if p[1] is not rs]
         svc.refresh_scheduler()
@@ -143,6 +233,7 @@ class Director:
     def _index_server(self, svc: Service, rs: RealServer) -> None:
         self._servers[rs.id] = rs
         self._rs_service[rs.id] = svc.id
+        self.rs_counters.setdefault(rs.id, array("Q", [0]) * RS_COUNTERS)
         if svc.method_of(rs) == Method.NAT:
             self._nat_by_addr.setdefault(rs.addr, []).append((svc, rs))
 
@@ -186,6 +277,20 @@ class Director:
             self.stats["passed"] += 1
             return _PASS[kind]
         self.by_kind[kind] += 1
+        v = self._decide(svc, c, now)
+        n = c.wire_len
+        ctr = self.svc_counters[svc.id]
+        i = ((v.action - 1) * NK + kind) * 2
+        ctr[i] += 1
+        ctr[i + 1] += n
+        if v.action == Action.FORWARD:
+            r = self.rs_counters[v.rs]
+            r[kind * 2] += 1
+            r[kind * 2 + 1] += n
+        return v
+
+    def _decide(self, svc: Service, c, now: float) -> Verdict:
+        kind = c.kind
         if kind == Kind.IKE_INITIAL:
             return self._ike_initial(svc, c, now)
         if kind == Kind.IKE:
@@ -253,6 +358,7 @@ class Director:
             t.create(svc.id, c.src, c.sport, c.spi_i, rs.id, now, ike_len=c.wire_len, natt=c.natt)
         except TableFull:
             return self._drop(Kind.IKE_INITIAL, DropReason.TABLE_FULL, svc)
+        self.rs_counters[rs.id][RS_CONNS] += 1
         return self._forward(svc, Kind.IKE_INITIAL, rs)
 
     def _ike(self, svc: Service, c, now: float) -> Verdict:
@@ -269,6 +375,7 @@ class Director:
                 return self._drop(Kind.IKE, DropReason.TABLE_FULL, svc)
             t.establish(s, c.spi_r, now)
             self.stats["adopted"] += 1
+            self.rs_counters[rs.id][RS_CONNS] += 1
             return self._forward(svc, Kind.IKE, rs)
         rs = self._servers.get(t.rs[s])
         if rs is None:
@@ -302,6 +409,7 @@ class Director:
         if rs is not None:
             self.table.move(s, rs.id)
             self.stats[stat] += 1
+            self.rs_counters[rs.id][RS_CONNS] += 1
         return rs
 
     def _forward_entry(self, svc: Service, kind: Kind, s: int, now: float | None) -> Verdict:
@@ -343,7 +451,20 @@ class Director:
                     self.table.record_reply(s, c.spi_r)
                     break
         self.stats["replies"] += 1
+        r = self.rs_counters[rs.id]
+        j = (NK + c.kind) * 2
+        r[j] += 1
+        r[j + 1] += c.wire_len
         return Verdict(Action.FORWARD, c.kind, 0, svc.id, rs.id, svc.vip, Method.NAT, True)
 
     def expire(self, now: float) -> int:
         return self.table.expire(now)
+
+    def zero_counters(self, svc_id: int | None = None) -> None:
+        """ipvsadm -Z: the packet, byte and connection counters of one service (or all)."""
+        for sid, svc in self.services.items():
+            if svc_id is not None and sid != svc_id:
+                continue
+            self.svc_counters[sid] = array("Q", [0]) * SVC_COUNTERS
+            for rs_id in svc.servers:
+                self.rs_counters[rs_id] = array("Q", [0]) * RS_COUNTERS

@@ -23,31 +23,44 @@ import time
 from typing import Callable
 
 from director import config as config_mod
-from director.core import Action, Director
+from director import metrics, reconcile
+from director.control import MUTATIONS, RequestError, mutate
+from director.core import RS_CONNS, Action, Director, rs_counter
 from director.drop_reasons import DropReason
 from director.forwarding.fragment import fragment
 from director.forwarding.rewrite import icmp_unreachable, ipip_encap, nat_dnat, nat_snat
-from director.packet import PacketError, int_to_ip
+from director.packet import Kind, PacketError, int_to_ip, ip_to_int
 from director.ratelimit import TokenBucket
-from director.service import Method
+from director.metrics import Histogram
+from director.service import ConfigError, Method
 
 log = logging.getLogger(__name__)
 
 TICK = 1.0
+RATE_KEYS = ("cps", "inpps", "outpps", "inbps", "outbps")
 SLOW_ITERATION = 0.25  # a loop iteration longer than this is logged (rate limited)
 PROTOCOL_VERSION = 1
 
 
 class Daemon:
-    """Owns the Director and the kernel pieces it drives; ``start`` / ``run`` / ``stop``."""
+    """Owns the Director and the kernel pieces it drives; ``start`` / ``run`` / ``stop``.
 
-    def __init__(self, cfg: config_mod.Config, *, clock: Callable[[], float] = time.monotonic) -> None:
+    The running services always equal ``self.desired``, a validated Config: start, SIGHUP reload
+    and every changing control request compute a new desired Config, the reconciler plans and
+    applies it (nothing changes when the plan fails), and the kernel is synced to the result.
+    """
+
+    def __init__(self, cfg: config_mod.Config, *, config_path: str | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.cfg = cfg
+        self.config_path = config_path
         self.clock = clock
         self.director = Director(cfg.daemon.capacity, now=clock())
-        for svc in config_mod.build_services(cfg):
-            self.director.add_service(svc)
-        self.stats = {"packets": 0, "internal_errors": 0, "icmp_sent": 0, "icmp_limited": 0, "icmp_suppressed": 0, "slow_iterations": 0}
+        reconcile.plan(self.director, cfg)  # validate everything before touching the kernel
+        self.desired = config_mod.Config(cfg.daemon, ())
+        self.stats = {"packets": 0, "internal_errors": 0, "icmp_sent": 0, "icmp_limited": 0,
+                      "icmp_suppressed": 0, "slow_iterations": 0, "reloads": 0, "changes": 0}
+        self.latency = {"client": Histogram(), "reply": Histogram()}
         self._icmp_bucket = TokenBucket(cfg.daemon.icmp_rate, now=clock())
         self._ident = 0
         self._stop = False
@@ -56,17 +69,23 @@ class Daemon:
         self._ipr = None
         self._raw = None
         self._control = None
+        self._metrics = None
         self._clients: list[socket.socket] = []
         self._marks: dict[int, int] = {}
+        self._kernel: reconcile.KernelState | None = None
+        self._lan_index = 0
         self._lan_addr = 0
         self._lan_mtu = 1500
         self._last_slow_log = 0.0
+        self._rates: dict[int, dict[str, float]] = {}
+        self._rate_last: dict[int, tuple] = {}
+        self._rate_at = clock()
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
         from pyroute2 import IPRoute
 
-        from director.dataplane import iptables, routing
+        from director.dataplane import routing
         from director.dataplane.nfqueue import Queue
         from director.packet import ip_to_int
 
@@ -74,34 +93,26 @@ class Daemon:
         self._ipr = IPRoute()
         if not self._ipr.link_lookup(ifname=d.client_interface):
             raise ValueError(f"daemon.client_interface: no interface '{d.client_interface}' in this namespace")
-        lan_index, lan_addr = routing.interface_address(self._ipr, d.server_interface)
+        self._lan_index, lan_addr = routing.interface_address(self._ipr, d.server_interface)
         self._lan_addr = ip_to_int(lan_addr)
-        self._lan_mtu = self._ipr.get_links(lan_index)[0].get_attr("IFLA_MTU")
+        self._lan_mtu = self._ipr.get_links(self._lan_index)[0].get_attr("IFLA_MTU")
         routing.remove_all(self._ipr)  # leftovers of a crashed run
-        dr = [(svc, rs) for svc in self.director.services.values() for rs in svc.servers.values()
-              if svc.method_of(rs) == Method.DR]
-        if dr:
-            routing.move_local_rule(self._ipr)
-        for _svc, rs in dr:
-            routing.add_server(self._ipr, rs.id, int_to_ip(rs.addr), lan_index)
-            self._marks[rs.id] = routing.mark_of(rs.id)
         self._raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
         self._queues = [Queue(d.queue, self._on_client), Queue(d.queue + 1, self._on_reply)]
         self._open_control(d.control_socket)
-        nat = tuple(sorted({int_to_ip(rs.addr) for svc in self.director.services.values()
-                            for rs in svc.servers.values() if svc.method_of(rs) == Method.NAT}))
-        iptables.install(iptables.RuleSet(
-            d.client_interface, d.server_interface,
-            tuple(int_to_ip(s.vip) for s in self.director.services.values()), nat, d.queue, d.fail_open,
-        ))
-        log.info("daemon.started services=%d servers=%d dr=%d nat=%d queue=%d",
-                 len(self.director.services), sum(len(s.servers) for s in self.director.services.values()),
-                 len(dr), len(nat), d.queue)
+        self.apply_config(self.cfg)
+        if d.metrics:
+            self._metrics = metrics.serve(self, d.metrics)
+        k = self._kernel
+        log.info("daemon.started services=%d dr=%d nat=%d queue=%d metrics=%s",
+                 len(self.director.services), len(k.dr_servers), len(k.nat_servers), d.queue, d.metrics or "off")
+        sd_notify("READY=1")
 
     def stop(self) -> None:
-        """Rules first (no packet is queued to a closing queue), then queues, routes, socket."""
+        """Rules first (no packet is queued to a closing queue), then queues, routes, sockets."""
         from director.dataplane import iptables, routing
 
+        sd_notify("STOPPING=1")
         try:
             iptables.remove()
         finally:
@@ -115,7 +126,59 @@ class Daemon:
             self._close_control()
             if self._raw is not None:
                 self._raw.close()
+            if self._metrics is not None:
+                self._metrics.shutdown()
+                self._metrics.server_close()
+                self._metrics = None
         log.info("daemon.stopped")
+
+    def apply_config(self, new: config_mod.Config) -> reconcile.Plan:
+        """Plan (validates everything; raises ConfigError and changes nothing), apply, sync the kernel."""
+        plan = reconcile.plan(self.director, new)
+        reconcile.apply(self.director, plan)
+        self.desired = new
+        self._sync_kernel()
+        log.info("config.applied %s services=%d", plan.summary(), len(self.director.services))
+        return plan
+
+    def _sync_kernel(self) -> None:
+        from director.dataplane import iptables, routing
+
+        want = reconcile.kernel_state(self.director)
+        have = self._kernel or reconcile.KernelState((), (), ())
+        d = self.cfg.daemon
+        if (want.vips, want.nat_servers) != (have.vips, have.nat_servers) or self._kernel is None:
+            iptables.install(iptables.RuleSet(d.client_interface, d.server_interface, want.vips,
+                                              want.nat_servers, d.queue, d.fail_open))
+        gone = set(have.dr_servers) - set(want.dr_servers)
+        new = set(want.dr_servers) - set(have.dr_servers)
+        if want.dr_servers and not have.dr_servers:
+            routing.move_local_rule(self._ipr)
+        for rs_id, rip in sorted(new):
+            routing.add_server(self._ipr, rs_id, rip, self._lan_index)
+        for rs_id, _rip in sorted(gone):
+            routing.remove_server(self._ipr, rs_id)
+        if have.dr_servers and not want.dr_servers:
+            routing.restore_local_rule(self._ipr)
+        self._marks = {rs_id: routing.mark_of(rs_id) for rs_id, _ in want.dr_servers}
+        self._kernel = want
+
+    def reload(self) -> reconcile.Plan:
+        """Re-read the config file; the daemon section cannot change at run time."""
+        if not self.config_path:
+            raise ValueError("reload: the daemon was not started from a config file")
+        sd_notify("RELOADING=1")
+        try:
+            new = config_mod.load(self.config_path)
+            if new.daemon != self.cfg.daemon:
+                changed = [k for k in config_mod.DaemonConfig.__dataclass_fields__
+                           if getattr(new.daemon, k) != getattr(self.cfg.daemon, k)]
+                raise ConfigError(f"daemon.{changed[0]}: cannot change at run time; restart the daemon")
+            plan = self.apply_config(new)
+            self.stats["reloads"] += 1
+            return plan
+        finally:
+            sd_notify("READY=1")
 
     def request_stop(self, *_args) -> None:
         self._stop = True
@@ -142,10 +205,14 @@ class Daemon:
                         self._on_control(r)
                 if t0 >= next_tick:
                     self.director.expire(t0)
+                    self._estimate_rates(t0)
                     next_tick = t0 + TICK
                 if self._reload:
                     self._reload = False
-                    log.warning("daemon.reload unsupported yet: restart to apply a new config")
+                    try:
+                        log.info("config.reloaded %s", self.reload().summary())
+                    except (config_mod.ConfigErrors, ValueError) as e:
+                        log.error("config.reload_failed %s", str(e).replace("\n", "; "))
                 spent = self.clock() - t0
                 if spent > SLOW_ITERATION:
                     self.stats["slow_iterations"] += 1
@@ -159,9 +226,9 @@ class Daemon:
 
     # -- per packet -----------------------------------------------------------------------------
     def _on_client(self, pkt) -> None:
+        now = self.clock()
         try:
             data = pkt.get_payload()
-            now = self.clock()
             v = self.director.decide(data, now)
             self.stats["packets"] += 1
             a = v.action
@@ -174,6 +241,7 @@ class Daemon:
                 else:
                     pkt.drop()
                     self._send_tunnel(data, v.addr)
+                    self.latency["client"].observe(self.clock() - now)
                     return
                 pkt.accept()
             elif a == Action.PASS:
@@ -182,13 +250,15 @@ class Daemon:
                 pkt.drop()
                 if a == Action.ICMP_UNREACH:
                     self._send_icmp(data, v.svc, now)
+            self.latency["client"].observe(self.clock() - now)
         except Exception:  # the loop must survive any packet: count it, drop it, go on
             self._internal_error(pkt)
 
     def _on_reply(self, pkt) -> None:
+        now = self.clock()
         try:
             data = pkt.get_payload()
-            v = self.director.decide_reply(data, self.clock())
+            v = self.director.decide_reply(data, now)
             self.stats["packets"] += 1
             if v.action == Action.FORWARD:
                 pkt.set_payload(nat_snat(data, v.addr))
@@ -197,6 +267,7 @@ class Daemon:
                 pkt.accept()
             else:
                 pkt.drop()
+            self.latency["reply"].observe(self.clock() - now)
         except Exception:
             self._internal_error(pkt)
 
@@ -278,20 +349,96 @@ class Daemon:
             s.close()
 
     def handle_request(self, line: bytes) -> dict:
+        """One control request (see director/control.py for the protocol); never raises."""
         try:
-            req = json.loads(line)
+            try:
+                req = json.loads(line)
+            except ValueError:
+                raise RequestError("request: not JSON") from None
             if not isinstance(req, dict):
-                raise ValueError("request: must be a JSON object")
+                raise RequestError("request: must be a JSON object")
             if req.get("v") != PROTOCOL_VERSION:
-                raise ValueError(f"v: protocol version {PROTOCOL_VERSION} expected, got {req.get('v')!r}")
+                raise RequestError(f"v: protocol version {PROTOCOL_VERSION} expected, got {req.get('v')!r}")
             cmd = req.get("cmd")
+            if cmd in MUTATIONS:
+                plan = self.apply_config(mutate(self.desired, req))
+                self.stats["changes"] += 1
+                return {"ok": True, "result": plan.summary()}
             if cmd == "status":
                 return {"ok": True, "result": self.status()}
+            if cmd == "services":
+                return {"ok": True, "result": self.services()}
             if cmd == "connections":
-                return {"ok": True, "result": self.connections()}
-            raise ValueError(f"cmd: unknown command {cmd!r}")
-        except ValueError as e:
+                return {"ok": True, "result": self.connections(req.get("client"), req.get("server"))}
+            if cmd == "save":
+                return {"ok": True, "result": config_mod.to_dict(self.desired)["service"]}
+            if cmd == "zero":
+                svc_id = None
+                if req.get("vip") is not None:
+                    svc = self.director.service_by_vip(ip_to_int(str(req["vip"])))
+                    if svc is None:
+                        raise RequestError(f"vip: no service {req['vip']}")
+                    svc_id = svc.id
+                self.director.zero_counters(svc_id)
+                return {"ok": True, "result": "zeroed"}
+            if cmd == "reload":
+                return {"ok": True, "result": self.reload().summary()}
+            raise RequestError(f"cmd: unknown command {cmd!r}")
+        except config_mod.ConfigErrors as e:
+            return {"ok": False, "error": "; ".join(e.errors)}
+        except (ValueError, OSError) as e:
             return {"ok": False, "error": str(e)}
+
+    def services(self) -> list[dict]:
+        """Services and real servers with ipvsadm's --stats columns and rates."""
+        d = self.director
+        out = []
+        for svc in d.services.values():
+            servers = []
+            for rs in svc.servers.values():
+                c = d.rs_counters[rs.id]
+                stats = {
+                    "conns": c[RS_CONNS],
+                    "inpkts": sum(c[rs_counter(False, k)] for k in Kind),
+                    "inbytes": sum(c[rs_counter(False, k, True)] for k in Kind),
+                    "outpkts": sum(c[rs_counter(True, k)] for k in Kind),
+                    "outbytes": sum(c[rs_counter(True, k, True)] for k in Kind),
+                }
+                servers.append({
+                    "id": rs.id, "address": int_to_ip(rs.addr), "weight": rs.weight,
+                    "method": svc.method_of(rs).name.lower(), "active": rs.active, "inactive": rs.inactive,
+                    "up": rs.up, "u_threshold": rs.u_threshold, "l_threshold": rs.l_threshold,
+                    "stats": stats, "rates": self._rates.get(rs.id, dict.fromkeys(RATE_KEYS, 0.0)),
+                })
+            total = {k: sum(r["stats"][k] for r in servers) for k in ("conns", "inpkts", "inbytes", "outpkts", "outbytes")}
+            rates = {k: sum(r["rates"][k] for r in servers) for k in RATE_KEYS}
+            out.append({
+                "vip": int_to_ip(svc.vip), "scheduler": svc.scheduler_name, "method": svc.method.name.lower(),
+                "affinity": svc.affinity, "ah": svc.ah,
+                "timeouts": {"init": svc.timeouts.init, "established": svc.timeouts.established},
+                "stats": total, "rates": rates, "servers": servers,
+            })
+        return out
+
+    def _estimate_rates(self, now: float) -> None:
+        """ipvsadm --rate: per-second rates over the last tick, smoothed (EWMA, weight 1/2)."""
+        dt = now - self._rate_at
+        if dt <= 0:
+            return
+        for svc in self.director.services.values():
+            for rs in svc.servers.values():
+                c = self.director.rs_counters[rs.id]
+                cur = (c[RS_CONNS], sum(c[rs_counter(False, k)] for k in Kind),
+                       sum(c[rs_counter(True, k)] for k in Kind),
+                       sum(c[rs_counter(False, k, True)] for k in Kind),
+                       sum(c[rs_counter(True, k, True)] for k in Kind))
+                prev = self._rate_last.get(rs.id, cur)
+                old = self._rates.get(rs.id, dict.fromkeys(RATE_KEYS, 0.0))
+                self._rates[rs.id] = {
+                    k: round((old[k] + max(0, a - b) / dt) / 2, 2) for k, a, b in zip(RATE_KEYS, cur, prev)
+                }
+                self._rate_last[rs.id] = cur
+        self._rate_at = now
 
     def status(self) -> dict:
         d = self.director
@@ -315,16 +462,35 @@ class Daemon:
             ],
         }
 
-    def connections(self) -> list[dict]:
+    def connections(self, client: str | None = None, server: str | None = None) -> list[dict]:
         now = self.clock()
         d = self.director
+        want_client = ip_to_int(client) if client else None
+        want_rs = {rs.id for s in d.services.values() for rs in s.servers.values()
+                   if int_to_ip(rs.addr) == server} if server else None
         return [
             {"svc": e.svc, "client": int_to_ip(e.client), "port": e.cport, "state": e.state.name,
              "spi_i": f"{e.spi_i:016x}", "spi_r": f"{e.spi_r:016x}", "rs": e.rs,
-             "rs_address": int_to_ip(d._servers[e.rs].addr) if e.rs in d._servers else None,
+             "rs_address": int_to_ip(d.server(e.rs).addr) if d.server(e.rs) else None,
              "expires_in": round(e.expires - now, 1), "natt": e.natt}
             for e in d.table.entries()
+            if (want_client is None or e.client == want_client) and (want_rs is None or e.rs in want_rs)
         ]
+
+
+def sd_notify(state: str) -> None:
+    """Tell systemd (Type=notify) about readiness: one datagram to $NOTIFY_SOCKET, if set."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]  # abstract socket namespace
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.connect(addr)
+            s.sendall(state.encode())
+    except OSError as e:
+        log.warning("sd_notify.failed state=%s error=%s", state, e)
 
 
 def control_request(path: str, request: dict, timeout: float = 5.0) -> dict:
@@ -379,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.dataplane == "ebpf":
             raise ValueError("--dataplane: the eBPF dataplane is not built yet (issue 5); use nfqueue")
         cfg = config_mod.load(args.config)
-        daemon = Daemon(cfg)
+        daemon = Daemon(cfg, config_path=args.config)
     except config_mod.ConfigErrors as e:
         for line in e.errors:
             print(f"vpn-director: {line}", file=sys.stderr)

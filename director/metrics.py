@@ -1,0 +1,159 @@
+"""Prometheus metrics (docs/metrics.md): read from the director's counters at scrape time.
+
+Nothing is recorded per packet through prometheus_client: the core keeps plain array counters and
+the daemon a fixed-bucket latency histogram; this collector turns them into metric families when
+Prometheus scrapes. Labels never carry a client address, cookie or SPI.
+"""
+
+from __future__ import annotations
+
+from array import array
+from bisect import bisect_left
+from typing import TYPE_CHECKING, Iterator
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+from director import __version__
+from director.core import RS_CONNS, Action, rs_counter, svc_counter
+from director.drop_reasons import DropReason
+from director.packet import Kind, int_to_ip
+
+if TYPE_CHECKING:
+    from director.daemon import Daemon
+
+KINDS = [k for k in Kind if k not in (Kind.NOT_OURS, Kind.FRAGMENT)]
+VERDICTS = {Action.FORWARD: "forward", Action.DROP: "drop", Action.ICMP_UNREACH: "icmp_unreachable"}
+OUTCOMES = ("scheduled", "persisted", "adopted", "rescheduled_dead", "rescheduled_stuck")
+LATENCY_BUCKETS = (25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 100e-3)
+
+
+class Histogram:
+    """A fixed-bucket histogram cheap enough for the per-packet path (one bisect, two adds)."""
+
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: tuple[float, ...] = LATENCY_BUCKETS) -> None:
+        self.bounds = bounds
+        self.counts = array("Q", [0]) * (len(bounds) + 1)
+        self.total = 0.0
+
+    def observe(self, v: float) -> None:
+        self.counts[bisect_left(self.bounds, v)] += 1
+        self.total += v
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        out, acc = [], 0
+        for b, n in zip(self.bounds, self.counts):
+            acc += n
+            out.append((repr(b), acc))
+        out.append(("+Inf", acc + self.counts[-1]))
+        return out
+
+
+class Collector:
+    """Registered with a prometheus_client registry; ``collect`` runs on each scrape."""
+
+    def __init__(self, daemon: "Daemon") -> None:
+        self.daemon = daemon
+
+    def collect(self) -> Iterator:  # noqa: C901 - one family after the other, flat on purpose
+        dm = self.daemon
+        d = dm.director
+        pk = CounterMetricFamily("director_packets", "Packets decided per service, kind and verdict",
+                                 labels=["service", "kind", "verdict"])
+        by = CounterMetricFamily("director_bytes", "Bytes decided per service, kind and verdict",
+                                 labels=["service", "kind", "verdict"])
+        rpk = CounterMetricFamily("director_real_server_packets", "Packets to (in) or from (out, NAT) a real server",
+                                  labels=["service", "server", "kind", "direction"])
+        rby = CounterMetricFamily("director_real_server_bytes", "Bytes to (in) or from (out, NAT) a real server",
+                                  labels=["service", "server", "kind", "direction"])
+        conns = CounterMetricFamily("director_real_server_connections", "ISAKMP entries created on a real server",
+                                    labels=["service", "server"])
+        active = GaugeMetricFamily("director_real_server_active_entries", "ESTABLISHED entries",
+                                   labels=["service", "server"])
+        inactive = GaugeMetricFamily("director_real_server_inactive_entries", "INIT entries",
+                                     labels=["service", "server"])
+        weight = GaugeMetricFamily("director_real_server_weight", "Configured weight (0 = quiesced)",
+                                   labels=["service", "server"])
+        up = GaugeMetricFamily("director_real_server_up", "1 when the real server is up", labels=["service", "server"])
+        for svc in d.services.values():
+            vip = int_to_ip(svc.vip)
+            ctr = d.svc_counters[svc.id]
+            for kind in KINDS:
+                kname = kind.name.lower()
+                for action, vname in VERDICTS.items():
+                    pk.add_metric([vip, kname, vname], ctr[svc_counter(action, kind)])
+                    by.add_metric([vip, kname, vname], ctr[svc_counter(action, kind, True)])
+            for rs in svc.servers.values():
+                rip = int_to_ip(rs.addr)
+                r = d.rs_counters[rs.id]
+                for kind in KINDS:
+                    kname = kind.name.lower()
+                    for reply, direction in ((False, "in"), (True, "out")):
+                        rpk.add_metric([vip, rip, kname, direction], r[rs_counter(reply, kind)])
+                        rby.add_metric([vip, rip, kname, direction], r[rs_counter(reply, kind, True)])
+                conns.add_metric([vip, rip], r[RS_CONNS])
+                active.add_metric([vip, rip], rs.active)
+                inactive.add_metric([vip, rip], rs.inactive)
+                weight.add_metric([vip, rip], rs.weight)
+                up.add_metric([vip, rip], 1 if rs.up else 0)
+        yield from (pk, by, rpk, rby, conns, active, inactive, weight, up)
+
+        sched = CounterMetricFamily("director_schedulings", "New-conversation outcomes", labels=["outcome"])
+        for o in OUTCOMES:
+            sched.add_metric([o], d.stats[o])
+        yield sched
+
+        t = d.table
+        entries = GaugeMetricFamily("director_entries", "Entries in the table", labels=["state"])
+        entries.add_metric(["init"], t.n_init)
+        entries.add_metric(["established"], t.n_established)
+        yield entries
+        yield GaugeMetricFamily("director_entries_limit", "Table capacity (hard entry limit)", value=t.capacity)
+        ev = CounterMetricFamily("director_table_evictions", "Drop-entry reclaims", labels=["class"])
+        ev.add_metric(["init"], t.stats["reclaimed_init"])
+        ev.add_metric(["soft"], t.stats["reclaimed_soft"])
+        yield ev
+        yield CounterMetricFamily("director_table_refused", "New entries refused: table full",
+                                  value=t.stats["refused_full"])
+        ex = CounterMetricFamily("director_table_expired", "Entries expired", labels=["state"])
+        ex.add_metric(["init"], t.stats["expired_init"])
+        ex.add_metric(["established"], t.stats["expired_established"])
+        yield ex
+
+        drops = CounterMetricFamily("director_drops", "Drops by reason", labels=["reason"])
+        for r in DropReason:
+            drops.add_metric([r.name.lower()], d.drops[r])
+        yield drops
+
+        st = dm.stats
+        yield CounterMetricFamily("director_icmp_unreachable_sent", "ICMP protocol-unreachable answers sent",
+                                  value=st["icmp_sent"])
+        yield CounterMetricFamily("director_icmp_unreachable_limited", "ICMP answers withheld by the rate limit",
+                                  value=st["icmp_limited"])
+        yield CounterMetricFamily("director_internal_errors", "Packets whose handling raised",
+                                  value=st["internal_errors"])
+        yield CounterMetricFamily("director_slow_iterations", "Event-loop iterations over 0.25 s",
+                                  value=st["slow_iterations"])
+        lat = HistogramMetricFamily("director_nfqueue_handling_seconds", "Callback arrival to verdict",
+                                    labels=["queue"])
+        for name, h in dm.latency.items():
+            lat.add_metric([name], h.cumulative(), sum_value=h.total)
+        yield lat
+        yield GaugeMetricFamily("director_services", "Configured virtual services", value=len(d.services))
+        info = GaugeMetricFamily("director_build_info", "Build information", labels=["version"])
+        info.add_metric([__version__], 1)
+        yield info
+
+
+def serve(daemon: "Daemon", address: str):
+    """Start the HTTP endpoint on ``host:port`` (a thread of prometheus_client); returns the server."""
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"daemon.metrics: must be host:port, got '{address}'")
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Collector(daemon))
+    server, _thread = start_http_server(int(port), addr=host.strip("[]"), registry=registry)
+    return server
