@@ -74,7 +74,7 @@ class DaemonConfig:
     capacity: int = 262144
     icmp_rate: float = 100.0  # ICMP unreachables per second, burst the same
     control_socket: str = "/run/vpn-director/control.sock"
-    metrics: str = "127.0.0.1:9816"
+    metrics: str = "127.0.0.1:9816"  # "" = no metrics endpoint
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,7 +182,7 @@ def from_dict(raw: dict) -> Config:
         capacity=c.int_("daemon.capacity", d.get("capacity", base.capacity), 1, 50_000_000),
         icmp_rate=c.num("daemon.icmp_rate", d.get("icmp_rate", base.icmp_rate), positive=False),
         control_socket=c.str_("daemon.control_socket", d.get("control_socket", base.control_socket)),
-        metrics=c.str_("daemon.metrics", d.get("metrics", base.metrics)),
+        metrics=_metrics_address(c, d.get("metrics", base.metrics)),
     )
     services = []
     raw_services = raw.get("service", [])
@@ -196,6 +196,17 @@ def from_dict(raw: dict) -> Config:
     if c.errors:
         raise ConfigErrors(c.errors)
     return Config(daemon, tuple(services))
+
+
+def _metrics_address(c: _Checker, v: Any) -> str:
+    """``host:port`` for the Prometheus endpoint, or "" to turn it off."""
+    if v == "":
+        return ""
+    host, _, port = v.rpartition(":") if isinstance(v, str) else ("", "", "")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        c.err("daemon.metrics", f"must be host:port (or \"\" for off), got {v!r}")
+        return ""
+    return v
 
 
 def _service(c: _Checker, p: str, s: Any, vips: dict[str, int], addresses: dict[str, str]) -> ServiceConfig:

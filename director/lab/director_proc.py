@@ -13,7 +13,7 @@ from director.lab.netns import REPO, Lab
 
 
 def lab_config(lab: Lab, control: Path, *, scheduler: str = "rr", weights=(1, 1, 1),
-               init_timeout: float = 30.0, extra_service: str = "") -> str:
+               init_timeout: float = 30.0, extra_service: str = "", metrics: str = "") -> str:
     """A TOML config for the lab: one service on the VIP, the three real servers, the lab's mode."""
     servers = "".join(
         f'\n[[service.server]]\naddress = "{addr}"\nweight = {w}\n' for addr, w in zip(lab.rs_addrs, weights)
@@ -24,6 +24,7 @@ client_interface = "eth0"
 server_interface = "eth1"
 queue = 0
 control_socket = "{control}"
+metrics = "{metrics}"
 
 [[service]]
 vip = "{lab.vip}"
