@@ -149,6 +149,8 @@ class Table:
         wheel_size: int = 4096,
         on_count: Callable[[int, int, int], None] | None = None,
         on_change: Callable[[Event, int], None] | None = None,
+        on_port: Callable[[int, int], None] | None = None,
+        activity: Callable[[int], float | None] | None = None,
     ) -> None:
         if capacity < 1 or capacity > 0x7FFFFFFF:
             raise ValueError(f"capacity: must be 1..2**31-1, got {capacity}")
@@ -159,6 +161,10 @@ class Table:
         self.capacity = capacity
         self.on_count = on_count  # (rs, state, +1/-1): keeps RealServer.active/inactive true
         self.on_change = on_change  # (event, slot) before the slot changes or is freed
+        self.on_port = on_port  # (slot, old port) after an entry's client port changed
+        # (slot) -> last time the entry's client was seen elsewhere (the eBPF fast path forwards
+        # its ESP without this table seeing it), asked only for an ESTABLISHED entry about to expire
+        self.activity = activity
 
         def col(code: str, fill: int | float = 0) -> array:
             return array(code, [fill]) * capacity
@@ -222,6 +228,7 @@ class Table:
             "refused_full": 0,
             "soft_kept": 0,
             "soft_revived": 0,
+            "refreshed_elsewhere": 0,
         }
 
     # -- configuration ---------------------------------------------------------------------
@@ -386,6 +393,8 @@ class Table:
         self._group_del(self._by_natt, _NATT_KEY.pack(svc, client, old), self.p_next, self.p_prev, s)
         self.cport[s] = port
         self._group_add(self._by_natt, _NATT_KEY.pack(svc, client, port), self.p_next, self.p_prev, s)
+        if self.on_port:
+            self.on_port(s, old)
 
     def mark_natt(self, s: int) -> None:
         self.flags[s] |= F_NATT
@@ -434,6 +443,16 @@ class Table:
 
     def _expire_one(self, s: int, now: float) -> int:
         svc = self.svc[s]
+        if self.activity is not None and self.state[s] == State.ESTABLISHED:
+            seen = self.activity(s)
+            if seen is not None:
+                deadline = seen + self.timeouts(svc).established
+                if deadline > now:
+                    if self.flags[s] & F_SOFT:
+                        self._unsoft(s)
+                    self.stats["refreshed_elsewhere"] += 1
+                    self._set_deadline(s, deadline)
+                    return 0
         if self.state[s] == State.ESTABLISHED and not self.flags[s] & F_SOFT:
             limit = self._soft_limit.get(svc, 0)
             if limit and self._soft_count.get(svc, 0) < limit:

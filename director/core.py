@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 from director.conntrack import NO_RS, NO_SLOT, Table, TableFull
 from director.drop_reasons import DropReason
-from director.isakmp_state import State
+from director.isakmp_state import Event, State
 from director.packet import Kind, PacketError, classify
 from director.schedulers import RealServer
 from director.service import ConfigError, Method, Service
@@ -77,7 +77,10 @@ class Director:
     """Services, real servers and the table; ``decide`` is the per-packet entry point."""
 
     def __init__(self, capacity: int = 65536, *, now: float = 0.0) -> None:
-        self.table = Table(capacity, now=now, on_count=self._count)
+        self.table = Table(capacity, now=now, on_count=self._count, on_change=self._on_change, on_port=self._on_port)
+        # (service, client, port) whose fast-path projection may have changed; the eBPF adapter
+        # drains it (None: nobody is interested, nothing is collected)
+        self.dirty: set[tuple[int, int, int]] | None = None
         self.services: dict[int, Service] = {}
         self._by_vip: dict[int, Service] = {}
         self._servers: dict[int, RealServer] = {}  # every real server by its global id
@@ -248,6 +251,17 @@ class Director:
             return self._servers[rs_id]
         except KeyError:
             raise ConfigError(f"server.id: no real server {rs_id}") from None
+
+    def _on_change(self, event, s: int) -> None:
+        if self.dirty is not None and (self.table.state[s] == State.ESTABLISHED or event == Event.RESPONDER_SEEN):
+            t = self.table
+            self.dirty.add((t.svc[s], t.client[s], t.cport[s]))
+
+    def _on_port(self, s: int, old_port: int) -> None:
+        if self.dirty is not None and self.table.state[s] == State.ESTABLISHED:
+            t = self.table
+            self.dirty.add((t.svc[s], t.client[s], old_port))
+            self.dirty.add((t.svc[s], t.client[s], t.cport[s]))
 
     def _count(self, rs_id: int, state: int, delta: int) -> None:
         rs = self._servers.get(rs_id)

@@ -237,3 +237,26 @@ def test_bad_construction_names_the_field():
         Table(0)
     with pytest.raises(ValueError, match="wheel_size"):
         Table(4, wheel_size=6)
+
+
+def test_activity_seen_elsewhere_keeps_an_established_entry():
+    seen = {}
+    t = make(activity=lambda s: seen.get(s))
+    a = t.create(SVC, C1, 4500, 1, rs=0, now=0.0)
+    b = t.create(SVC, C2, 4500, 2, rs=0, now=0.0)
+    t.establish(a, 5, now=0.0)
+    t.establish(b, 5, now=0.0)
+    seen[a] = 90.0  # the fast path forwarded a's ESP at t=90, the table never saw it
+    assert t.expire(102.0) == 1  # only b goes
+    assert t.lookup(SVC, C1, 1) == a and t.stats["refreshed_elsewhere"] == 1
+    assert t.expire(189.0) == 0
+    assert t.expire(192.0) == 1  # 90 + 100: no newer activity, it expires
+
+
+def test_port_change_is_reported_with_the_old_port():
+    moves = []
+    t = make(on_port=lambda s, old: moves.append((s, old, t.cport[s])))
+    a = t.create(SVC, C1, 500, 1, rs=0, now=0.0)
+    t.set_port(a, 4500)
+    t.set_port(a, 4500)  # no change, no report
+    assert moves == [(a, 500, 4500)]

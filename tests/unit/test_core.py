@@ -299,3 +299,18 @@ def test_config_errors_name_the_field():
         d.set_weight(0, 70000)
     with pytest.raises(ConfigError, match="server.id"):
         d.add_server(1, RealServer(id=0, addr=RIPS[0]))
+
+
+def test_dirty_clients_collect_what_the_fast_path_must_resync():
+    d = director("rr")
+    d.dirty = set()
+    d.decide(craft.ike(CLIENTS[0], VIP, 1, sport=1024), 0.0)
+    assert d.dirty == set()  # INIT entries are not in the fast path
+    d.decide(craft.ike(CLIENTS[0], VIP, 1, 2, sport=1024), 0.1)
+    assert d.dirty == {(1, CLIENTS[0], 1024)}
+    d.dirty.clear()
+    d.decide(craft.ike(CLIENTS[0], VIP, 1, 2, sport=2048, natt=True), 0.2)  # float: old and new port
+    assert d.dirty == {(1, CLIENTS[0], 1024), (1, CLIENTS[0], 2048)}
+    d.dirty.clear()
+    d.expire(500.0)
+    assert d.dirty == {(1, CLIENTS[0], 2048)}
