@@ -51,7 +51,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, installed or not
 
@@ -68,6 +68,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 ESP_SIZE = 64  # bytes after the ESP header (SPI, sequence): LabClient.send_esp's default
 ESP_SPI = 0x0000BE01
+OTHERS_LIMIT = 10.0  # % of a CPU used by other people's processes above which a case is repeated
 CAPACITY = 1 << 20  # table slots: a few seconds of initial-IKE flood fit without reclaiming
 ETH, IP, UDP, MARKER = 14, 20, 8, 4
 # where pktgen writes its per-packet counter
@@ -79,10 +80,11 @@ PROFILES: dict[str, dict[str, Any]] = {
     # seconds per case, window cut at the start / end, wait for queues to drain after a case
     "full": dict(seconds=3.0, warm=0.6, tail=0.3, settle=0.5,
                  esp_rates=[20_000, 50_000, 100_000, 200_000, 0], ike_rates=[20_000, 100_000, 0],
-                 raw_rates=[100_000, 0], dnat_rates=[200_000, 0], shared_core=True, plain_again=True),
+                 raw_rates=[100_000, 0], dnat_rates=[200_000, 0], shared_core=True, plain_again=True,
+                 retries=2),
     "quick": dict(seconds=1.2, warm=0.3, tail=0.15, settle=0.3,
                   esp_rates=[50_000, 0], ike_rates=[0], raw_rates=[0], dnat_rates=[0],
-                  shared_core=False, plain_again=False),
+                  shared_core=False, plain_again=False, retries=1),
 }  # fmt: skip
 
 # The raw NetfilterQueue loop of case a0: what DESIGN.md calls the "mark loop", nothing else.
@@ -122,6 +124,19 @@ def machine() -> dict[str, Any]:
                 break
     return {"nproc": os.cpu_count(), "cpu": cpu, "kernel": platform.release(),
             "python": sys.version.split()[0], "platform": platform.platform()}  # fmt: skip
+
+
+def commit() -> str:
+    """The checkout measured: HEAD, plus "+dirty" when director/ has uncommitted changes (read-only git)."""
+    repo = BENCH.parent
+    try:
+        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--", "director"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (head or "unknown") + ("+dirty" if dirty else "")
 
 
 def loadavg() -> str:
@@ -346,7 +361,28 @@ class Bench:
             raise RuntimeError(f"{self.lab.mode}: only {got} of 1000 {what} packets reached the real servers; "
                                f"daemon log:\n{self.director.log() if self.director else '(no daemon)'}")
 
-    def run(self, case: Case, hexframe: str, seq_off: int) -> dict[str, Any]:
+    def run(self, case: Case, frame: str | Callable[[], str], seq_off: int) -> dict[str, Any]:
+        """Measure one case; repeat it (up to ``retries`` times) while other work disturbs it.
+
+        ``frame`` may be a callable giving a fresh frame per attempt (new initiator SPIs).
+        """
+        attempts = []
+        for _ in range(1 + self.prof["retries"]):
+            row = self._run_once(case, frame() if callable(frame) else frame, seq_off)
+            attempts.append(row)
+            if row["others_cpu_pct"] <= OTHERS_LIMIT:
+                break
+            print_row(row, note=f"  <- repeated: other work took {row['others_cpu_pct']:.0f}% CPU")
+        row = min(attempts, key=lambda r: r["others_cpu_pct"])
+        row["attempts"] = len(attempts)
+        if len(attempts) > 1:
+            row["discarded"] = [r for r in attempts if r is not row]
+        case.row = row
+        self.out.append(row)
+        print_row(row, note="" if len(attempts) == 1 else f"  <- kept (least disturbed of {len(attempts)})")
+        return row
+
+    def _run_once(self, case: Case, hexframe: str, seq_off: int) -> dict[str, Any]:
         p = self.prof
         self.lab.ping("c1", self.lab.director_wan)  # keep the wan bridge's entry for the director fresh
         sink0, nfq0, back0, dpk0 = self.sink_total(), self.nfq_dropped(), softnet_dropped(), self.daemon_packets()
@@ -396,9 +432,6 @@ class Bench:
             row["daemon_packets"] = self.daemon_packets() - dpk0
         if probe:
             row["control_answer_s"] = probe.seconds
-        case.row = row
-        self.out.append(row)
-        print_row(row)
         return row
 
 
@@ -433,7 +466,7 @@ def fmt_rate(r: float) -> str:
     return "max" if r == 0 else f"{r / 1000:.0f}k"
 
 
-def print_row(r: dict[str, Any]) -> None:
+def print_row(r: dict[str, Any], note: str = "") -> None:
     d = r.get("daemon_cpu_pct")
     us = r.get("daemon_us_per_pkt")
     ctl = r.get("control_answer_s", "")
@@ -442,7 +475,7 @@ def print_row(r: dict[str, Any]) -> None:
     print(f"{r['case']:<34}{r['mode']:<5}{fmt_rate(r['rate']):>9}{r['offered_pps']:>10,.0f}"
           f"{r['delivered_pps']:>11,.0f}{r['loss_pct']:>7.1f}{'' if d is None else f'{d:.0f}':>8}{'' if us is None else f'{us:.1f}':>7}"
           f"{busy.get(0, 0):>7.0f}{busy.get(1, 0):>7.0f}{si.get(1, 0):>6.0f}{r['nfq_dropped']:>10,}"
-          f"{ctl_s:>7}{r['others_cpu_pct']:>8.0f}", flush=True)  # fmt: skip
+          f"{ctl_s:>7}{r['others_cpu_pct']:>8.0f}{note}", flush=True)  # fmt: skip
 
 
 # -- the cases, lab by lab -------------------------------------------------------------------------
@@ -518,17 +551,18 @@ def daemon_cases(bench: Bench, shared_core: bool) -> None:
         info = bench.ike_info(spi_i, spi_r)
         for rate in prof["ike_rates"]:
             bench.run(Case("c", f"c  IKE non-initial ({m})", lab.mode, rate), info, OFF_IKE_MSGID)
-        for rate in prof["ike_rates"]:
-            bench.run(Case("c-new", f"c  IKE initial, new SPI ({m})", lab.mode, rate), bench.ike_new(),
-                      OFF_IKE_SPI_LOW)  # fmt: skip
-        st = d.status()
-        bench.out[-1]["daemon_table"] = {"entries": st["entries"], **st["table"]}
         if shared_core:
             pin(d.proc.pid, GEN_CPU)  # the layout DESIGN warns about: daemon and softirq on one core
             bench.run(Case("b-shared", f"b  ESP, daemon on gen. core ({m})", lab.mode, 0), esp, OFF_ESP_SEQ)
             pin(d.proc.pid, DAEMON_CPU)
+        # Last: the INIT entries these leave behind (all from c1) would slow every later ESP packet
+        # of c1, whose lookup walks the client's entries newest first (see docs/performance.md).
+        for rate in prof["ike_rates"]:
+            bench.run(Case("c-new", f"c  IKE initial, new SPI ({m})", lab.mode, rate), bench.ike_new,
+                      OFF_IKE_SPI_LOW)  # fmt: skip
         st = d.status()
-        bench.out[-1]["daemon_status"] = {"stats": st["stats"], "drops": st["drops"]}
+        bench.out[-1]["daemon_status"] = {"entries": st["entries"], "table": st["table"], "stats": st["stats"],
+                                          "drops": st["drops"]}  # fmt: skip
     finally:
         bench.director, bench.measured_pid = None, None
         rc = d.stop()
@@ -567,6 +601,12 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     rps = [r for r in rows if r["group"] == "a2"]
     base2 = rps[0]["delivered_pps"] if rps else 0.0
     summary["plain_rps_pps"] = base2
+    if rps:
+        # With RPS the director's whole path runs on CPU 1; when CPU 0 (the generator) is the limit,
+        # CPU 1's spare time says what the kernel path could carry. An extrapolation, labelled so.
+        busy1 = rps[0]["cpu_busy_pct"].get(DAEMON_CPU, 0.0)
+        summary["plain_rps_cpu1_busy_pct"] = busy1
+        summary["plain_rps_cpu1_full_pps_estimate"] = base2 * 100.0 / busy1 if busy1 > 0 else None
     again = [r for r in rows if r["group"] == "a'"]
     if again and base:
         summary["plain_again_pps"] = again[0]["delivered_pps"]
@@ -599,7 +639,11 @@ def print_summary(s: dict[str, Any]) -> None:
     print(f"  a   plain IP forwarding: {s['plain_pps']:,.0f} pps  (the 1.0x of every ratio below)")
     if s["plain_rps_pps"]:
         print(f"  a2  plain, director on CPU 1 (RPS): {s['plain_rps_pps']:,.0f} pps = "
-              f"{s['plain_rps_pps'] / s['plain_pps']:.2f}x of a")  # fmt: skip
+              f"{s['plain_rps_pps'] / s['plain_pps']:.2f}x of a; CPU 1 was {s['plain_rps_cpu1_busy_pct']:.0f}% busy")
+        est = s.get("plain_rps_cpu1_full_pps_estimate")
+        if est:
+            print(f"      (extrapolated, not measured: with CPU 1 to itself the kernel path would carry "
+                  f"~{est:,.0f} pps; the generator's core is the limit here)")  # fmt: skip
     if "plain_drift" in s:
         print(f"  a'  plain again at the end: {s['plain_again_pps']:,.0f} pps = {s['plain_drift']:.2f}x of a")
     if s["raw_loop_capacity_pps"]:
@@ -637,9 +681,11 @@ def main(argv: list[str] | None = None) -> int:
     name = "quick" if args.quick else "full"
     prof = PROFILES[name]
     mach = machine()
+    mach["commit"] = commit()
     load0 = loadavg()
     print(f"vpn-director dataplane benchmark ({name}: {prof['seconds']} s per case)")
-    print(f"machine: {mach['nproc']} CPU, {mach['cpu']}; kernel {mach['kernel']}; Python {mach['python']}")
+    print(f"machine: {mach['nproc']} CPU, {mach['cpu']}; kernel {mach['kernel']}; Python {mach['python']}; "
+          f"commit {mach['commit']}")
     idle = busy_before()
     print(f"load average at start: {load0}; CPU busy before the run: "
           + ", ".join(f"cpu{c} {v:.0f}%" for c, v in sorted(idle.items())))

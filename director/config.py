@@ -229,7 +229,7 @@ def _service(c: _Checker, p: str, s: Any, vips: dict[str, int], addresses: dict[
     affinity = c.str_(f"{p}.affinity", s.get("affinity", "ip"), AFFINITY)
     ah = c.bool_(f"{p}.ah", s.get("ah", method != "nat"))
     if ah and method == "nat":
-        c.err(f"{p}.ah", "AH cannot cross NAT; a NAT-mode service must set ah = false")
+        c.err(f"{p}.ah", "AH cannot cross NAT; a NAT-mode service must not balance AH (ah = false, vpnadm --no-ah)")
     t = s.get("timeouts", {})
     if not isinstance(t, dict):
         c.err(f"{p}.timeouts", "must be a table")
@@ -268,7 +268,7 @@ def _service(c: _Checker, p: str, s: Any, vips: dict[str, int], addresses: dict[
         if rs_method != "":
             rs_method = c.str_(f"{q}.method", rs_method, ("dr", "tun", "nat"))
             if rs_method == "nat" and ah:
-                c.err(f"{q}.method", "AH cannot cross NAT; set the service's ah = false")
+                c.err(f"{q}.method", "AH cannot cross NAT; the service must not balance AH (ah = false, vpnadm --no-ah)")
         u = c.int_(f"{q}.u_threshold", r.get("u_threshold", 0), 0, 50_000_000)
         lo = c.int_(f"{q}.l_threshold", r.get("l_threshold", 0), 0, 50_000_000)
         if u and lo > u:

@@ -22,10 +22,13 @@ from __future__ import annotations
 
 import copy
 import ipaddress
+import json
+import socket
 from typing import Any
 
 from director.config import Config, ConfigErrors, from_dict, to_dict
 
+PROTOCOL_VERSION = 1
 MUTATIONS = frozenset({
     "add-service", "edit-service", "del-service", "clear", "add-server", "edit-server", "del-server",
     "set-timeouts", "restore",
@@ -48,7 +51,7 @@ def _arg(req: dict, name: str, kind: type) -> Any:
     return v
 
 
-def _addr(req: dict, name: str) -> str:
+def addr_arg(req: dict, name: str) -> str:
     v = _arg(req, name, str)
     try:
         return str(ipaddress.IPv4Address(v))
@@ -78,14 +81,14 @@ def mutate(desired: Config, req: dict) -> Config:
     touched: int | None = None
     if cmd == "add-service":
         svc = copy.deepcopy(_arg(req, "service", dict))
-        vip = _addr(svc, "vip")
+        vip = addr_arg(svc, "vip")
         if any(s["vip"] == vip for s in services):
             raise RequestError(f"vip: service {vip} exists")
         svc["vip"] = vip
         services.append(svc)
         touched = len(services) - 1
     elif cmd == "edit-service":
-        touched = _find_service(services, _addr(req, "vip"))
+        touched = _find_service(services, addr_arg(req, "vip"))
         changes = _arg(req, "changes", dict)
         for k, v in changes.items():
             if k not in _EDITABLE_SERVICE:
@@ -96,27 +99,27 @@ def mutate(desired: Config, req: dict) -> Config:
             else:
                 services[touched][k] = v
     elif cmd == "del-service":
-        del services[_find_service(services, _addr(req, "vip"))]
+        del services[_find_service(services, addr_arg(req, "vip"))]
     elif cmd == "clear":
         services.clear()
     elif cmd == "add-server":
-        touched = _find_service(services, _addr(req, "vip"))
+        touched = _find_service(services, addr_arg(req, "vip"))
         server = copy.deepcopy(_arg(req, "server", dict))
-        address = _addr(server, "address")
+        address = addr_arg(server, "address")
         if any(r["address"] == address for r in services[touched].get("server", [])):
             raise RequestError(f"address: real server {address} exists in service {services[touched]['vip']}")
         server["address"] = address
         services[touched].setdefault("server", []).append(server)
     elif cmd == "edit-server":
-        touched = _find_service(services, _addr(req, "vip"))
-        j = _find_server(services[touched], _addr(req, "address"))
+        touched = _find_service(services, addr_arg(req, "vip"))
+        j = _find_server(services[touched], addr_arg(req, "address"))
         for k, v in _arg(req, "changes", dict).items():
             if k not in _EDITABLE_SERVER:
                 raise RequestError(f"changes.{k}: not an editable real server setting")
             services[touched]["server"][j][k] = v
     elif cmd == "del-server":
-        touched = _find_service(services, _addr(req, "vip"))
-        del services[touched]["server"][_find_server(services[touched], _addr(req, "address"))]
+        touched = _find_service(services, addr_arg(req, "vip"))
+        del services[touched]["server"][_find_server(services[touched], addr_arg(req, "address"))]
     elif cmd == "set-timeouts":
         values = {k: req[k] for k in ("init", "established") if k in req}
         if not values:
@@ -134,3 +137,12 @@ def mutate(desired: Config, req: dict) -> Config:
         # name the service being changed as "service", not by its position in the list
         lines = [x.replace(f"service[{touched}].", "service.", 1) if touched is not None else x for x in e.errors]
         raise RequestError("; ".join(lines)) from None
+
+
+def control_request(path: str, request: dict, timeout: float = 5.0) -> dict:
+    """Send one request to a running daemon's control socket and return its answer."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(path)
+        s.sendall(json.dumps({"v": PROTOCOL_VERSION, **request}).encode() + b"\n")
+        return json.loads(s.makefile("rb").readline())

@@ -22,9 +22,11 @@ import sys
 import time
 from typing import Callable
 
+from pyroute2.netlink.exceptions import NetlinkError
+
 from director import config as config_mod
 from director import metrics, reconcile
-from director.control import MUTATIONS, RequestError, mutate
+from director.control import MUTATIONS, PROTOCOL_VERSION, RequestError, addr_arg, control_request, mutate
 from director.core import RS_CONNS, Action, Director, rs_counter
 from director.drop_reasons import DropReason
 from director.forwarding.fragment import fragment
@@ -39,7 +41,10 @@ log = logging.getLogger(__name__)
 TICK = 1.0
 RATE_KEYS = ("cps", "inpps", "outpps", "inbps", "outbps")
 SLOW_ITERATION = 0.25  # a loop iteration longer than this is logged (rate limited)
-PROTOCOL_VERSION = 1
+
+
+class KernelRefused(Exception):
+    """The kernel refused a rule or route a config needs; the message names the field."""
 
 
 class Daemon:
@@ -133,11 +138,21 @@ class Daemon:
         log.info("daemon.stopped")
 
     def apply_config(self, new: config_mod.Config) -> reconcile.Plan:
-        """Plan (validates everything; raises ConfigError and changes nothing), apply, sync the kernel."""
+        """Plan (validates everything; raises ConfigError and changes nothing), apply, sync the kernel.
+
+        When the kernel refuses its part (e.g. no route to a DR real server), the table goes back
+        to the previous config and the error names what was refused: all or nothing.
+        """
         plan = reconcile.plan(self.director, new)
+        old = self.desired
         reconcile.apply(self.director, plan)
+        try:
+            self._sync_kernel()
+        except KernelRefused as e:
+            reconcile.reconcile(self.director, old)
+            self._sync_kernel()
+            raise ConfigError(str(e)) from None
         self.desired = new
-        self._sync_kernel()
         log.info("config.applied %s services=%d", plan.summary(), len(self.director.services))
         return plan
 
@@ -155,7 +170,17 @@ class Daemon:
         if want.dr_servers and not have.dr_servers:
             routing.move_local_rule(self._ipr)
         for rs_id, rip in sorted(new):
-            routing.add_server(self._ipr, rs_id, rip, self._lan_index)
+            try:
+                routing.add_server(self._ipr, rs_id, rip, self._lan_index)
+            except NetlinkError as e:
+                for done_id, _ in sorted(new):  # undo this round's routes before giving up
+                    routing.remove_server(self._ipr, done_id)
+                if not have.dr_servers:
+                    routing.restore_local_rule(self._ipr)
+                raise KernelRefused(
+                    f"server.address: {rip}: cannot route to it for direct routing "
+                    f"(not on-link on {self.cfg.daemon.server_interface}?): {os.strerror(e.code)}"
+                ) from None
         for rs_id, _rip in sorted(gone):
             routing.remove_server(self._ipr, rs_id)
         if have.dr_servers and not want.dr_servers:
@@ -369,13 +394,15 @@ class Daemon:
             if cmd == "services":
                 return {"ok": True, "result": self.services()}
             if cmd == "connections":
-                return {"ok": True, "result": self.connections(req.get("client"), req.get("server"))}
+                client = addr_arg(req, "client") if req.get("client") is not None else None
+                server = addr_arg(req, "server") if req.get("server") is not None else None
+                return {"ok": True, "result": self.connections(client, server)}
             if cmd == "save":
                 return {"ok": True, "result": config_mod.to_dict(self.desired)["service"]}
             if cmd == "zero":
                 svc_id = None
                 if req.get("vip") is not None:
-                    svc = self.director.service_by_vip(ip_to_int(str(req["vip"])))
+                    svc = self.director.service_by_vip(ip_to_int(addr_arg(req, "vip")))
                     if svc is None:
                         raise RequestError(f"vip: no service {req['vip']}")
                     svc_id = svc.id
@@ -469,7 +496,8 @@ class Daemon:
         want_rs = {rs.id for s in d.services.values() for rs in s.servers.values()
                    if int_to_ip(rs.addr) == server} if server else None
         return [
-            {"svc": e.svc, "client": int_to_ip(e.client), "port": e.cport, "state": e.state.name,
+            {"svc": e.svc, "vip": int_to_ip(d.services[e.svc].vip) if e.svc in d.services else None,
+             "client": int_to_ip(e.client), "port": e.cport, "state": e.state.name,
              "spi_i": f"{e.spi_i:016x}", "spi_r": f"{e.spi_r:016x}", "rs": e.rs,
              "rs_address": int_to_ip(d.server(e.rs).addr) if d.server(e.rs) else None,
              "expires_in": round(e.expires - now, 1), "natt": e.natt}
@@ -493,15 +521,6 @@ def sd_notify(state: str) -> None:
         log.warning("sd_notify.failed state=%s error=%s", state, e)
 
 
-def control_request(path: str, request: dict, timeout: float = 5.0) -> dict:
-    """Send one request to a running daemon's control socket and return its answer."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
-        s.connect(path)
-        s.sendall(json.dumps({"v": PROTOCOL_VERSION, **request}).encode() + b"\n")
-        return json.loads(s.makefile("rb").readline())
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vpn-director", description="IPsec-aware load-balancing director.")
     sub = p.add_subparsers(dest="command")
@@ -511,6 +530,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     chk = sub.add_parser("check", help="validate a config file and exit")
     chk.add_argument("--config", required=True)
+    rel = sub.add_parser("reload", help="ask the running daemon to re-read its config; fails if it refuses")
+    rel.add_argument("--socket", default=config_mod.DaemonConfig().control_socket, help="control socket")
     demo = sub.add_parser("demo", help="bring up the namespace lab, balance real IKE/ESP packets, tear down")
     demo.add_argument("--core", action="store_true", help="only the decision core on crafted packets (no kernel)")
     demo.add_argument("--clients", type=int, default=6, help="--core: number of crafted clients (default 6)")
@@ -532,7 +553,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "check":
             cfg = config_mod.load(args.config)
+            reconcile.plan(Director(1), cfg)  # builds every service and scheduler: options checked too
             print(f"{args.config}: ok ({len(cfg.services)} services)")
+            return 0
+        if args.command == "reload":
+            answer = control_request(args.socket, {"cmd": "reload"})
+            if not answer.get("ok"):
+                print(f"vpn-director: reload refused: {answer.get('error')}", file=sys.stderr)
+                return 1
+            print(f"reloaded: {answer['result']}")
             return 0
         if args.command == "demo":
             if args.core:
@@ -553,6 +582,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"vpn-director: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # reload: no daemon listening
+        print(f"vpn-director: {e}", file=sys.stderr)
+        return 3
     signal.signal(signal.SIGTERM, daemon.request_stop)
     signal.signal(signal.SIGINT, daemon.request_stop)
     signal.signal(signal.SIGHUP, daemon.request_reload)

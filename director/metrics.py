@@ -131,6 +131,9 @@ class Collector:
                                   value=st["icmp_sent"])
         yield CounterMetricFamily("director_icmp_unreachable_limited", "ICMP answers withheld by the rate limit",
                                   value=st["icmp_limited"])
+        yield CounterMetricFamily("director_icmp_unreachable_suppressed",
+                                  "ICMP answers RFC 1122 forbids (about an ICMP error, a fragment, a broadcast)",
+                                  value=st["icmp_suppressed"])
         yield CounterMetricFamily("director_internal_errors", "Packets whose handling raised",
                                   value=st["internal_errors"])
         yield CounterMetricFamily("director_slow_iterations", "Event-loop iterations over 0.25 s",

@@ -10,7 +10,8 @@ class TokenBucket:
         if rate < 0:
             raise ValueError(f"rate: must be >= 0, got {rate}")
         self.rate = rate
-        self.burst = burst if burst is not None else max(rate, 1.0)
+        # rate 0 means none at all (not one per start): no burst either
+        self.burst = burst if burst is not None else (max(rate, 1.0) if rate > 0 else 0.0)
         self._tokens = self.burst
         self._last = now
         self.denied = 0

@@ -125,7 +125,11 @@ def plan(d: Director, cfg: Config) -> Plan:
             p.change.append(change)
         except ValueError as e:
             msg = str(e)
-            raise ConfigError(msg if msg.startswith("service") else f"{where}.scheduler: {msg}") from None
+            if msg.startswith("service."):
+                msg = where + msg[len("service"):]
+            elif not msg.startswith("service["):
+                msg = f"{where}.scheduler: {msg}"
+            raise ConfigError(msg) from None
     return p
 
 
@@ -133,7 +137,7 @@ def _check_ah(where: str, sc: ServiceConfig, method: Method) -> None:
     if not sc.ah:
         return
     if method == Method.NAT or any(r.method == "nat" for r in sc.servers):
-        raise ConfigError(f"{where}.ah: AH cannot cross NAT; a NAT-mode service must set ah = false")
+        raise ConfigError(f"{where}.ah: AH cannot cross NAT; a NAT-mode service must not balance AH (ah = false, vpnadm --no-ah)")
 
 
 def apply(d: Director, p: Plan) -> None:

@@ -78,7 +78,7 @@ class Service:
         if not self.ah:
             return
         if self.method == Method.NAT:
-            raise ConfigError("service.ah: AH cannot cross NAT; a NAT-mode service must set ah = false")
+            raise ConfigError("service.ah: AH cannot cross NAT; a NAT-mode service must not balance AH (ah = false, vpnadm --no-ah)")
         for rs in self.servers.values():
             if rs.method == "nat":
                 raise ConfigError(

@@ -1,0 +1,272 @@
+"""Byte layouts of the fast path's map keys and values: ``struct.Struct`` mirrors of ebpf/include/structs.h.
+
+docs/fastpath.md is the contract. Addresses are kept in network order, as in the packet (an ``int``
+such as ``director.packet.ip_to_int("192.0.2.1")`` goes in as its 4 big-endian bytes); ports, ids,
+counters and times are in host order (native ``=`` formats, standard sizes, no implicit padding:
+the C structs pad explicitly). tests/bpf/test_struct_layout.py compares every :class:`Layout`
+here (size and each field's offset and size) with the BTF of the compiled object.
+
+Per-CPU maps (``stats``, ``rs_stats``): a lookup returns one value per possible CPU, each rounded
+up to 8 bytes (:func:`percpu_size`); :func:`unpack_dp_stats` and :func:`unpack_rs_stats` sum them.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import NamedTuple
+
+__all__ = [
+    "CLIENT_KEY",
+    "CLIENT_VAL",
+    "DP_CONFIG",
+    "DP_STATS",
+    "LAYOUTS",
+    "MAPS",
+    "METHOD_DR",
+    "METHOD_NAT",
+    "METHOD_TUN",
+    "RS_STATS",
+    "SERVER_VAL",
+    "U32",
+    "VIP_F_AH",
+    "VIP_VAL",
+    "DpConfig",
+    "Field",
+    "Layout",
+    "MapSpec",
+    "addr",
+    "addr_int",
+    "client_key",
+    "client_val",
+    "dp_config",
+    "percpu_size",
+    "percpu_zero",
+    "server_val",
+    "u32",
+    "unpack_client_key",
+    "unpack_client_val",
+    "unpack_dp_config",
+    "unpack_dp_stats",
+    "unpack_rs_stats",
+    "unpack_server_val",
+    "unpack_u32",
+    "unpack_vip_val",
+    "vip_val",
+]
+
+VIP_F_AH = 0x01  # vip_val.flags: AH is accepted for this service
+METHOD_DR, METHOD_TUN, METHOD_NAT = 0, 1, 2  # server_val.method = director.service.Method
+
+
+class Field(NamedTuple):
+    name: str
+    offset: int  # bytes from the start of the struct
+    size: int  # bytes (a whole array for array fields)
+    fmt: str  # struct format of the field ("4s" = an address in network order, "8Q" = __u64[8])
+
+
+class Layout(NamedTuple):
+    """One C struct: its name in structs.h, its fields in order, and the precompiled Struct."""
+
+    name: str
+    fields: tuple[Field, ...]
+    struct: struct.Struct
+
+    @property
+    def size(self) -> int:
+        """sizeof(struct name)."""
+        return self.struct.size
+
+    def offset(self, field: str) -> int:
+        """offsetof(struct name, field)."""
+        for f in self.fields:
+            if f.name == field:
+                return f.offset
+        raise KeyError(f"struct {self.name} has no field {field}")
+
+
+def _layout(name: str, *fields: tuple[str, str]) -> Layout:
+    out, offset = [], 0
+    for fname, fmt in fields:
+        size = struct.calcsize("=" + fmt)
+        out.append(Field(fname, offset, size, fmt))
+        offset += size
+    return Layout(name, tuple(out), struct.Struct("=" + "".join(fmt for _, fmt in fields)))
+
+
+VIP_VAL = _layout("vip_val", ("svc", "H"), ("flags", "B"), ("pad", "x"))
+CLIENT_KEY = _layout("client_key", ("vip", "4s"), ("client", "4s"), ("port", "H"), ("pad", "H"))
+CLIENT_VAL = _layout("client_val", ("rs", "H"), ("pad0", "H"), ("pad1", "I"), ("last_seen", "Q"))
+SERVER_VAL = _layout("server_val", ("addr", "4s"), ("method", "B"), ("pad", "3x"))
+DP_CONFIG = _layout(
+    "dp_config", ("lan_addr", "4s"), ("lan_ifindex", "I"), ("lan_mtu", "I"), ("client_ifindex", "I")
+)
+DP_STATS = _layout(
+    "dp_stats",
+    ("fwd_packets", "8Q"),
+    ("fwd_bytes", "8Q"),
+    ("pass_packets", "8Q"),
+    ("miss", "Q"),
+    ("fragments", "Q"),
+    ("not_ours", "Q"),
+    ("fib_miss", "Q"),
+    ("mtu_pass", "Q"),
+    ("ttl_pass", "Q"),
+    ("replies", "Q"),
+    ("drops", "64Q"),
+)
+RS_STATS = _layout("rs_stats", ("packets", "8Q"), ("bytes", "8Q"))
+
+#: Every struct of docs/fastpath.md, by its C name.
+LAYOUTS = {l.name: l for l in (VIP_VAL, CLIENT_KEY, CLIENT_VAL, SERVER_VAL, DP_CONFIG, DP_STATS, RS_STATS)}
+
+U32 = struct.Struct("=I")  # __u32 keys (rs_id, array index) in host order
+_ADDR = struct.Struct("!I")  # an address: network order
+
+
+class MapSpec(NamedTuple):
+    key_size: int
+    value_size: int  # one CPU's value for per-CPU maps
+    percpu: bool
+
+
+#: The maps of docs/fastpath.md: name -> sizes (for map_lookup/map_keys on pinned fds).
+MAPS = {
+    "vips": MapSpec(4, VIP_VAL.size, False),
+    "clients": MapSpec(CLIENT_KEY.size, CLIENT_VAL.size, False),
+    "servers": MapSpec(4, SERVER_VAL.size, False),
+    "nat_replies": MapSpec(4, 4, False),
+    "config": MapSpec(4, DP_CONFIG.size, False),
+    "stats": MapSpec(4, DP_STATS.size, True),
+    "rs_stats": MapSpec(4, RS_STATS.size, True),
+}
+
+
+# -- scalars ----------------------------------------------------------------------------------------
+
+
+def addr(address: int) -> bytes:
+    """An IPv4 address (int, as director.packet.ip_to_int gives) as 4 bytes in network order.
+
+    Key of ``vips`` (the VIP) and ``nat_replies`` (the RIP), value of ``nat_replies`` (the VIP).
+    """
+    return _ADDR.pack(address)
+
+
+def addr_int(b: bytes) -> int:
+    """The int of a 4-byte network-order address (inverse of :func:`addr`)."""
+    return _ADDR.unpack(b)[0]
+
+
+def u32(value: int) -> bytes:
+    """A host-order __u32: key of ``servers`` and ``rs_stats`` (rs_id), of ``config`` and ``stats`` (0)."""
+    return U32.pack(value)
+
+
+def unpack_u32(b: bytes) -> int:
+    """Inverse of :func:`u32`."""
+    return U32.unpack(b)[0]
+
+
+# -- keys and values --------------------------------------------------------------------------------
+
+
+def vip_val(svc: int, flags: int = 0) -> bytes:
+    """Value of ``vips``: service id and flags (VIP_F_AH)."""
+    return VIP_VAL.struct.pack(svc, flags)
+
+
+def unpack_vip_val(b: bytes) -> tuple[int, int]:
+    """(svc, flags) of a ``vips`` value."""
+    return VIP_VAL.struct.unpack(b)
+
+
+def client_key(vip: int, client: int, port: int = 0) -> bytes:
+    """Key of ``clients``: (VIP, client address, client UDP source port for ESP-in-UDP or 0); pad 0."""
+    return CLIENT_KEY.struct.pack(_ADDR.pack(vip), _ADDR.pack(client), port, 0)
+
+
+def unpack_client_key(b: bytes) -> tuple[int, int, int]:
+    """(vip, client, port) of a ``clients`` key."""
+    vip, client, port, _pad = CLIENT_KEY.struct.unpack(b)
+    return addr_int(vip), addr_int(client), port
+
+
+def client_val(rs: int, last_seen: int = 0) -> bytes:
+    """Value of ``clients``: real server id and last_seen (ns of CLOCK_MONOTONIC, as bpf_ktime_get_ns)."""
+    return CLIENT_VAL.struct.pack(rs, 0, 0, last_seen)
+
+
+def unpack_client_val(b: bytes) -> tuple[int, int]:
+    """(rs, last_seen) of a ``clients`` value; last_seen in ns, ``/ 1e9`` compares with time.monotonic()."""
+    rs, _p0, _p1, last_seen = CLIENT_VAL.struct.unpack(b)
+    return rs, last_seen
+
+
+def server_val(address: int, method: int) -> bytes:
+    """Value of ``servers``: the real server's address and its method (METHOD_DR/TUN/NAT)."""
+    return SERVER_VAL.struct.pack(_ADDR.pack(address), method)
+
+
+def unpack_server_val(b: bytes) -> tuple[int, int]:
+    """(addr, method) of a ``servers`` value."""
+    a, method = SERVER_VAL.struct.unpack(b)
+    return addr_int(a), method
+
+
+class DpConfig(NamedTuple):
+    lan_addr: int
+    lan_ifindex: int
+    lan_mtu: int
+    client_ifindex: int
+
+
+def dp_config(lan_addr: int, lan_ifindex: int, lan_mtu: int, client_ifindex: int) -> bytes:
+    """Value of ``config`` (key u32(0)): TUN outer source, LAN ifindex, LAN MTU, client ifindex."""
+    return DP_CONFIG.struct.pack(_ADDR.pack(lan_addr), lan_ifindex, lan_mtu, client_ifindex)
+
+
+def unpack_dp_config(b: bytes) -> DpConfig:
+    """A ``config`` value as a :class:`DpConfig`."""
+    a, lan_ifindex, lan_mtu, client_ifindex = DP_CONFIG.struct.unpack(b)
+    return DpConfig(addr_int(a), lan_ifindex, lan_mtu, client_ifindex)
+
+
+# -- per-CPU values ---------------------------------------------------------------------------------
+
+
+def percpu_size(layout: Layout | int, ncpus: int) -> int:
+    """Bytes of a per-CPU map value as the syscall moves it: ncpus * round_up(size, 8)."""
+    size = layout if isinstance(layout, int) else layout.size
+    return ncpus * ((size + 7) & ~7)
+
+
+def percpu_zero(layout: Layout | int, ncpus: int) -> bytes:
+    """An all-zero per-CPU value (to create or reset an entry of ``stats``/``rs_stats``)."""
+    return bytes(percpu_size(layout, ncpus))
+
+
+def _unpack_summed(layout: Layout, b: bytes, ncpus: int) -> dict[str, int | list[int]]:
+    stride = (layout.size + 7) & ~7
+    if len(b) < stride * ncpus:
+        raise ValueError(f"{layout.name}: {len(b)} bytes for {ncpus} CPUs of {stride}")
+    total = [0] * (layout.size // 8)
+    unpack = struct.Struct(f"={layout.size // 8}Q").unpack_from
+    for cpu in range(ncpus):
+        for i, v in enumerate(unpack(b, cpu * stride)):
+            total[i] += v
+    out: dict[str, int | list[int]] = {}
+    for f in layout.fields:
+        i, n = f.offset // 8, f.size // 8
+        out[f.name] = total[i] if f.fmt == "Q" else total[i : i + n]
+    return out
+
+
+def unpack_dp_stats(b: bytes, ncpus: int) -> dict[str, int | list[int]]:
+    """A ``stats`` lookup summed over CPUs: {"fwd_packets": [8 by Kind], ..., "miss": n, ..., "drops": [64 by DropReason]}."""
+    return _unpack_summed(DP_STATS, b, ncpus)
+
+
+def unpack_rs_stats(b: bytes, ncpus: int) -> dict[str, list[int]]:
+    """An ``rs_stats`` lookup summed over CPUs: {"packets": [8 by Kind], "bytes": [8 by Kind]}."""
+    return _unpack_summed(RS_STATS, b, ncpus)  # type: ignore[return-value]

@@ -1,0 +1,268 @@
+"""The eBPF fast path adapter: load, pin, attach, and keep the maps equal to the table's projection.
+
+The contract with the C programs is docs/fastpath.md. What the maps hold is a projection of the
+connection table: for each service and client, the real server of the client's newest ESTABLISHED
+entry, under the key (VIP, client, 0) for raw ESP/AH and (VIP, client, port) for ESP-in-UDP. The
+core marks which (service, client, port) may have changed (``Director.dirty``); ``flush`` recomputes
+exactly those keys. ESP forwarded in the kernel never reaches the table, so the table asks
+``activity`` before it expires an ESTABLISHED entry, and the entry lives on if the fast path saw
+its client recently.
+
+Maps and programs outlive the daemon (pinned, attached): a restart loses no ESP packet of an
+established client, and the restarted daemon adopts the clients it finds in the ``clients`` map.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from director.core import Director
+from director.dataplane import bpf_structs as bs
+from director.dataplane import libbpf
+from director.packet import int_to_ip
+from director.service import Method
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[2]
+OBJ_DIR = REPO / "ebpf" / "build"
+PIN_DIR = Path("/sys/fs/bpf/vpn-director")
+FILTER_PRIO = 0xC0DE  # our tc filter's priority on each interface: found and replaced by it
+INGRESS = "ffff:fff2"
+ADOPTED_SPI = 0xADAD_0000_0000_0000  # initiator "cookie" of entries rebuilt from the map (| port)
+_MAPS = ("vips", "clients", "servers", "nat_replies", "config", "stats", "rs_stats")
+
+
+class FastPathUnavailable(RuntimeError):
+    """The kernel or the build cannot run the eBPF dataplane here; the message says what is missing."""
+
+
+def ensure_bpffs() -> None:
+    """bpffs is not mounted at boot on these machines; pinned maps live there."""
+    if os.path.ismount("/sys/fs/bpf"):
+        return
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.mount(b"bpf", b"/sys/fs/bpf", b"bpf", 0, None) != 0:
+        e = ctypes.get_errno()
+        raise FastPathUnavailable(f"cannot mount bpffs on /sys/fs/bpf: {os.strerror(e)}")
+
+
+class FastPath:
+    """Owns the programs and maps of one director namespace."""
+
+    def __init__(self, director: Director, *, client_ifindex: int, lan_ifindex: int, lan_addr: int,
+                 lan_mtu: int, pin_dir: Path = PIN_DIR, obj_dir: Path = OBJ_DIR) -> None:
+        self.d = director
+        self.client_ifindex = client_ifindex
+        self.lan_ifindex = lan_ifindex
+        self.lan_addr = lan_addr
+        self.lan_mtu = lan_mtu
+        self.pin_dir = Path(pin_dir)
+        self.obj_dir = Path(obj_dir)
+        self.fd: dict[str, int] = {}
+        self._objs: list[libbpf.BpfObject] = []
+        self.ncpus = 1
+        self.stats = {"map_writes": 0, "map_deletes": 0, "adopted": 0, "pruned": 0}
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+    def start(self, ipr: IPRoute) -> int:
+        """Load (reusing pinned maps), attach (replacing our previous filter), adopt. Returns adopted."""
+        for name in ("director_tc.o", "director_reply.o"):
+            if not (self.obj_dir / name).is_file():
+                raise FastPathUnavailable(f"{self.obj_dir / name} is missing: build it with `make -C ebpf`")
+        ensure_bpffs()
+        self.pin_dir.mkdir(mode=0o700, exist_ok=True)
+        self.ncpus = libbpf.num_possible_cpus()
+        progs = {}
+        try:
+            for obj_name, ifindex in (("director_tc.o", self.client_ifindex), ("director_reply.o", self.lan_ifindex)):
+                obj = libbpf.BpfObject(self.obj_dir / obj_name)
+                self._objs.append(obj)
+                for m in obj.map_names:
+                    if m in _MAPS:
+                        if m == "clients":
+                            obj.set_max_entries(m, self.d.table.capacity)
+                        obj.set_pin_path(m, self.pin_dir / m)
+                obj.load()
+                progs[obj_name] = (obj.prog_fd(obj.prog_names[0]), ifindex, obj_name.removesuffix(".o"))
+            for m in _MAPS:
+                self.fd[m] = libbpf.obj_get(self.pin_dir / m)
+        except OSError as e:
+            self.close()
+            raise FastPathUnavailable(f"cannot load the eBPF programs: {e}") from None
+        self._write_config()
+        self.sync_services()
+        adopted = self._adopt()
+        for fd, ifindex, name in progs.values():
+            _attach(ipr, ifindex, fd, name)
+        log.info("fastpath.started pin=%s adopted=%d cpus=%d", self.pin_dir, adopted, self.ncpus)
+        return adopted
+
+    def close(self) -> None:
+        """Close our fds; programs and maps stay (pinned and attached) for the next daemon."""
+        for fd in self.fd.values():
+            libbpf.close_fd(fd)
+        self.fd = {}
+        for obj in self._objs:
+            obj.close()
+        self._objs = []
+
+    @staticmethod
+    def remove(ipr: IPRoute, ifindexes: list[int], pin_dir: Path = PIN_DIR) -> None:
+        """Detach our filters and unpin the maps: the namespace as it was before the fast path."""
+        for ifindex in ifindexes:
+            _detach(ipr, ifindex)
+        shutil.rmtree(pin_dir, ignore_errors=True)
+
+    # -- the projection -----------------------------------------------------------------------------
+    def _write_config(self) -> None:
+        libbpf.map_update(self.fd["config"], bs.u32(0),
+                          bs.dp_config(self.lan_addr, self.lan_ifindex, self.lan_mtu, self.client_ifindex))
+
+    def sync_services(self) -> None:
+        """vips, servers and nat_replies equal the running services; clients of gone ones pruned."""
+        d = self.d
+        vips, servers, nat = {}, {}, {}
+        for svc in d.services.values():
+            vips[bs.addr(svc.vip)] = bs.vip_val(svc.id, bs.VIP_F_AH if svc.ah else 0)
+            for rs in svc.servers.values():
+                m = svc.method_of(rs)
+                servers[bs.u32(rs.id)] = bs.server_val(rs.addr, int(m))
+                if m == Method.NAT:
+                    nat[bs.addr(rs.addr)] = bs.addr(svc.vip)
+        for name, want in (("vips", vips), ("servers", servers), ("nat_replies", nat)):
+            fd = self.fd[name]
+            spec = bs.MAPS[name]
+            for k in list(libbpf.map_keys(fd, spec.key_size)):
+                if k not in want:
+                    libbpf.map_delete(fd, k)
+            for k, v in want.items():
+                libbpf.map_update(fd, k, v)
+        # a client whose VIP or real server is gone goes back to the slow path
+        fd = self.fd["clients"]
+        for k, v in list(libbpf.map_items(fd, bs.CLIENT_KEY.size, bs.CLIENT_VAL.size)):
+            vip, _client, _port = bs.unpack_client_key(k)
+            rs, _seen = bs.unpack_client_val(v)
+            svc = d.service_by_vip(vip)
+            if svc is None or rs not in svc.servers:
+                libbpf.map_delete(fd, k)
+                self.stats["pruned"] += 1
+
+    def flush(self) -> None:
+        """Recompute the map keys of every (service, client, port) the core marked dirty."""
+        dirty = self.d.dirty
+        if not dirty:
+            return
+        t = self.d.table
+        fd = self.fd["clients"]
+        todo = list(dirty)
+        dirty.clear()
+        done_raw = set()
+        for svc_id, client, port in todo:
+            svc = self.d.services.get(svc_id)
+            if svc is None:
+                continue
+            if (svc_id, client) not in done_raw:
+                done_raw.add((svc_id, client))
+                s, _ = t.established_of_client(svc_id, client)
+                self._project(fd, svc, client, 0, s)
+            if port:
+                s, _ = t.established_of_natt(svc_id, client, port)
+                self._project(fd, svc, client, port, s)
+
+    def _project(self, fd: int, svc, client: int, port: int, s: int) -> None:
+        key = bs.client_key(svc.vip, client, port)
+        rs = self.d.table.rs[s] if s >= 0 else None
+        if rs is not None and rs in svc.servers:
+            old = libbpf.map_lookup(fd, key, bs.CLIENT_VAL.size)
+            if old is None or bs.unpack_client_val(old)[0] != rs:
+                libbpf.map_update(fd, key, bs.client_val(rs, 0))
+                self.stats["map_writes"] += 1
+        elif libbpf.map_delete(fd, key):
+            self.stats["map_deletes"] += 1
+
+    def activity(self, s: int) -> float | None:
+        """When the fast path last forwarded for the entry's client (seconds, monotonic), if ever."""
+        t = self.d.table
+        svc = self.d.services.get(t.svc[s])
+        if svc is None:
+            return None
+        newest = 0
+        for port in {0, t.cport[s]}:
+            v = libbpf.map_lookup(self.fd["clients"], bs.client_key(svc.vip, t.client[s], port), bs.CLIENT_VAL.size)
+            if v is not None:
+                newest = max(newest, bs.unpack_client_val(v)[1])
+        return newest / 1e9 if newest else None
+
+    def _adopt(self) -> int:
+        """Rebuild ESTABLISHED entries for the clients a previous daemon left in the map."""
+        t = self.d.table
+        n = 0
+        now = None
+        for k, v in list(libbpf.map_items(self.fd["clients"], bs.CLIENT_KEY.size, bs.CLIENT_VAL.size)):
+            vip, client, port = bs.unpack_client_key(k)
+            rs, seen = bs.unpack_client_val(v)
+            svc = self.d.service_by_vip(vip)
+            if svc is None or rs not in svc.servers or not port:
+                continue
+            spi_i = ADOPTED_SPI | port
+            if t.lookup(svc.id, client, spi_i) >= 0:
+                continue
+            if now is None:
+                import time
+
+                now = time.monotonic()
+            s = t.create(svc.id, client, port, spi_i, rs, now)
+            t.establish(s, 0, now)
+            n += 1
+        self.d.stats["adopted"] += n
+        self.stats["adopted"] += n
+        self.d.dirty and self.d.dirty.clear()  # what we adopted is what the map already says
+        return n
+
+    # -- reading ------------------------------------------------------------------------------------
+    def dp_stats(self) -> dict:
+        v = libbpf.map_lookup(self.fd["stats"], bs.u32(0), bs.percpu_size(bs.DP_STATS, self.ncpus))
+        return bs.unpack_dp_stats(v, self.ncpus) if v else {}
+
+    def rs_stats(self) -> dict[int, dict]:
+        out = {}
+        size = bs.percpu_size(bs.RS_STATS, self.ncpus)
+        for k, v in libbpf.map_items(self.fd["rs_stats"], 4, size):
+            out[bs.unpack_u32(k)] = bs.unpack_rs_stats(v, self.ncpus)
+        return out
+
+    def clients(self) -> list[tuple[str, str, int, int]]:
+        """(vip, client, port, real server id) of every client in the map (for status and tests)."""
+        out = []
+        for k, v in libbpf.map_items(self.fd["clients"], bs.CLIENT_KEY.size, bs.CLIENT_VAL.size):
+            vip, client, port = bs.unpack_client_key(k)
+            out.append((int_to_ip(vip), int_to_ip(client), port, bs.unpack_client_val(v)[0]))
+        return sorted(out)
+
+
+def _attach(ipr: IPRoute, ifindex: int, fd: int, name: str) -> None:
+    try:
+        ipr.tc("add", "clsact", ifindex)
+    except NetlinkError as e:
+        if e.code != errno.EEXIST:
+            raise
+    ipr.tc("replace-filter", "bpf", ifindex, ":1", fd=fd, name=name, parent=INGRESS, prio=FILTER_PRIO,
+           classid=1, direct_action=True)
+
+
+def _detach(ipr: IPRoute, ifindex: int) -> None:
+    try:
+        ipr.tc("del-filter", "bpf", ifindex, ":1", parent=INGRESS, prio=FILTER_PRIO)
+    except NetlinkError as e:
+        if e.code not in (errno.ENOENT, errno.EINVAL, errno.ENODEV):
+            raise

@@ -1,0 +1,61 @@
+/* The fast path's maps (docs/fastpath.md), BTF-defined. Every object that includes this creates all
+ * of them; the loader pins them by path (bpf_map__set_pin_path) so that the tc program, the reply
+ * program and the daemon share one instance of each. Pinning compares max_entries, so `clients`
+ * must be sized the same (daemon.capacity) in every object before load. */
+#ifndef VPN_DIRECTOR_MAPS_H
+#define VPN_DIRECTOR_MAPS_H
+
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+#include "structs.h"
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 256);
+	__type(key, __u32); /* VIP, network order */
+	__type(value, struct vip_val);
+} vips SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536); /* the loader sets daemon.capacity before load */
+	__type(key, struct client_key);
+	__type(value, struct client_val);
+} clients SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u32); /* rs_id, host order */
+	__type(value, struct server_val);
+} servers SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u32);   /* a NAT real server's address, network order */
+	__type(value, __u32); /* its VIP, network order */
+} nat_replies SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct dp_config);
+} config SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct dp_stats);
+} stats SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u32); /* rs_id, host order */
+	__type(value, struct rs_stats);
+} rs_stats SEC(".maps");
+
+#endif

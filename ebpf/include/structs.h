@@ -1,0 +1,96 @@
+/* Map keys and values of the fast path (docs/fastpath.md), mirrored by director/dataplane/bpf_structs.py.
+ *
+ * Explicit padding everywhere: hash keys are compared bytewise, so an implicit hole would make two
+ * equal keys differ; and the Python mirrors use standard sizes without alignment, so every byte
+ * must be a named field. tests/bpf/test_struct_layout.py checks both sides against this object's BTF.
+ * Byte order: addresses in network order (as in the packet), ports and ids in host order.
+ */
+#ifndef VPN_DIRECTOR_STRUCTS_H
+#define VPN_DIRECTOR_STRUCTS_H
+
+#include <linux/types.h>
+
+#define VIP_F_AH 0x01 /* vip_val.flags: AH is accepted for this service */
+
+/* server_val.method: director.service.Method */
+enum method {
+	METHOD_DR = 0,
+	METHOD_TUN = 1,
+	METHOD_NAT = 2,
+};
+
+/* director.packet.Kind: indexes of the per-kind counters */
+enum kind {
+	KIND_NOT_OURS = 0,
+	KIND_IKE_INITIAL = 1,
+	KIND_IKE = 2,
+	KIND_NATT_KEEPALIVE = 3,
+	KIND_ESP = 4,
+	KIND_AH = 5,
+	KIND_ESP_IN_UDP = 6,
+	KIND_FRAGMENT = 7,
+};
+#define N_KINDS 8
+#define N_DROP_REASONS 64
+
+struct vip_val {
+	__u16 svc;   /* service id */
+	__u8 flags;  /* VIP_F_AH */
+	__u8 pad;
+};
+
+struct client_key {
+	__u32 vip;    /* network order */
+	__u32 client; /* network order */
+	__u16 port;   /* the client's UDP source port for ESP-in-UDP (host order); 0 for raw ESP and AH */
+	__u16 pad;    /* always 0 */
+};
+
+struct client_val {
+	__u16 rs; /* real server id: key of `servers` */
+	__u16 pad0;
+	__u32 pad1;
+	__u64 last_seen; /* bpf_ktime_get_ns(): CLOCK_MONOTONIC, the clock of Python's time.monotonic() */
+};
+
+struct server_val {
+	__u32 addr;  /* the real server's address, network order */
+	__u8 method; /* enum method */
+	__u8 pad[3];
+};
+
+struct dp_config {
+	__u32 lan_addr;       /* network order: TUN outer source */
+	__u32 lan_ifindex;    /* real-server-facing interface (the reply program's fib lookups) */
+	__u32 lan_mtu;        /* TUN: an envelope above this goes to the slow path (which fragments) */
+	__u32 client_ifindex; /* client-facing interface (the tc program's fib lookups) */
+};
+
+struct dp_stats {
+	__u64 fwd_packets[N_KINDS]; /* by kind, forwarded in the kernel */
+	__u64 fwd_bytes[N_KINDS];   /* IP total length, as the slow path counts */
+	__u64 pass_packets[N_KINDS]; /* by kind, packets to a VIP handed to the stack */
+	__u64 miss;      /* ESP/AH/ESP-in-UDP with no client (or no server) in the maps */
+	__u64 fragments; /* fragments to a VIP, passed untouched */
+	__u64 not_ours;  /* not IPv4, not to a VIP, or to a VIP but no IPsec: passed untouched */
+	__u64 fib_miss;  /* no route/neighbour for the real server (or client) yet: passed */
+	__u64 mtu_pass;  /* TUN envelope above lan_mtu, or above the egress MTU: passed */
+	__u64 ttl_pass;  /* TTL <= 1 where we would decrement it: passed (the stack answers) */
+	__u64 replies;   /* NAT replies rewritten by the reply program */
+	__u64 drops[N_DROP_REASONS]; /* by enum drop_reason: malformed packets to a VIP */
+};
+
+struct rs_stats {
+	__u64 packets[N_KINDS];
+	__u64 bytes[N_KINDS];
+};
+
+_Static_assert(sizeof(struct vip_val) == 4, "vip_val");
+_Static_assert(sizeof(struct client_key) == 12, "client_key");
+_Static_assert(sizeof(struct client_val) == 16, "client_val");
+_Static_assert(sizeof(struct server_val) == 8, "server_val");
+_Static_assert(sizeof(struct dp_config) == 16, "dp_config");
+_Static_assert(sizeof(struct dp_stats) == 8 * (3 * N_KINDS + 7 + N_DROP_REASONS), "dp_stats");
+_Static_assert(sizeof(struct rs_stats) == 8 * 2 * N_KINDS, "rs_stats");
+
+#endif

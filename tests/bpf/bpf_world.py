@@ -1,0 +1,261 @@
+"""Helpers of the BPF tests (the fixture is in conftest.py): the compiled fast path, run with BPF_PROG_TEST_RUN.
+
+:class:`World` loads ebpf/build/director_tc.o and director_reply.o with every map pinned under a unique
+directory of /sys/fs/bpf (the reply object reuses the tc object's pins, as the daemon's loader
+does), and builds a network namespace whose routes and permanent neighbour entries make
+bpf_fib_lookup answer deterministically. BPF_PROG_TEST_RUN runs a tc program in the calling
+thread's network namespace, so :meth:`World.run` enters that namespace around each run only (the
+rest of the session, other test directories included, stays where it was). Everything is removed
+at the end, also when a test or the setup fails. A missing prerequisite fails with a message.
+
+Topology (namespace ``vpnd-bpf-<pid>``, both ends of each veth pair inside it, forwarding on)::
+
+    cli0 198.51.100.1/24  02:00:00:00:00:02   clients 203.0.113.0/24 via 198.51.100.254 (gw, neigh)
+    lan0 10.1.0.1/24      02:00:00:00:00:01   real servers .11 DR, .12 NAT, .13 TUN (neigh), .99 (none)
+    lan2 10.2.0.1/24      02:00:00:00:00:03   MTU 1280; real server 10.2.0.11 (neigh)
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from director.packet import ip_to_int
+
+REPO = Path(__file__).resolve().parents[2]
+EBPF = REPO / "ebpf"
+TC_OBJ = EBPF / "build" / "director_tc.o"
+REPLY_OBJ = EBPF / "build" / "director_reply.o"
+BPFFS = Path("/sys/fs/bpf")
+CLONE_NEWNET = 0x40000000
+
+TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT = 0, 2, 7
+
+
+def mac(text: str) -> bytes:
+    return bytes.fromhex(text.replace(":", ""))
+
+
+@dataclass(frozen=True)
+class Topo:
+    """Addresses of the test namespace (ints as director.packet uses them, MACs as bytes)."""
+
+    cli0_mac: bytes = mac("02:00:00:00:00:02")
+    lan0_mac: bytes = mac("02:00:00:00:00:01")
+    lan2_mac: bytes = mac("02:00:00:00:00:03")
+    gw_mac: bytes = mac("02:00:00:00:02:fe")  # the clients' gateway on cli0
+    client_gw: int = ip_to_int("198.51.100.254")
+    lan_addr: int = ip_to_int("10.1.0.1")
+    rip_dr: int = ip_to_int("10.1.0.11")
+    rip_nat: int = ip_to_int("10.1.0.12")
+    rip_tun: int = ip_to_int("10.1.0.13")
+    rip_noneigh: int = ip_to_int("10.1.0.99")  # on-link, no neighbour entry
+    rip_smallmtu: int = ip_to_int("10.2.0.11")  # behind lan2, MTU 1280
+    rip_dr_mac: bytes = mac("02:00:00:00:01:0b")
+    rip_nat_mac: bytes = mac("02:00:00:00:01:0c")
+    rip_tun_mac: bytes = mac("02:00:00:00:01:0d")
+    rip_smallmtu_mac: bytes = mac("02:00:00:00:03:0b")
+    lan_mtu: int = 1500
+
+
+TOPO = Topo()
+
+
+def _hex_mac(b: bytes) -> str:
+    return ":".join(f"{x:02x}" for x in b)
+
+
+def _ip(a: int) -> str:
+    return ".".join(str((a >> s) & 0xFF) for s in (24, 16, 8, 0))
+
+
+def prerequisites() -> list[str]:
+    """Everything missing to run these tests, as readable sentences (empty: all present)."""
+    missing = []
+    if os.geteuid() != 0:
+        missing.append("root (BPF, bpffs, network namespaces; CI runs as root)")
+    for tool in ("ip", "bpftool", "mount", "mountpoint"):
+        if shutil.which(tool) is None:
+            missing.append(f"`{tool}` on PATH (Debian: iproute2, bpftool, util-linux)")
+    sources = [*EBPF.glob("director_*.bpf.c"), *(EBPF / "include").glob("*.h")]
+    for obj in (TC_OBJ, REPLY_OBJ):
+        if not obj.is_file():
+            missing.append(f"{obj} (build it: `make -C ebpf`, clang + libbpf-dev)")
+        elif any(s.stat().st_mtime > obj.stat().st_mtime for s in sources):
+            missing.append(f"an up-to-date {obj} (older than its sources: `make -C ebpf`)")
+    try:
+        ctypes.CDLL("libbpf.so.1")
+    except OSError:
+        missing.append("libbpf.so.1 (Debian: libbpf1)")
+    return missing
+
+
+def require() -> None:
+    missing = prerequisites()
+    if missing:
+        pytest.fail("BPF test prerequisites missing: " + "; ".join(missing), pytrace=False)
+
+
+def _sh(*args: str) -> str:
+    r = subprocess.run(args, capture_output=True, text=True)
+    if r.returncode:
+        raise RuntimeError(f"{' '.join(args)}: exit {r.returncode}: {r.stderr.strip()}")
+    return r.stdout
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _setns(fd: int) -> None:
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"setns(CLONE_NEWNET): {os.strerror(e)}")
+
+
+class Netns:
+    """A named network namespace (``ip netns add``) with the topology above; ``close()`` deletes it."""
+
+    def __init__(self) -> None:
+        self.name = f"vpnd-bpf-{os.getpid()}"
+        if Path(f"/run/netns/{self.name}").exists():
+            _sh("ip", "netns", "del", self.name)  # left by a killed run of this pid
+        _sh("ip", "netns", "add", self.name)
+        self.fd = -1
+        try:
+            self._build()
+            self.fd = os.open(f"/run/netns/{self.name}", os.O_RDONLY)
+        except BaseException:
+            self.close()
+            raise
+
+    def _ip(self, *args: str) -> str:
+        return _sh("ip", "-n", self.name, *args)
+
+    def _build(self) -> None:
+        t = TOPO
+        # ip_forward first: devices created afterwards inherit forwarding=1 (bpf_fib_lookup answers
+        # FWD_DISABLED for an input interface that does not forward).
+        _sh("ip", "netns", "exec", self.name, "sysctl", "-qw", "net.ipv4.conf.all.forwarding=1")
+        _sh("ip", "netns", "exec", self.name, "sysctl", "-qw", "net.ipv4.conf.default.forwarding=1")
+        for dev, peer, macaddr, addr, mtu in (
+            ("cli0", "cli1", t.cli0_mac, "198.51.100.1/24", 1500),
+            ("lan0", "lan1", t.lan0_mac, "10.1.0.1/24", t.lan_mtu),
+            ("lan2", "lan3", t.lan2_mac, "10.2.0.1/24", 1280),
+        ):
+            self._ip("link", "add", dev, "address", _hex_mac(macaddr), "mtu", str(mtu), "type", "veth",
+                     "peer", "name", peer, "mtu", str(mtu))  # fmt: skip
+            self._ip("addr", "add", addr, "dev", dev)
+            self._ip("link", "set", dev, "up")
+            self._ip("link", "set", peer, "up")
+        for addr, lladdr, dev in (
+            (t.client_gw, t.gw_mac, "cli0"),
+            (t.rip_dr, t.rip_dr_mac, "lan0"),
+            (t.rip_nat, t.rip_nat_mac, "lan0"),
+            (t.rip_tun, t.rip_tun_mac, "lan0"),
+            (t.rip_smallmtu, t.rip_smallmtu_mac, "lan2"),
+        ):
+            self._ip("neigh", "replace", _ip(addr), "lladdr", _hex_mac(lladdr), "dev", dev, "nud", "permanent")
+        self._ip("route", "add", "203.0.113.0/24", "via", _ip(t.client_gw), "dev", "cli0")
+        self.ifindex = {d["ifname"]: d["ifindex"] for d in json.loads(self._ip("-j", "link", "show"))}
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
+
+
+class World:
+    """Both programs loaded, maps pinned under ``pin_dir``, runs inside ``netns``."""
+
+    def __init__(self, netns: Netns, pin_dir: Path) -> None:
+        from director.dataplane import bpf_structs as S
+        from director.dataplane import libbpf as L
+
+        self.S, self.L = S, L
+        self.netns = netns
+        self.pin_dir = pin_dir
+        self.ncpus = L.num_possible_cpus()
+        self.objs = []
+        for path in (TC_OBJ, REPLY_OBJ):  # the tc object creates and pins, the reply object reuses
+            obj = L.BpfObject(path)
+            self.objs.append(obj)
+            for name in S.MAPS:
+                obj.set_pin_path(name, pin_dir / name)
+            obj.load()
+        self.tc_fd = self.objs[0].prog_fd("director_tc")
+        self.reply_fd = self.objs[1].prog_fd("director_reply")
+        self.map_fd = {name: self.objs[0].map_fd(name) for name in S.MAPS}
+
+    # -- running ------------------------------------------------------------------------------------
+    def run(self, prog: str, frame: bytes):
+        """BPF_PROG_TEST_RUN of ``prog`` ("tc" or "reply") on ``frame`` inside the test namespace."""
+        fd = self.tc_fd if prog == "tc" else self.reply_fd
+        orig = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+        try:
+            _setns(self.netns.fd)
+            try:
+                return self.L.prog_test_run(fd, frame)
+            finally:
+                _setns(orig)
+        finally:
+            os.close(orig)
+
+    # -- maps ---------------------------------------------------------------------------------------
+    def clear(self) -> None:
+        """Empty every hash map, zero the stats and the config."""
+        L, S = self.L, self.S
+        for name in ("vips", "clients", "servers", "nat_replies", "rs_stats"):
+            fd = self.map_fd[name]
+            for key in list(L.map_keys(fd, S.MAPS[name].key_size)):
+                L.map_delete(fd, key)
+        L.map_update(self.map_fd["stats"], S.u32(0), S.percpu_zero(S.DP_STATS, self.ncpus))
+        L.map_update(self.map_fd["config"], S.u32(0), bytes(S.DP_CONFIG.size))
+
+    def put(self, name: str, key: bytes, value: bytes) -> None:
+        self.L.map_update(self.map_fd[name], key, value)
+
+    def get(self, name: str, key: bytes) -> bytes | None:
+        spec = self.S.MAPS[name]
+        size = self.S.percpu_size(spec.value_size, self.ncpus) if spec.percpu else spec.value_size
+        return self.L.map_lookup(self.map_fd[name], key, size)
+
+    def stats(self) -> dict[str, int]:
+        """dp_stats summed over CPUs, flattened: "miss", "pass_packets[4]", "drops[30]", ..."""
+        raw = self.get("stats", self.S.u32(0))
+        return flatten(self.S.unpack_dp_stats(raw, self.ncpus))
+
+    def rs_stats(self) -> dict[int, dict]:
+        """Every rs_stats entry, summed over CPUs."""
+        L, S = self.L, self.S
+        size = S.percpu_size(S.RS_STATS, self.ncpus)
+        return {
+            S.unpack_u32(k): S.unpack_rs_stats(v, self.ncpus) for k, v in L.map_items(self.map_fd["rs_stats"], 4, size)
+        }
+
+    def close(self) -> None:
+        for obj in self.objs:
+            obj.close()
+
+
+def flatten(stats: dict) -> dict[str, int]:
+    out = {}
+    for name, value in stats.items():
+        if isinstance(value, list):
+            for i, v in enumerate(value):
+                out[f"{name}[{i}]"] = v
+        else:
+            out[name] = value
+    return out
+
+
+def delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    """The counters that changed, with their change."""
+    return {k: after[k] - before[k] for k in after if after[k] != before[k]}

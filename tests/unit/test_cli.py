@@ -1,0 +1,385 @@
+"""vpnadm without a daemon: parsing, the combination table, requests, -S/-R text, listings, exit codes."""
+
+import json
+
+import pytest
+
+from director import cli
+from director.cli import COMMANDS, COMMANDS_V_OPTIONS, OPT, UsageError, execute, parse
+from director.config import from_dict, to_dict
+
+VIP, VIP2 = "192.0.2.10", "192.0.2.20"
+RIP1, RIP2 = "198.51.100.1", "198.51.100.2"
+
+
+class FakeDaemon:
+    """Records requests; answers each command from ``answers`` (default None)."""
+
+    def __init__(self, **answers):
+        self.answers = answers
+        self.requests = []
+
+    def __call__(self, cmd, **kw):
+        self.requests.append((cmd, kw))
+        return self.answers.get(cmd.replace("-", "_"))
+
+
+def run(argv, stdin=None, **answers):
+    daemon = FakeDaemon(**answers)
+    out = execute(parse(argv), daemon, stdin)
+    return daemon.requests, out
+
+
+# -- the table --------------------------------------------------------------------------------------
+def test_table_names_only_known_commands_and_options_and_uses_every_option():
+    assert {k.split()[0] for k in COMMANDS_V_OPTIONS} == {c.key for c in COMMANDS}
+    used = {o for row in COMMANDS_V_OPTIONS.values() for o in row}
+    assert used == set(OPT)  # no typo in the table, no option that no command accepts
+
+
+LEGAL = [
+    (["-A", "-V", VIP, "-s", "mh", "--scheduler-option", "table_size=251", "--method", "tun",
+      "--affinity", "ip-port", "-p", "600", "--init-timeout", "10", "--no-ah"], "-A"),
+    (["--add-service", "--vip", VIP, "-M", "255.255.255.255"], "-A"),
+    (["-E", "-V", VIP, "--ah", "--retransmit-threshold", "0", "--soft-limit", "9", "--soft-grace", "2.5"], "-E"),
+    (["-D", "-V", VIP], "-D"),
+    (["-C"], "-C"),
+    (["-R"], "-R"),
+    (["-S", "-n"], "-S"),
+    (["-a", "-V", VIP, "-r", RIP1, "-m", "-w", "0", "-x", "10", "-y", "5"], "-a"),
+    (["-e", "-V", VIP, "-r", RIP1, "-w", "3"], "-e"),
+    (["-d", "-V", VIP, "-r", RIP1], "-d"),
+    (["-L", "-n", "--stats", "--exact"], "-L"),
+    (["-Ln", "-V", VIP, "--json"], "-L"),
+    (["-l", "--timeout"], "-L"),
+    (["-L", "-c", "--client", "203.0.113.1", "--server", RIP1, "--json"], "-L -c"),
+    (["-Lnc"], "-L -c"),
+    (["-Z"], "-Z"),
+    (["-Z", "-V", VIP], "-Z"),
+    (["--set", "20", "7200"], "--set"),
+    (["--set", "0", "7200", "0"], "--set"),
+    ([], "-L"),  # ipvsadm lists without arguments
+    (["--socket", "/tmp/x.sock"], "-L"),
+]
+
+
+@pytest.mark.parametrize("argv,command", LEGAL, ids=[" ".join(a) or "(none)" for a, _ in LEGAL])
+def test_legal_combinations(argv, command):
+    assert parse(argv).command == command
+
+
+ILLEGAL = [
+    (["-A", "-V", VIP, "-w", "1"], "illegal option combination: -A with -w"),
+    (["-A", "-s", "rr"], "missing option: -A needs -V ADDRESS"),
+    (["-A", "-V", VIP, "--affinity", "ip", "-M", "255.255.255.255"], "conflicting options: --affinity and -M with -A"),
+    (["-E", "-V", VIP, "--ah", "--no-ah"], "conflicting options: --ah and --no-ah with -E"),
+    (["-E", "-V", VIP, "-r", RIP1], "illegal option combination: -E with -r"),
+    (["-D", "-V", VIP, "-s", "rr"], "illegal option combination: -D with -s"),
+    (["-C", "-V", VIP], "illegal option combination: -C with -V"),
+    (["-R", "-n"], "illegal option combination: -R with -n"),
+    (["-S", "--json"], "illegal option combination: -S with --json"),
+    (["-a", "-V", VIP, "-r", RIP1, "--stats"], "illegal option combination: -a with --stats"),
+    (["-a", "-V", VIP], "missing option: -a needs -r RIP"),
+    (["-a", "-V", VIP, "-r", RIP1, "-g", "-m"], "conflicting options: -g and -m with -a"),
+    (["-e", "-V", VIP, "-r", RIP1, "-s", "rr"], "illegal option combination: -e with -s"),
+    (["-d", "-V", VIP, "-r", RIP1, "-w", "1"], "illegal option combination: -d with -w"),
+    (["-L", "--stats", "--rate"], "conflicting options: --stats and --rate with -L"),
+    (["-L", "--client", "203.0.113.1"], "illegal option combination: -L with --client"),
+    (["-L", "-c", "--stats"], "illegal option combination: -L -c with --stats"),
+    (["-Z", "-V", VIP, "-r", RIP1], "illegal option combination: -Z with -r"),
+    (["--set", "1", "2", "-V", VIP], "illegal option combination: --set with -V"),
+    (["-A", "-D", "-V", VIP], "multiple commands specified"),
+    (["-A", "-V", VIP, "-s", "rr", "-s", "wlc"], "multiple -s options specified"),
+    (["-n"], "no command given"),
+    (["-A", "-V", VIP, "--frobnicate"], "unrecognized arguments: --frobnicate"),
+    (["-A", "-t", "192.0.2.10:500"], "use -V ADDRESS"),
+    (["-a", "-V", VIP, "-r", RIP1, "-w", "heavy"], "-w: not an integer: 'heavy'"),
+    (["-A", "-V", VIP, "-p", "soon"], "-p: not a number: 'soon'"),
+    (["-A", "-V", VIP, "-p", "nan"], "-p: not a number: 'nan'"),
+    (["-A", "-V", VIP, "--scheduler-option", "table_size"], "--scheduler-option: expected KEY=VALUE"),
+    (["--set", "30"], "--set takes INIT ESTABLISHED"),
+    (["--set", "30", "3600", "300"], "third value (ipvsadm's udp timeout) is not used"),
+    (["-A", "-V", VIP, "-M", "255.255.255.0"], "-M 255.255.255.0: only 255.255.255.255 is supported"),
+]
+
+
+@pytest.mark.parametrize("argv,message", ILLEGAL, ids=[m for _, m in ILLEGAL])
+def test_illegal_invocations(argv, message):
+    with pytest.raises(UsageError) as e:
+        execute(parse(argv), FakeDaemon())  # -M is refused on building the request
+    assert message in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_every_command_has_a_legal_and_an_illegal_case():
+    legal = {c for _, c in LEGAL}
+    illegal = {m.rsplit(" with ", 1)[-1] if m.startswith("conflicting") else m.split(" with ")[0].split(": ")[-1]
+               for _, m in ILLEGAL if " with " in m}
+    assert legal == set(COMMANDS_V_OPTIONS)
+    assert illegal == set(COMMANDS_V_OPTIONS)
+
+
+def test_values_are_typed():
+    a = parse(["-A", "-V", VIP, "--scheduler-option", "table_size=251", "--scheduler-option", "fallback=false",
+               "-p", "600", "--init-timeout", "2.5"]).args
+    assert a == {"vip": VIP, "scheduler-option": {"table_size": 251, "fallback": False},
+                 "persistent": 600, "init-timeout": 2.5}
+    assert parse(["--set", "0", "7200"]).values == (0, 7200)
+
+
+def test_socket_from_option_then_environment_then_default(monkeypatch):
+    monkeypatch.delenv("VPNADM_SOCKET", raising=False)
+    assert parse(["-L"]).socket == "/run/vpn-director/control.sock"
+    monkeypatch.setenv("VPNADM_SOCKET", "/tmp/env.sock")
+    assert parse(["-L"]).socket == "/tmp/env.sock"
+    assert parse(["-L", "--socket", "/tmp/opt.sock"]).socket == "/tmp/opt.sock"
+
+
+# -- requests ---------------------------------------------------------------------------------------
+def test_change_commands_send_only_what_was_given():
+    assert run(["-A", "-V", VIP])[0] == [("add-service", {"service": {"vip": VIP}})]
+    assert run(["-A", "-V", VIP, "--method", "nat", "--no-ah", "-s", "sh", "-M", "255.255.255.255",
+                "-p", "600", "--soft-limit", "10", "--soft-grace", "3"])[0] == [
+        ("add-service", {"service": {"vip": VIP, "ah": False, "scheduler": "sh", "method": "nat",
+                                     "affinity": "ip", "timeouts": {"established": 600},
+                                     "soft_expiry": {"limit": 10, "grace": 3}}})]
+    assert run(["-E", "-V", VIP, "--init-timeout", "5"])[0] == [
+        ("edit-service", {"vip": VIP, "changes": {"timeouts": {"init": 5}}})]
+    # a new scheduler starts without the old one's options unless some are given
+    assert run(["-E", "-V", VIP, "-s", "rr"])[0] == [
+        ("edit-service", {"vip": VIP, "changes": {"scheduler": "rr", "scheduler_options": {}}})]
+    assert run(["-E", "-V", VIP, "-s", "mh", "--scheduler-option", "table_size=7"])[0] == [
+        ("edit-service", {"vip": VIP, "changes": {"scheduler": "mh", "scheduler_options": {"table_size": 7}}})]
+    assert run(["-D", "-V", VIP])[0] == [("del-service", {"vip": VIP})]
+    assert run(["-C"])[0] == [("clear", {})]
+    assert run(["-a", "-V", VIP, "-r", RIP1, "-i", "-w", "0", "-x", "9"])[0] == [
+        ("add-server", {"vip": VIP, "server": {"address": RIP1, "method": "tun", "weight": 0, "u_threshold": 9}})]
+    assert run(["-e", "-V", VIP, "-r", RIP1, "-y", "2"])[0] == [
+        ("edit-server", {"vip": VIP, "address": RIP1, "changes": {"l_threshold": 2}})]
+    assert run(["-d", "-V", VIP, "-r", RIP1])[0] == [("del-server", {"vip": VIP, "address": RIP1})]
+    assert run(["-Z"])[0] == [("zero", {})]
+    assert run(["-Z", "-V", VIP])[0] == [("zero", {"vip": VIP})]
+
+
+def test_set_zero_means_unchanged():
+    assert run(["--set", "20", "7200"])[0] == [("set-timeouts", {"init": 20, "established": 7200})]
+    assert run(["--set", "0", "7200", "0"])[0] == [("set-timeouts", {"established": 7200})]
+    assert run(["--set", "20", "0"])[0] == [("set-timeouts", {"init": 20})]
+    assert run(["--set", "0", "0"])[0] == []
+
+
+# -- -S and -R ----------------------------------------------------------------------------------------
+SAVED = [  # a `save` answer: config.to_dict's service tables
+    {"vip": VIP, "scheduler": "wlc", "method": "dr", "affinity": "ip", "ah": True,
+     "timeouts": {"init": 30.0, "established": 16200.0}, "retransmit_threshold": 3,
+     "server": [{"address": RIP1, "weight": 1}, {"address": RIP2, "weight": 0, "method": "tun",
+                                                  "u_threshold": 100, "l_threshold": 50}]},
+    {"vip": VIP2, "scheduler": "mh", "method": "nat", "affinity": "ip-port", "ah": False,
+     "timeouts": {"init": 2.5, "established": 600.0}, "retransmit_threshold": 0,
+     "scheduler_options": {"table_size": 251}, "soft_expiry": {"limit": 1000, "grace": 5.0},
+     "server": [{"address": RIP1, "weight": 3}]},
+    {"vip": "192.0.2.30", "scheduler": "sh", "method": "dr", "affinity": "ip", "ah": True,
+     "timeouts": {"init": 30.0, "established": 16200.0}, "retransmit_threshold": 3,
+     "scheduler_options": {"fallback": False}, "server": []},
+]
+SAVED_TEXT = f"""\
+-A -V {VIP} -s wlc
+-a -V {VIP} -r {RIP1} -w 1
+-a -V {VIP} -r {RIP2} -i -w 0 -x 100 -y 50
+-A -V {VIP2} -s mh --scheduler-option table_size=251 --method nat --affinity ip-port --no-ah --init-timeout 2.5 \
+-p 600 --retransmit-threshold 0 --soft-limit 1000 --soft-grace 5
+-a -V {VIP2} -r {RIP1} -w 3
+-A -V 192.0.2.30 -s sh --scheduler-option fallback=false
+"""
+
+
+def test_canned_save_answer_is_what_the_daemon_sends():
+    assert to_dict(from_dict({"service": SAVED}))["service"] == SAVED
+
+
+def test_save_prints_one_line_per_service_and_server():
+    requests, out = run(["-S"], save=SAVED)
+    assert requests == [("save", {})]
+    assert out == SAVED_TEXT
+
+
+def test_restore_parses_save_text_back_to_the_same_services():
+    services = cli.parse_restore(SAVED_TEXT)
+    assert to_dict(from_dict({"service": services}))["service"] == SAVED
+    assert "".join(line + "\n" for line in cli.save_lines(to_dict(from_dict({"service": services}))["service"])) \
+        == SAVED_TEXT
+
+
+def test_restore_sends_one_request():
+    class Stdin:
+        def read(self):
+            return "# saved by vpnadm -S\n\n" + SAVED_TEXT
+    requests, out = run(["-R"], stdin=Stdin())
+    assert [cmd for cmd, _ in requests] == ["restore"]
+    assert to_dict(from_dict({"service": requests[0][1]["services"]}))["service"] == SAVED
+    assert out == ""
+
+
+@pytest.mark.parametrize("text,message", [
+    (f"-a -V {VIP} -r {RIP1}\n", f"-R line 1: -a for {VIP} before its -A line"),
+    (f"-A -V {VIP}\n-L\n", "-R line 2: only -A and -a lines can be restored, not -L"),
+    (f"-A -V {VIP}\n-a -V {VIP} -r {RIP1} -w x\n", "-R line 2: -w: not an integer: 'x'"),
+    (f"-A -V {VIP} --socket /x\n", "-R line 1: --socket has no place in restore input"),
+    (f"-A -V '{VIP}\n", "-R line 1: No closing quotation"),
+    ("# nothing\n\n", "-R: no -A line on stdin"),
+])
+def test_restore_input_errors_name_the_line(text, message):
+    with pytest.raises(UsageError) as e:
+        cli.parse_restore(text)
+    assert str(e.value).startswith(message)
+
+
+def test_save_refuses_a_setting_it_cannot_spell():
+    future = [{**SAVED[0], "weekday_only": True}]
+    with pytest.raises(cli.Refused, match="weekday_only"):
+        run(["-S"], save=future)
+
+
+# -- listings ----------------------------------------------------------------------------------------
+def _server(address, weight=1, method="dr", active=0, inactive=0, stats=(0, 0, 0, 0, 0), rates=(0, 0, 0, 0, 0)):
+    return {"id": 0, "address": address, "weight": weight, "method": method, "active": active,
+            "inactive": inactive, "up": True, "u_threshold": 0, "l_threshold": 0,
+            "stats": dict(zip(cli._STATS, stats)), "rates": dict(zip(cli._RATES, rates))}
+
+
+SERVICES = [
+    {"vip": VIP, "scheduler": "wlc", "method": "dr", "affinity": "ip", "ah": True,
+     "timeouts": {"init": 30.0, "established": 16200.0},
+     "stats": dict(zip(cli._STATS, (3, 123_456_789, 0, 123_456_789_012, 100_000_000_000_000))),
+     "rates": dict(zip(cli._RATES, (1.5, 10.4, 0.0, 1234.6, 0.0))),
+     "servers": [_server(RIP1, 2, active=1, inactive=2,
+                         stats=(3, 123_456_789, 0, 123_456_789_012, 100_000_000_000_000),
+                         rates=(1.5, 10.4, 0.0, 1234.6, 0.0)),
+                 _server(RIP2, 0, "tun")]},
+    {"vip": VIP2, "scheduler": "rr", "method": "nat", "affinity": "ip-port", "ah": False,
+     "timeouts": {"init": 2.5, "established": 600.0},
+     "stats": dict(zip(cli._STATS, (0,) * 5)), "rates": dict(zip(cli._RATES, (0,) * 5)),
+     "servers": [_server(RIP1, 1, "nat", inactive=7)]},
+]
+HEAD = "IPsec Virtual Server (vpn-director 0.1.0)\n"
+
+
+def test_list_like_ipvsadm():
+    _, out = run(["-L", "-n"], services=SERVICES)
+    assert out == HEAD + f"""\
+Prot LocalAddress Scheduler Flags
+  -> RemoteAddress                Forward Weight ActiveConn InActConn
+IPSEC  {VIP} wlc affinity ip 16200
+  -> {RIP1}                 Route   2      1          2
+  -> {RIP2}                 Tunnel  0      0          0
+IPSEC  {VIP2} rr affinity ip-port 600 no-ah
+  -> {RIP1}                 Masq    1      0          7
+"""
+
+
+def test_list_stats_in_human_units_and_exact():
+    _, out = run(["-L", "--stats"], services=SERVICES[:1])
+    assert out == HEAD + f"""\
+Prot LocalAddress                    Conns   InPkts  OutPkts  InBytes OutBytes
+  -> RemoteAddress
+IPSEC  {VIP}                        3  123456K        0     123G     100T
+  -> {RIP1}                        3  123456K        0     123G     100T
+  -> {RIP2}                        0        0        0        0        0
+"""
+    _, out = run(["-L", "--stats", "--exact"], services=SERVICES[:1])
+    assert out.splitlines()[3].split() == ["IPSEC", VIP, "3", "123456789", "0", "123456789012", "100000000000000"]
+    assert out.splitlines()[3].endswith("        3 123456789        0 123456789012 100000000000000")
+
+
+@pytest.mark.parametrize("n,text", [
+    (99_999_999, " 99999999"), (100_000_000, "  100000K"), (999_999_999, "  999999K"),
+    (1_000_000_000, "    1000M"), (99_999_999_999, "   99999M"), (100_000_000_000, "     100G"),
+    (10**14, "     100T"),
+])
+def test_largenum_thresholds_as_ipvsadm(n, text):
+    assert cli.largenum(n) == text
+    assert cli.largenum(n, exact=True).strip() == str(n)
+
+
+def test_list_rate_timeout_thresholds():
+    _, out = run(["-L", "--rate"], services=SERVICES[:1])
+    assert out.splitlines()[1].split() == ["Prot", "LocalAddress", "CPS", "InPPS", "OutPPS", "InBPS", "OutBPS"]
+    assert out.splitlines()[3].split() == ["IPSEC", VIP, "1", "10", "0", "1234", "0"]
+    _, out = run(["-L", "--timeout"], services=SERVICES)
+    assert [line.split() for line in out.splitlines()[2:]] == [["IPSEC", VIP, "30", "16200"],
+                                                              ["IPSEC", VIP2, "2.5", "600"]]
+    _, out = run(["-L", "--thresholds"], services=SERVICES[1:])
+    assert out.splitlines()[-1].split() == ["->", RIP1, "0", "0", "0", "7"]
+
+
+def test_list_one_service_and_json():
+    requests, out = run(["-L", "-V", VIP2, "--json"], services=SERVICES)
+    assert requests == [("services", {})]
+    assert json.loads(out) == SERVICES[1:]
+    with pytest.raises(cli.Refused, match="vip: no service 192.0.2.99"):
+        run(["-L", "-V", "192.0.2.99"], services=SERVICES)
+
+
+CONNS = [
+    {"svc": 1, "client": "203.0.113.5", "port": 4500, "state": "ESTABLISHED", "spi_i": "00000000000000aa",
+     "spi_r": "00000000000000bb", "rs": 0, "rs_address": RIP1, "expires_in": 16199.7, "natt": True},
+    {"svc": 1, "client": "203.0.113.6", "port": 500, "state": "INIT", "spi_i": "00000000000000cc",
+     "spi_r": "0000000000000000", "rs": 1, "rs_address": RIP2, "expires_in": -0.2, "natt": False},
+]
+
+
+def test_list_connections_with_ipsec_columns():
+    requests, out = run(["-L", "-c", "--client", "203.0.113.5", "--server", RIP1], connections=CONNS,
+                        status={"services": [{"id": 1, "vip": VIP}]})
+    assert requests[0] == ("connections", {"client": "203.0.113.5", "server": RIP1})
+    lines = out.splitlines()
+    assert lines[0] == "IPsec connection entries"
+    assert lines[1].split() == ["pro", "expire", "state", "source", "virtual", "destination",
+                                "initiator-cookie", "responder-cookie", "nat-t"]
+    assert lines[2].split() == ["IPSEC", "269:59", "ESTABLISHED", "203.0.113.5:4500", VIP, RIP1,
+                                "00000000000000aa", "00000000000000bb", "yes"]
+    assert lines[3].split() == ["IPSEC", "00:00", "INIT", "203.0.113.6:500", VIP, RIP2,
+                                "00000000000000cc", "0000000000000000", "no"]
+    requests, out = run(["-L", "-c", "--json"], connections=CONNS)
+    assert requests == [("connections", {})]  # the JSON is the daemon's answer, nothing added
+    assert json.loads(out) == CONNS
+
+
+# -- main: exit codes and messages --------------------------------------------------------------------
+@pytest.mark.parametrize("argv", [
+    ["-a", "-V", VIP, "-r", RIP1, "--stats"], ["--bogus"], ["-a", "-V", VIP, "-r", RIP1, "-w", "x"],
+    ["-A", "-V", VIP, "-M", "255.255.0.0"], ["-L", "-Z"], ["-u", "192.0.2.1:500"],
+])
+def test_bad_invocation_exits_2_with_one_line(argv, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "control_request", lambda *a, **k: pytest.fail("no request may be sent"))
+    assert cli.main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("vpnadm: ") and err.count("\n") == 1
+
+
+def test_refusal_exits_1_with_the_daemons_line(capsys, monkeypatch):
+    sent = []
+
+    def refuse(path, request, timeout=5.0):
+        sent.append((path, request))
+        return {"ok": False, "error": "service.server[0].weight: must be 0..65535, got 70000"}
+
+    monkeypatch.setattr(cli, "control_request", refuse)
+    assert cli.main(["--socket", "/s", "-a", "-V", VIP, "-r", RIP1, "-w", "70000"]) == 1
+    assert capsys.readouterr().err == "vpnadm: service.server[0].weight: must be 0..65535, got 70000\n"
+    assert sent == [("/s", {"cmd": "add-server", "vip": VIP, "server": {"address": RIP1, "weight": 70000}})]
+
+
+def test_unreachable_daemon_exits_3(capsys, tmp_path):
+    path = tmp_path / "nobody.sock"
+    assert cli.main(["--socket", str(path), "-L"]) == 3
+    assert capsys.readouterr().err == f"vpnadm: cannot reach vpn-director at {path}: No such file or directory\n"
+
+
+def test_help_exits_0_and_shows_every_row(capsys):
+    assert cli.main(["-h"]) == 0
+    out = capsys.readouterr().out
+    for row in ("vpnadm -A -V ADDRESS", "vpnadm -a -V ADDRESS -r RIP", "vpnadm -L|-l -c",
+                "vpnadm --set INIT ESTABLISHED", "vpnadm -R < FILE", "vpnadm -S [-n]", "vpnadm -Z [-V ADDRESS]",
+                "ipvsadm's -t/-u/-f do not apply"):
+        assert row in out
