@@ -68,6 +68,8 @@ MIX = {
     "malformed": 0.01,  # truncated, lying lengths, zero SPIs, garbage
 }
 
+CROWD = (0, 10, 100, 1000)  # INIT entries newer than a client's ESTABLISHED one (section a)
+
 SIZES = {
     # established clients, mix list length, new entries (b), handshakes (b), table entries (c),
     # entries expiring per tick (c), small table for the O(1) comparison (c: table / 128, so that
@@ -306,7 +308,6 @@ def _noop(*_a):
 class Report:
     def __init__(self) -> None:
         self.results: dict[str, Any] = {}
-        self.lines: list[str] = []
 
     def out(self, line: str = "") -> None:
         print(line, flush=True)
@@ -389,7 +390,7 @@ def malformed_packets(rng: random.Random) -> list[bytes]:
     good_esp = craft.esp(CLIENT_BASE + 7, VIP, 0x99)
     bad = [
         good_ike[:30],  # truncated IKE (IP total length says more)
-        good_ike[:28] + b"\x00" * 10,  # UDP length lies
+        good_ike[:28] + b"\x00" * 10,  # IKE header cut short (a truncated copy)
         craft.esp(CLIENT_BASE + 7, VIP, 0),  # zero SPI
         craft.ike(CLIENT_BASE + 7, VIP, 0),  # zero initiator SPI
         b"\x45" + b"\x00" * 5,  # truncated IP
@@ -427,7 +428,7 @@ def section_a(rep: Report, z: dict, repeats: int, rng: random.Random) -> None:
     rep.section(f"a. parse + classify + lookup, realistic mix ({z['clients']:,} established clients, "
                 f"{z['mix']:,} packets per list)")  # fmt: skip
     n_lists = repeats + 1  # one extra list for the untimed sanity pass
-    capacity = 2 * z["clients"] + n_lists * int(MIX["ike_initial"] * z["mix"] + 1) + 1024
+    capacity = 2 * z["clients"] + n_lists * int(MIX["ike_initial"] * z["mix"] + 1) + 2 * sum(CROWD) + 1024
     d = make_director(capacity)
     t_setup, clients = once(lambda: establish_clients(d, z["clients"], rng, 0.0))
     bad = malformed_packets(rng)
@@ -517,6 +518,32 @@ def section_a(rep: Report, z: dict, repeats: int, rng: random.Random) -> None:
             rep.rate("a.esp_raw_decide", labels[key], t, "pkt", floor, "floor")
         else:
             rep.rate(f"a.esp_part_{key}", labels[key], t, "pkt", parts["decide"], "decide")
+
+    # a client's ESP when the client also has k INIT entries newer than its ESTABLISHED one (initial
+    # IKE with fresh cookies from its address: retries, or a spoofer): the ESP lookup walks the
+    # client's entries newest first, so its cost grows with k
+    rep.out("  raw ESP of a client that also has k newer INIT entries (initial IKE, fresh cookies, its IP):")
+    victim_ip = CLIENT_BASE + 0x300000
+    crowd_specs: dict[str, Spec] = {}
+    for j, k in enumerate(CROWD):
+        ip = victim_ip + j
+        spi_i = rng.getrandbits(64) | 1
+        d.decide(craft.ike(ip, VIP, spi_i), now())
+        d.decide(craft.ike(ip, VIP, spi_i, rng.getrandbits(64) | 1), now())
+        for _ in range(k):
+            if d.decide(craft.ike(ip, VIP, rng.getrandbits(64) | 1), now()).action != Action.FORWARD:
+                raise RuntimeError("section a: an initial IKE packet was not forwarded")
+        m = max(200, n // (1 + k))
+        pkts = [craft.esp(ip, VIP, 0x1000 + j)] * m
+        crowd_specs[str(k)] = (loop_decide, m, lambda r, pkts=pkts: (d.decide, pkts, now()))
+    crowd = measure_many(crowd_specs, repeats)
+    k0 = crowd[str(CROWD[0])]
+    for k in CROWD:
+        rep.rate(f"a.esp_behind_{k}_init", f"    decide(raw ESP), k = {k:,}", crowd[str(k)], "pkt", k0, f"k = {CROWD[0]}")
+    kmax = CROWD[-1]
+    step = (crowd[str(kmax)].best - k0.best) / kmax
+    rep.value("a.esp_walk_ns_per_init", "    cost per newer INIT entry walked", step * 1e9, "ns", ",.0f",
+              "(O(k) per ESP packet)")  # fmt: skip
 
 
 # -- section b -------------------------------------------------------------------------------------

@@ -75,6 +75,7 @@ class DaemonConfig:
     icmp_rate: float = 100.0  # ICMP unreachables per second, burst the same
     control_socket: str = "/run/vpn-director/control.sock"
     metrics: str = "127.0.0.1:9816"  # "" = no metrics endpoint
+    bpf_pin_dir: str = "/sys/fs/bpf/vpn-director"  # eBPF maps, shared by every daemon run here
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,6 +184,7 @@ def from_dict(raw: dict) -> Config:
         icmp_rate=c.num("daemon.icmp_rate", d.get("icmp_rate", base.icmp_rate), positive=False),
         control_socket=c.str_("daemon.control_socket", d.get("control_socket", base.control_socket)),
         metrics=_metrics_address(c, d.get("metrics", base.metrics)),
+        bpf_pin_dir=_pin_dir(c, d.get("bpf_pin_dir", base.bpf_pin_dir)),
     )
     services = []
     raw_services = raw.get("service", [])
@@ -196,6 +198,13 @@ def from_dict(raw: dict) -> Config:
     if c.errors:
         raise ConfigErrors(c.errors)
     return Config(daemon, tuple(services))
+
+
+def _pin_dir(c: _Checker, v: Any) -> str:
+    if not isinstance(v, str) or not v.startswith("/sys/fs/bpf/") or ".." in v or len(v) <= len("/sys/fs/bpf/"):
+        c.err("daemon.bpf_pin_dir", f"must be a directory under /sys/fs/bpf/, got {v!r}")
+        return DaemonConfig().bpf_pin_dir
+    return v.rstrip("/")
 
 
 def _metrics_address(c: _Checker, v: Any) -> str:

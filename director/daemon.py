@@ -20,6 +20,7 @@ import signal
 import socket
 import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 from pyroute2.netlink.exceptions import NetlinkError
@@ -39,6 +40,7 @@ from director.service import ConfigError, Method
 log = logging.getLogger(__name__)
 
 TICK = 1.0
+DATAPLANES = ("auto", "ebpf", "nfqueue")
 RATE_KEYS = ("cps", "inpps", "outpps", "inbps", "outbps")
 SLOW_ITERATION = 0.25  # a loop iteration longer than this is logged (rate limited)
 
@@ -55,10 +57,14 @@ class Daemon:
     applies it (nothing changes when the plan fails), and the kernel is synced to the result.
     """
 
-    def __init__(self, cfg: config_mod.Config, *, config_path: str | None = None,
+    def __init__(self, cfg: config_mod.Config, *, config_path: str | None = None, dataplane: str = "auto",
                  clock: Callable[[], float] = time.monotonic) -> None:
+        if dataplane not in DATAPLANES:
+            raise ValueError(f"--dataplane: must be one of {', '.join(DATAPLANES)}, got '{dataplane}'")
         self.cfg = cfg
         self.config_path = config_path
+        self.dataplane = dataplane  # what was asked; after start: "ebpf" or "nfqueue"
+        self.fastpath = None
         self.clock = clock
         self.director = Director(cfg.daemon.capacity, now=clock())
         reconcile.plan(self.director, cfg)  # validate everything before touching the kernel
@@ -106,18 +112,49 @@ class Daemon:
         self._queues = [Queue(d.queue, self._on_client), Queue(d.queue + 1, self._on_reply)]
         self._open_control(d.control_socket)
         self.apply_config(self.cfg)
+        if self.dataplane != "nfqueue":
+            self._start_fastpath(d)
+        else:
+            self.dataplane = "nfqueue"
         if d.metrics:
             self._metrics = metrics.serve(self, d.metrics)
         k = self._kernel
-        log.info("daemon.started services=%d dr=%d nat=%d queue=%d metrics=%s",
+        log.info("daemon.started dataplane=%s services=%d dr=%d nat=%d queue=%d metrics=%s", self.dataplane,
                  len(self.director.services), len(k.dr_servers), len(k.nat_servers), d.queue, d.metrics or "off")
         sd_notify("READY=1")
 
+    def _start_fastpath(self, d: config_mod.DaemonConfig) -> None:
+        from director.dataplane.ebpf import FastPath, FastPathUnavailable
+
+        client_index = self._ipr.link_lookup(ifname=d.client_interface)[0]
+        fp = FastPath(self.director, client_ifindex=client_index, lan_ifindex=self._lan_index,
+                      lan_addr=self._lan_addr, lan_mtu=self._lan_mtu, pin_dir=Path(d.bpf_pin_dir))
+        self.director.dirty = set()
+        try:
+            fp.start(self._ipr)
+        except FastPathUnavailable as e:
+            self.director.dirty = None
+            if self.dataplane == "ebpf":
+                raise ValueError(f"--dataplane ebpf: {e}") from None
+            log.warning("fastpath.unavailable reason=%s; using the NFQUEUE dataplane alone", e)
+            self.dataplane = "nfqueue"
+            return
+        self.fastpath = fp
+        self.director.table.activity = fp.activity
+        self.dataplane = "ebpf"
+
     def stop(self) -> None:
-        """Rules first (no packet is queued to a closing queue), then queues, routes, sockets."""
+        """Rules first (no packet is queued to a closing queue), then queues, routes, sockets.
+
+        The eBPF programs and maps stay: they keep forwarding established clients' ESP while no
+        daemon runs, and the next daemon adopts them (``vpn-director cleanup`` removes them).
+        """
         from director.dataplane import iptables, routing
 
         sd_notify("STOPPING=1")
+        if self.fastpath is not None:
+            self.fastpath.close()
+            self.fastpath = None
         try:
             iptables.remove()
         finally:
@@ -187,6 +224,8 @@ class Daemon:
             routing.restore_local_rule(self._ipr)
         self._marks = {rs_id: routing.mark_of(rs_id) for rs_id, _ in want.dr_servers}
         self._kernel = want
+        if self.fastpath is not None:
+            self.fastpath.sync_services()
 
     def reload(self) -> reconcile.Plan:
         """Re-read the config file; the daemon section cannot change at run time."""
@@ -232,6 +271,8 @@ class Daemon:
                     self.director.expire(t0)
                     self._estimate_rates(t0)
                     next_tick = t0 + TICK
+                if self.fastpath is not None and self.director.dirty:
+                    self.fastpath.flush()
                 if self._reload:
                     self._reload = False
                     try:
@@ -469,13 +510,14 @@ class Daemon:
 
     def status(self) -> dict:
         d = self.director
-        return {
+        out = {
+            "dataplane": self.dataplane,
             "entries": len(d.table),
             "init": d.table.n_init,
             "established": d.table.n_established,
             "stats": {**d.stats, **self.stats},
             "table": dict(d.table.stats),
-            "drops": {DropReason(i).name: n for i, n in enumerate(d.drops) if n and i in DropReason._value2member_map_},
+            "drops": {DropReason(i).name: n for i, n in self.drop_counts().items() if n},
             "services": [
                 {
                     "id": s.id, "vip": int_to_ip(s.vip), "scheduler": s.scheduler_name, "method": s.method.name,
@@ -488,6 +530,29 @@ class Daemon:
                 for s in d.services.values()
             ],
         }
+        if self.fastpath is not None:
+            fp = self.fastpath
+            st = fp.dp_stats()
+            out["fastpath"] = {
+                **fp.stats,
+                "forwarded": {Kind(k).name: n for k, n in enumerate(st.get("fwd_packets", [])) if n},
+                "passed": {Kind(k).name: n for k, n in enumerate(st.get("pass_packets", [])) if n},
+                "drops": {DropReason(i).name: n for i, n in enumerate(st.get("drops", []))
+                          if n and i in DropReason._value2member_map_},
+                **{k: st.get(k, 0) for k in ("miss", "fragments", "not_ours", "fib_miss", "mtu_pass",
+                                              "ttl_pass", "replies")},
+                "clients": len(fp.clients()),
+            }
+        return out
+
+    def drop_counts(self) -> dict[int, int]:
+        """Drops by DropReason value, the slow path's and the fast path's (malformed packets die there)."""
+        out = {r.value: self.director.drops[r] for r in DropReason}
+        if self.fastpath is not None:
+            for i, n in enumerate(self.fastpath.dp_stats().get("drops", [])):
+                if i in out:
+                    out[i] += n
+        return out
 
     def connections(self, client: str | None = None, server: str | None = None) -> list[dict]:
         now = self.clock()
@@ -521,15 +586,35 @@ def sd_notify(state: str) -> None:
         log.warning("sd_notify.failed state=%s error=%s", state, e)
 
 
+def cleanup(cfg: config_mod.Config) -> int:
+    """Everything a daemon (running or crashed) installed in this namespace, removed."""
+    from pyroute2 import IPRoute
+
+    from director.dataplane import iptables, routing
+    from director.dataplane.ebpf import FastPath
+
+    iptables.remove()
+    with IPRoute() as ipr:
+        routing.remove_all(ipr)
+        ifindexes = [i for name in (cfg.daemon.client_interface, cfg.daemon.server_interface)
+                     for i in ipr.link_lookup(ifname=name)]
+        FastPath.remove(ipr, ifindexes, Path(cfg.daemon.bpf_pin_dir))
+    print("vpn-director: rules, routes, eBPF programs and maps removed")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vpn-director", description="IPsec-aware load-balancing director.")
     sub = p.add_subparsers(dest="command")
     run = sub.add_parser("run", help="run the director in the foreground (as systemd does)")
     run.add_argument("--config", required=True, help="TOML config file")
-    run.add_argument("--dataplane", choices=("nfqueue", "ebpf"), default="nfqueue")
+    run.add_argument("--dataplane", choices=DATAPLANES, default="auto",
+                     help="auto (default): the eBPF fast path where the kernel allows it, else NFQUEUE alone")
     run.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     chk = sub.add_parser("check", help="validate a config file and exit")
     chk.add_argument("--config", required=True)
+    cln = sub.add_parser("cleanup", help="remove every rule, route, eBPF program and map a daemon left (not running)")
+    cln.add_argument("--config", required=True)
     rel = sub.add_parser("reload", help="ask the running daemon to re-read its config; fails if it refuses")
     rel.add_argument("--socket", default=config_mod.DaemonConfig().control_socket, help="control socket")
     demo = sub.add_parser("demo", help="bring up the namespace lab, balance real IKE/ESP packets, tear down")
@@ -571,10 +656,10 @@ def main(argv: list[str] | None = None) -> int:
             from director.lab.demo import run_lab_demo
 
             return run_lab_demo(modes=args.modes.split(","), scheduler=args.scheduler)
-        if args.dataplane == "ebpf":
-            raise ValueError("--dataplane: the eBPF dataplane is not built yet (issue 5); use nfqueue")
+        if args.command == "cleanup":
+            return cleanup(config_mod.load(args.config))
         cfg = config_mod.load(args.config)
-        daemon = Daemon(cfg, config_path=args.config)
+        daemon = Daemon(cfg, config_path=args.config, dataplane=args.dataplane)
     except config_mod.ConfigErrors as e:
         for line in e.errors:
             print(f"vpn-director: {line}", file=sys.stderr)

@@ -121,9 +121,10 @@ class Collector:
         ex.add_metric(["established"], t.stats["expired_established"])
         yield ex
 
-        drops = CounterMetricFamily("director_drops", "Drops by reason", labels=["reason"])
+        drops = CounterMetricFamily("director_drops", "Drops by reason (slow and fast path)", labels=["reason"])
+        counts = dm.drop_counts()
         for r in DropReason:
-            drops.add_metric([r.name.lower()], d.drops[r])
+            drops.add_metric([r.name.lower()], counts[r.value])
         yield drops
 
         st = dm.stats

@@ -59,6 +59,8 @@ METHOD_DR, METHOD_TUN, METHOD_NAT = 0, 1, 2  # server_val.method = director.serv
 
 
 class Field(NamedTuple):
+    """One member of a C struct."""
+
     name: str
     offset: int  # bytes from the start of the struct
     size: int  # bytes (a whole array for array fields)
@@ -125,6 +127,8 @@ _ADDR = struct.Struct("!I")  # an address: network order
 
 
 class MapSpec(NamedTuple):
+    """Key and value sizes of one map, as the syscalls move them."""
+
     key_size: int
     value_size: int  # one CPU's value for per-CPU maps
     percpu: bool
@@ -215,6 +219,8 @@ def unpack_server_val(b: bytes) -> tuple[int, int]:
 
 
 class DpConfig(NamedTuple):
+    """The ``config`` value, unpacked (addresses as ints)."""
+
     lan_addr: int
     lan_ifindex: int
     lan_mtu: int
@@ -263,7 +269,10 @@ def _unpack_summed(layout: Layout, b: bytes, ncpus: int) -> dict[str, int | list
 
 
 def unpack_dp_stats(b: bytes, ncpus: int) -> dict[str, int | list[int]]:
-    """A ``stats`` lookup summed over CPUs: {"fwd_packets": [8 by Kind], ..., "miss": n, ..., "drops": [64 by DropReason]}."""
+    """A ``stats`` lookup summed over CPUs, by field name.
+
+    Arrays stay lists: {"fwd_packets": [8 by Kind], ..., "miss": n, ..., "drops": [64 by DropReason]}.
+    """
     return _unpack_summed(DP_STATS, b, ncpus)
 
 

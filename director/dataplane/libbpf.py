@@ -156,10 +156,9 @@ _lib.libbpf_set_print.argtypes = [_PRINT_FN]
 _lib.libbpf_set_print(_print_cb)
 
 
-def _log_mark() -> int:
+def _log_clear() -> None:
     with _log_lock:
         _log_tail.clear()
-    return 0
 
 
 def _log_since() -> str:
@@ -265,7 +264,7 @@ class BpfObject:
 
         On failure the OSError message ends with libbpf's log, verifier output included.
         """
-        _log_mark()
+        _log_clear()
         ret = _obj_load(self._handle())
         if ret < 0:
             _raise(f"bpf_object__load({self.path})", ret, _log_since()[-8000:])
@@ -360,6 +359,8 @@ def map_items(fd: int, key_size: int, value_size: int) -> Iterator[tuple[bytes, 
 
 
 class MapInfo(NamedTuple):
+    """What the kernel says about a map (the head of ``struct bpf_map_info``)."""
+
     type: int  # enum bpf_map_type (1 HASH, 2 ARRAY, 5 PERCPU_HASH, 6 PERCPU_ARRAY, ...)
     id: int
     key_size: int
@@ -407,6 +408,8 @@ def num_possible_cpus() -> int:
 
 
 class TestRun(NamedTuple):
+    """The result of one BPF_PROG_TEST_RUN."""
+
     __test__ = False  # not a pytest class
 
     retval: int  # the program's return code (TC_ACT_* for tc)

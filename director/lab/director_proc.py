@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -13,7 +14,8 @@ from director.lab.netns import REPO, Lab
 
 
 def lab_config(lab: Lab, control: Path, *, scheduler: str = "rr", weights=(1, 1, 1),
-               init_timeout: float = 30.0, extra_service: str = "", metrics: str = "") -> str:
+               init_timeout: float = 30.0, extra_service: str = "", metrics: str = "",
+               pin_dir: str = "") -> str:
     """A TOML config for the lab: one service on the VIP, the three real servers, the lab's mode."""
     servers = "".join(
         f'\n[[service.server]]\naddress = "{addr}"\nweight = {w}\n' for addr, w in zip(lab.rs_addrs, weights)
@@ -25,6 +27,7 @@ server_interface = "eth1"
 queue = 0
 control_socket = "{control}"
 metrics = "{metrics}"
+bpf_pin_dir = "{pin_dir or f'/sys/fs/bpf/{lab.prefix}-director'}"
 
 [[service]]
 vip = "{lab.vip}"
@@ -39,8 +42,12 @@ timeouts = {{ init = {init_timeout}, established = 3600 }}
 class DirectorProcess:
     """The daemon as a child process in the lab; ``request`` talks to its control socket."""
 
-    def __init__(self, lab: Lab, name: str = "director", **config_kw) -> None:
+    def __init__(self, lab: Lab, name: str = "director", *, dataplane: str | None = None, **config_kw) -> None:
+        """``dataplane``: auto, ebpf or nfqueue; default $VPN_DIRECTOR_DATAPLANE, else nfqueue."""
         self.lab = lab
+        self.dataplane = dataplane or os.environ.get("VPN_DIRECTOR_DATAPLANE", "nfqueue")
+        config_kw.setdefault("pin_dir", f"/sys/fs/bpf/{lab.prefix}-{name}")
+        self.pin_dir = Path(config_kw["pin_dir"])
         self.dir = lab._tmp()
         self.control = self.dir / f"{name}.sock"
         self.config_path = self.dir / f"{name}.toml"
@@ -53,8 +60,10 @@ class DirectorProcess:
         try:
             self.proc = self.lab.popen(
                 "director",
-                [sys.executable, "-m", "director.daemon", "run", "--config", str(self.config_path)],
+                [sys.executable, "-m", "director.daemon", "run", "--config", str(self.config_path),
+                 "--dataplane", self.dataplane],
                 stdout=log, stderr=log, cwd=str(REPO),
+                nsenter=True,  # `ip netns exec` remounts /sys: the eBPF pins would vanish with the process
             )
         finally:
             log.close()

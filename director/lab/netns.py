@@ -444,6 +444,9 @@ class Lab:
 
     def down(self) -> None:
         """Kill every process the lab started, delete every namespace it made; safe to repeat."""
+        # pinned eBPF maps of directors run in this lab (bpffs is not per namespace)
+        for pin in Path("/sys/fs/bpf").glob(f"{self.prefix}-*"):
+            shutil.rmtree(pin, ignore_errors=True)
         with self._lock:
             errors: list[str] = []
             for sock in self._sockets:

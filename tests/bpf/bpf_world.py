@@ -81,9 +81,9 @@ def prerequisites() -> list[str]:
     missing = []
     if os.geteuid() != 0:
         missing.append("root (BPF, bpffs, network namespaces; CI runs as root)")
-    for tool in ("ip", "bpftool", "mount", "mountpoint"):
+    for tool in ("ip", "bpftool", "clang", "mount", "mountpoint"):
         if shutil.which(tool) is None:
-            missing.append(f"`{tool}` on PATH (Debian: iproute2, bpftool, util-linux)")
+            missing.append(f"`{tool}` on PATH (Debian: iproute2, bpftool, clang, util-linux)")
     sources = [*EBPF.glob("director_*.bpf.c"), *(EBPF / "include").glob("*.h")]
     for obj in (TC_OBJ, REPLY_OBJ):
         if not obj.is_file():

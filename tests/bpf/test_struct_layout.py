@@ -117,7 +117,8 @@ def test_packing_helpers_round_trip():
     stride = S.DP_STATS.size
     raw = bytearray(S.percpu_size(S.DP_STATS, ncpus))
     for cpu in range(ncpus):  # miss = 1 per CPU, drops[30] = cpu
-        raw[cpu * stride + S.DP_STATS.offset("miss") : cpu * stride + S.DP_STATS.offset("miss") + 8] = (1).to_bytes(8, sys.byteorder)
+        off = cpu * stride + S.DP_STATS.offset("miss")
+        raw[off : off + 8] = (1).to_bytes(8, sys.byteorder)
         off = cpu * stride + S.DP_STATS.offset("drops") + 30 * 8
         raw[off : off + 8] = cpu.to_bytes(8, sys.byteorder)
     st = S.unpack_dp_stats(bytes(raw), ncpus)

@@ -73,3 +73,27 @@ def make_lab():
 def lab(request, make_lab) -> Lab:
     """One started lab (responders running) per mode."""
     return make_lab(request.param)
+
+
+@pytest.fixture(params=["nfqueue", "ebpf"])
+def run_director(request):
+    """Factory: ``run_director(lab, **config)`` -> the real daemon running in the lab, once per dataplane.
+
+    Every test that uses it runs with the NFQUEUE dataplane alone and with the eBPF fast path.
+    The daemon must exit 0 on SIGTERM (a clean stop) or the test fails.
+    """
+    from director.lab.director_proc import DirectorProcess
+
+    procs = []
+
+    def start(lab, **kw):
+        kw.setdefault("dataplane", request.param)
+        d = DirectorProcess(lab, **kw).start()
+        assert d.status()["dataplane"] == kw["dataplane"], d.log()
+        procs.append(d)
+        return d
+
+    yield start
+    for d in procs:
+        rc = d.stop()
+        assert rc == 0, f"vpn-director exited {rc}:\n{d.log()}"

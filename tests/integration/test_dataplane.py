@@ -22,21 +22,6 @@ MODES = ["dr", "tun", "nat"]
 IP_MTU_DISCOVER, IP_PMTUDISC_DO = 10, 2  # <linux/in.h>; Python's socket module lacks the names
 
 
-@pytest.fixture
-def run_director():
-    procs = []
-
-    def start(lab, **kw) -> DirectorProcess:
-        d = DirectorProcess(lab, **kw).start()
-        procs.append(d)
-        return d
-
-    yield start
-    for d in procs:
-        rc = d.stop()
-        assert rc == 0, f"vpn-director exited {rc}:\n{d.log()}"
-
-
 def where(lab, pred) -> dict[int, list[dict]]:
     """Records matching ``pred`` per real server index (only those with matches)."""
     out = {}
@@ -192,7 +177,9 @@ def test_malformed_barrage_leaves_daemon_and_clients_alone(make_lab, run_directo
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_stopping_the_daemon_restores_the_namespace(make_lab, mode):
+@pytest.mark.parametrize("dataplane", ["nfqueue", "ebpf"])
+def test_stopping_the_daemon_restores_the_namespace(make_lab, mode, dataplane):
+    """Stop removes rules and routes; the eBPF path stays by design until `vpn-director cleanup`."""
     lab = make_lab(mode)
 
     def snapshot():
@@ -202,13 +189,24 @@ def test_stopping_the_daemon_restores_the_namespace(make_lab, mode):
             lab.run("director", ["ip", "route", "show", "table", "all"]).stdout,
         )
 
-    before = snapshot()
-    d = DirectorProcess(lab).start()
+    def filters():
+        return "".join(lab.run("director", ["tc", "filter", "show", "dev", dev, "ingress"]).stdout
+                       for dev in ("eth0", "eth1"))
+
+    before, filters_before = snapshot(), filters()
+    d = DirectorProcess(lab, dataplane=dataplane).start()
     during = snapshot()
     assert during[0] > 0
     if mode == "dr":
         assert "fwmark" in during[1]
     assert d.stop() == 0
+    assert snapshot() == before
+    if dataplane == "ebpf":
+        assert "director_tc" in filters() and d.pin_dir.is_dir()  # keeps forwarding while no daemon runs
+        r = lab.run("director", [sys.executable, "-m", "director.daemon", "cleanup", "--config", str(d.config_path)],
+                    cwd=str(REPO), nsenter=True)
+        assert r.returncode == 0, r.stderr
+    assert filters() == filters_before and not d.pin_dir.exists()
     assert snapshot() == before
 
 

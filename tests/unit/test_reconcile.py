@@ -159,6 +159,7 @@ def test_metrics_collector_reports_the_traffic():
     h = Histogram()
     h.observe(0.0001)
     fake = SimpleNamespace(director=d, latency={"client": h, "reply": Histogram()},
+                           drop_counts=lambda: {r.value: d.drops[r] for r in DropReason},
                            stats={"icmp_sent": 1, "icmp_limited": 0, "icmp_suppressed": 0, "internal_errors": 0, "slow_iterations": 0})
     reg = CollectorRegistry(auto_describe=False)
     reg.register(Collector(fake))

@@ -1,0 +1,147 @@
+"""What only the eBPF fast path promises, in the lab with the real daemon and real packets."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+import time
+
+import pytest
+
+from director.lab.client import LabClient
+from director.lab.director_proc import DirectorProcess
+
+MODES = ["dr", "tun", "nat"]
+
+
+def esp_at(lab, spi: int) -> dict[int, int]:
+    """How many ESP packets with ``spi`` each real server received."""
+    out = {}
+    for i in range(3):
+        n = sum(1 for r in lab.received(i) if r["kind"] in ("esp", "esp_in_udp") and r["spi"] == spi)
+        if n:
+            out[i] = n
+    return out
+
+
+def wait_for(pred, timeout=3.0, what=""):
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_established_esp_never_reaches_user_space(make_lab, mode):
+    lab = make_lab(mode)
+    d = DirectorProcess(lab, dataplane="ebpf").start()
+    try:
+        c1, c3 = LabClient(lab, "c1"), LabClient(lab, "c3")
+        c1.ikev2_connect()
+        c3.ikev1_connect()
+        wait_for(lambda: d.status()["fastpath"]["clients"] >= 4, what="the map to hold both clients")
+        slow_before = d.status()["stats"]["packets"]
+        for seq in range(1, 51):
+            c1.send_esp(0xE1, seq)
+            c3.send_esp_in_udp(0xE3, seq)
+        wait_for(lambda: sum(esp_at(lab, 0xE1).values()) == 50 and sum(esp_at(lab, 0xE3).values()) == 50,
+                 what="100 ESP packets at the real servers")
+        st = d.status()
+        assert st["stats"]["packets"] == slow_before  # not one reached the daemon
+        assert st["fastpath"]["forwarded"]["ESP"] == 50 and st["fastpath"]["forwarded"]["ESP_IN_UDP"] == 50
+        assert len(esp_at(lab, 0xE1)) == 1 and len(esp_at(lab, 0xE3)) == 1  # each on one server
+    finally:
+        assert d.stop() == 0, d.log()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_restart_loses_no_esp_and_adopts_the_clients(make_lab, mode):
+    lab = make_lab(mode)
+    d = DirectorProcess(lab, dataplane="ebpf", scheduler="rr").start()
+    try:
+        c1, c2 = LabClient(lab, "c1"), LabClient(lab, "c2")
+        c1.ikev2_connect()
+        c2.ikev2_connect()
+        wait_for(lambda: d.status()["fastpath"]["clients"] >= 4, what="both clients in the map")
+        rs_of_c1 = next(c["rs_address"] for c in d.connections() if c["client"] == lab.client_addrs["c1"])
+
+        sent = 0
+        stop = threading.Event()
+
+        def pump():
+            nonlocal sent
+            while not stop.is_set() and sent < 2000:
+                sent += 1
+                c1.send_esp(0x5E5E, sent)
+                time.sleep(0.002)
+
+        t = threading.Thread(target=pump)
+        t.start()
+        time.sleep(0.2)
+        assert d.stop() == 0, d.log()  # the daemon is gone; the fast path keeps forwarding
+        time.sleep(0.3)
+        d.start()
+        time.sleep(0.2)
+        stop.set()
+        t.join()
+        wait_for(lambda: sum(esp_at(lab, 0x5E5E).values()) == sent, what=f"{sent} ESP packets")
+        assert esp_at(lab, 0x5E5E) == {lab.rs_addrs.index(rs_of_c1): sent}  # none lost, none moved
+        st = d.status()
+        assert st["fastpath"]["adopted"] == 2  # c1 and c2, each by its IKE port
+        # after the restart, a new conversation of c1 (a rekey by reauthentication) stays on its server
+        spi = LabClient.new_spi()
+        c1.send_ike(spi, v1=True)
+        assert c1.recv_ike(spi)
+        i = lab.rs_addrs.index(rs_of_c1)
+        lab.wait_received(i, lambda r: r["kind"] == "ike" and r["spi_i"] == f"{spi:016x}")
+    finally:
+        assert d.stop() == 0, d.log()
+
+
+def test_fast_path_activity_keeps_entries_alive(make_lab):
+    lab = make_lab("dr")
+    d = DirectorProcess(lab, dataplane="ebpf", init_timeout=1.0).start()
+    d.config_path.write_text(d.config_path.read_text().replace("established = 3600", "established = 2"))
+    answer = d.request("reload")
+    assert answer["ok"], answer
+    try:
+        c1 = LabClient(lab, "c1")
+        c1.ikev2_connect()
+        end = time.monotonic() + 4.5  # more than twice the 2 s timeout, IKE silent, ESP flowing
+        seq = 0
+        while time.monotonic() < end:
+            seq += 1
+            c1.send_esp(0xAC, seq)
+            time.sleep(0.05)
+        st = d.status()
+        assert st["established"] == 1 and st["table"]["refreshed_elsewhere"] >= 1
+        time.sleep(3.5)  # ESP stops: now it expires and leaves the map
+        wait_for(lambda: d.status()["established"] == 0, what="expiry")
+        wait_for(lambda: d.status()["fastpath"]["clients"] == 0, what="the map emptied")
+    finally:
+        assert d.stop() == 0, d.log()
+
+
+def test_nat_replies_are_rewritten_in_the_kernel(make_lab):
+    lab = make_lab("nat")
+    d = DirectorProcess(lab, dataplane="ebpf").start()
+    try:
+        c1 = LabClient(lab, "c1")
+        c1.ikev2_connect()
+        rs = next(c["rs_address"] for c in d.connections())
+        role = lab.rs_roles[lab.rs_addrs.index(rs)]
+        out = lab.socket(role, socket.AF_INET, socket.SOCK_RAW, 50)
+        for seq in range(1, 11):  # the real server's ESP back to the client, through its gateway
+            out.sendto(struct.pack(">II", 0xBACC, seq) + bytes(32), (lab.client_addrs["c1"], 0))
+        got = []
+        c1.esp.settimeout(2.0)
+        while len(got) < 10:
+            data, (src, _) = c1.esp.recvfrom(2048)
+            ihl = (data[0] & 0x0F) * 4
+            if struct.unpack_from(">I", data, ihl)[0] == 0xBACC:
+                got.append(src)
+        assert set(got) == {lab.vip}
+        assert d.status()["fastpath"]["replies"] == 10
+    finally:
+        assert d.stop() == 0, d.log()
