@@ -77,11 +77,15 @@ class EntryView(NamedTuple):
 
 
 class _Index:
-    """Open-addressing map from fixed-length ``bytes`` keys to non-negative slot numbers."""
+    """Open-addressing map from fixed-length ``bytes`` keys to non-negative slot numbers.
 
-    __slots__ = ("klen", "mask", "slots", "keys", "size")
+    With ``aux``, each bucket carries a second slot number (the client groups keep their
+    ESTABLISHED entry there, so an ESP lookup is one probe, never a walk of the group).
+    """
 
-    def __init__(self, capacity: int, klen: int) -> None:
+    __slots__ = ("klen", "mask", "slots", "keys", "size", "aux")
+
+    def __init__(self, capacity: int, klen: int, aux: bool = False) -> None:
         n = 8
         while n < 2 * capacity:
             n <<= 1
@@ -90,6 +94,7 @@ class _Index:
         self.slots = array("i", [NO_SLOT]) * n
         self.keys = bytearray(n * klen)
         self.size = 0
+        self.aux = array("i", [NO_SLOT]) * n if aux else None
 
     def find(self, key: bytes) -> int:
         """The bucket holding ``key``, or -1."""
@@ -107,13 +112,15 @@ class _Index:
         b = self.find(key)
         return self.slots[b] if b >= 0 else NO_SLOT
 
-    def insert(self, key: bytes, slot: int) -> int:
+    def insert(self, key: bytes, slot: int, aux: int = NO_SLOT) -> int:
         """Add ``key`` (which must be absent); the load factor stays <= 0.5 by construction."""
         mask, slots, k = self.mask, self.slots, self.klen
         b = hash(key) & mask
         while slots[b] >= 0:
             b = (b + 1) & mask
         slots[b] = slot
+        if self.aux is not None:
+            self.aux[b] = aux
         self.keys[b * k : b * k + k] = key
         self.size += 1
         return b
@@ -132,6 +139,8 @@ class _Index:
             if (j - home) & mask >= (j - hole) & mask:
                 slots[hole] = slots[j]
                 keys[hole * k : hole * k + k] = kj
+                if self.aux is not None:
+                    self.aux[hole] = self.aux[j]
                 hole = j
         slots[hole] = NO_SLOT
         self.size -= 1
@@ -195,8 +204,8 @@ class Table:
         self._free = array("i", range(capacity - 1, -1, -1))  # stack: slot 0 is handed out first
 
         self._by_cookie = _Index(capacity, _COOKIE_KEY.size)
-        self._by_client = _Index(capacity, _CLIENT_KEY.size)
-        self._by_natt = _Index(capacity, _NATT_KEY.size)
+        self._by_client = _Index(capacity, _CLIENT_KEY.size, aux=True)
+        self._by_natt = _Index(capacity, _NATT_KEY.size, aux=True)
 
         self._list_head = [NO_SLOT, NO_SLOT]
         self._list_tail = [NO_SLOT, NO_SLOT]
@@ -261,22 +270,24 @@ class Table:
         return self._by_natt.get(_NATT_KEY.pack(svc, client, port))
 
     def established_of_client(self, svc: int, client: int) -> tuple[int, bool]:
-        """(newest ESTABLISHED entry of the client or NO_SLOT, whether an INIT one exists)."""
-        return self._first_established(self.client_head(svc, client), self.g_next)
+        """(an ESTABLISHED entry of the client or NO_SLOT, and when none: whether INIT ones exist).
+
+        One probe: the group's bucket keeps its ESTABLISHED entry, so a client with many INIT
+        entries (a spoofed initial-packet flood under its address) costs its ESP nothing more.
+        """
+        return self._established(self._by_client, _CLIENT_KEY.pack(svc, client))
 
     def established_of_natt(self, svc: int, client: int, port: int) -> tuple[int, bool]:
         """Same as established_of_client for the client's IP and UDP port (ESP-in-UDP)."""
-        return self._first_established(self.natt_head(svc, client, port), self.p_next)
+        return self._established(self._by_natt, _NATT_KEY.pack(svc, client, port))
 
-    def _first_established(self, s: int, nxt: array) -> tuple[int, bool]:
-        state = self.state
-        saw_init = False
-        while s >= 0:
-            if state[s] == State.ESTABLISHED:
-                return s, saw_init
-            saw_init = True
-            s = nxt[s]
-        return NO_SLOT, saw_init
+    @staticmethod
+    def _established(index: _Index, key: bytes) -> tuple[int, bool]:
+        b = index.find(key)
+        if b < 0:
+            return NO_SLOT, False
+        e = index.aux[b]
+        return (e, False) if e >= 0 else (NO_SLOT, True)
 
     # -- changes ----------------------------------------------------------------------------
     def create(
@@ -362,6 +373,9 @@ class Table:
         self._list_remove(_LIST_INIT, s)
         self.state[s] = new
         self.spi_r[s] = spi_r
+        svc, client = self.svc[s], self.client[s]
+        self._by_client.aux[self._by_client.find(_CLIENT_KEY.pack(svc, client))] = s
+        self._by_natt.aux[self._by_natt.find(_NATT_KEY.pack(svc, client, self.cport[s]))] = s
         self.retrans[s] = 0
         self.n_init -= 1
         self.n_established += 1
@@ -575,34 +589,41 @@ class Table:
         self.t_prev[s] = self.t_next[s] = NO_SLOT
         self.t_tick[s] = 0
 
-    @staticmethod
-    def _group_add(index: _Index, key: bytes, nxt: array, prv: array, s: int) -> None:
+    def _group_add(self, index: _Index, key: bytes, nxt: array, prv: array, s: int) -> None:
         b = index.find(key)
         prv[s] = NO_SLOT
+        established = self.state[s] == State.ESTABLISHED
         if b < 0:
             nxt[s] = NO_SLOT
-            index.insert(key, s)
+            index.insert(key, s, s if established else NO_SLOT)
         else:
             head = index.slots[b]
             nxt[s] = head
             prv[head] = s
             index.slots[b] = s
+            if established:
+                index.aux[b] = s
 
-    @staticmethod
-    def _group_del(index: _Index, key: bytes, nxt: array, prv: array, s: int) -> None:
+    def _group_del(self, index: _Index, key: bytes, nxt: array, prv: array, s: int) -> None:
+        b = index.find(key)
         p, n = prv[s], nxt[s]
         if p >= 0:
             nxt[p] = n
             if n >= 0:
                 prv[n] = p
+        elif n >= 0:
+            index.slots[b] = n
+            prv[n] = NO_SLOT
         else:
-            b = index.find(key)
-            if n >= 0:
-                index.slots[b] = n
-                prv[n] = NO_SLOT
-            else:
-                index.delete_at(b)
+            index.delete_at(b)
+            b = -1
         nxt[s] = prv[s] = NO_SLOT
+        if b >= 0 and index.aux[b] == s:
+            # the group's ESTABLISHED entry leaves: find another (a walk, once per such removal)
+            e = index.slots[b]
+            while e >= 0 and self.state[e] != State.ESTABLISHED:
+                e = nxt[e]
+            index.aux[b] = e
 
     def _list_append(self, which: int, s: int) -> None:
         tail = self._list_tail[which]

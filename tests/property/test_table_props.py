@@ -113,6 +113,10 @@ class TableMachine(RuleBasedStateMachine):
                     got.add(s)
                     s = t.g_next[s]
                 assert got == expect
+                # the group's cached ESTABLISHED entry (one-probe ESP lookup) is right
+                est = {x for x in expect if t.state[x] == State.ESTABLISHED}
+                e, saw_init = t.established_of_client(svc, client)
+                assert (e in est) if est else (e == NO_SLOT and saw_init == bool(expect))
                 for port in (500, 4500, 1024):
                     expect = {self._slot(k) for k, v in self.model.items() if k[:2] == (svc, client) and v[1] == port}
                     got, s = set(), t.natt_head(svc, client, port)
@@ -120,6 +124,9 @@ class TableMachine(RuleBasedStateMachine):
                         got.add(s)
                         s = t.p_next[s]
                     assert got == expect
+                    est = {x for x in expect if t.state[x] == State.ESTABLISHED}
+                    e, saw_init = t.established_of_natt(svc, client, port)
+                    assert (e in est) if est else (e == NO_SLOT and saw_init == bool(expect))
         n_init = sum(1 for v in self.model.values() if v[0] == State.INIT)
         assert (t.n_init, t.n_established) == (n_init, len(self.model) - n_init)
         assert t._list_len[0] == n_init
