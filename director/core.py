@@ -54,6 +54,12 @@ class Verdict(NamedTuple):
 
 
 _PASS = {k: Verdict(Action.PASS, k) for k in Kind}
+_new = tuple.__new__  # a Verdict without the NamedTuple constructor's Python-level call
+# enum members as module constants: an attribute load of an enum member costs ~75 ns per use
+_FORWARD, _DROP, _ICMP = Action.FORWARD, Action.DROP, Action.ICMP_UNREACH
+_K_IKE_INITIAL, _K_IKE, _K_ESP, _K_AH, _K_ESP_IN_UDP = Kind.IKE_INITIAL, Kind.IKE, Kind.ESP, Kind.AH, Kind.ESP_IN_UDP
+_K_NOT_OURS, _K_FRAGMENT = Kind.NOT_OURS, Kind.FRAGMENT
+_INIT, _ESTABLISHED = State.INIT, State.ESTABLISHED
 
 NK = len(Kind)
 # per-service counters: [(verdict - 1) * NK + kind] * 2 + (0 packets | 1 bytes), verdict FORWARD..ICMP
@@ -102,6 +108,7 @@ class Director:
         self.stuck_by_rs: dict[int, int] = {}
         self.svc_counters: dict[int, array] = {}
         self.rs_counters: dict[int, array] = {}
+        self._rs_method: dict[int, Method] = {}  # each real server's effective method, kept current
 
     # -- configuration -----------------------------------------------------------------------
     def add_service(self, svc: Service) -> None:
@@ -174,6 +181,8 @@ class Director:
         svc.refresh_scheduler()
 
     def _reindex_nat(self, svc: Service) -> None:
+        for rs in svc.servers.values():
+            self._rs_method[rs.id] = svc.method_of(rs)
         for pairs in self._nat_by_addr.values():
             pairs[:] = [p for p in pairs if p[0] is not svc]
         for rs in svc.servers.values():
@@ -207,6 +216,7 @@ class Director:
         del self._servers[rs_id]
         del self._rs_service[rs_id]
         del self.rs_counters[rs_id]
+        del self._rs_method[rs_id]
         pairs = self._nat_by_addr.get(rs.addr, [])
         pairs[:] = [p for p in pairs if p[1] is not rs]
         svc.refresh_scheduler()
@@ -237,6 +247,7 @@ class Director:
         self._servers[rs.id] = rs
         self._rs_service[rs.id] = svc.id
         self.rs_counters.setdefault(rs.id, array("Q", [0]) * RS_COUNTERS)
+        self._rs_method[rs.id] = svc.method_of(rs)
         if svc.method_of(rs) == Method.NAT:
             self._nat_by_addr.setdefault(rs.addr, []).append((svc, rs))
 
@@ -287,7 +298,7 @@ class Director:
             return Verdict(Action.DROP, Kind.NOT_OURS, e.reason)
         kind = c.kind
         svc = self._by_vip.get(c.dst)
-        if svc is None or kind == Kind.NOT_OURS or kind == Kind.FRAGMENT:
+        if svc is None or kind == _K_NOT_OURS or kind == _K_FRAGMENT:
             self.stats["passed"] += 1
             return _PASS[kind]
         self.by_kind[kind] += 1
@@ -297,7 +308,7 @@ class Director:
         i = ((v.action - 1) * NK + kind) * 2
         ctr[i] += 1
         ctr[i + 1] += n
-        if v.action == Action.FORWARD:
+        if v.action == _FORWARD:
             r = self.rs_counters[v.rs]
             r[kind * 2] += 1
             r[kind * 2 + 1] += n
@@ -305,18 +316,18 @@ class Director:
 
     def _decide(self, svc: Service, c, now: float) -> Verdict:
         kind = c.kind
-        if kind == Kind.IKE_INITIAL:
-            return self._ike_initial(svc, c, now)
-        if kind == Kind.IKE:
-            return self._ike(svc, c, now)
-        if kind == Kind.ESP or kind == Kind.AH:
-            if kind == Kind.AH and not svc.ah:
+        if kind == _K_ESP or kind == _K_AH:
+            if kind == _K_AH and not svc.ah:
                 return self._drop(kind, DropReason.NO_ENTRY, svc, icmp=True)
             s, _ = self.table.established_of_client(svc.id, c.src)
             if s < 0:
                 return self._drop(kind, DropReason.NO_ENTRY, svc, icmp=True)
             return self._forward_entry(svc, kind, s, now)
-        if kind == Kind.ESP_IN_UDP:
+        if kind == _K_IKE_INITIAL:
+            return self._ike_initial(svc, c, now)
+        if kind == _K_IKE:
+            return self._ike(svc, c, now)
+        if kind == _K_ESP_IN_UDP:
             s, saw_init = self.table.established_of_natt(svc.id, c.src, c.sport)
             if s < 0:
                 if saw_init:
@@ -336,7 +347,7 @@ class Director:
         s = t.lookup(svc.id, c.src, c.spi_i)
         if s >= 0:
             rs = self._servers.get(t.rs[s])
-            if t.state[s] == State.INIT:
+            if t.state[s] == _INIT:
                 n = t.retransmit(s, now, c.wire_len)
                 self._follow_port(t, s, c)
                 if rs is None or not rs.up:
@@ -349,10 +360,10 @@ class Director:
                     self.stuck_by_rs[rs.id] = self.stuck_by_rs.get(rs.id, 0) + 1
                     rs = self._reschedule(svc, c, s, "rescheduled_stuck", exclude=rs.id)
                 if rs is None:
-                    return self._drop(Kind.IKE_INITIAL, DropReason.NO_REAL_SERVER, svc)
+                    return self._drop(_K_IKE_INITIAL, DropReason.NO_REAL_SERVER, svc)
             elif rs is None:
-                return self._drop(Kind.IKE_INITIAL, DropReason.REAL_SERVER_GONE, svc)
-            return self._forward(svc, Kind.IKE_INITIAL, rs)
+                return self._drop(_K_IKE_INITIAL, DropReason.REAL_SERVER_GONE, svc)
+            return self._forward(svc, _K_IKE_INITIAL, rs)
         # a new conversation: persistence first, then the scheduler
         rs = None
         a = self._affinity_slot(svc, c)
@@ -366,14 +377,14 @@ class Director:
         if rs is None:
             rs = svc.scheduler.pick(c.src, c.dst)
             if rs is None:
-                return self._drop(Kind.IKE_INITIAL, DropReason.NO_REAL_SERVER, svc)
+                return self._drop(_K_IKE_INITIAL, DropReason.NO_REAL_SERVER, svc)
             self.stats["scheduled"] += 1
         try:
             t.create(svc.id, c.src, c.sport, c.spi_i, rs.id, now, ike_len=c.wire_len, natt=c.natt)
         except TableFull:
-            return self._drop(Kind.IKE_INITIAL, DropReason.TABLE_FULL, svc)
+            return self._drop(_K_IKE_INITIAL, DropReason.TABLE_FULL, svc)
         self.rs_counters[rs.id][RS_CONNS] += 1
-        return self._forward(svc, Kind.IKE_INITIAL, rs)
+        return self._forward(svc, _K_IKE_INITIAL, rs)
 
     def _ike(self, svc: Service, c, now: float) -> Verdict:
         t = self.table
@@ -382,25 +393,25 @@ class Director:
             a = self._affinity_slot(svc, c)
             rs = self._servers.get(t.rs[a]) if a >= 0 else None
             if rs is None or not rs.up:
-                return self._drop(Kind.IKE, DropReason.UNKNOWN_IKE_SA, svc)
+                return self._drop(_K_IKE, DropReason.UNKNOWN_IKE_SA, svc)
             try:
                 s = t.create(svc.id, c.src, c.sport, c.spi_i, rs.id, now, natt=c.natt)
             except TableFull:
-                return self._drop(Kind.IKE, DropReason.TABLE_FULL, svc)
+                return self._drop(_K_IKE, DropReason.TABLE_FULL, svc)
             t.establish(s, c.spi_r, now)
             self.stats["adopted"] += 1
             self.rs_counters[rs.id][RS_CONNS] += 1
-            return self._forward(svc, Kind.IKE, rs)
+            return self._forward(svc, _K_IKE, rs)
         rs = self._servers.get(t.rs[s])
         if rs is None:
-            return self._drop(Kind.IKE, DropReason.REAL_SERVER_GONE, svc)
-        if t.state[s] == State.INIT and svc.method_of(rs) == Method.NAT:
+            return self._drop(_K_IKE, DropReason.REAL_SERVER_GONE, svc)
+        if t.state[s] == _INIT and self._rs_method[rs.id] == Method.NAT:
             # anti-spoofing: the responder cookie must be the one the real server sent us
             if not t.spi_r_from_server(s) or t.spi_r[s] != c.spi_r:
-                return self._drop(Kind.IKE, DropReason.RESPONDER_SPI_MISMATCH, svc)
+                return self._drop(_K_IKE, DropReason.RESPONDER_SPI_MISMATCH, svc)
         t.establish(s, c.spi_r, now)  # refreshes an ESTABLISHED entry too
         self._follow_port(t, s, c)
-        return self._forward(svc, Kind.IKE, rs)
+        return self._forward(svc, _K_IKE, rs)
 
     @staticmethod
     def _follow_port(t: Table, s: int, c) -> None:
@@ -436,14 +447,14 @@ class Director:
 
     def _forward(self, svc: Service, kind: Kind, rs: RealServer) -> Verdict:
         self.stats["forwarded"] += 1
-        return Verdict(Action.FORWARD, kind, 0, svc.id, rs.id, rs.addr, svc.method_of(rs))
+        return _new(Verdict, (_FORWARD, kind, 0, svc.id, rs.id, rs.addr, self._rs_method[rs.id], False))
 
     def _drop(self, kind: Kind, reason: DropReason, svc: Service, *, icmp: bool = False) -> Verdict:
         self.drops[reason] += 1
         if icmp:
             self.stats["icmp_unreach"] += 1
-            return Verdict(Action.ICMP_UNREACH, kind, reason, svc.id)
-        return Verdict(Action.DROP, kind, reason, svc.id)
+            return _new(Verdict, (_ICMP, kind, reason, svc.id, NO_RS, 0, Method.DR, False))
+        return _new(Verdict, (_DROP, kind, reason, svc.id, NO_RS, 0, Method.DR, False))
 
     def decide_reply(self, data: bytes, now: float) -> Verdict:
         """NAT mode, real server -> client: record the responder SPI, rewrite the source to the VIP."""

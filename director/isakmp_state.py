@@ -57,12 +57,19 @@ class IllegalTransition(ValueError):
         self.event = event
 
 
+# TRANSITIONS as a list of lists indexed by plain ints: the same table, four times cheaper to read
+# on the per-packet path than a dict keyed by enum pairs (measured by bench/bench_core.py).
+_NEXT: list[list[State | None]] = [[None] * (max(Event) + 1) for _ in range(max(State) + 1)]
+for (_s, _e), _n in TRANSITIONS.items():
+    _NEXT[_s][_e] = _n
+
+
 def transition(state: int, event: int) -> State:
     """The only place a state changes: look the pair up in TRANSITIONS or refuse it."""
-    try:
-        return TRANSITIONS[(state, event)]  # type: ignore[index]
-    except KeyError:
-        raise IllegalTransition(State(state), Event(event)) from None
+    nxt = _NEXT[state][event] if 0 <= state < len(_NEXT) and 0 <= event < len(_NEXT[0]) else None
+    if nxt is None:
+        raise IllegalTransition(State(state), Event(event))
+    return nxt
 
 
 # strongSwan's default IKE SA rekey_time is 4 h (swanctl.conf); the ESTABLISHED idle timeout must
