@@ -622,6 +622,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--clients", type=int, default=6, help="--core: number of crafted clients (default 6)")
     demo.add_argument("--scheduler", default="wlc", help="scheduler name (default wlc)")
     demo.add_argument("--modes", default="dr,tun,nat", help="forwarding modes to show (default dr,tun,nat)")
+    demo.add_argument("--dataplane", choices=DATAPLANES, default="auto", help="the daemon's dataplane (default auto)")
     return p
 
 
@@ -655,7 +656,7 @@ def main(argv: list[str] | None = None) -> int:
                 return run_core_demo(clients=args.clients, scheduler=args.scheduler)
             from director.lab.demo import run_lab_demo
 
-            return run_lab_demo(modes=args.modes.split(","), scheduler=args.scheduler)
+            return run_lab_demo(modes=args.modes.split(","), scheduler=args.scheduler, dataplane=args.dataplane)
         if args.command == "cleanup":
             return cleanup(config_mod.load(args.config))
         cfg = config_mod.load(args.config)

@@ -26,12 +26,12 @@ def _table(d: DirectorProcess, out: TextIO) -> None:
         )
 
 
-def run_mode(mode: str, scheduler: str, out: TextIO) -> bool:
+def run_mode(mode: str, scheduler: str, out: TextIO, dataplane: str = "auto") -> bool:
     out.write(f"\n=== {mode.upper()} mode: lab up (3 clients, c3 behind NAT; director; 3 real servers)\n")
     t0 = time.monotonic()
     with Lab(mode) as lab:
         lab.start_responders()
-        d = DirectorProcess(lab, scheduler=scheduler).start()
+        d = DirectorProcess(lab, scheduler=scheduler, dataplane=dataplane).start()
         try:
             names = {lab.client_addrs["c1"]: "c1", lab.client_addrs["c2"]: "c2", lab.nat_public: "c3 (via NAT)"}
             c1, c2, c3 = (LabClient(lab, r) for r in ("c1", "c2", "c3"))
@@ -69,16 +69,20 @@ def run_mode(mode: str, scheduler: str, out: TextIO) -> bool:
                 out.write(f"  PROBLEM: clients split or missing: {per_client}\n")
             st = d.status()
             out.write(
-                f"\n  daemon: {st['stats']['packets']} packets decided, {st['established']} established, "
-                f"icmp sent {st['stats']['icmp_sent']}, drops {st['drops'] or 0}\n"
+                f"\n  daemon ({st['dataplane']} dataplane): {st['stats']['packets']} packets decided in user space, "
+                f"{st['established']} established, icmp sent {st['stats']['icmp_sent']}, drops {st['drops'] or 0}\n"
             )
+            if "fastpath" in st:
+                fp = st["fastpath"]
+                out.write(f"  eBPF fast path: forwarded in the kernel {fp['forwarded'] or 0}, "
+                          f"passed up {fp['passed'] or 0}, clients in the map {fp['clients']}\n")
         finally:
             rc = d.stop()
     out.write(f"  daemon stopped (exit {rc}), lab torn down; {time.monotonic() - t0:.1f} s\n")
     return ok and rc == 0
 
 
-def run_lab_demo(modes: list[str], scheduler: str = "rr", out: TextIO = sys.stdout) -> int:
-    results = {m: run_mode(m, scheduler, out) for m in modes}
+def run_lab_demo(modes: list[str], scheduler: str = "rr", out: TextIO = sys.stdout, dataplane: str = "auto") -> int:
+    results = {m: run_mode(m, scheduler, out, dataplane) for m in modes}
     out.write("\n" + "  ".join(f"{m}: {'ok' if r else 'FAILED'}" for m, r in results.items()) + "\n")
     return 0 if all(results.values()) else 1
