@@ -73,6 +73,9 @@ class DaemonConfig:
     fail_open: bool = False
     capacity: int = 262144
     icmp_rate: float = 100.0  # ICMP unreachables per second, burst the same
+    new_entries_rate: float = 0.0  # new ISAKMP entries per second, all sources (0 = no limit)
+    new_entries_per_source: float = 0.0  # ... per client address (0 = no limit)
+    drop_entry_threshold: float = 0.9  # table fill above which new entries reclaim INIT ones
     control_socket: str = "/run/vpn-director/control.sock"
     metrics: str = "127.0.0.1:9816"  # "" = no metrics endpoint
     bpf_pin_dir: str = "/sys/fs/bpf/vpn-director"  # eBPF maps, shared by every daemon run here
@@ -182,6 +185,11 @@ def from_dict(raw: dict) -> Config:
         fail_open=c.bool_("daemon.fail_open", d.get("fail_open", base.fail_open)),
         capacity=c.int_("daemon.capacity", d.get("capacity", base.capacity), 1, 50_000_000),
         icmp_rate=c.num("daemon.icmp_rate", d.get("icmp_rate", base.icmp_rate), positive=False),
+        new_entries_rate=c.num("daemon.new_entries_rate", d.get("new_entries_rate", 0.0), positive=False),
+        new_entries_per_source=c.num("daemon.new_entries_per_source", d.get("new_entries_per_source", 0.0),
+                                     positive=False),
+        drop_entry_threshold=_fraction(c, "daemon.drop_entry_threshold",
+                                       d.get("drop_entry_threshold", base.drop_entry_threshold)),
         control_socket=c.str_("daemon.control_socket", d.get("control_socket", base.control_socket)),
         metrics=_metrics_address(c, d.get("metrics", base.metrics)),
         bpf_pin_dir=_pin_dir(c, d.get("bpf_pin_dir", base.bpf_pin_dir)),
@@ -198,6 +206,14 @@ def from_dict(raw: dict) -> Config:
     if c.errors:
         raise ConfigErrors(c.errors)
     return Config(daemon, tuple(services))
+
+
+def _fraction(c: _Checker, path: str, v: Any) -> float:
+    f = c.num(path, v)
+    if not 0.1 <= f <= 1.0:
+        c.err(path, f"must be 0.1..1.0, got {v}")
+        return 1.0
+    return f
 
 
 def _pin_dir(c: _Checker, v: Any) -> str:

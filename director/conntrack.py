@@ -23,14 +23,16 @@ the entry's deadline; an entry whose bucket comes round before its deadline is f
 cost of ``expire(now)`` is what expires plus at most one refiling per entry per wheel revolution,
 never a scan of the table.
 
-Limits. When the table is full, ``create`` reclaims the oldest INIT entry, then the oldest
-soft-expired entry, and never an ESTABLISHED one: it refuses the new entry instead.
+Limits. Above ``pressure`` (a fraction of the capacity) and when full, ``create`` first reclaims
+an INIT entry (a random sample, else the oldest), then the oldest soft-expired entry, and never an
+ESTABLISHED one: when only those are left, it refuses the new entry instead.
 Soft expiry: a service may keep up to ``soft_limit`` ESTABLISHED entries ``soft_grace`` seconds
 past their idle timeout; traffic revives them, pressure reclaims them first.
 """
 
 from __future__ import annotations
 
+import random
 import struct
 from array import array
 from typing import Callable, Iterator, NamedTuple
@@ -49,6 +51,7 @@ _COOKIE_KEY = struct.Struct(">HIQ")  # service, client, initiator cookie: 14 byt
 _CLIENT_KEY = struct.Struct(">HI")  # service, client: 6 bytes
 _NATT_KEY = struct.Struct(">HIH")  # service, client, client port: 8 bytes
 
+_SAMPLES = 8  # random slots drop-entry looks at before taking the oldest INIT entry
 # the two FIFO lists drop-entry takes victims from, oldest first
 _LIST_INIT = 0
 _LIST_SOFT = 1
@@ -160,6 +163,8 @@ class Table:
         on_change: Callable[[Event, int], None] | None = None,
         on_port: Callable[[int, int], None] | None = None,
         activity: Callable[[int], float | None] | None = None,
+        pressure: float = 1.0,
+        seed: int | None = None,
     ) -> None:
         if capacity < 1 or capacity > 0x7FFFFFFF:
             raise ValueError(f"capacity: must be 1..2**31-1, got {capacity}")
@@ -167,7 +172,13 @@ class Table:
             raise ValueError(f"wheel_size: must be a power of two >= 2, got {wheel_size}")
         if not tick > 0:
             raise ValueError(f"tick: must be > 0, got {tick}")
+        if not 0.1 <= pressure <= 1.0:
+            raise ValueError(f"pressure: must be 0.1..1.0, got {pressure}")
         self.capacity = capacity
+        # above this many entries, every new entry first reclaims an INIT one (IPVS's drop_entry
+        # under memory pressure): headroom for legitimate clients during an INIT flood
+        self.pressure_limit = max(1, int(capacity * pressure))
+        self._rng = random.Random(seed)
         self.on_count = on_count  # (rs, state, +1/-1): keeps RealServer.active/inactive true
         self.on_change = on_change  # (event, slot) before the slot changes or is freed
         self.on_port = on_port  # (slot, old port) after an entry's client port changed
@@ -306,8 +317,8 @@ class Table:
         key = _COOKIE_KEY.pack(svc, client, spi_i)
         if self._by_cookie.find(key) >= 0:
             raise ValueError("entry exists")  # callers look up first; this is a programming error
-        if not self._free:
-            if not self._reclaim():
+        if len(self._free) <= self.capacity - self.pressure_limit:
+            if not self._reclaim() and not self._free:
                 self.stats["refused_full"] += 1
                 raise TableFull()
         s = self._free.pop()
@@ -516,7 +527,20 @@ class Table:
 
     # -- internals --------------------------------------------------------------------------
     def _reclaim(self) -> bool:
-        """Drop-entry: free the oldest INIT entry, else the oldest soft-expired one."""
+        """Drop-entry: free an INIT entry (random sample, else the oldest), else the oldest soft one.
+
+        Like IPVS's drop_entry, victims are sampled at random so a flood cannot predict which
+        conversations survive; an ESTABLISHED entry is never taken (soft-expired ones are past
+        their timeout already).
+        """
+        if self._list_len[_LIST_INIT]:
+            state, cap, rnd = self.state, self.capacity, self._rng.randrange
+            for _ in range(_SAMPLES):
+                s = rnd(cap)
+                if state[s] == State.INIT:
+                    self._free_slot(s, Event.REMOVE)
+                    self.stats["reclaimed_init"] += 1
+                    return True
         for which, stat in ((_LIST_INIT, "reclaimed_init"), (_LIST_SOFT, "reclaimed_soft")):
             s = self._list_head[which]
             if s >= 0:

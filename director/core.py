@@ -22,6 +22,7 @@ from enum import IntEnum
 from typing import NamedTuple
 
 from director.conntrack import NO_RS, NO_SLOT, Table, TableFull
+from director.ratelimit import SourceBuckets, TokenBucket
 from director.drop_reasons import DropReason
 from director.isakmp_state import Event, State
 from director.packet import Kind, PacketError, classify
@@ -82,8 +83,14 @@ def rs_counter(reply: bool, kind: Kind, bytes_: bool = False) -> int:
 class Director:
     """Services, real servers and the table; ``decide`` is the per-packet entry point."""
 
-    def __init__(self, capacity: int = 65536, *, now: float = 0.0) -> None:
-        self.table = Table(capacity, now=now, on_count=self._count, on_change=self._on_change, on_port=self._on_port)
+    def __init__(self, capacity: int = 65536, *, now: float = 0.0, new_rate: float = 0.0,
+                 new_per_source: float = 0.0, pressure: float = 1.0, seed: int | None = None) -> None:
+        """``new_rate`` / ``new_per_source``: new ISAKMP entries per second allowed in all and per
+        client address (0 = no limit); ``pressure``: table fill above which drop-entry starts."""
+        self.table = Table(capacity, now=now, on_count=self._count, on_change=self._on_change, on_port=self._on_port,
+                           pressure=pressure, seed=seed)
+        self._new_limit = TokenBucket(new_rate, now=now) if new_rate > 0 else None
+        self._source_limit = SourceBuckets(new_per_source) if new_per_source > 0 else None
         # (service, client, port) whose fast-path projection may have changed; the eBPF adapter
         # drains it (None: nobody is interested, nothing is collected)
         self.dirty: set[tuple[int, int, int]] | None = None
@@ -364,7 +371,9 @@ class Director:
             elif rs is None:
                 return self._drop(_K_IKE_INITIAL, DropReason.REAL_SERVER_GONE, svc)
             return self._forward(svc, _K_IKE_INITIAL, rs)
-        # a new conversation: persistence first, then the scheduler
+        # a new conversation: admission (DoS limits), persistence, then the scheduler
+        if self._refuse_new(c.src, now):
+            return self._drop(_K_IKE_INITIAL, DropReason.RATE_LIMITED, svc)
         rs = None
         a = self._affinity_slot(svc, c)
         if a >= 0:
@@ -394,6 +403,8 @@ class Director:
             rs = self._servers.get(t.rs[a]) if a >= 0 else None
             if rs is None or not rs.up:
                 return self._drop(_K_IKE, DropReason.UNKNOWN_IKE_SA, svc)
+            if self._refuse_new(c.src, now):
+                return self._drop(_K_IKE, DropReason.RATE_LIMITED, svc)
             try:
                 s = t.create(svc.id, c.src, c.sport, c.spi_i, rs.id, now, natt=c.natt)
             except TableFull:
@@ -412,6 +423,12 @@ class Director:
         t.establish(s, c.spi_r, now)  # refreshes an ESTABLISHED entry too
         self._follow_port(t, s, c)
         return self._forward(svc, _K_IKE, rs)
+
+    def _refuse_new(self, source: int, now: float) -> bool:
+        """Per-source limit first (a spoofer's excess costs nobody else), then the global one."""
+        if self._source_limit is not None and not self._source_limit.take(source, now):
+            return True
+        return self._new_limit is not None and not self._new_limit.take(now)
 
     @staticmethod
     def _follow_port(t: Table, s: int, c) -> None:

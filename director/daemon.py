@@ -66,7 +66,9 @@ class Daemon:
         self.dataplane = dataplane  # what was asked; after start: "ebpf" or "nfqueue"
         self.fastpath = None
         self.clock = clock
-        self.director = Director(cfg.daemon.capacity, now=clock())
+        d = cfg.daemon
+        self.director = Director(d.capacity, now=clock(), new_rate=d.new_entries_rate,
+                                 new_per_source=d.new_entries_per_source, pressure=d.drop_entry_threshold)
         reconcile.plan(self.director, cfg)  # validate everything before touching the kernel
         self.desired = config_mod.Config(cfg.daemon, ())
         self.stats = {"packets": 0, "internal_errors": 0, "icmp_sent": 0, "icmp_limited": 0,

@@ -27,3 +27,39 @@ class TokenBucket:
             return True
         self.denied += 1
         return False
+
+
+class SourceBuckets:
+    """Per-source token buckets in fixed memory: ``slots`` buckets, a source hashed to one.
+
+    A spoofed flood from a million addresses cannot grow this (two arrays of ``slots`` doubles);
+    sources that collide share a bucket, which only ever makes the limit stricter for them.
+    The hash is keyed per process (CPython's SipHash on bytes), so collisions cannot be aimed.
+    """
+
+    __slots__ = ("rate", "burst", "mask", "_tokens", "_last", "denied")
+
+    def __init__(self, rate: float, burst: float | None = None, slots: int = 65536) -> None:
+        from array import array
+
+        if rate <= 0:
+            raise ValueError(f"rate: must be > 0, got {rate}")
+        if slots & (slots - 1):
+            raise ValueError(f"slots: must be a power of two, got {slots}")
+        self.rate = rate
+        self.burst = burst if burst is not None else max(rate, 1.0)
+        self.mask = slots - 1
+        self._tokens = array("d", [self.burst]) * slots
+        self._last = array("d", [0.0]) * slots
+        self.denied = 0
+
+    def take(self, source: int, now: float) -> bool:
+        i = hash(source.to_bytes(4, "big")) & self.mask
+        tokens = min(self.burst, self._tokens[i] + (now - self._last[i]) * self.rate)
+        self._last[i] = now
+        if tokens >= 1.0:
+            self._tokens[i] = tokens - 1.0
+            return True
+        self._tokens[i] = tokens
+        self.denied += 1
+        return False

@@ -17,7 +17,7 @@ class TableMachine(RuleBasedStateMachine):
     def __init__(self):
         super().__init__()
         self.counts = {}
-        self.t = Table(8, wheel_size=16, on_count=self._on_count)
+        self.t = Table(8, wheel_size=16, on_count=self._on_count, seed=0)
         for svc in (1, 2):
             self.t.set_timeouts(svc, Timeouts(init=3.0, established=20.0))
         self.t.set_soft_expiry(2, limit=1, grace=5.0)
