@@ -15,7 +15,7 @@ from director.lab.netns import REPO, Lab
 
 def lab_config(lab: Lab, control: Path, *, scheduler: str = "rr", weights=(1, 1, 1),
                init_timeout: float = 30.0, extra_service: str = "", metrics: str = "",
-               pin_dir: str = "") -> str:
+               pin_dir: str = "", daemon_extra: str = "") -> str:
     """A TOML config for the lab: one service on the VIP, the three real servers, the lab's mode."""
     servers = "".join(
         f'\n[[service.server]]\naddress = "{addr}"\nweight = {w}\n' for addr, w in zip(lab.rs_addrs, weights)
@@ -28,6 +28,7 @@ queue = 0
 control_socket = "{control}"
 metrics = "{metrics}"
 bpf_pin_dir = "{pin_dir or f'/sys/fs/bpf/{lab.prefix}-director'}"
+{daemon_extra}
 
 [[service]]
 vip = "{lab.vip}"
