@@ -72,7 +72,7 @@ class Daemon:
         reconcile.plan(self.director, cfg)  # validate everything before touching the kernel
         self.desired = config_mod.Config(cfg.daemon, ())
         self.stats = {"packets": 0, "internal_errors": 0, "icmp_sent": 0, "icmp_limited": 0,
-                      "icmp_suppressed": 0, "slow_iterations": 0, "reloads": 0, "changes": 0}
+                      "icmp_suppressed": 0, "send_errors": 0, "slow_iterations": 0, "reloads": 0, "changes": 0}
         self.latency = {"client": Histogram(), "reply": Histogram()}
         self._icmp_bucket = TokenBucket(cfg.daemon.icmp_rate, now=clock())
         self._ident = 0
@@ -341,7 +341,8 @@ class Daemon:
 
     def _internal_error(self, pkt) -> None:
         self.stats["internal_errors"] += 1
-        log.debug("packet.internal_error", exc_info=True)
+        if self.stats["internal_errors"] & (self.stats["internal_errors"] - 1) == 0:  # 1, 2, 4, 8...: rate limited
+            log.warning("packet.internal_error count=%d", self.stats["internal_errors"], exc_info=True)
         try:
             pkt.drop()
         except Exception:  # a verdict already given; nothing left to do
@@ -351,8 +352,11 @@ class Daemon:
         self._ident = (self._ident + 1) & 0xFFFF
         envelope = ipip_encap(data, self._lan_addr, rip, ident=self._ident)
         dest = (int_to_ip(rip), 0)
-        for piece in fragment(envelope, self._lan_mtu):
-            self._raw.sendto(piece, dest)
+        try:
+            for piece in fragment(envelope, self._lan_mtu):
+                self._raw.sendto(piece, dest)
+        except OSError:  # e.g. no neighbour or route to the real server right now
+            self.stats["send_errors"] += 1
 
     def _send_icmp(self, data: bytes, svc_id: int, now: float) -> None:
         if not self._icmp_bucket.take(now):
@@ -363,7 +367,11 @@ class Daemon:
         except PacketError:  # RFC 1122: never an ICMP error about this packet (drop already counted)
             self.stats["icmp_suppressed"] += 1
             return
-        self._raw.sendto(reply, (int_to_ip(int.from_bytes(reply[16:20], "big")), 0))
+        try:
+            self._raw.sendto(reply, (int_to_ip(int.from_bytes(reply[16:20], "big")), 0))
+        except OSError:  # no route back to the (often spoofed) source: nothing to answer
+            self.stats["send_errors"] += 1
+            return
         self.stats["icmp_sent"] += 1
 
     # -- control socket (line-delimited JSON, versioned) ------------------------------------------

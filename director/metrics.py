@@ -135,6 +135,8 @@ class Collector:
         yield CounterMetricFamily("director_icmp_unreachable_suppressed",
                                   "ICMP answers RFC 1122 forbids (about an ICMP error, a fragment, a broadcast)",
                                   value=st["icmp_suppressed"])
+        yield CounterMetricFamily("director_send_errors", "Answers or envelopes the kernel would not send (no route)",
+                                  value=st.get("send_errors", 0))
         yield CounterMetricFamily("director_internal_errors", "Packets whose handling raised",
                                   value=st["internal_errors"])
         yield CounterMetricFamily("director_slow_iterations", "Event-loop iterations over 0.25 s",

@@ -69,3 +69,19 @@ def test_spoofed_init_flood_at_ten_times_the_table(make_lab, run_director):
     print(f"flood: {len(flood)} spoofed initial packets in {elapsed:.2f} s "
           f"({len(flood) / elapsed:.0f} pkt/s offered), table {st['entries']}/{CAPACITY}, "
           f"reclaimed {st['table']['reclaimed_init']}, decided {st['stats']['packets']}")
+
+
+def test_spoofed_esp_from_unroutable_sources_is_counted_not_an_error(make_lab, run_director):
+    """The soak found it: ICMP answers to sources with no route back made sendto raise."""
+    lab = make_lab("dr")
+    d = run_director(lab)
+    raw = lab.socket("c1", socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+    vip = ip_to_int(lab.vip)
+    for i in range(20):
+        raw.sendto(craft.esp(0x64400000 + i, vip, 0x99 + i), (lab.vip, 0))
+    deadline = time.monotonic() + 3
+    while d.status()["stats"]["send_errors"] < 20:
+        assert time.monotonic() < deadline, d.status()["stats"]
+        time.sleep(0.05)
+    st = d.status()
+    assert st["stats"]["internal_errors"] == 0 and st["drops"]["NO_ENTRY"] == 20
