@@ -62,6 +62,7 @@ class ServiceConfig:
     retransmit_threshold: int = 3
     soft_limit: int = 0
     soft_grace: float = 0.0
+    health: tuple[tuple[str, Any], ...] = ()  # () = no health checks; else HealthConfig fields
     servers: tuple[ServerConfig, ...] = ()
 
 
@@ -90,8 +91,9 @@ class Config:
 _DAEMON_KEYS = set(DaemonConfig.__dataclass_fields__)
 _SERVICE_KEYS = {
     "vip", "scheduler", "scheduler_options", "method", "affinity", "ah", "timeouts",
-    "retransmit_threshold", "soft_expiry", "server",
+    "retransmit_threshold", "soft_expiry", "health", "server",
 }
+_HEALTH_KEYS = {"interval", "timeout", "rise", "fall", "expire_on_down"}
 _SERVER_KEYS = {"address", "weight", "method", "u_threshold", "l_threshold"}
 
 
@@ -271,6 +273,23 @@ def _service(c: _Checker, p: str, s: Any, vips: dict[str, int], addresses: dict[
     c.unknown(f"{p}.soft_expiry", soft, {"limit", "grace"})
     soft_limit = c.int_(f"{p}.soft_expiry.limit", soft.get("limit", 0), 0, 50_000_000)
     soft_grace = c.num(f"{p}.soft_expiry.grace", soft.get("grace", 0.0), positive=bool(soft_limit))
+    health: tuple = ()
+    h = s.get("health")
+    if h is not None:
+        if not isinstance(h, dict):
+            c.err(f"{p}.health", "must be a table")
+        else:
+            c.unknown(f"{p}.health", h, _HEALTH_KEYS)
+            hv = {
+                "interval": c.num(f"{p}.health.interval", h.get("interval", 5.0)),
+                "timeout": c.num(f"{p}.health.timeout", h.get("timeout", 2.0)),
+                "rise": c.int_(f"{p}.health.rise", h.get("rise", 2), 1, 100),
+                "fall": c.int_(f"{p}.health.fall", h.get("fall", 3), 1, 100),
+                "expire_on_down": c.bool_(f"{p}.health.expire_on_down", h.get("expire_on_down", False)),
+            }
+            if hv["timeout"] > hv["interval"]:
+                c.err(f"{p}.health.timeout", f"must be <= health.interval ({hv['interval']}), got {hv['timeout']}")
+            health = tuple(sorted(hv.items()))
     servers = []
     raw_servers = s.get("server", [])
     if not isinstance(raw_servers, list):
@@ -313,6 +332,7 @@ def _service(c: _Checker, p: str, s: Any, vips: dict[str, int], addresses: dict[
         retransmit_threshold=c.int_(f"{p}.retransmit_threshold", s.get("retransmit_threshold", 3), 0, 255),
         soft_limit=soft_limit,
         soft_grace=soft_grace,
+        health=health,
         servers=tuple(servers),
     )
 
@@ -332,6 +352,8 @@ def service_to_dict(s: ServiceConfig) -> dict:
         out["scheduler_options"] = dict(s.scheduler_options)
     if s.soft_limit:
         out["soft_expiry"] = {"limit": s.soft_limit, "grace": s.soft_grace}
+    if s.health:
+        out["health"] = dict(s.health)
     out["server"] = [server_to_dict(r) for r in s.servers]
     return out
 

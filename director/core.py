@@ -32,7 +32,7 @@ from director.service import ConfigError, Method, Service
 
 _SERVICE_FIELDS = frozenset({
     "scheduler_name", "scheduler_options", "method", "affinity", "ah", "timeouts",
-    "retransmit_threshold", "soft_limit", "soft_grace",
+    "retransmit_threshold", "soft_limit", "soft_grace", "health",
 })
 
 
@@ -239,6 +239,15 @@ class Director:
         rs = self._server(rs_id)
         rs.up = up
         self.services[self._rs_service[rs_id]].refresh_scheduler()
+
+    def expire_server_entries(self, rs_id: int) -> int:
+        """Remove every entry on a real server (IPVS expire_nodest_conn): its clients reschedule
+        on their next initial packet. A scan of the table: an operator or health event only."""
+        t = self.table
+        doomed = [s for s in t.slots() if t.rs[s] == rs_id]
+        for s in doomed:
+            t.remove(s)
+        return len(doomed)
 
     def _check_new_server(self, rs: RealServer) -> None:
         if not 0 <= rs.id < NO_RS:

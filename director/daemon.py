@@ -34,12 +34,14 @@ from director.forwarding.fragment import fragment
 from director.forwarding.rewrite import icmp_unreachable, ipip_encap, nat_dnat, nat_snat
 from director.packet import Kind, PacketError, int_to_ip, ip_to_int
 from director.ratelimit import TokenBucket
+from director.dataplane.prober import Prober
 from director.metrics import Histogram
 from director.service import ConfigError, Method
 
 log = logging.getLogger(__name__)
 
 TICK = 1.0
+PROBE_TICK = 0.1  # the loop wakes at least this often while health checks run
 DATAPLANES = ("auto", "ebpf", "nfqueue")
 RATE_KEYS = ("cps", "inpps", "outpps", "inbps", "outbps")
 SLOW_ITERATION = 0.25  # a loop iteration longer than this is logged (rate limited)
@@ -65,6 +67,7 @@ class Daemon:
         self.config_path = config_path
         self.dataplane = dataplane  # what was asked; after start: "ebpf" or "nfqueue"
         self.fastpath = None
+        self.prober: Prober | None = None
         self.clock = clock
         d = cfg.daemon
         self.director = Director(d.capacity, now=clock(), new_rate=d.new_entries_rate,
@@ -72,7 +75,7 @@ class Daemon:
         reconcile.plan(self.director, cfg)  # validate everything before touching the kernel
         self.desired = config_mod.Config(cfg.daemon, ())
         self.stats = {"packets": 0, "internal_errors": 0, "icmp_sent": 0, "icmp_limited": 0,
-                      "icmp_suppressed": 0, "send_errors": 0, "slow_iterations": 0, "reloads": 0, "changes": 0}
+                      "icmp_suppressed": 0, "send_errors": 0, "health_flips": 0, "slow_iterations": 0, "reloads": 0, "changes": 0}
         self.latency = {"client": Histogram(), "reply": Histogram()}
         self._icmp_bucket = TokenBucket(cfg.daemon.icmp_rate, now=clock())
         self._ident = 0
@@ -113,6 +116,8 @@ class Daemon:
         self._raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
         self._queues = [Queue(d.queue, self._on_client), Queue(d.queue + 1, self._on_reply)]
         self._open_control(d.control_socket)
+        self.prober = Prober(lan_addr)
+        self.prober.open()
         self.apply_config(self.cfg)
         if self.dataplane != "nfqueue":
             self._start_fastpath(d)
@@ -168,6 +173,8 @@ class Daemon:
                 self._ipr.close()
                 self._ipr = None
             self._close_control()
+            if self.prober is not None:
+                self.prober.close()
             if self._raw is not None:
                 self._raw.close()
             if self._metrics is not None:
@@ -192,6 +199,8 @@ class Daemon:
             self._sync_kernel()
             raise ConfigError(str(e)) from None
         self.desired = new
+        if self.prober is not None:
+            self.prober.sync(self.director, self.clock())
         log.info("config.applied %s services=%d", plan.summary(), len(self.director.services))
         return plan
 
@@ -246,6 +255,24 @@ class Daemon:
         finally:
             sd_notify("READY=1")
 
+    def _prober_fds(self) -> list:
+        return [self.prober] if self.prober is not None and self.prober.targets else []
+
+    def _apply_health(self, flips: list[tuple[int, bool]]) -> None:
+        """A real server went down (no new clients; entries stay unless expire_on_down) or came back."""
+        for rs_id, up in flips:
+            rs = self.director.server(rs_id)
+            if rs is None:
+                continue
+            self.director.set_up(rs_id, up)
+            svc = self.director.services[self.director.service_of(rs_id)]
+            expired = 0
+            if not up and svc.health is not None and svc.health.expire_on_down:
+                expired = self.director.expire_server_entries(rs_id)
+            self.stats["health_flips"] += 1
+            log.warning("server.%s rs=%s service=%s expired_entries=%d", "up" if up else "down",
+                        int_to_ip(rs.addr), int_to_ip(svc.vip), expired)
+
     def request_stop(self, *_args) -> None:
         self._stop = True
 
@@ -260,19 +287,24 @@ class Daemon:
         try:
             while not self._stop:
                 timeout = max(0.0, next_tick - self.clock())
-                ready, _, _ = select.select([*self._queues, rfd, *self._control_fds()], [], [], timeout)
+                ready, _, _ = select.select([*self._queues, rfd, *self._control_fds(), *self._prober_fds()],
+                                            [], [], min(timeout, PROBE_TICK))
                 t0 = self.clock()
                 for r in ready:
                     if r is rfd:
                         os.read(rfd, 512)
                     elif hasattr(r, "drain"):
                         r.drain()
+                    elif r is self.prober:
+                        self._apply_health(self.prober.on_readable(t0))
                     else:
                         self._on_control(r)
                 if t0 >= next_tick:
                     self.director.expire(t0)
                     self._estimate_rates(t0)
                     next_tick = t0 + TICK
+                if self.prober is not None and self.prober.targets:
+                    self._apply_health(self.prober.tick(self.director, t0))
                 if self.fastpath is not None and self.director.dirty:
                     self.fastpath.flush()
                 if self._reload:
@@ -533,7 +565,8 @@ class Daemon:
                     "id": s.id, "vip": int_to_ip(s.vip), "scheduler": s.scheduler_name, "method": s.method.name,
                     "servers": [
                         {"id": r.id, "address": int_to_ip(r.addr), "weight": r.weight, "active": r.active,
-                         "inactive": r.inactive, "method": s.method_of(r).name, "up": r.up}
+                         "inactive": r.inactive, "method": s.method_of(r).name, "up": r.up,
+                         "health": self.prober.view(r.id) if self.prober is not None else None}
                         for r in s.servers.values()
                     ],
                 }

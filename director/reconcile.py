@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from director.config import Config, ServerConfig, ServiceConfig
 from director.core import Director
+from director.health import HealthConfig
 from director.isakmp_state import Timeouts
 from director.packet import int_to_ip, ip_to_int
 from director.schedulers import RealServer, Scheduler, make_scheduler
@@ -62,6 +63,7 @@ def _service_fields(s: ServiceConfig) -> dict:
         "retransmit_threshold": s.retransmit_threshold,
         "soft_limit": s.soft_limit,
         "soft_grace": s.soft_grace,
+        "health": HealthConfig(**dict(s.health)) if s.health else None,
     }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import IntEnum
 
+from director.health import HealthConfig
 from director.isakmp_state import Timeouts
 from director.schedulers import RealServer, Scheduler, make_scheduler
 
@@ -54,6 +55,7 @@ class Service:
     soft_limit: int = 0
     soft_grace: float = 0.0
     scheduler_options: dict = field(default_factory=dict)
+    health: HealthConfig | None = None  # None: no probes (servers stay up unless marked)
     servers: dict[int, RealServer] = field(default_factory=dict)
     scheduler: Scheduler = field(init=False)
 

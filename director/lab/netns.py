@@ -625,6 +625,8 @@ class Lab:
             log.unlink(missing_ok=True)
             addr = self.vip if self.mode in ("dr", "tun") else self.rs_addrs[i]
             argv = [sys.executable, "-m", "director.lab.responder", "--addr", addr, "--log", str(log)]
+            if addr != self.rs_addrs[i]:  # the director's health probes go to the server's own address
+                argv += ["--addr", self.rs_addrs[i]]
             if self.mode == "tun":
                 argv.append("--decap")
             if role in quiet:

@@ -1,0 +1,110 @@
+"""Real-server health: rise/fall state per server (pure) and the IKE-level probe message (pure).
+
+A probe is a well-formed IKEv2 IKE_SA_INIT (SA with one proposal, KE for curve25519, Nonce) sent
+from the director to the real server's own address on UDP 500. Any well-formed IKE message that
+comes back for the probe's initiator SPI means the IKE daemon there is alive: an IKE_SA_INIT
+response, a COOKIE or INVALID_KE_PAYLOAD request, even NO_PROPOSAL_CHOSEN. The half-open SA it may
+leave on the server times out there on its own. ``fall`` consecutive failures mark a server down
+(weight unchanged, no new clients); ``rise`` consecutive successes bring it back. The passive signal
+of the core (a client's initial packet retransmitted without progress, see core.py) counts as a
+failure too: in DR and TUN it is the only sign the director gets between probes.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+
+from director.packet import IKE_SA_INIT, ike_header
+
+
+@dataclass(frozen=True, slots=True)
+class HealthConfig:
+    interval: float = 5.0
+    timeout: float = 2.0
+    rise: int = 2
+    fall: int = 3
+    expire_on_down: bool = False  # remove a down server's entries at once (IPVS expire_nodest_conn)
+
+    def __post_init__(self) -> None:
+        if not self.interval > 0:
+            raise ValueError(f"health.interval: must be > 0, got {self.interval}")
+        if not 0 < self.timeout <= self.interval:
+            raise ValueError(f"health.timeout: must be > 0 and <= interval, got {self.timeout}")
+        for name in ("rise", "fall"):
+            if not 1 <= getattr(self, name) <= 100:
+                raise ValueError(f"health.{name}: must be 1..100, got {getattr(self, name)}")
+
+
+class HealthState:
+    """Consecutive successes and failures of one server; ``observe`` says when ``up`` flips."""
+
+    __slots__ = ("cfg", "up", "ok_run", "fail_run", "checks", "failures")
+
+    def __init__(self, cfg: HealthConfig, up: bool = True) -> None:
+        self.cfg = cfg
+        self.up = up
+        self.ok_run = 0
+        self.fail_run = 0
+        self.checks = 0
+        self.failures = 0
+
+    def observe(self, ok: bool) -> bool:
+        """Record one result; True when it changed ``up``."""
+        self.checks += 1
+        if ok:
+            self.ok_run += 1
+            self.fail_run = 0
+            if not self.up and self.ok_run >= self.cfg.rise:
+                self.up = True
+                return True
+        else:
+            self.failures += 1
+            self.fail_run += 1
+            self.ok_run = 0
+            if self.up and self.fail_run >= self.cfg.fall:
+                self.up = False
+                return True
+        return False
+
+
+# IKEv2 payload types (RFC 7296 section 3.2) and transform ids (IANA IKEv2 registry)
+_SA, _KE, _NONCE, _NONE = 33, 34, 40, 0
+_ENCR_AES_CBC, _PRF_HMAC_SHA2_256, _AUTH_HMAC_SHA2_256_128, _DH_CURVE25519 = 12, 5, 12, 31
+
+
+def _transform(last: bool, ttype: int, tid: int, attrs: bytes = b"") -> bytes:
+    return struct.pack(">BBHBBH", 0 if last else 3, 0, 8 + len(attrs), ttype, 0, tid) + attrs
+
+
+def probe_message(spi_i: int | None = None) -> tuple[int, bytes]:
+    """(initiator SPI, one IKE_SA_INIT request) as a client would send it (RFC 7296 section 1.2)."""
+    spi_i = spi_i if spi_i is not None else (int.from_bytes(os.urandom(8), "big") | 1)
+    key_length = struct.pack(">HH", 0x800E, 128)  # attribute Key Length = 128 (TV format)
+    transforms = (
+        _transform(False, 1, _ENCR_AES_CBC, key_length)
+        + _transform(False, 2, _PRF_HMAC_SHA2_256)
+        + _transform(False, 3, _AUTH_HMAC_SHA2_256_128)
+        + _transform(True, 4, _DH_CURVE25519)
+    )
+    proposal = struct.pack(">BBHBBBB", 0, 0, 8 + len(transforms), 1, 1, 0, 4) + transforms
+    sa = struct.pack(">BBH", _KE, 0, 4 + len(proposal)) + proposal
+    ke_data = struct.pack(">HH", _DH_CURVE25519, 0) + os.urandom(32)
+    ke = struct.pack(">BBH", _NONCE, 0, 4 + len(ke_data)) + ke_data
+    nonce_data = os.urandom(32)
+    nonce = struct.pack(">BBH", _NONE, 0, 4 + len(nonce_data)) + nonce_data
+    return spi_i, ike_header(spi_i, 0, IKE_SA_INIT, flags=0x08, version=0x20, next_payload=_SA,
+                             body=sa + ke + nonce)
+
+
+def answers_probe(data: bytes, spi_i: int) -> bool:
+    """A well-formed IKE message for our initiator SPI (any exchange, any version) on UDP 500.
+
+    No non-ESP marker is expected (or stripped): probes and answers use port 500, and four zero
+    bytes at the start are simply the top of an initiator SPI below 2**32.
+    """
+    if len(data) < 28 or int.from_bytes(data[:8], "big") != spi_i:
+        return False
+    length = int.from_bytes(data[24:28], "big")
+    return data[17] >> 4 in (1, 2) and 28 <= length <= len(data)

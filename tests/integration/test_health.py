@@ -1,0 +1,37 @@
+"""Health checks with real probes in the lab: a silent real server goes down, then comes back."""
+
+import time
+
+from director.lab.client import LabClient
+
+HEALTH = "health = { interval = 0.3, timeout = 0.2, rise = 2, fall = 2 }"
+
+
+def servers(d):
+    return {s["address"]: s for s in d.status()["services"][0]["servers"]}
+
+
+def wait(pred, timeout=5.0, what=""):
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, f"timed out: {what}"
+        time.sleep(0.05)
+
+
+def test_silent_server_goes_down_gets_no_new_clients_and_comes_back(make_lab, run_director):
+    lab = make_lab("dr")
+    d = run_director(lab, scheduler="rr", extra_service=HEALTH)
+    wait(lambda: all(s["health"] and s["health"]["checks"] >= 2 for s in servers(d).values()), what="probes")
+    assert all(s["up"] for s in servers(d).values())
+    quiet = lab.rs_addrs[1]
+    lab.start_responders(silent=(1,))  # rs2 keeps its address but its IKE daemon stops answering
+    wait(lambda: not servers(d)[quiet]["up"], what="rs2 marked down")
+    assert servers(d)[quiet]["health"]["last_error"] == "timeout"
+    assert all(s["up"] for a, s in servers(d).items() if a != quiet)
+    for role in ("c1", "c2", "c3"):  # new clients all land on the live servers
+        c = LabClient(lab, role)
+        (c.ikev1_connect if role == "c3" else c.ikev2_connect)()
+    assert quiet not in {c["rs_address"] for c in d.connections()}
+    lab.start_responders()  # it answers again
+    wait(lambda: servers(d)[quiet]["up"], what="rs2 back up")
+    assert d.status()["stats"]["health_flips"] == 2
