@@ -547,8 +547,9 @@ def format_services(services: list[dict], fmt: str = "", exact: bool = False) ->
                                                                     r["active"], r["inactive"]))
             else:
                 forward = _FORWARD_NAME.get(r["method"], r["method"])
-                out.append("  -> %-28s %-7s %-6d %-10d %-10d" % (r["address"], forward, r["weight"],
-                                                                 r["active"], r["inactive"]))
+                line = "  -> %-28s %-7s %-6d %-10d %-10d" % (r["address"], forward, r["weight"],
+                                                             r["active"], r["inactive"])
+                out.append(line + ("" if r.get("up", True) else " down"))  # marked down by health checks
     return "".join(line.rstrip() + "\n" for line in out)
 
 

@@ -383,3 +383,16 @@ def test_help_exits_0_and_shows_every_row(capsys):
                 "vpnadm --set INIT ESTABLISHED", "vpnadm -R < FILE", "vpnadm -S [-n]", "vpnadm -Z [-V ADDRESS]",
                 "ipvsadm's -t/-u/-f do not apply"):
         assert row in out
+
+
+
+def test_listing_flags_a_server_marked_down():
+    from director.cli import format_services
+
+    svc = {"vip": "192.0.2.10", "scheduler": "rr", "affinity": "ip", "ah": True,
+           "timeouts": {"init": 30, "established": 16200}, "stats": {}, "rates": {},
+           "servers": [{"address": "198.51.100.1", "method": "dr", "weight": 1, "active": 2, "inactive": 0, "up": True},
+                       {"address": "198.51.100.2", "method": "dr", "weight": 1, "active": 0, "inactive": 0, "up": False}]}
+    lines = format_services([svc]).splitlines()
+    assert lines[-2].split()[-1] == "0" and not lines[-2].endswith("down")
+    assert lines[-1].endswith(" down")
