@@ -10,7 +10,7 @@ APT_PACKAGES=(
   libnetfilter-queue-dev libnfnetlink-dev pkg-config build-essential
   python3 python3-venv python3-dev
   clang llvm libbpf-dev bpftool
-  prometheus
+  prometheus keepalived
 )
 
 log() { printf 'setup: %s\n' "$*"; }
@@ -27,6 +27,15 @@ done
 if [ ${#missing[@]} -gt 0 ]; then
   log "installing Debian packages: ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
+  # prometheus, keepalived and strongswan would start system services from their postinst: the
+  # lab runs its own instances in namespaces, so forbid service starts during the install
+  # (Debian's policy-rc.d convention, exit 101 = action forbidden), and restore what was there.
+  policy=/usr/sbin/policy-rc.d
+  saved=""
+  if [ -e "$policy" ]; then saved=$(mktemp); cp -p "$policy" "$saved"; fi
+  printf '#!/bin/sh\nexit 101\n' > "$policy"
+  chmod +x "$policy"
+  trap 'if [ -n "$saved" ]; then mv "$saved" "$policy"; else rm -f "$policy"; fi' EXIT
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 else
