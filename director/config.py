@@ -66,6 +66,47 @@ class ServiceConfig:
     servers: tuple[ServerConfig, ...] = ()
 
 
+# -- failover sync ([daemon.sync], director/sync.py) -------------------------------------------
+SYNC_ROLES = ("auto", "master", "backup")
+
+
+@dataclass(frozen=True, slots=True)
+class SyncConfig:
+    """The table sync to the other director; role auto: whoever holds the VIP (VRRP master) sends."""
+
+    peer: str
+    key: str  # hex or base64, at least 16 bytes
+    port: int = 8514
+    role: str = "auto"
+
+
+def _sync(c: "_Checker", v: Any) -> "SyncConfig | None":
+    if v is None:
+        return None
+    if not isinstance(v, dict):
+        c.err("daemon.sync", "must be a table")
+        return None
+    c.unknown("daemon.sync", v, {"peer", "port", "key", "role"})
+    if "peer" not in v:
+        c.err("daemon.sync.peer", "missing")
+    peer = c.ipv4("daemon.sync.peer", v.get("peer", "0.0.0.0")) if "peer" in v else "0.0.0.0"
+    key = v.get("key")
+    if key is None:
+        c.err("daemon.sync.key", "missing (a shared secret, hex or base64, at least 16 bytes)")
+        key = ""
+    else:
+        from director.sync import parse_key
+
+        try:
+            parse_key(key if isinstance(key, str) else "")
+        except ValueError as e:
+            c.err("daemon.sync.key", str(e))
+    return SyncConfig(peer=peer, key=key if isinstance(key, str) else "",
+                      port=c.int_("daemon.sync.port", v.get("port", 8514), 1, 65535),
+                      role=c.str_("daemon.sync.role", v.get("role", "auto"), SYNC_ROLES))
+# -- end failover sync ------------------------------------------------------------------------------
+
+
 @dataclass(frozen=True, slots=True)
 class DaemonConfig:
     client_interface: str = "eth0"
@@ -80,6 +121,7 @@ class DaemonConfig:
     control_socket: str = "/run/vpn-director/control.sock"
     metrics: str = "127.0.0.1:9816"  # "" = no metrics endpoint
     bpf_pin_dir: str = "/sys/fs/bpf/vpn-director"  # eBPF maps, shared by every daemon run here
+    sync: SyncConfig | None = None  # failover: [daemon.sync] (None: a lone director)
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,6 +237,7 @@ def from_dict(raw: dict) -> Config:
         control_socket=c.str_("daemon.control_socket", d.get("control_socket", base.control_socket)),
         metrics=_metrics_address(c, d.get("metrics", base.metrics)),
         bpf_pin_dir=_pin_dir(c, d.get("bpf_pin_dir", base.bpf_pin_dir)),
+        sync=_sync(c, d.get("sync")),
     )
     services = []
     raw_services = raw.get("service", [])
@@ -373,6 +416,7 @@ def to_dict(cfg: Config) -> dict:
     """The whole config as the dict ``from_dict`` takes (round trip: equal Config)."""
     d = cfg.daemon
     return {
-        "daemon": {k: getattr(d, k) for k in DaemonConfig.__dataclass_fields__},
+        "daemon": {k: getattr(d, k) for k in DaemonConfig.__dataclass_fields__ if k != "sync"}
+        | ({"sync": {k: getattr(d.sync, k) for k in SyncConfig.__dataclass_fields__}} if d.sync else {}),
         "service": [service_to_dict(s) for s in cfg.services],
     }

@@ -162,6 +162,7 @@ class Table:
         on_count: Callable[[int, int, int], None] | None = None,
         on_change: Callable[[Event, int], None] | None = None,
         on_port: Callable[[int, int], None] | None = None,
+        on_create: Callable[[int], None] | None = None,
         activity: Callable[[int], float | None] | None = None,
         pressure: float = 1.0,
         seed: int | None = None,
@@ -182,6 +183,7 @@ class Table:
         self.on_count = on_count  # (rs, state, +1/-1): keeps RealServer.active/inactive true
         self.on_change = on_change  # (event, slot) before the slot changes or is freed
         self.on_port = on_port  # (slot, old port) after an entry's client port changed
+        self.on_create = on_create  # (slot) after a new entry is in place (failover sync)
         # (slot) -> last time the entry's client was seen elsewhere (the eBPF fast path forwards
         # its ESP without this table seeing it), asked only for an ESTABLISHED entry about to expire
         self.activity = activity
@@ -342,7 +344,19 @@ class Table:
         self._set_deadline(s, now + self.timeouts(svc).init)
         if self.on_count:
             self.on_count(rs, State.INIT, 1)
+        if self.on_create:
+            self.on_create(s)
         return s
+
+    def refresh_all(self, now: float) -> int:
+        """Restart every entry's idle timer from ``now`` (a backup director taking over: its
+        mirrored deadlines are the old active's, which kept refreshing entries it never synced).
+        A scan, once per takeover; lazy like ``touch`` otherwise."""
+        n = 0
+        for s in self.slots():
+            self.touch(s, now)
+            n += 1
+        return n
 
     def retransmit(self, s: int, now: float, ike_len: int = 0) -> int:
         """A repeated initial packet (responder cookie still zero). Returns the retransmit count.

@@ -96,6 +96,7 @@ class Daemon:
         self._rates: dict[int, dict[str, float]] = {}
         self._rate_last: dict[int, tuple] = {}
         self._rate_at = clock()
+        self._sync: SyncLink | None = None  # failover sync ([daemon.sync]); see SyncLink below
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -123,6 +124,8 @@ class Daemon:
             self._start_fastpath(d)
         else:
             self.dataplane = "nfqueue"
+        if d.sync is not None:  # failover sync: after the fast path, so its adopted entries stay local
+            self._sync = SyncLink(self, d.sync)
         if d.metrics:
             self._metrics = metrics.serve(self, d.metrics)
         k = self._kernel
@@ -159,6 +162,9 @@ class Daemon:
         from director.dataplane import iptables, routing
 
         sd_notify("STOPPING=1")
+        if self._sync is not None:  # failover sync
+            self._sync.close()
+            self._sync = None
         if self.fastpath is not None:
             self.fastpath.close()
             self.fastpath = None
@@ -287,7 +293,8 @@ class Daemon:
         try:
             while not self._stop:
                 timeout = max(0.0, next_tick - self.clock())
-                ready, _, _ = select.select([*self._queues, rfd, *self._control_fds(), *self._prober_fds()],
+                ready, _, _ = select.select([*self._queues, rfd, *self._control_fds(), *self._prober_fds(),
+                                             *([self._sync] if self._sync else [])],
                                             [], [], min(timeout, PROBE_TICK))
                 t0 = self.clock()
                 for r in ready:
@@ -297,14 +304,21 @@ class Daemon:
                         r.drain()
                     elif r is self.prober:
                         self._apply_health(self.prober.on_readable(t0))
+                    elif r is self._sync:  # failover sync
+                        self._sync.on_readable(t0)
                     else:
                         self._on_control(r)
                 if t0 >= next_tick:
-                    self.director.expire(t0)
+                    # a failover backup mirrors the active's table: the active's expiry records
+                    # remove entries there; its own clock would expire entries the active keeps
+                    if self._sync is None or self._sync.role != "backup":
+                        self.director.expire(t0)
                     self._estimate_rates(t0)
                     next_tick = t0 + TICK
                 if self.prober is not None and self.prober.targets:
                     self._apply_health(self.prober.tick(self.director, t0))
+                if self._sync is not None:  # failover sync: role, batch flush, snapshot requests
+                    self._sync.tick(t0)
                 if self.fastpath is not None and self.director.dirty:
                     self.fastpath.flush()
                 if self._reload:
@@ -573,6 +587,8 @@ class Daemon:
                 for s in d.services.values()
             ],
         }
+        if self._sync is not None:  # failover sync
+            out["sync"] = self._sync.status()
         if self.fastpath is not None:
             fp = self.fastpath
             st = fp.dp_stats()
@@ -612,6 +628,121 @@ class Daemon:
             for e in d.table.entries()
             if (want_client is None or e.client == want_client) and (want_rs is None or e.rs in want_rs)
         ]
+
+
+# -- failover sync: the socket side of director/sync.py ----------------------------------------------
+class SyncLink:
+    """The UDP link to the other director: sends this director's table changes while it holds the
+    VIP (VRRP master), applies the peer's while it does not (backup), asks for a snapshot when it
+    becomes backup (a director that joins or rejoins) until one arrives complete.
+
+    Role ``auto``: whether a service VIP is configured on the client interface, checked every
+    ROLE_CHECK seconds. keepalived adds and removes the VIP itself, so the address is the ground
+    truth of who receives the clients' packets; a notify script could be missed or be late, a
+    restarted daemon learns its role at once, and no script or control command is needed.
+    """
+
+    ROLE_CHECK = 0.1
+    REQUEST_EVERY = 1.0
+
+    def __init__(self, daemon: "Daemon", cfg: config_mod.SyncConfig) -> None:
+        from director.sync import Receiver, Sender, parse_key
+
+        self.daemon, self.cfg = daemon, cfg
+        key = parse_key(cfg.key)
+        self.peer = (cfg.peer, cfg.port)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect(self.peer)  # the source address toward the peer: a stable sender id
+            own = ip_to_int(probe.getsockname()[0])
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("0.0.0.0", cfg.port))
+        self.sock.setblocking(False)
+        d = daemon.director
+        self.sender = Sender(d, key, own, epoch=time.time_ns() // 1000)
+        self.sender.attach()
+        self.sender.enabled = False
+        self.receiver = Receiver(d, key, own_id=own)
+        self.role = ""
+        self.synced = False
+        self.stats = {"send_errors": 0, "role_changes": 0}
+        self._next_role = self._next_request = self._next_flush = 0.0
+        self._ifindex = daemon._ipr.link_lookup(ifname=daemon.cfg.daemon.client_interface)[0]
+        log.info("sync.started peer=%s:%d id=%s role=%s", cfg.peer, cfg.port, int_to_ip(own), cfg.role)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def _send(self, datagrams: list[bytes]) -> None:
+        for dgram in datagrams:
+            try:
+                self.sock.sendto(dgram, self.peer)
+            except OSError:  # the peer is down (that is what failover is for): counted
+                self.stats["send_errors"] += 1
+
+    def _holds_vip(self) -> bool:
+        vips = {int_to_ip(s.vip) for s in self.daemon.director.services.values()}
+        return any(a.get_attr("IFA_ADDRESS") in vips for a in self.daemon._ipr.get_addr(index=self._ifindex))
+
+    def _set_role(self, role: str, now: float) -> None:
+        if role == self.role:
+            return
+        if self.role:
+            self.stats["role_changes"] += 1
+        log.warning("sync.role %s -> %s", self.role or "start", role)
+        if self.role == "backup" and role == "master":  # taking over: the mirrored deadlines are stale
+            n = self.daemon.director.table.refresh_all(now)
+            log.warning("sync.takeover entries=%d", n)
+        self.role = role
+        self.sender.clear()
+        self.sender.enabled = role == "master"
+        if role == "backup":  # our table may be stale (we were away, or master): resync
+            self.synced = False
+            self._next_request = now
+
+    def tick(self, now: float) -> None:
+        if now >= self._next_role:
+            self._next_role = now + self.ROLE_CHECK
+            role = self.cfg.role
+            if role == "auto":
+                role = "master" if self._holds_vip() else "backup"
+            self._set_role(role, now)
+        if self.role == "master":
+            if self.sender.pending:
+                self._send(self.sender.flush(now))
+        elif not self.synced and now >= self._next_request:
+            self._next_request = now + self.REQUEST_EVERY
+            self._send([self.sender.request()])
+
+    def on_readable(self, now: float) -> None:
+        from director.sync import Outcome
+
+        for _ in range(256):
+            try:
+                data, _addr = self.sock.recvfrom(2048)
+            except BlockingIOError:
+                return
+            except OSError:  # e.g. ICMP port unreachable of an earlier send
+                continue
+            outcome = self.receiver.handle(data, now)
+            if outcome == Outcome.REQUEST and self.role == "master":
+                self._send(self.sender.snapshot(now, time.time_ns() // 1000))
+                log.info("sync.snapshot_sent entries=%d", len(self.daemon.director.table))
+            elif outcome == Outcome.SNAPSHOT_DONE:
+                self.synced = True
+                log.info("sync.snapshot_applied entries=%d", len(self.daemon.director.table))
+
+    def status(self) -> dict:
+        r, s = self.receiver.stats, self.sender.stats
+        return {"role": self.role, "synced": self.synced, "peer": f"{self.cfg.peer}:{self.cfg.port}",
+                "sent": s["sent"], "records_sent": s["records_sent"], "snapshots_sent": s["snapshots_sent"],
+                "received": r["received"], "applied": r["applied"], "rejected_mac": r["rejected_mac"],
+                "rejected_replay": r["rejected_replay"], "ignored": r["ignored"], "malformed": r["malformed"],
+                "snapshots_applied": r["snapshots"], "requests": r["requests"], **self.stats}
+# -- end failover sync --------------------------------------------------------------------------------
 
 
 def sd_notify(state: str) -> None:

@@ -146,6 +146,12 @@ class Collector:
         for name, h in dm.latency.items():
             lat.add_metric([name], h.cumulative(), sum_value=h.total)
         yield lat
+        sync = getattr(dm, "_sync", None)
+        if sync is not None:  # failover sync counters (docs/metrics.md)
+            st_sync = sync.status()
+            for k in ("sent", "received", "applied", "rejected_mac", "rejected_replay", "ignored"):
+                yield CounterMetricFamily(f"director_sync_{k}", f"Failover sync: records/datagrams {k}",
+                                          value=st_sync.get(k, 0))
         yield GaugeMetricFamily("director_services", "Configured virtual services", value=len(d.services))
         info = GaugeMetricFamily("director_build_info", "Build information", labels=["version"])
         info.add_metric([__version__], 1)

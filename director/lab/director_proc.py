@@ -43,9 +43,12 @@ timeouts = {{ init = {init_timeout}, established = 3600 }}
 class DirectorProcess:
     """The daemon as a child process in the lab; ``request`` talks to its control socket."""
 
-    def __init__(self, lab: Lab, name: str = "director", *, dataplane: str | None = None, **config_kw) -> None:
-        """``dataplane``: auto, ebpf or nfqueue; default $VPN_DIRECTOR_DATAPLANE, else nfqueue."""
+    def __init__(self, lab: Lab, name: str = "director", *, dataplane: str | None = None,
+                 role: str = "director", **config_kw) -> None:
+        """``dataplane``: auto, ebpf or nfqueue; default $VPN_DIRECTOR_DATAPLANE, else nfqueue.
+        ``role``: the lab namespace to run in ("director2": the second director of a failover lab)."""
         self.lab = lab
+        self.role = role
         self.dataplane = dataplane or os.environ.get("VPN_DIRECTOR_DATAPLANE", "nfqueue")
         config_kw.setdefault("pin_dir", f"/sys/fs/bpf/{lab.prefix}-{name}")
         self.pin_dir = Path(config_kw["pin_dir"])
@@ -60,7 +63,7 @@ class DirectorProcess:
         log = open(self.log_path, "ab")
         try:
             self.proc = self.lab.popen(
-                "director",
+                self.role,
                 [sys.executable, "-m", "director.daemon", "run", "--config", str(self.config_path),
                  "--dataplane", self.dataplane],
                 stdout=log, stderr=log, cwd=str(REPO),

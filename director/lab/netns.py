@@ -55,6 +55,7 @@ __all__ = [
 MODES = ("dr", "tun", "nat")
 RS_ROLES = ("rs1", "rs2", "rs3")
 ROLES = ("sw", "c1", "c2", "nat", "c3", "director", "gw", *RS_ROLES)
+DIRECTOR2 = "director2"  # the optional second (backup) director: Lab(mode, directors=2)
 NETNS_DIR = "/run/netns"
 DEFAULT_PREFIX_RE = re.compile(r"^vdl[0-9a-f]{6}$")
 
@@ -198,7 +199,7 @@ def list_labs(prefix: str | None = None) -> dict[str, list[str]]:
     labs: dict[str, list[str]] = {}
     for name in names:
         head, sep, role = name.rpartition("-")
-        if not sep or role not in ROLES:
+        if not sep or (role not in ROLES and role != DIRECTOR2):
             continue
         if (prefix is not None and head == prefix) or (prefix is None and DEFAULT_PREFIX_RE.match(head)):
             labs.setdefault(head, []).append(name)
@@ -246,7 +247,16 @@ class Lab:
 
     rs_roles = list(RS_ROLES)
 
-    def __init__(self, mode: str = "dr", prefix: str | None = None) -> None:
+    # -- two directors (failover): addresses of the second one and of the VRRP-held LAN gateway --
+    director2_wan = "198.18.0.2"
+    director2_lan = "198.18.1.2"
+    lan_vip = "198.18.1.3"  # NAT real servers' gateway when two directors share the VIPs
+
+    def __init__(self, mode: str = "dr", prefix: str | None = None, directors: int = 1) -> None:
+        if directors not in (1, 2):
+            raise ValueError(f"directors must be 1 or 2, not {directors!r}")
+        self.directors = directors
+        self.roles = ROLES + ((DIRECTOR2,) if directors == 2 else ())
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
         if prefix is not None and (not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.]{0,40}", prefix)):
@@ -255,7 +265,7 @@ class Lab:
         self.rs_addrs = list(type(self).rs_addrs)  # per-instance copies: callers may mutate them
         self.client_addrs = dict(type(self).client_addrs)
         self.prefix = prefix or f"vdl{secrets.token_hex(3)}"
-        self.ns = {role: f"{self.prefix}-{role}" for role in ROLES}
+        self.ns = {role: f"{self.prefix}-{role}" for role in self.roles}
         self.tmpdir: Path | None = None
         self._created: list[str] = []
         self._procs: list[subprocess.Popen] = []
@@ -297,7 +307,7 @@ class Lab:
         return self
 
     def _build(self) -> None:
-        for role in ROLES:
+        for role in self.roles:
             name = self.ns[role]
             # Never adopt (and later delete) a namespace someone else made. Recorded before the
             # call, so a failure half-way through creating it still gets it removed.
@@ -319,7 +329,7 @@ class Lab:
 
         iprs: dict[str, IPRoute] = {}
         try:
-            for role in ROLES:
+            for role in self.roles:
                 iprs[role] = IPRoute(netns=self.ns[role], flags=0)
             for ipr in iprs.values():
                 ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
@@ -349,7 +359,8 @@ class Lab:
             sw.link("add", ifname=br, kind="bridge", br_stp_state=0, br_forward_delay=0)
             bridges[br] = sw.link_lookup(ifname=br)[0]
             sw.link("set", index=bridges[br], state="up")
-        for role, ifname, br in self._PORTS:
+        ports = self._PORTS + ((DIRECTOR2, "eth0", "wan"), (DIRECTOR2, "eth1", "lan")) * (self.directors == 2)
+        for role, ifname, br in ports:
             port = f"{role}-{ifname}"
             # Created in sw with the peer born in the node's namespace: the root namespace never
             # holds either end, even for a moment.
@@ -375,11 +386,13 @@ class Lab:
             ("nat", "eth1", self.nat_inside, 24),
             ("c3", "eth0", self.client_addrs["c3"], 24),
             ("director", "eth0", self.director_wan, 24),
-            ("director", "eth0", self.vip, 32),
+            *([("director", "eth0", self.vip, 32)] if self.directors == 1 else []),  # 2: keepalived's
             ("director", "eth1", self.director_lan, 24),
             ("gw", "eth0", self.gw_wan, 24),
             ("gw", "eth1", self.gw_lan, 24),
         ]
+        if self.directors == 2:
+            addrs += [(DIRECTOR2, "eth0", self.director2_wan, 24), (DIRECTOR2, "eth1", self.director2_lan, 24)]
         for role, addr in zip(RS_ROLES, self.rs_addrs):
             addrs.append((role, "eth0", addr, 24))
             if self.mode in ("dr", "tun"):
@@ -394,14 +407,16 @@ class Lab:
     def _route(self, iprs: dict[str, IPRoute]) -> None:
         iprs["c3"].route("add", dst="0.0.0.0/0", gateway=self.nat_inside)
         gateway = self.gw_lan if self.mode in ("dr", "tun") else self.director_lan
+        if self.mode == "nat" and self.directors == 2:
+            gateway = self.lan_vip  # held by whichever director is VRRP master
         for role in RS_ROLES:
             iprs[role].route("add", dst="0.0.0.0/0", gateway=gateway)
 
     def _tune(self) -> None:
-        for role in ROLES:
+        for role in self.roles:
             name = self.ns[role]
             values: dict[str, int | str] = {}
-            if role in ("director", "gw", "nat"):
+            if role in ("director", DIRECTOR2, "gw", "nat"):
                 values["net/ipv4/ip_forward"] = 1
             if role == "sw" and os.path.exists("/proc/sys/net/bridge"):
                 # br_netfilter is built in: keep the switch a switch (no iptables, no defrag).
@@ -592,6 +607,62 @@ class Lab:
             return False
         finally:
             sock.close()
+
+    # -- keepalived (two directors) ---------------------------------------------------------------
+
+    def keepalived_conf(self, role: str, *, priority: int, advert_int: float = 0.1) -> str:
+        """VRRPv3 between the two directors, unicast on the wan segment: the VIP /32 on eth0 and,
+        in NAT mode, the real servers' gateway address on eth1. Both start BACKUP with nopreempt:
+        the first master keeps the VIP until it dies, and a director that comes back stays backup."""
+        me, peer = ((self.director_wan, self.director2_wan) if role == "director"
+                    else (self.director2_wan, self.director_wan))
+        lan = f"\n        {self.lan_vip}/32 dev eth1" if self.mode == "nat" else ""
+        return f"""global_defs {{
+    router_id {self.prefix}-{role}
+    vrrp_garp_master_delay 0
+    vrrp_garp_master_repeat 3
+    vrrp_garp_lower_prio_repeat 0
+}}
+vrrp_instance VD {{
+    state BACKUP
+    nopreempt
+    version 3
+    interface eth0
+    virtual_router_id 51
+    priority {priority}
+    advert_int {advert_int}
+    unicast_src_ip {me}
+    unicast_peer {{
+        {peer}
+    }}
+    virtual_ipaddress {{
+        {self.vip}/32 dev eth0{lan}
+    }}
+}}
+"""
+
+    def start_keepalived(self, role: str, *, priority: int, advert_int: float = 0.1) -> subprocess.Popen:
+        """keepalived (VRRP only) in ``role``'s namespace with private config, pid and log files."""
+        if self.directors != 2 or role not in ("director", DIRECTOR2):
+            raise ValueError("keepalived runs in the directors of a Lab(mode, directors=2)")
+        exe = shutil.which("keepalived") or "/usr/sbin/keepalived"
+        if not os.path.exists(exe):
+            raise LabError("keepalived is not installed (Debian: keepalived)")
+        tmp = self._tmp()
+        conf = tmp / f"keepalived-{role}.conf"
+        conf.write_text(self.keepalived_conf(role, priority=priority, advert_int=advert_int))
+        log = open(tmp / f"keepalived-{role}.log", "ab")
+        try:
+            return self.popen(role, [exe, "--dont-fork", "--log-console", "--log-detail", "--vrrp",
+                                     "--use-file", str(conf), "--pid", str(tmp / f"keepalived-{role}.pid"),
+                                     "--vrrp_pid", str(tmp / f"keepalived-{role}.vrrp.pid")],
+                              stdout=log, stderr=log)
+        finally:
+            log.close()
+
+    def holds_vip(self, role: str) -> bool:
+        out = self.run(role, ["ip", "-o", "-4", "addr", "show", "dev", "eth0"]).stdout
+        return f" {self.vip}/32 " in out
 
     # -- responders -------------------------------------------------------------------------------
 

@@ -275,3 +275,15 @@ def test_port_change_is_reported_with_the_old_port():
     t.set_port(a, 4500)
     t.set_port(a, 4500)  # no change, no report
     assert moves == [(a, 500, 4500)]
+
+
+def test_on_create_and_refresh_all_for_failover():
+    created = []
+    t = make(on_create=created.append)
+    a = t.create(SVC, C1, 500, 1, rs=0, now=0.0)
+    b = t.create(SVC, C2, 500, 2, rs=0, now=0.0)
+    t.establish(b, 3, now=0.0)
+    assert created == [a, b]
+    assert t.refresh_all(95.0) == 2  # a takeover restarts every idle timer from now
+    assert t.expire(104.0) == 0  # a (INIT, 10 s) and b (100 s) would both be gone by now
+    assert t.expire(106.0) == 1 and t.lookup(SVC, C2, 2) == b

@@ -1,0 +1,443 @@
+"""Director failover: the table sync protocol between an active and a backup director. Pure.
+
+The active director streams its connection table's changes to the backup, which keeps a warm copy
+(and, through ``Director.dirty``, a warm eBPF map): when the active dies and VRRP moves the VIP,
+every established client keeps its real server. No sockets here: the daemon moves the datagrams.
+
+Datagram (network byte order; at most ``MAX_DATAGRAM`` bytes)::
+
+     0      2   3   4           8                  16                 24  25  26    28
+    +------+---+---+-----------+------------------+------------------+---+---+------+
+    | "VS" |ver|typ| sender id |      epoch       |     sequence     |flg|cnt| pad  |  header
+    +------+---+---+-----------+------------------+------------------+---+---+------+
+    | cnt records of 40 bytes (below)                                               |
+    +-------------------------------------------------------------------------------+
+    | HMAC-SHA256(key, header + records): 32 bytes                                  |
+    +-------------------------------------------------------------------------------+
+
+    record: kind 1, state 1, flags 1 (0x01 NAT-T), pad 1, VIP 4, client 4, client port 2,
+            pad 2, real server ADDRESS 4 (ids differ between directors), initiator SPI 8,
+            responder SPI 8, remaining timeout in ms 4
+
+Types: CHANGES (a batch of entry changes), SNAPSHOT (one part of a full table: the parts of one
+snapshot are sequence numbers 1..n of a fresh epoch, the last flagged END), REQUEST (a backup asks
+for a snapshot). A record is the whole entry, so applying one is an idempotent upsert (or a
+removal): a lost datagram is repaired by the entry's next change or the next snapshot.
+
+Replay protection: per sender id, an epoch (the sender's start time in microseconds, bumped by every
+snapshot it sends) and a 64-packet sliding window over sequence numbers within the epoch, as the
+ESP anti-replay window (RFC 4303 section 3.4.3): older epochs, repeated or too old sequence
+numbers are rejected and counted; reordering inside the window is accepted. The MAC is checked
+first, so a forged datagram never moves a window.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import struct
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Iterable
+
+from director.conntrack import F_NATT, F_SPI_R_FROM_SERVER, NO_SLOT, Table, TableFull
+from director.isakmp_state import Event, State
+
+VERSION = 1
+MAGIC = b"VS"
+MAX_DATAGRAM = 1400
+HEADER = struct.Struct(">2sBBIQQBBH")  # 28 bytes
+RECORD = struct.Struct(">BBBxIIHxxIQQI")  # 40 bytes
+MAC_LEN = 32
+MAX_RECORDS = (MAX_DATAGRAM - HEADER.size - MAC_LEN) // RECORD.size  # 33
+WINDOW = 64
+MIN_KEY = 16
+
+FLAG_END = 0x01  # SNAPSHOT: the last part
+REC_NATT = 0x01
+
+
+class MsgType(IntEnum):
+    CHANGES = 1
+    SNAPSHOT = 2
+    REQUEST = 3
+
+
+class RecKind(IntEnum):
+    CREATE = 1
+    ESTABLISH = 2
+    PORT = 3
+    REMOVE = 4
+    EXPIRE = 5
+    SNAP = 6  # an entry of a snapshot
+
+
+class SyncError(ValueError):
+    """A datagram that is not a well-formed sync message."""
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One entry as the backup needs it to rebuild it (addresses, not ids)."""
+
+    kind: RecKind
+    state: State
+    vip: int
+    client: int
+    cport: int
+    rs_addr: int
+    spi_i: int
+    spi_r: int = 0
+    remaining: float = 0.0  # seconds until the entry's idle timeout
+    natt: bool = False
+
+    def pack(self) -> bytes:
+        ms = max(0, min(0xFFFFFFFF, int(self.remaining * 1000)))
+        return RECORD.pack(self.kind, self.state, REC_NATT if self.natt else 0, self.vip, self.client,
+                           self.cport, self.rs_addr, self.spi_i, self.spi_r, ms)
+
+    @classmethod
+    def unpack_from(cls, buf: bytes, off: int) -> "Record":
+        kind, state, flags, vip, client, cport, rs, spi_i, spi_r, ms = RECORD.unpack_from(buf, off)
+        try:
+            return cls(RecKind(kind), State(state), vip, client, cport, rs, spi_i, spi_r, ms / 1000.0,
+                       bool(flags & REC_NATT))
+        except ValueError:
+            raise SyncError(f"record: bad kind {kind} or state {state}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    type: MsgType
+    sender: int
+    epoch: int
+    seq: int
+    flags: int = 0
+    records: tuple[Record, ...] = ()
+
+
+def parse_key(text: str) -> bytes:
+    """A shared key given as hex or base64; ValueError (naming nothing: the caller names the field)."""
+    import base64
+    import binascii
+
+    text = text.strip()
+    key = None
+    if len(text) % 2 == 0:
+        try:
+            key = bytes.fromhex(text)
+        except ValueError:
+            key = None
+    if key is None:
+        try:
+            key = base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError("must be hex or base64") from None
+    if len(key) < MIN_KEY:
+        raise ValueError(f"must be at least {MIN_KEY} bytes (got {len(key)})")
+    return key
+
+
+def encode(key: bytes, msg: Message) -> bytes:
+    if len(msg.records) > MAX_RECORDS:
+        raise ValueError(f"at most {MAX_RECORDS} records per datagram")
+    body = HEADER.pack(MAGIC, VERSION, msg.type, msg.sender, msg.epoch, msg.seq, msg.flags,
+                       len(msg.records), 0) + b"".join(r.pack() for r in msg.records)
+    return body + hmac.new(key, body, hashlib.sha256).digest()
+
+
+def authenticate(key: bytes, data: bytes) -> bool:
+    if len(data) < HEADER.size + MAC_LEN:
+        return False
+    return hmac.compare_digest(hmac.new(key, data[:-MAC_LEN], hashlib.sha256).digest(), data[-MAC_LEN:])
+
+
+def decode(data: bytes) -> Message:
+    """Parse an (already authenticated) datagram; SyncError when malformed."""
+    if len(data) < HEADER.size + MAC_LEN:
+        raise SyncError("datagram: too short")
+    magic, ver, typ, sender, epoch, seq, flags, count, _ = HEADER.unpack_from(data)
+    if magic != MAGIC or ver != VERSION:
+        raise SyncError(f"header: not a version {VERSION} sync message")
+    if len(data) != HEADER.size + count * RECORD.size + MAC_LEN:
+        raise SyncError("datagram: length does not match the record count")
+    try:
+        mtype = MsgType(typ)
+    except ValueError:
+        raise SyncError(f"header: unknown type {typ}") from None
+    recs = tuple(Record.unpack_from(data, HEADER.size + i * RECORD.size) for i in range(count))
+    return Message(mtype, sender, epoch, seq, flags, recs)
+
+
+class ReplayWindow:
+    """Per sender: the newest epoch and a sliding window of sequence numbers in it."""
+
+    __slots__ = ("epoch", "top", "bits")
+
+    def __init__(self) -> None:
+        self.epoch = -1
+        self.top = 0
+        self.bits = 0  # bit i: top - i was seen
+
+    def check(self, epoch: int, seq: int) -> bool:
+        """True (and recorded) for a fresh (epoch, seq); False for a replay or a too-old one."""
+        if seq < 1 or epoch < self.epoch:
+            return False
+        if epoch > self.epoch:
+            self.epoch, self.top, self.bits = epoch, seq, 1
+            return True
+        if seq > self.top:
+            shift = seq - self.top
+            self.bits = ((self.bits << shift) | 1) & ((1 << WINDOW) - 1) if shift < WINDOW else 1
+            self.top = seq
+            return True
+        off = self.top - seq
+        if off >= WINDOW or self.bits >> off & 1:
+            return False
+        self.bits |= 1 << off
+        return True
+
+
+def _entry_record(t: Table, s: int, kind: RecKind, vip: int, rs_addr: int, now: float) -> Record:
+    return Record(kind, State(t.state[s]), vip, t.client[s], t.cport[s], rs_addr, t.spi_i[s], t.spi_r[s],
+                  max(0.0, t.expires[s] - now), bool(t.flags[s] & F_NATT))
+
+
+class Sender:
+    """The active side: collects the table's changes (hooks), frames them, makes snapshots.
+
+    ``attach`` chains the table's ``on_change`` / ``on_port`` hooks and wraps ``create``; a hook
+    only notes the slot (and, for a removal, the entry's key) in the pending batch. ``flush`` turns
+    the batch into datagrams. ``enabled`` False (a backup) makes the hooks do nothing.
+    Also frames this director's REQUEST messages (a backup's epoch and sequence live here too).
+    """
+
+    def __init__(self, director, key: bytes, sender_id: int, epoch: int) -> None:
+        self.d = director
+        self.key = key
+        self.id = sender_id & 0xFFFFFFFF
+        self.epoch = epoch
+        self.seq = 0
+        self.enabled = True
+        self._upserts: dict[int, tuple[int, int, int, RecKind]] = {}  # slot -> (svc, client, spi_i, kind)
+        self._removals: list[Record] = []
+        self.stats = {"sent": 0, "records_sent": 0, "snapshots_sent": 0}
+
+    def attach(self) -> None:
+        t = self.d.table
+        prev_change, prev_port, prev_create = t.on_change, t.on_port, t.on_create
+
+        def on_change(event: Event, s: int) -> None:
+            if prev_change is not None:
+                prev_change(event, s)
+            if self.enabled:
+                self._note(event, s)
+
+        def on_port(s: int, old: int) -> None:
+            if prev_port is not None:
+                prev_port(s, old)
+            if self.enabled:
+                self._upserts[s] = (t.svc[s], t.client[s], t.spi_i[s], RecKind.PORT)
+
+        def on_create(s: int) -> None:
+            if prev_create is not None:
+                prev_create(s)
+            if self.enabled:
+                self._upserts[s] = (t.svc[s], t.client[s], t.spi_i[s], RecKind.CREATE)
+
+        t.on_change, t.on_port, t.on_create = on_change, on_port, on_create
+
+    def _note(self, event: Event, s: int) -> None:
+        t = self.d.table
+        if event == Event.RESPONDER_SEEN:
+            self._upserts[s] = (t.svc[s], t.client[s], t.spi_i[s], RecKind.ESTABLISH)
+            return
+        if event not in (Event.EXPIRE, Event.REMOVE):
+            return
+        self._upserts.pop(s, None)
+        svc = self.d.services.get(t.svc[s])
+        if svc is None:
+            return
+        rs = self.d.server(t.rs[s])
+        kind = RecKind.EXPIRE if event == Event.EXPIRE else RecKind.REMOVE
+        self._removals.append(Record(kind, State(t.state[s]), svc.vip, t.client[s], t.cport[s],
+                                     rs.addr if rs else 0, t.spi_i[s]))
+
+    @property
+    def pending(self) -> int:
+        return len(self._upserts) + len(self._removals)
+
+    def clear(self) -> None:
+        self._upserts.clear()
+        self._removals.clear()
+
+    def _frame(self, mtype: MsgType, records: list[Record], flags: int = 0) -> bytes:
+        self.seq += 1
+        self.stats["sent"] += 1
+        self.stats["records_sent"] += len(records)
+        return encode(self.key, Message(mtype, self.id, self.epoch, self.seq, flags, tuple(records)))
+
+    def _records(self, now: float, slots: Iterable[tuple[int, RecKind]]) -> list[Record]:
+        t, d = self.d.table, self.d
+        out = []
+        for s, kind in slots:
+            svc = d.services.get(t.svc[s])
+            rs = d.server(t.rs[s])
+            if svc is None or rs is None:
+                continue
+            out.append(_entry_record(t, s, kind, svc.vip, rs.addr, now))
+        return out
+
+    def flush(self, now: float) -> list[bytes]:
+        """The pending changes as datagrams (removals first: a key freed and re-created in one
+        batch must end up present). Empty when nothing is pending."""
+        if not self._upserts and not self._removals:
+            return []
+        t = self.d.table
+        live = [(s, kind) for s, (svc, client, spi_i, kind) in self._upserts.items()
+                if t.state[s] != State.FREE and (t.svc[s], t.client[s], t.spi_i[s]) == (svc, client, spi_i)]
+        records = self._removals + self._records(now, live)
+        self.clear()
+        return [self._frame(MsgType.CHANGES, records[i:i + MAX_RECORDS])
+                for i in range(0, len(records), MAX_RECORDS)]
+
+    def snapshot(self, now: float, epoch: int | None = None) -> list[bytes]:
+        """The whole table (a scan) in a fresh epoch, parts numbered 1..n, the last flagged END.
+        Pending changes are included by construction and dropped."""
+        self.epoch = max(self.epoch + 1, epoch or 0)
+        self.seq = 0
+        self.clear()
+        records = self._records(now, ((s, RecKind.SNAP) for s in self.d.table.slots()))
+        chunks = [records[i:i + MAX_RECORDS] for i in range(0, len(records), MAX_RECORDS)] or [[]]
+        self.stats["snapshots_sent"] += 1
+        return [self._frame(MsgType.SNAPSHOT, c, FLAG_END if i == len(chunks) - 1 else 0)
+                for i, c in enumerate(chunks)]
+
+    def request(self) -> bytes:
+        """A REQUEST for a snapshot (sent by a backup that joins or rejoins)."""
+        return self._frame(MsgType.REQUEST, [])
+
+
+class Outcome(IntEnum):
+    REJECTED = 0
+    APPLIED = 1
+    REQUEST = 2  # the peer asks for a snapshot
+    SNAPSHOT_DONE = 3  # a complete snapshot was applied (and stale local entries removed)
+
+
+@dataclass
+class _Snap:
+    epoch: int
+    parts: set = field(default_factory=set)
+    total: int = 0
+    keys: set = field(default_factory=set)
+
+
+class Receiver:
+    """The backup side: authenticates, checks replay, applies records to a Director's table."""
+
+    def __init__(self, director, key: bytes, own_id: int | None = None) -> None:
+        self.d = director
+        self.key = key
+        self.own_id = own_id
+        self.windows: dict[int, ReplayWindow] = {}
+        self._snap: dict[int, _Snap] = {}
+        self.stats = {"received": 0, "applied": 0, "rejected_mac": 0, "rejected_replay": 0,
+                      "malformed": 0, "ignored": 0, "refused_full": 0, "snapshots": 0, "requests": 0}
+
+    def handle(self, data: bytes, now: float) -> Outcome:
+        self.stats["received"] += 1
+        if not authenticate(self.key, data):
+            self.stats["rejected_mac"] += 1
+            return Outcome.REJECTED
+        try:
+            msg = decode(data)
+        except SyncError:
+            self.stats["malformed"] += 1
+            return Outcome.REJECTED
+        if msg.sender == self.own_id:  # our own message reflected back
+            self.stats["rejected_replay"] += 1
+            return Outcome.REJECTED
+        w = self.windows.setdefault(msg.sender, ReplayWindow())
+        if not w.check(msg.epoch, msg.seq):
+            self.stats["rejected_replay"] += 1
+            return Outcome.REJECTED
+        if msg.type == MsgType.REQUEST:
+            self.stats["requests"] += 1
+            return Outcome.REQUEST
+        snap = None
+        if msg.type == MsgType.SNAPSHOT:
+            snap = self._snap.get(msg.sender)
+            if snap is None or snap.epoch != msg.epoch:
+                snap = self._snap[msg.sender] = _Snap(msg.epoch)
+            snap.parts.add(msg.seq)
+            if msg.flags & FLAG_END:
+                snap.total = msg.seq
+        for r in msg.records:
+            self.apply(r, now, snap)
+        if snap is not None and snap.total and len(snap.parts) == snap.total:
+            self._finish(snap)
+            del self._snap[msg.sender]
+            return Outcome.SNAPSHOT_DONE
+        return Outcome.APPLIED
+
+    def _finish(self, snap: _Snap) -> None:
+        """Every part arrived: local entries the snapshot did not name are stale (removed)."""
+        t = self.d.table
+        stale = [s for s in t.slots() if (t.svc[s], t.client[s], t.spi_i[s]) not in snap.keys]
+        for s in stale:
+            self._dirty(s)
+            t.remove(s)
+        self.stats["snapshots"] += 1
+
+    def _dirty(self, s: int) -> None:
+        dirty = self.d.dirty
+        if dirty is not None:
+            t = self.d.table
+            dirty.add((t.svc[s], t.client[s], t.cport[s]))
+
+    def apply(self, r: Record, now: float, snap: _Snap | None = None) -> bool:
+        """One record to the table; False when ignored (unknown service or server, table full)."""
+        d, t = self.d, self.d.table
+        svc = d.service_by_vip(r.vip)
+        if svc is None:
+            self.stats["ignored"] += 1
+            return False
+        s = t.lookup(svc.id, r.client, r.spi_i)
+        if r.kind in (RecKind.REMOVE, RecKind.EXPIRE):
+            if s != NO_SLOT:
+                self._dirty(s)
+                t.remove(s)
+            self.stats["applied"] += 1
+            return True
+        rs = next((x for x in svc.servers.values() if x.addr == r.rs_addr), None)
+        if rs is None:
+            self.stats["ignored"] += 1
+            return False
+        if s == NO_SLOT:
+            try:
+                s = t.create(svc.id, r.client, r.cport, r.spi_i, rs.id, now, natt=r.natt)
+            except TableFull:
+                self.stats["refused_full"] += 1
+                return False
+        else:
+            if t.rs[s] != rs.id:
+                t.move(s, rs.id)
+            if t.cport[s] != r.cport:
+                self._dirty(s)
+                t.set_port(s, r.cport)
+            if r.natt:
+                t.mark_natt(s)
+        if r.state == State.ESTABLISHED and t.state[s] != State.ESTABLISHED:
+            t.establish(s, r.spi_r, now)
+        elif r.spi_r and t.state[s] == State.INIT:
+            t.spi_r[s] = r.spi_r  # NAT mode: the responder SPI the real server sent (anti-spoofing)
+            t.flags[s] |= F_SPI_R_FROM_SERVER
+        # the idle deadline the active had: touch() sets now' + the state's timeout
+        remaining = max(1.0, r.remaining)
+        t.touch(s, now + remaining - t.timeouts(svc.id).for_state(t.state[s]))
+        self._dirty(s)
+        if snap is not None:
+            snap.keys.add((svc.id, r.client, r.spi_i))
+        self.stats["applied"] += 1
+        return True

@@ -1,0 +1,201 @@
+"""Director failover: two directors, VRRP (real keepalived) and the table sync (director/sync.py).
+
+The active director dies as a box would (its daemon and its keepalived SIGKILLed, its links down);
+the backup takes the VIP and forwards every established client to the same real server from its
+warm table (and warm eBPF map). Then the old active comes back as backup and resyncs by snapshot.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import threading
+import time
+
+import pytest
+
+from director.lab.client import LabClient
+from director.lab.director_proc import DirectorProcess
+from director.lab.netns import DIRECTOR2, Lab, cleanup, list_labs, pids_in_netns
+
+KEY = "5ec7e75ec7e75ec7e75ec7e75ec7e75e"
+MAX_GAP = 3.0
+
+
+def sync_conf(peer: str) -> str:
+    return f'sync = {{ peer = "{peer}", key = "{KEY}", role = "auto" }}'
+
+
+@pytest.fixture
+def failover_lab(request):
+    labs = []
+
+    def make(mode):
+        missing = [] if os.geteuid() == 0 else ["root (namespaces, veth, iptables, tc)"]
+        missing += [f"`{t}` on PATH" for t in ("ip", "tc", "nsenter", "iptables") if shutil.which(t) is None]
+        if shutil.which("keepalived") is None and not os.path.exists("/usr/sbin/keepalived"):
+            missing.append("keepalived (Debian: keepalived; deploy/setup.sh installs it)")
+        if missing:
+            pytest.fail(f"failover lab ({mode}) prerequisites missing: " + "; ".join(missing), pytrace=False)
+        lab = Lab(mode, directors=2)
+        labs.append(lab)
+        lab.up()
+        lab.start_responders()
+        return lab
+
+    yield make
+    for lab in labs:
+        try:
+            lab.down()
+        finally:
+            if list_labs(lab.prefix).get(lab.prefix):
+                cleanup(lab.prefix)
+
+
+def wait_for(pred, timeout=5.0, what=""):
+    deadline = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v:
+            return v
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def table(d: DirectorProcess) -> set:
+    return {(c["client"], c["port"], c["spi_i"], c["state"], c["rs_address"]) for c in d.connections()}
+
+
+def comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def forwarded(d: DirectorProcess) -> int:
+    """ESP (raw and in UDP) this director forwarded, slow and fast path."""
+    st = d.status()
+    n = st["stats"]["forwarded"]
+    fp = st.get("fastpath")
+    if fp:
+        n += sum(fp["forwarded"].values())
+    return n
+
+
+def esp_times(lab, spi: int) -> dict[int, list[float]]:
+    out = {}
+    for i in range(3):
+        ts = [r["t"] for r in lab.received(i) if r["kind"] in ("esp", "esp_in_udp") and r["spi"] == spi]
+        if ts:
+            out[i] = ts
+    return out
+
+
+@pytest.mark.parametrize("mode, dataplane", [("dr", "ebpf"), ("dr", "nfqueue"), ("nat", "ebpf")])
+def test_active_dies_backup_keeps_every_client(failover_lab, mode, dataplane):
+    lab = failover_lab(mode)
+    d1 = DirectorProcess(lab, "director", dataplane=dataplane, daemon_extra=sync_conf(lab.director2_lan)).start()
+    d2 = DirectorProcess(lab, "director2", role=DIRECTOR2, dataplane=dataplane,
+                         daemon_extra=sync_conf(lab.director_lan)).start()
+    ka1 = lab.start_keepalived("director", priority=150)
+    wait_for(lambda: lab.holds_vip("director"), what="director to become VRRP master")
+    lab.start_keepalived(DIRECTOR2, priority=100)
+    wait_for(lambda: d1.status()["sync"]["role"] == "master" and d2.status()["sync"]["role"] == "backup",
+             what="sync roles")
+
+    clients = {role: LabClient(lab, role) for role in ("c1", "c2", "c3")}
+    clients["c1"].ikev2_connect()
+    clients["c2"].ikev2_connect()
+    clients["c3"].ikev1_connect()  # behind the NAT: ESP-in-UDP on 4500
+    before = wait_for(lambda: (t := table(d1)) and len(t) == 3 and t == table(d2) and t,
+                      what="the backup's table to equal the active's")
+    assert {e[3] for e in before} == {"ESTABLISHED"}
+    if dataplane == "ebpf":
+        wait_for(lambda: d2.status()["fastpath"]["clients"] == d1.status()["fastpath"]["clients"] >= 6,
+                 what="the backup's eBPF map to be warm")
+
+    # ESP from c1 (raw) and c3 (ESP-in-UDP) at 200 packets/s each, across the failover
+    stop = threading.Event()
+    sent = {"c1": 0, "c3": 0}
+
+    def pump():
+        while not stop.is_set():
+            sent["c1"] += 1
+            clients["c1"].send_esp(0xF1, sent["c1"])
+            sent["c3"] += 1
+            clients["c3"].send_esp_in_udp(0xF3, sent["c3"])
+            time.sleep(0.005)
+
+    t = threading.Thread(target=pump)
+    t.start()
+    try:
+        time.sleep(0.5)
+        assert lab.holds_vip("director") and not lab.holds_vip(DIRECTOR2)
+        assert esp_times(lab, 0xF1), "no ESP through the active"
+        fwd2 = forwarded(d2)
+        # the active dies as a box would: daemon and keepalived killed, no more ARP or VRRP from it
+        # every keepalived process at once (its VRRP child would otherwise see the parent die and
+        # resign with a priority 0 advert: a clean handover, not a crash), and the daemon
+        ka_pids = [p for p in pids_in_netns([lab.ns["director"]]) if comm(p) == "keepalived"]
+        assert ka1.pid in ka_pids and len(ka_pids) >= 2, ka_pids
+        for pid in [*ka_pids, d1.proc.pid]:
+            os.kill(pid, signal.SIGKILL)
+        killed = time.time()
+        d1.proc.wait()
+        ka1.wait()
+        for dev in ("eth0", "eth1"):
+            lab.run("director", ["ip", "link", "set", dev, "down"])
+        wait_for(lambda: lab.holds_vip(DIRECTOR2), timeout=MAX_GAP, what="director2 to take the VIP")
+        wait_for(lambda: any(ts[-1] > killed + 0.3 for ts in esp_times(lab, 0xF1).values()), timeout=MAX_GAP,
+                 what="ESP through the new active")
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        t.join()
+
+    # the gap: the longest silence in the real server's log across the kill
+    for spi in (0xF1, 0xF3):
+        at = esp_times(lab, spi)
+        assert len(at) == 1, f"ESP {spi:#x} reached more than one real server: {list(at)}"
+        ts = next(iter(at.values()))
+        gap = max(b - a for a, b in zip(ts, ts[1:]))
+        n_sent = sent["c1" if spi == 0xF1 else "c3"]
+        print(f"failover {mode}/{dataplane} spi={spi:#x}: gap {gap * 1000:.0f} ms, "
+              f"{n_sent - len(ts)} of {n_sent} ESP packets lost")
+        assert gap < MAX_GAP
+        assert ts[-1] > killed + 0.3
+    st2 = d2.status()
+    assert st2["sync"]["role"] == "master"
+    assert fwd2 == 0 and forwarded(d2) > 100, "the new active did not forward the ESP"
+    # no rescheduling: the new active's table is the one it had before, entry for entry
+    after = {e for e in table(d2) if e[2] in {b[2] for b in before}}
+    assert after == before
+    for role, spi in (("c1", 0xF1), ("c3", 0xF3)):
+        rs = next(e[4] for e in before if e[0] == lab.client_addrs[role].replace("198.19.3.2", lab.nat_public))
+        assert list(esp_times(lab, spi)) == [lab.rs_addrs.index(rs)]
+
+    # a NEW client conversation is served by the new active
+    spi_new = LabClient.new_spi()
+    clients["c2"].send_ike(spi_new, v1=True)
+    assert clients["c2"].recv_ike(spi_new), "the new active did not serve a new conversation"
+    assert any(c["spi_i"] == f"{spi_new:016x}" for c in d2.connections())
+
+    # the old active comes back (a rebooted box: no VIP on it), as backup, and resyncs by snapshot
+    for addr, dev in ((f"{lab.vip}/32", "eth0"), (f"{lab.lan_vip}/32", "eth1")):
+        lab.run("director", ["ip", "addr", "del", addr, "dev", dev], check=False)
+    for dev in ("eth0", "eth1"):
+        lab.run("director", ["ip", "link", "set", dev, "up"])
+    d1.start()
+    lab.start_keepalived("director", priority=150)
+    wait_for(lambda: d1.status()["sync"]["synced"], what="the old active to resync")
+    assert d1.status()["sync"]["role"] == "backup" and not lab.holds_vip("director")
+    wait_for(lambda: table(d1) == table(d2), what="the rejoined director's table to match")
+    assert d1.status()["sync"]["snapshots_applied"] >= 1
+    for d in (d1, d2):
+        s = d.status()["sync"]
+        assert s["rejected_mac"] == 0 and s["ignored"] == 0, s
+    for d in (d2, d1):
+        assert d.stop() == 0, d.log()
