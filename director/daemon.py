@@ -92,6 +92,7 @@ class Daemon:
         self._lan_index = 0
         self._lan_addr = 0
         self._lan_mtu = 1500
+        self._dests: dict[int, tuple[str, int]] = {}  # sendto() addresses of real servers, by int
         self._last_slow_log = 0.0
         self._rates: dict[int, dict[str, float]] = {}
         self._rate_last: dict[int, tuple] = {}
@@ -397,7 +398,9 @@ class Daemon:
     def _send_tunnel(self, data: bytes, rip: int) -> None:
         self._ident = (self._ident + 1) & 0xFFFF
         envelope = ipip_encap(data, self._lan_addr, rip, ident=self._ident)
-        dest = (int_to_ip(rip), 0)
+        dest = self._dests.get(rip)
+        if dest is None:
+            dest = self._dests[rip] = (int_to_ip(rip), 0)
         try:
             for piece in fragment(envelope, self._lan_mtu):
                 self._raw.sendto(piece, dest)
