@@ -565,8 +565,8 @@ def print_row(r: dict[str, Any], note: str = "") -> None:
 # -- the cases, lab by lab -------------------------------------------------------------------------
 
 
-def start_daemon(lab: Lab, cpu: int) -> DirectorProcess:
-    d = DirectorProcess(lab, scheduler="rr")
+def start_daemon(lab: Lab, cpu: int, dataplane: str = "nfqueue") -> DirectorProcess:
+    d = DirectorProcess(lab, scheduler="rr", dataplane=dataplane)
     text = d.config_path.read_text()
     d.config_path.write_text(text.replace("[daemon]\n", f"[daemon]\ncapacity = {CAPACITY}\n", 1))
     d.start()
@@ -648,6 +648,28 @@ def daemon_cases(bench: Bench, shared_core: bool) -> None:
         st = d.status()
         bench.out[-1]["daemon_status"] = {"entries": st["entries"], "table": st["table"], "stats": st["stats"],
                                           "drops": st["drops"]}  # fmt: skip
+    finally:
+        bench.director, bench.measured_pid = None, None
+        rc = d.stop()
+        if rc != 0:
+            print(f"!! vpn-director exited {rc}:\n{d.log()[-2000:]}", flush=True)
+
+
+def fastpath_cases(bench: Bench) -> None:
+    """e: the eBPF fast path (tc) forwards the established client's ESP in the kernel."""
+    lab = bench.lab
+    d = start_daemon(lab, DAEMON_CPU, dataplane="ebpf")
+    bench.director, bench.measured_pid = d, d.proc.pid
+    try:
+        client = LabClient(lab, "c1")
+        client.ikev2_connect()
+        client.close()
+        esp = bench.esp_to(lab.vip_int)
+        bench.warm_up(esp, OFF_ESP_SEQ, "ESP to the VIP (fast path)")
+        bench.run(Case("e", f"e  ESP via eBPF fast path ({lab.mode.upper()})", lab.mode, 0), esp, OFF_ESP_SEQ)
+        st = d.status()
+        bench.out[-1]["fastpath"] = st.get("fastpath")
+        bench.out[-1]["user_space_packets"] = st["stats"]["packets"]
     finally:
         bench.director, bench.measured_pid = None, None
         rc = d.stop()
@@ -786,6 +808,8 @@ def main(argv: list[str] | None = None) -> int:
     with_lab("tun", prof, rows, lambda b: daemon_cases(b, False))
     with_lab("nat", prof, rows, lambda b: daemon_cases(b, False))
     with_lab("nat", prof, rows, dnat_cases)
+    for mode in ("dr", "tun", "nat"):
+        with_lab(mode, prof, rows, fastpath_cases)
     if prof["plain_again"]:
         with_lab("dr", prof, rows, lambda b: plain_cases(b, "a'"))
     wall = time.monotonic() - t0
