@@ -11,6 +11,9 @@ APT_PACKAGES=(
   python3 python3-venv python3-dev
   clang llvm libbpf-dev bpftool
   prometheus keepalived
+  strongswan-charon strongswan-swanctl strongswan-pki
+  libstrongswan-standard-plugins libstrongswan-extra-plugins libcharon-extra-plugins
+  iperf3 iputils-ping
 )
 
 log() { printf 'setup: %s\n' "$*"; }

@@ -42,12 +42,14 @@ def run_mode(mode: str, scheduler: str, out: TextIO, dataplane: str = "auto") ->
             for c in (c1, c2):
                 spi_i, spi_r, src = c.ikev2_connect()
                 out.write(f"  {c.role}: IKEv2 IKE_SA_INIT answered by {src} (responder SPI {spi_r:016x}), IKE_AUTH on 4500\n")
+                time.sleep(0.1)  # let the daemon write the client into the fast path's map first
                 for seq in range(1, 4):
                     c.send_esp(0xE0000000 | ord(c.role[1]), seq)
                 if mode != "nat":
                     c.send_ah(0xA0000000 | ord(c.role[1]))
             spi_i, spi_r, src = c3.ikev1_connect()
             out.write(f"  c3: IKEv1 Main Mode through the NAT answered by {src}, floated to 4500\n")
+            time.sleep(0.1)
             for seq in range(1, 4):
                 c3.send_esp_in_udp(0xC0000003, seq)
             c3.send_keepalive()
