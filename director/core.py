@@ -21,7 +21,7 @@ from array import array
 from enum import IntEnum
 from typing import NamedTuple
 
-from director.conntrack import NO_RS, NO_SLOT, Table, TableFull
+from director.conntrack import NO_RS, Table, TableFull
 from director.ratelimit import SourceBuckets, TokenBucket
 from director.drop_reasons import DropReason
 from director.isakmp_state import Event, State

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from director.control import control_request
-from director.lab.netns import REPO, Lab
+from director.lab.netns import REPO, Lab, stop_process
 
 
 def lab_config(lab: Lab, control: Path, *, scheduler: str = "rr", weights=(1, 1, 1),
@@ -103,11 +102,4 @@ class DirectorProcess:
         """SIGTERM and wait; returns the exit code."""
         if self.proc is None:
             return 0
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return stop_process(self.proc, timeout)

@@ -155,6 +155,20 @@ def pids_in_netns(names: Iterable[str]) -> list[int]:
     return found
 
 
+def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> int | None:
+    """SIGTERM, wait up to ``timeout``, SIGKILL if it hangs; returns the exit code (None if never started)."""
+    if proc is None:
+        return None
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+    return proc.returncode
+
+
 def _kill_and_reap(pids: list[int], grace: float = 1.0) -> list[int]:
     """SIGTERM then SIGKILL ``pids``; returns those still alive after both."""
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 2.0)):
@@ -306,26 +320,31 @@ class Lab:
         self._up = True
         return self
 
+    def add_namespace(self, role: str) -> str:
+        """Create ``<prefix>-<role>`` with the lab's base settings; ``down()`` removes it."""
+        name = self.ns.setdefault(role, f"{self.prefix}-{role}")
+        # Never adopt (and later delete) a namespace someone else made. Recorded before the
+        # call, so a failure half-way through creating it still gets it removed.
+        if os.path.exists(os.path.join(NETNS_DIR, name)):
+            raise LabError(f"namespace {name} already exists (another lab with prefix {self.prefix}?)")
+        self._created.append(name)
+        try:
+            IPRoute(netns=name, flags=os.O_CREAT | os.O_EXCL).close()
+        except FileExistsError:
+            self._created.remove(name)  # lost a race: it is someone else's
+            raise LabError(f"namespace {name} already exists") from None
+        _write_sysctls(name, {
+            "net/ipv4/conf/all/rp_filter": 0,
+            "net/ipv4/conf/default/rp_filter": 0,
+            # No IPv6: no router solicitations or DAD chatter in captures and logs.
+            "net/ipv6/conf/all/disable_ipv6": 1,
+            "net/ipv6/conf/default/disable_ipv6": 1,
+        })  # fmt: skip
+        return name
+
     def _build(self) -> None:
         for role in self.roles:
-            name = self.ns[role]
-            # Never adopt (and later delete) a namespace someone else made. Recorded before the
-            # call, so a failure half-way through creating it still gets it removed.
-            if os.path.exists(os.path.join(NETNS_DIR, name)):
-                raise LabError(f"namespace {name} already exists (another lab with prefix {self.prefix}?)")
-            self._created.append(name)
-            try:
-                IPRoute(netns=name, flags=os.O_CREAT | os.O_EXCL).close()
-            except FileExistsError:
-                self._created.remove(name)  # lost a race: it is someone else's
-                raise LabError(f"namespace {name} already exists") from None
-            _write_sysctls(name, {
-                "net/ipv4/conf/all/rp_filter": 0,
-                "net/ipv4/conf/default/rp_filter": 0,
-                # No IPv6: no router solicitations or DAD chatter in captures and logs.
-                "net/ipv6/conf/all/disable_ipv6": 1,
-                "net/ipv6/conf/default/disable_ipv6": 1,
-            })  # fmt: skip
+            self.add_namespace(role)
 
         iprs: dict[str, IPRoute] = {}
         try:

@@ -35,7 +35,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -48,7 +47,7 @@ from pathlib import Path
 
 from pyroute2 import IPRoute
 
-from director.lab.netns import NETNS_DIR, Lab, LabError, _write_sysctls
+from director.lab.netns import Lab, LabError, _write_sysctls, stop_process
 
 __all__ = [
     "CHARON", "PROTECTED", "PSK", "SERVER_ID", "Charon", "CharonError", "Peers", "Pki",
@@ -353,15 +352,9 @@ swanctl {{
         """SIGTERM by pid (charon deletes its SAs and exits) and wait; SIGKILL if it hangs."""
         if self.proc is None:
             return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
+        rc = stop_process(self.proc, timeout)
         self._wait_tun_gone()
-        return self.proc.returncode
+        return rc
 
     def kill(self) -> None:
         """SIGKILL: a crash (no DELETE sent); the TUN device and the private /run go with it."""
@@ -698,17 +691,7 @@ def add_clients(lab: Lab, n: int) -> list[str]:
         role = f"c{k}"
         name = f"{lab.prefix}-{role}"
         addr = f"198.18.0.{EXTRA_CLIENT_BASE + k}"
-        if os.path.exists(os.path.join(NETNS_DIR, name)):
-            raise LabError(f"namespace {name} already exists")
-        lab._created.append(name)
-        lab.ns[role] = name
-        IPRoute(netns=name, flags=os.O_CREAT | os.O_EXCL).close()
-        _write_sysctls(name, {
-            "net/ipv4/conf/all/rp_filter": 0,
-            "net/ipv4/conf/default/rp_filter": 0,
-            "net/ipv6/conf/all/disable_ipv6": 1,
-            "net/ipv6/conf/default/disable_ipv6": 1,
-        })  # fmt: skip
+        lab.add_namespace(role)
         with IPRoute(netns=lab.ns["sw"], flags=0) as sw:
             wan = sw.link_lookup(ifname="wan")[0]
             sw.link("add", ifname=f"{role}-eth0", kind="veth", mtu=1500,
