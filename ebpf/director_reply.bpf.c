@@ -25,6 +25,7 @@
 #include "parsing.h"
 #include "csum.h"
 #include "fib.h"
+#include "skb.h"
 
 #define DROP_INTERNAL 0 /* drops[0]: a rewrite helper failed halfway (never a DropReason) */
 

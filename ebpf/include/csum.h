@@ -1,21 +1,18 @@
-/* Internet checksums (RFC 1071) for the rewrites: a whole header built on the stack, and the
- * incremental updates (RFC 1624) of NAT and TTL done by the kernel's csum helpers.
+/* Internet checksums (RFC 1071, RFC 1624) as plain arithmetic: a whole header built on the stack,
+ * and the incremental updates that XDP, which has no csum helpers, applies to packet memory.
  *
- * Why the helpers and not arithmetic on packet bytes: bpf_l4_csum_replace with BPF_F_PSEUDO_HDR
- * also keeps skb->csum right for CHECKSUM_COMPLETE packets and handles CHECKSUM_PARTIAL ones (a
- * locally generated packet whose UDP field holds only the pseudo-header sum); a hand-made update
- * would corrupt both. IP header changes need no skb->csum fix: a header whose checksum is right
- * sums to 0xffff (ones' complement zero) whatever its fields, so a field change plus its checksum
- * fix leaves the sum over the packet unchanged. */
+ * csum_replace4/2 are the kernel's own formulas (include/net/checksum.h: csum_replace4, and
+ * csum_replace2 over 16-bit ones' complement words), so a rewrite done here gives the same bytes as
+ * bpf_l3_csum_replace/bpf_l4_csum_replace at tc, the 0x0000/0xffff corner included. Values are used
+ * as they sit in memory (network order loaded natively): ones' complement sums do not depend on the
+ * byte order as long as the result is stored the same way. The skb-based rewrites of the tc
+ * programs are in skb.h. */
 #ifndef VPN_DIRECTOR_CSUM_H
 #define VPN_DIRECTOR_CSUM_H
 
-#include <linux/bpf.h>
-#include <linux/ip.h>
-#include <linux/udp.h>
-#include <linux/stddef.h>
-#include <bpf/bpf_helpers.h>
-#include <bpf/bpf_endian.h>
+#include <linux/types.h>
+
+#define CSUM_MANGLED_0 0xffff /* a UDP checksum that computes to 0 is sent as 0xffff (RFC 768) */
 
 /* ~(end-around-carry fold of s): the checksum field for a 32-bit accumulated sum. */
 static __always_inline __u16 csum_fold32(__u32 s)
@@ -38,37 +35,36 @@ static __always_inline __u16 ipv4_csum20(const void *h)
 	return csum_fold32(s);
 }
 
-/* NAT of one IPv4 address at ip_off + addr_field (offsetof saddr or daddr): the address is
- * stored, the IP checksum updated incrementally and, for UDP (ESP-in-UDP), the UDP checksum too,
- * since the address is part of its pseudo-header (RFC 768). BPF_F_MARK_MANGLED_0: a zero UDP
- * checksum means "none" and stays zero, and an update that lands on zero is sent as 0xffff,
- * exactly as director.forwarding.rewrite does. Invalidates every packet pointer. */
-static __always_inline int nat_addr(struct __sk_buff *skb, __u32 ip_off, __u32 addr_field, __u32 l4_off,
-				    int is_udp, __be32 old_addr, __be32 new_addr)
+/* 32-bit ones' complement addition (end-around carry). */
+static __always_inline __u32 csum_add32(__u32 a, __u32 b)
 {
-	if (is_udp &&
-	    bpf_l4_csum_replace(skb, l4_off + offsetof(struct udphdr, check), old_addr, new_addr,
-				BPF_F_PSEUDO_HDR | BPF_F_MARK_MANGLED_0 | sizeof(new_addr)))
-		return -1;
-	if (bpf_l3_csum_replace(skb, ip_off + offsetof(struct iphdr, check), old_addr, new_addr,
-				sizeof(new_addr)))
-		return -1;
-	return bpf_skb_store_bytes(skb, ip_off + addr_field, &new_addr, sizeof(new_addr), 0);
+	a += b;
+	return a + (a < b);
 }
 
-/* TTL - 1 with the IP checksum updated incrementally over the 16-bit word TTL|protocol, as the
- * kernel's ip_decrease_ttl() (RFC 1624). The caller has checked ttl > 1. Invalidates packet
- * pointers. */
-static __always_inline int ip_decrease_ttl(struct __sk_buff *skb, __u32 ip_off, __u8 ttl, __u8 proto)
+/* 16-bit ones' complement addition (end-around carry). */
+static __always_inline __u16 csum_add16(__u16 a, __u16 b)
 {
-	__u8 new_ttl = ttl - 1;
-	__be16 old_word = bpf_htons(((__u16)ttl << 8) | proto);
-	__be16 new_word = bpf_htons(((__u16)new_ttl << 8) | proto);
+	__u16 r = a + b;
 
-	if (bpf_l3_csum_replace(skb, ip_off + offsetof(struct iphdr, check), old_word, new_word,
-				sizeof(new_word)))
-		return -1;
-	return bpf_skb_store_bytes(skb, ip_off + offsetof(struct iphdr, ttl), &new_ttl, sizeof(new_ttl), 0);
+	return r + (r < b);
+}
+
+/* The checksum after a 32-bit field changed from `from` to `to` (RFC 1624 eqn. 3):
+ * HC' = ~(~HC + ~m + m'), summed in 32 bits and folded. */
+static __always_inline __u16 csum_replace4(__u16 check, __u32 from, __u32 to)
+{
+	__u32 s = ~(__u32)check;
+
+	s = csum_add32(s, ~from);
+	s = csum_add32(s, to);
+	return csum_fold32(s);
+}
+
+/* The same for a 16-bit field, in 16-bit arithmetic. */
+static __always_inline __u16 csum_replace2(__u16 check, __u16 from, __u16 to)
+{
+	return (__u16)~csum_add16(csum_add16((__u16)~check, (__u16)~from), to);
 }
 
 #endif

@@ -1,11 +1,11 @@
-/* Forwarding out of tc: a route and neighbour lookup (bpf_fib_lookup), then the Ethernet rewrite
- * and bpf_redirect to the egress interface. Shared by the client-side and the reply programs. */
+/* The route and neighbour lookup of every forwarding (bpf_fib_lookup), for tc and XDP alike: the
+ * helper takes either program's context. The Ethernet rewrite and redirect that follow are
+ * per hook: skb.h (tc), xdp.h (XDP). */
 #ifndef VPN_DIRECTOR_FIB_H
 #define VPN_DIRECTOR_FIB_H
 
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
-#include <linux/pkt_cls.h>
 #include <bpf/bpf_helpers.h>
 #include "structs.h"
 
@@ -19,7 +19,7 @@
  * tot_len is the length of the packet that will leave: the helper compares it with the egress
  * MTU and answers BPF_FIB_LKUP_RET_FRAG_NEEDED above it. Returns BPF_FIB_LKUP_RET_* (>= 0) or a
  * negative errno (e.g. -ENODEV for an unknown in_ifindex). */
-static __always_inline long fib_forward(struct __sk_buff *skb, struct bpf_fib_lookup *fib, __u32 in_ifindex,
+static __always_inline long fib_forward(void *ctx, struct bpf_fib_lookup *fib, __u32 in_ifindex,
 					__be32 src, __be32 dst, __u8 tos, __u8 proto, __u16 tot_len)
 {
 	__builtin_memset(fib, 0, sizeof(*fib));
@@ -30,7 +30,7 @@ static __always_inline long fib_forward(struct __sk_buff *skb, struct bpf_fib_lo
 	fib->tos = tos;
 	fib->ipv4_src = src;
 	fib->ipv4_dst = dst;
-	return bpf_fib_lookup(skb, fib, sizeof(*fib), 0);
+	return bpf_fib_lookup(ctx, fib, sizeof(*fib), 0);
 }
 
 /* Count a failed lookup and say why in the stats. */
@@ -40,21 +40,6 @@ static __always_inline void count_fib_failure(struct dp_stats *st, long rc)
 		st->mtu_pass++;
 	else
 		st->fib_miss++;
-}
-
-/* Next-hop and egress MACs from the lookup, then redirect to the egress device's transmit path.
- * No BPF_F_RECOMPUTE_CSUM: at tc ingress skb->csum (CHECKSUM_COMPLETE) starts at the network
- * header, so the MAC bytes are not in it. Returns TC_ACT_REDIRECT, or TC_ACT_SHOT if the store
- * failed (the packet is already rewritten: it must not reach the stack half-changed). */
-static __always_inline int eth_redirect(struct __sk_buff *skb, struct bpf_fib_lookup *fib)
-{
-	__u8 macs[2 * ETH_ALEN];
-
-	__builtin_memcpy(macs, fib->dmac, ETH_ALEN);
-	__builtin_memcpy(macs + ETH_ALEN, fib->smac, ETH_ALEN);
-	if (bpf_skb_store_bytes(skb, 0, macs, sizeof(macs), 0))
-		return TC_ACT_SHOT;
-	return bpf_redirect(fib->ifindex, 0);
 }
 
 #endif

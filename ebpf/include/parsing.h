@@ -59,18 +59,6 @@ struct pkt {
 	__u8 pad;
 };
 
-/* Make the headers classify() reads linear. tc sees a GRO'd or paged skb with possibly only part
- * of its headers in the linear area, where direct packet access ends (data_end). Only pull when
- * short: bpf_skb_pull_data also unclones, which costs on every packet otherwise. Invalidates
- * packet pointers: callers read skb->data/data_end after it. */
-static __always_inline void pull_headers(struct __sk_buff *skb)
-{
-	__u32 want = skb->len < PULL_LEN ? skb->len : PULL_LEN;
-
-	if ((long)skb->data_end - (long)skb->data < (long)want)
-		bpf_skb_pull_data(skb, want);
-}
-
 /* Classify the IPv4 packet at ip, as director.packet.classify(data, reply): returns a Kind (>= 0)
  * and fills *p, or -DropReason for a malformed packet. reply selects the UDP source port instead
  * of the destination port, as classify(reply=True). */

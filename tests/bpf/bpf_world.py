@@ -1,9 +1,9 @@
 """Helpers of the BPF tests (the fixture is in conftest.py): the compiled fast path, run with BPF_PROG_TEST_RUN.
 
-:class:`World` loads ebpf/build/director_tc.o and director_reply.o with every map pinned under a unique
-directory of /sys/fs/bpf (the reply object reuses the tc object's pins, as the daemon's loader
-does), and builds a network namespace whose routes and permanent neighbour entries make
-bpf_fib_lookup answer deterministically. BPF_PROG_TEST_RUN runs a tc program in the calling
+:class:`World` loads ebpf/build/director_tc.o, director_reply.o and director_xdp.o with every map
+pinned under a unique directory of /sys/fs/bpf (the other objects reuse the tc object's pins, as
+the daemon's loader does; the XDP object's xdp_tx_ports lists cli0, lan0 and lan2), and builds a network namespace whose routes and permanent neighbour entries make
+bpf_fib_lookup answer deterministically. BPF_PROG_TEST_RUN runs a program in the calling
 thread's network namespace, so :meth:`World.run` enters that namespace around each run only (the
 rest of the session, other test directories included, stays where it was). Everything is removed
 at the end, also when a test or the setup fails. A missing prerequisite fails with a message.
@@ -17,6 +17,7 @@ Topology (namespace ``vpnd-bpf-<pid>``, both ends of each veth pair inside it, f
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -33,10 +34,12 @@ REPO = Path(__file__).resolve().parents[2]
 EBPF = REPO / "ebpf"
 TC_OBJ = EBPF / "build" / "director_tc.o"
 REPLY_OBJ = EBPF / "build" / "director_reply.o"
+XDP_OBJ = EBPF / "build" / "director_xdp.o"
 BPFFS = Path("/sys/fs/bpf")
 CLONE_NEWNET = 0x40000000
 
 TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT = 0, 2, 7
+XDP_DROP, XDP_PASS, XDP_REDIRECT = 1, 2, 4
 
 
 def mac(text: str) -> bytes:
@@ -85,7 +88,7 @@ def prerequisites() -> list[str]:
         if shutil.which(tool) is None:
             missing.append(f"`{tool}` on PATH (Debian: iproute2, bpftool, clang, util-linux)")
     sources = [*EBPF.glob("director_*.bpf.c"), *(EBPF / "include").glob("*.h")]
-    for obj in (TC_OBJ, REPLY_OBJ):
+    for obj in (TC_OBJ, REPLY_OBJ, XDP_OBJ):
         if not obj.is_file():
             missing.append(f"{obj} (build it: `make -C ebpf`, clang + libbpf-dev)")
         elif any(s.stat().st_mtime > obj.stat().st_mtime for s in sources):
@@ -184,29 +187,51 @@ class World:
         self.pin_dir = pin_dir
         self.ncpus = L.num_possible_cpus()
         self.objs = []
-        for path in (TC_OBJ, REPLY_OBJ):  # the tc object creates and pins, the reply object reuses
+        for path in (TC_OBJ, REPLY_OBJ, XDP_OBJ):  # the tc object creates and pins, the others reuse
             obj = L.BpfObject(path)
             self.objs.append(obj)
             for name in S.MAPS:
                 obj.set_pin_path(name, pin_dir / name)
             obj.load()
-        self.tc_fd = self.objs[0].prog_fd("director_tc")
-        self.reply_fd = self.objs[1].prog_fd("director_reply")
+        self.prog_fd = {
+            "tc": self.objs[0].prog_fd("director_tc"),
+            "reply": self.objs[1].prog_fd("director_reply"),
+            "xdp": self.objs[2].prog_fd("director_xdp"),
+        }
         self.map_fd = {name: self.objs[0].map_fd(name) for name in S.MAPS}
+        self.tx_ports_fd = self.objs[2].map_fd("xdp_tx_ports")
+        self.set_tx_ports(["cli0", "lan0", "lan2"])
+
+    def set_tx_ports(self, ifnames: list[str]) -> None:
+        """The XDP program's xdp_tx_ports: exactly these interfaces of the namespace.
+
+        A DEVMAP resolves an ifindex in the updating thread's namespace: updated from inside it."""
+        L = self.L
+        with self._inside():
+            for k in list(L.map_keys(self.tx_ports_fd, 4)):
+                L.map_delete(self.tx_ports_fd, k)
+            for name in ifnames:
+                i = self.S.u32(self.netns.ifindex[name])
+                L.map_update(self.tx_ports_fd, i, i)
 
     # -- running ------------------------------------------------------------------------------------
-    def run(self, prog: str, frame: bytes):
-        """BPF_PROG_TEST_RUN of ``prog`` ("tc" or "reply") on ``frame`` inside the test namespace."""
-        fd = self.tc_fd if prog == "tc" else self.reply_fd
+    @contextlib.contextmanager
+    def _inside(self):
+        """The calling thread inside the test namespace for the body, and back."""
         orig = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
         try:
             _setns(self.netns.fd)
             try:
-                return self.L.prog_test_run(fd, frame)
+                yield
             finally:
                 _setns(orig)
         finally:
             os.close(orig)
+
+    def run(self, prog: str, frame: bytes):
+        """BPF_PROG_TEST_RUN of ``prog`` ("tc", "reply" or "xdp") on ``frame`` inside the test namespace."""
+        with self._inside():
+            return self.L.prog_test_run(self.prog_fd[prog], frame)
 
     # -- maps ---------------------------------------------------------------------------------------
     def clear(self) -> None:

@@ -1,382 +1,50 @@
 """director_tc and director_reply through BPF_PROG_TEST_RUN, table-driven (as Katran's fixtures).
 
-Each case: a description, the input frame (Ethernet + IPv4 built with director.packet and
-director.lab.craft), the expected return code, the expected output frame (None: unchanged), and
-the expected change of every stats counter (a counter not named must not move). The maps are
-the same for every case (one service world, below), reset before each run; a case may override
-the config. On a hit the output is checked against the Python rewrites of the slow path:
-``rewrite.nat_dnat``/``nat_snat`` plus the TTL decrement, ``rewrite.ipip_encap`` for TUN (the IP
-ident aside), with the Ethernet addresses of the namespace's permanent neighbours.
+The client-side cases are fastpath_cases.py's, shared with the XDP program (test_director_xdp.py);
+the reply program's are here.
 """
 
 from __future__ import annotations
 
-import errno
 import struct
-import time
-from dataclasses import dataclass, field
 
 import pytest
 
-from bpf_world import TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TOPO as T, delta
-from director.dataplane import bpf_structs as S
-from director.drop_reasons import DropReason as R
-from director.forwarding.rewrite import ipip_encap, nat_dnat, nat_snat
+from bpf_world import TC_ACT_OK, TC_ACT_REDIRECT, TOPO as T, delta
+from director.forwarding.rewrite import nat_snat
 from director.lab import craft
-from director.packet import (
-    PROTO_AH,
-    PROTO_ESP,
-    PROTO_UDP,
-    Kind as K,
-    build_ipv4,
-    build_ipv4_udp,
-    ike_header,
-    ip_to_int,
-    ipv4_checksum,
+from director.packet import build_ipv4_udp, ike_header
+from fastpath_cases import (
+    C_DR,
+    C_NAT,
+    C_ONLINK,
+    CASES,
+    NATT_SPORT,
+    VIP,
+    Case,
+    check_counters_accumulate,
+    check_frame_without_a_whole_header,
+    check_output,
+    eth,
+    no_udp_csum,
+    patch,
+    run_case,
+    setup_maps,
+    ttl_dec,
 )
-
-VIP = ip_to_int("192.0.2.10")  # AH accepted
-VIP_NOAH = ip_to_int("192.0.2.11")  # AH not accepted
-NOT_VIP = ip_to_int("192.0.2.99")
-C_DR, C_NAT, C_TUN = ip_to_int("203.0.113.11"), ip_to_int("203.0.113.12"), ip_to_int("203.0.113.13")
-C_NONEIGH, C_SMALL, C_GONE = ip_to_int("203.0.113.14"), ip_to_int("203.0.113.15"), ip_to_int("203.0.113.16")
-C_UNKNOWN = ip_to_int("203.0.113.99")
-C_ONLINK = ip_to_int("198.51.100.50")  # on the client link, no neighbour entry
-NATT_SPORT = 40000  # the clients' NAT-T source port (their NAT's mapping)
-RS = {  # rs_id -> (client, real server, method)
-    1: (C_DR, T.rip_dr, S.METHOD_DR),
-    2: (C_NAT, T.rip_nat, S.METHOD_NAT),
-    3: (C_TUN, T.rip_tun, S.METHOD_TUN),
-    4: (C_NONEIGH, T.rip_noneigh, S.METHOD_DR),
-    5: (C_SMALL, T.rip_smallmtu, S.METHOD_DR),
-}
-RS_GONE = 9  # C_GONE's entry names a real server missing from `servers`
-
-ETH_IP = b"\x08\x00"
-
-
-def eth(ip: bytes, dst: bytes = T.cli0_mac, src: bytes = T.gw_mac, ethertype: bytes = ETH_IP) -> bytes:
-    return dst + src + ethertype + ip
-
-
-def ttl_dec(ip: bytes) -> bytes:
-    """``ip`` with TTL - 1 and its header checksum recomputed from scratch."""
-    b = bytearray(ip)
-    ihl = (b[0] & 0x0F) * 4
-    b[8] -= 1
-    b[10:12] = b"\0\0"
-    b[10:12] = ipv4_checksum(b[:ihl]).to_bytes(2, "big")
-    return bytes(b)
-
-
-def patch(ip: bytes, offset: int, data: bytes, fix_csum: bool = True) -> bytes:
-    """``ip`` with ``data`` written at ``offset`` (header checksum recomputed when the header changed)."""
-    b = bytearray(ip)
-    b[offset : offset + len(data)] = data
-    ihl = (b[0] & 0x0F) * 4
-    if fix_csum and offset < ihl and 20 <= ihl <= len(b):
-        b[10:12] = b"\0\0"
-        b[10:12] = ipv4_checksum(b[:ihl]).to_bytes(2, "big")
-    return bytes(b)
-
-
-def udp(src: int, dst: int, sport: int, dport: int, payload: bytes, ulen: int | None = None, **kw) -> bytes:
-    """IPv4/UDP with a raw UDP header (length as given, checksum 0): for malformed lengths."""
-    hdr = struct.pack("!HHHH", sport, dport, 8 + len(payload) if ulen is None else ulen, 0)
-    return build_ipv4(src, dst, PROTO_UDP, hdr + payload, **kw)
-
-
-def ah_raw(src: int, dst: int, payload_len: int, spi: int, extra: int = 12) -> bytes:
-    return build_ipv4(src, dst, PROTO_AH, struct.pack("!BBHII", 4, payload_len, 0, spi, 1) + bytes(extra))
-
-
-# -- expectations -----------------------------------------------------------------------------------
-
-
-def fwd(kind: K, ip: bytes) -> dict[str, int]:
-    return {f"fwd_packets[{kind}]": 1, f"fwd_bytes[{kind}]": len(ip)}
-
-
-def passed(kind: K, **why: int) -> dict[str, int]:
-    return {f"pass_packets[{kind}]": 1, **why}
-
-
-def dropped(reason: R) -> dict[str, int]:
-    return {f"drops[{int(reason)}]": 1}
-
-
-@dataclass(frozen=True)
-class Tun:
-    """Expected TUN output: Ethernet to ``mac`` + ipip_encap(inner, lan_addr, rip) (ident from the output)."""
-
-    inner: bytes
-    rip: int
-    mac: bytes
-
-
-@dataclass(frozen=True)
-class Case:
-    desc: str
-    frame: bytes
-    ret: int
-    out: bytes | Tun | None  # None: the frame leaves unchanged
-    stats: dict[str, int]
-    touched: bytes | None = None  # clients key whose last_seen must be refreshed
-    rs: tuple[int, K, int] | None = None  # (rs_id, kind, bytes) counted in rs_stats
-    config: dict = field(default_factory=dict)  # dp_config overrides
-
-
-def key(client: int, port: int = 0, vip: int = VIP) -> bytes:
-    return S.client_key(vip, client, port)
-
-
-def hit(desc: str, ip: bytes, kind: K, rs_id: int, port: int = 0, out=None) -> Case:
-    """A forwarded packet of client ``rs_id`` (DR/NAT/TUN by RS): redirect, counters, rs_stats."""
-    client, rip, method = RS[rs_id]
-    if out is None:
-        if method == S.METHOD_TUN:
-            out = Tun(ip, rip, T.rip_tun_mac)
-        else:
-            mac = {T.rip_dr: T.rip_dr_mac, T.rip_nat: T.rip_nat_mac, T.rip_smallmtu: T.rip_smallmtu_mac}[rip]
-            egress = T.lan2_mac if rip == T.rip_smallmtu else T.lan0_mac
-            rewritten = nat_dnat(ip, rip) if method == S.METHOD_NAT else ip
-            out = eth(ttl_dec(rewritten), mac, egress)
-    return Case(desc, eth(ip), TC_ACT_REDIRECT, out, fwd(kind, ip), key(client, port), (rs_id, kind, len(ip)))
-
-
-def no_udp_csum(ip: bytes) -> bytes:
-    return patch(ip, 26, b"\0\0", fix_csum=False)
-
-
-ike_i = craft.ike(C_DR, VIP, 0x1111)
-ike_r = craft.ike(C_DR, VIP, 0x1111, 0x2222)
-esp_dr, esp_nat, esp_tun = (craft.esp(c, VIP, 0x1000 + i) for i, c in enumerate((C_DR, C_NAT, C_TUN)))
-natt = {c: craft.esp_in_udp(c, VIP, 0x2000, sport=NATT_SPORT) for c in (C_DR, C_NAT, C_TUN)}
-ah_dr = craft.ah(C_DR, VIP, 0x3000)
-# IP options (IHL 6): the rewrites must follow the header length
-natt_opts = build_ipv4(
-    C_NAT, VIP, PROTO_UDP, build_ipv4_udp(C_NAT, VIP, NATT_SPORT, 4500, struct.pack("!II", 0x2001, 1) + bytes(32))[20:],
-    options=b"\x01\x01\x01\x00",
-)
-small = craft.esp(C_DR, VIP, 0x1003, size=16)  # 52 bytes: the Ethernet frame gets padding
-PAD = bytes(60 - 14 - len(small))
-
-CASES = [
-    # -- not ours: untouched, counted once -------------------------------------------------------
-    Case("ARP", eth(bytes(28), ethertype=b"\x08\x06"), TC_ACT_OK, None, {"not_ours": 1}),
-    Case("IPv6 ethertype", eth(bytes(40), ethertype=b"\x86\xdd"), TC_ACT_OK, None, {"not_ours": 1}),
-    Case("ESP not to a VIP", eth(craft.esp(C_DR, NOT_VIP, 0x1000)), TC_ACT_OK, None, {"not_ours": 1}),
-    Case("malformed, not to a VIP: not judged", eth(patch(craft.esp(C_DR, NOT_VIP, 1), 0, b"\x65")), TC_ACT_OK,
-         None, {"not_ours": 1}),  # fmt: skip
-    Case("TCP to a VIP", eth(build_ipv4(C_DR, VIP, 6, bytes(20))), TC_ACT_OK, None, passed(K.NOT_OURS, not_ours=1)),
-    Case("UDP 53 to a VIP", eth(build_ipv4_udp(C_DR, VIP, 5353, 53, b"x")), TC_ACT_OK, None,
-         passed(K.NOT_OURS, not_ours=1)),  # fmt: skip
-    Case("first fragment (MF) to a VIP", eth(build_ipv4(C_DR, VIP, PROTO_ESP, bytes(64), flags_frag=0x2000)),
-         TC_ACT_OK, None, passed(K.FRAGMENT, fragments=1)),  # fmt: skip
-    Case("non-first fragment to a VIP", eth(build_ipv4(C_DR, VIP, PROTO_UDP, bytes(64), flags_frag=0x0010)),
-         TC_ACT_OK, None, passed(K.FRAGMENT, fragments=1)),  # fmt: skip
-    # -- IKE and keepalives: the daemon's --------------------------------------------------------
-    Case("IKE_SA_INIT (initial)", eth(ike_i), TC_ACT_OK, None, passed(K.IKE_INITIAL)),
-    Case("IKE non-initial", eth(ike_r), TC_ACT_OK, None, passed(K.IKE)),
-    Case("IKEv1 main mode initial", eth(craft.ike(C_DR, VIP, 5, v1=True)), TC_ACT_OK, None, passed(K.IKE_INITIAL)),
-    Case("IKE on 4500 behind the non-ESP marker", eth(craft.ike(C_DR, VIP, 1, 2, natt=True, sport=NATT_SPORT)),
-         TC_ACT_OK, None, passed(K.IKE)),  # fmt: skip
-    Case("NAT-keepalive", eth(craft.keepalive(C_DR, VIP, NATT_SPORT)), TC_ACT_OK, None, passed(K.NATT_KEEPALIVE)),
-    Case("NAT-keepalive with Ethernet padding", eth(craft.keepalive(C_DR, VIP, NATT_SPORT) + bytes(17)), TC_ACT_OK,
-         None, passed(K.NATT_KEEPALIVE)),  # fmt: skip
-    # -- hits -------------------------------------------------------------------------------------
-    hit("ESP hit, DR", esp_dr, K.ESP, 1),
-    hit("ESP hit, NAT", esp_nat, K.ESP, 2),
-    hit("ESP hit, TUN", esp_tun, K.ESP, 3),
-    hit("ESP-in-UDP hit, DR", natt[C_DR], K.ESP_IN_UDP, 1, NATT_SPORT),
-    hit("ESP-in-UDP hit, NAT (UDP checksum updated)", natt[C_NAT], K.ESP_IN_UDP, 2, NATT_SPORT),
-    hit("ESP-in-UDP hit, NAT, zero UDP checksum stays zero", no_udp_csum(natt[C_NAT]), K.ESP_IN_UDP, 2, NATT_SPORT),
-    hit("ESP-in-UDP hit, NAT, IP options", natt_opts, K.ESP_IN_UDP, 2, NATT_SPORT),
-    hit("ESP-in-UDP hit, TUN", natt[C_TUN], K.ESP_IN_UDP, 3, NATT_SPORT),
-    hit("AH hit, DR (VIP accepts AH)", ah_dr, K.AH, 1),
-    hit("TTL 1 in TUN: the inner packet is not touched", patch(craft.esp(C_TUN, VIP, 7), 8, b"\x01"), K.ESP, 3),
-    Case("ESP hit, DR, Ethernet padding kept", eth(small + PAD), TC_ACT_REDIRECT,
-         eth(ttl_dec(small) + PAD, T.rip_dr_mac, T.lan0_mac), fwd(K.ESP, small), key(C_DR),
-         (1, K.ESP, len(small))),  # fmt: skip
-    # -- misses and passes --------------------------------------------------------------------------
-    Case("ESP miss (unknown client)", eth(craft.esp(C_UNKNOWN, VIP, 5)), TC_ACT_OK, None, passed(K.ESP, miss=1)),
-    Case("ESP-in-UDP miss (known client, other port)", eth(craft.esp_in_udp(C_DR, VIP, 5, sport=40001)), TC_ACT_OK,
-         None, passed(K.ESP_IN_UDP, miss=1)),  # fmt: skip
-    Case("ESP-in-UDP miss (port 4500 is not the key's port)", eth(craft.esp_in_udp(C_DR, VIP, 5)), TC_ACT_OK, None,
-         passed(K.ESP_IN_UDP, miss=1)),  # fmt: skip
-    Case("AH miss", eth(craft.ah(C_UNKNOWN, VIP, 5)), TC_ACT_OK, None, passed(K.AH, miss=1)),
-    Case("AH for a VIP without VIP_F_AH (client known): slow path", eth(craft.ah(C_DR, VIP_NOAH, 5)), TC_ACT_OK,
-         None, passed(K.AH)),  # fmt: skip
-    Case("client whose real server is not in `servers`", eth(craft.esp(C_GONE, VIP, 5)), TC_ACT_OK, None,
-         passed(K.ESP, miss=1), key(C_GONE)),  # fmt: skip
-    Case("TTL 1, DR: the stack sends time-exceeded", eth(patch(esp_dr, 8, b"\x01")), TC_ACT_OK, None,
-         passed(K.ESP, ttl_pass=1), key(C_DR)),  # fmt: skip
-    Case("TTL 0, NAT", eth(patch(esp_nat, 8, b"\x00")), TC_ACT_OK, None, passed(K.ESP, ttl_pass=1), key(C_NAT)),
-    Case("TUN envelope above lan_mtu", eth(craft.esp(C_TUN, VIP, 5, size=1500 - 20 - 8 - 20 + 1)), TC_ACT_OK,
-         None, passed(K.ESP, mtu_pass=1), key(C_TUN)),  # fmt: skip
-    Case("TUN envelope exactly lan_mtu is forwarded (lan_mtu 1200)", eth(craft.esp(C_TUN, VIP, 5, size=1200 - 48)),
-         TC_ACT_REDIRECT, Tun(craft.esp(C_TUN, VIP, 5, size=1200 - 48), T.rip_tun, T.rip_tun_mac),
-         fwd(K.ESP, craft.esp(C_TUN, VIP, 5, size=1200 - 48)), key(C_TUN), (3, K.ESP, 1180),
-         {"lan_mtu": 1200}),  # fmt: skip
-    Case("TUN with config unset (lan_mtu 0): slow path", eth(esp_tun), TC_ACT_OK, None,
-         passed(K.ESP, mtu_pass=1), key(C_TUN), config={"lan_mtu": 0, "lan_addr": 0}),  # fmt: skip
-    Case("DR, no neighbour for the real server yet", eth(craft.esp(C_NONEIGH, VIP, 5)), TC_ACT_OK, None,
-         passed(K.ESP, fib_miss=1), key(C_NONEIGH)),  # fmt: skip
-    Case("DR, packet above the egress MTU (1280)", eth(craft.esp(C_SMALL, VIP, 5, size=1300)), TC_ACT_OK, None,
-         passed(K.ESP, mtu_pass=1), key(C_SMALL)),  # fmt: skip
-    hit("DR, packet at the egress MTU (1280)", craft.esp(C_SMALL, VIP, 5, size=1280 - 28), K.ESP, 5),
-    Case("no input interface configured or known: no route, pass", eth(esp_dr), TC_ACT_OK, None,
-         passed(K.ESP, fib_miss=1), key(C_DR), config={"client_ifindex": 0}),  # fmt: skip
-    Case("total length beyond the frame (a stub): the stack drops it", eth(craft.esp(C_DR, VIP, 5)[:60]), TC_ACT_OK,
-         None, passed(K.ESP), key(C_DR)),  # fmt: skip
-    # -- malformed to a VIP: dropped with the reason of director.packet.classify -------------------------
-    Case("IP bad version", eth(patch(esp_dr, 0, b"\x65")), TC_ACT_SHOT, None, dropped(R.IP_BAD_VERSION)),
-    Case("IP bad IHL (4)", eth(patch(esp_dr, 0, b"\x44")), TC_ACT_SHOT, None, dropped(R.IP_BAD_IHL)),
-    Case("IP header truncated (IHL 15, 40 bytes)",
-         eth(build_ipv4(C_DR, VIP, PROTO_ESP, bytes(8), options=bytes(40))[:40]),
-         TC_ACT_SHOT, None, dropped(R.IP_TRUNCATED)),  # fmt: skip
-    Case("IP total length below IHL", eth(build_ipv4(C_DR, VIP, PROTO_ESP, bytes(8), total_length=19)), TC_ACT_SHOT,
-         None, dropped(R.IP_BAD_TOTAL_LENGTH)),  # fmt: skip
-    Case("UDP truncated (4-byte payload)", eth(build_ipv4(C_DR, VIP, PROTO_UDP, b"\x01\xf4\x01\xf4")), TC_ACT_SHOT,
-         None, dropped(R.UDP_TRUNCATED)),  # fmt: skip
-    Case("UDP truncated frame (total length lies)", eth(udp(C_DR, VIP, 500, 500, bytes(40))[:24]), TC_ACT_SHOT,
-         None, dropped(R.UDP_TRUNCATED)),  # fmt: skip
-    Case("UDP length below 8", eth(udp(C_DR, VIP, 500, 500, bytes(40), ulen=7)), TC_ACT_SHOT, None,
-         dropped(R.UDP_BAD_LENGTH)),  # fmt: skip
-    Case("UDP length beyond the IP payload", eth(udp(C_DR, VIP, 500, 4500, bytes(40), ulen=49)), TC_ACT_SHOT, None,
-         dropped(R.UDP_BAD_LENGTH)),  # fmt: skip
-    Case("IKE truncated (20 bytes)", eth(udp(C_DR, VIP, 500, 500, ike_header(1, 0, 34)[:20])), TC_ACT_SHOT, None,
-         dropped(R.IKE_TRUNCATED)),  # fmt: skip
-    Case("IKE length != UDP payload", eth(udp(C_DR, VIP, 500, 500, ike_header(1, 0, 34) + bytes(4))), TC_ACT_SHOT,
-         None, dropped(R.IKE_BAD_LENGTH)),  # fmt: skip
-    Case("IKE major version 3", eth(udp(C_DR, VIP, 500, 500, ike_header(1, 0, 34, version=0x30))), TC_ACT_SHOT,
-         None, dropped(R.IKE_BAD_VERSION)),  # fmt: skip
-    Case("IKE zero initiator SPI", eth(udp(C_DR, VIP, 500, 500, ike_header(0, 5, 35))), TC_ACT_SHOT, None,
-         dropped(R.IKE_ZERO_SPI_I)),  # fmt: skip
-    Case("IKE on 4500 truncated after the marker",
-         eth(udp(C_DR, VIP, 4500, 4500, bytes(4) + ike_header(1, 0, 34)[:27])),
-         TC_ACT_SHOT, None, dropped(R.IKE_TRUNCATED)),  # fmt: skip
-    Case("4500, 2-byte payload", eth(udp(C_DR, VIP, 4500, 4500, b"\xff\xff")), TC_ACT_SHOT, None,
-         dropped(R.NATT_TRUNCATED)),  # fmt: skip
-    Case("4500, 1-byte payload that is not 0xFF", eth(udp(C_DR, VIP, 4500, 4500, b"\x00")), TC_ACT_SHOT, None,
-         dropped(R.NATT_TRUNCATED)),  # fmt: skip
-    Case("ESP-in-UDP with 6 bytes (SPI, half a sequence)", eth(udp(C_DR, VIP, 4500, 4500, b"\0\0\0\x05\0\0")),
-         TC_ACT_SHOT, None, dropped(R.NATT_TRUNCATED)),  # fmt: skip
-    Case("ESP truncated (4 bytes)", eth(build_ipv4(C_DR, VIP, PROTO_ESP, b"\0\0\0\x05")), TC_ACT_SHOT, None,
-         dropped(R.ESP_TRUNCATED)),  # fmt: skip
-    Case("ESP truncated frame (total length lies)", eth(esp_dr[:26]), TC_ACT_SHOT, None, dropped(R.ESP_TRUNCATED)),
-    Case("ESP zero SPI", eth(craft.esp(C_DR, VIP, 0)), TC_ACT_SHOT, None, dropped(R.ESP_ZERO_SPI)),
-    Case("ESP-in-UDP... zero SPI is IKE: marker then a short message", eth(craft.esp_in_udp(C_DR, VIP, 0, size=4)),
-         TC_ACT_SHOT, None, dropped(R.IKE_TRUNCATED)),  # fmt: skip
-    Case("AH truncated (8 bytes)", eth(build_ipv4(C_DR, VIP, PROTO_AH, bytes(8))), TC_ACT_SHOT, None,
-         dropped(R.AH_TRUNCATED)),  # fmt: skip
-    Case("AH length below 12 (payload length 0)", eth(ah_raw(C_DR, VIP, 0, 5)), TC_ACT_SHOT, None,
-         dropped(R.AH_BAD_LENGTH)),  # fmt: skip
-    Case("AH length beyond the packet", eth(ah_raw(C_DR, VIP, 60, 5)), TC_ACT_SHOT, None, dropped(R.AH_BAD_LENGTH)),
-    Case("AH zero SPI", eth(ah_raw(C_DR, VIP, 4, 0)), TC_ACT_SHOT, None, dropped(R.AH_ZERO_SPI)),
-    Case("AH zero SPI to a VIP without AH: still malformed", eth(ah_raw(C_DR, VIP_NOAH, 4, 0)), TC_ACT_SHOT, None,
-         dropped(R.AH_ZERO_SPI)),  # fmt: skip
-]
-
-
-def _config(world, **over) -> bytes:
-    cfg = dict(lan_addr=T.lan_addr, lan_ifindex=world.netns.ifindex["lan0"], lan_mtu=T.lan_mtu,
-               client_ifindex=world.netns.ifindex["cli0"])  # fmt: skip
-    cfg.update(over)
-    return S.dp_config(**cfg)
-
-
-def setup_maps(world, **config) -> None:
-    """The service world of every case; last_seen 0 everywhere, stats zero."""
-    world.clear()
-    world.put("vips", S.addr(VIP), S.vip_val(1, S.VIP_F_AH))
-    world.put("vips", S.addr(VIP_NOAH), S.vip_val(2, 0))
-    for rs_id, (client, rip, method) in RS.items():
-        world.put("servers", S.u32(rs_id), S.server_val(rip, method))
-        world.put("clients", key(client), S.client_val(rs_id))
-        world.put("clients", key(client, NATT_SPORT), S.client_val(rs_id))
-    world.put("clients", key(C_DR, vip=VIP_NOAH), S.client_val(1))
-    world.put("clients", key(C_GONE), S.client_val(RS_GONE))
-    world.put("nat_replies", S.addr(T.rip_nat), S.addr(VIP))
-    world.put("config", S.u32(0), _config(world, **config))
-
-
-def last_seen_all(world) -> dict[bytes, int]:
-    L = world.L
-    return {k: S.unpack_client_val(v)[1] for k, v in L.map_items(world.map_fd["clients"], 12, 16)}
-
-
-def check_output(case_out, frame: bytes, out: bytes) -> None:
-    if case_out is None:
-        assert out == frame, "the frame must leave unchanged"
-    elif isinstance(case_out, Tun):
-        assert out[:14] == case_out.mac + T.lan0_mac + ETH_IP, "Ethernet header toward the real server"
-        ident = int.from_bytes(out[18:20], "big")
-        expected = ipip_encap(case_out.inner, T.lan_addr, case_out.rip, ident=ident)
-        assert out[14:34] == expected[:20], "outer header as rewrite.ipip_encap (ident aside)"
-        assert out[34:] == case_out.inner, "the inner packet is not touched"
-        assert out[14:] == expected
-    else:
-        assert out.hex() == case_out.hex()
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.desc for c in CASES])
 def test_director_tc(world, case: Case):
-    setup_maps(world, **case.config)
-    before = world.stats()
-    t0 = time.monotonic_ns()
-    r = world.run("tc", case.frame)
-    t1 = time.monotonic_ns()
-    assert r.retval == case.ret
-    check_output(case.out, case.frame, r.data_out)
-    assert delta(before, world.stats()) == case.stats
-    # last_seen: bpf_ktime_get_ns() is CLOCK_MONOTONIC, time.monotonic()'s clock
-    seen = {k: v for k, v in last_seen_all(world).items() if v}
-    if case.touched is None:
-        assert seen == {}
-    else:
-        assert list(seen) == [case.touched]
-        assert t0 <= seen[case.touched] <= t1
-    expected_rs = {}
-    if case.rs is not None:
-        rs_id, kind, nbytes = case.rs
-        packets, byts = [0] * 8, [0] * 8
-        packets[kind], byts[kind] = 1, nbytes
-        expected_rs = {rs_id: {"packets": packets, "bytes": byts}}
-    assert world.rs_stats() == expected_rs
+    run_case(world, "tc", case)
 
 
 def test_ipv4_frame_without_a_whole_header(world):
-    """Fewer than 20 IP bytes: the destination is unknown, so not ours to judge (pass, not_ours).
-
-    BPF_PROG_TEST_RUN of this kernel refuses such frames itself (EINVAL below 14 + 20 bytes); on
-    Ethernet they cannot arrive (a frame is at least 60 bytes), a veth peer could send one. Both
-    outcomes are accepted, anything else fails.
-    """
-    setup_maps(world)
-    frame = eth(esp_dr[:19])
-    before = world.stats()
-    try:
-        r = world.run("tc", frame)
-    except OSError as e:
-        assert e.errno == errno.EINVAL
-        return
-    assert (r.retval, r.data_out) == (TC_ACT_OK, frame)
-    assert delta(before, world.stats()) == {"not_ours": 1}
+    check_frame_without_a_whole_header(world, "tc")
 
 
 def test_counters_accumulate_and_last_seen_moves(world):
-    """Three hits on one entry: counters add up, last_seen follows the latest packet."""
-    setup_maps(world)
-    frame = eth(natt[C_NAT])
-    seen = []
-    for _ in range(3):
-        assert world.run("tc", frame).retval == TC_ACT_REDIRECT
-        seen.append(S.unpack_client_val(world.get("clients", key(C_NAT, NATT_SPORT)))[1])
-    assert seen[0] < seen[1] < seen[2]
-    st = world.stats()
-    assert st[f"fwd_packets[{K.ESP_IN_UDP}]"] == 3 and st[f"fwd_bytes[{K.ESP_IN_UDP}]"] == 3 * len(natt[C_NAT])
-    assert world.rs_stats()[2]["packets"][K.ESP_IN_UDP] == 3
+    check_counters_accumulate(world, "tc")
 
 
 # -- the reply program ---------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from bpf_world import REPLY_OBJ, TC_OBJ, require
+from bpf_world import REPLY_OBJ, TC_OBJ, XDP_OBJ, require
 from director.dataplane import bpf_structs as S
 from director.dataplane import libbpf as L
 from director.packet import Kind
@@ -65,7 +65,9 @@ def btf_structs(obj) -> dict[str, tuple[int, list[tuple[str, int, int]]]]:
     return structs
 
 
-@pytest.fixture(scope="module", params=[TC_OBJ, REPLY_OBJ], ids=["director_tc.o", "director_reply.o"])
+@pytest.fixture(
+    scope="module", params=[TC_OBJ, REPLY_OBJ, XDP_OBJ], ids=["director_tc.o", "director_reply.o", "director_xdp.o"]
+)
 def c_structs(request):
     return btf_structs(request.param)
 

@@ -1,0 +1,255 @@
+/* The client-side fast path's decision, shared by director_tc (tc) and director_xdp (XDP): what
+ * to do with one frame, up to but not including the rewrite, which each hook does its own way.
+ *
+ * fp_decide() classifies the frame exactly as director.packet.classify does, looks the client up,
+ * refreshes last_seen, and for a hit checks what the forwarding needs (TTL, route and neighbour,
+ * TUN envelope size) before anything changes. It counts every pass and drop itself; a forwarding
+ * verdict is counted by fp_forwarded() once the hook has rewritten and redirected the packet, or
+ * by fp_internal_drop() if a rewrite failed halfway. So both hooks keep the stats invariant of
+ * docs/fastpath.md: a packet to a VIP counts exactly once in fwd_packets[kind], pass_packets[kind]
+ * or drops[reason].
+ */
+#ifndef VPN_DIRECTOR_FASTPATH_H
+#define VPN_DIRECTOR_FASTPATH_H
+
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+#include "structs.h"
+#include "maps.h"
+#include "parsing.h"
+#include "csum.h"
+#include "fib.h"
+
+#define IPIP_HLEN 20 /* the outer header we prepend: IHL 5, no options (RFC 2003) */
+#define IPIP_TTL 64
+#define DROP_INTERNAL 0 /* drops[0]: a rewrite helper failed halfway (never a DropReason) */
+
+/* What fp_decide() says; the hook maps it to its own return codes. */
+enum fp_verdict {
+	FP_PASS, /* to the stack, untouched (TC_ACT_OK, XDP_PASS) */
+	FP_DROP, /* malformed, to a VIP (TC_ACT_SHOT, XDP_DROP) */
+	FP_DR,   /* forward: TTL - 1, Ethernet rewrite, redirect to fib.ifindex */
+	FP_NAT,  /* forward: destination -> real server, then as DR */
+	FP_TUN,  /* forward: prepend `outer`, Ethernet rewrite, redirect */
+};
+
+/* Everything the rewrite of a forwarding verdict needs. */
+struct fp {
+	struct bpf_fib_lookup fib; /* the route: egress ifindex, MACs */
+	struct ipv4_hdr outer;     /* TUN: the outer header, checksum done */
+	struct pkt p;
+	struct dp_stats *st;
+	__be32 rip;  /* the real server's address */
+	__u32 rs_id;
+	int kind;
+};
+
+static __always_inline int fp_pass(struct dp_stats *st, int kind)
+{
+	st->pass_packets[kind & (N_KINDS - 1)]++;
+	return FP_PASS;
+}
+
+/* A rewrite failed after the packet changed: it must not be sent, nor reach the stack. */
+static __always_inline int fp_internal_drop(const struct fp *f)
+{
+	f->st->drops[DROP_INTERNAL]++;
+	return FP_DROP;
+}
+
+/* Per-real-server counters; the entry is created on first use (the daemon may pre-create it). */
+static __always_inline void count_rs(__u32 rs_id, int kind, __u32 bytes)
+{
+	struct rs_stats *r = bpf_map_lookup_elem(&rs_stats, &rs_id);
+
+	if (!r) {
+		struct rs_stats zero = {};
+
+		bpf_map_update_elem(&rs_stats, &rs_id, &zero, BPF_NOEXIST);
+		r = bpf_map_lookup_elem(&rs_stats, &rs_id);
+		if (!r)
+			return;
+	}
+	r->packets[kind & (N_KINDS - 1)]++;
+	r->bytes[kind & (N_KINDS - 1)] += bytes;
+}
+
+/* The packet was rewritten and handed to the redirect. */
+static __always_inline void fp_forwarded(const struct fp *f)
+{
+	int k = f->kind & (N_KINDS - 1);
+
+	f->st->fwd_packets[k]++;
+	f->st->fwd_bytes[k] += f->p.tot_len;
+	count_rs(f->rs_id, f->kind, f->p.tot_len);
+}
+
+/* DR and NAT: the packet is routed toward the real server as ip_forward would, TTL decremented;
+ * NAT also turns the destination VIP into the real server's address. */
+static __always_inline int fp_route_dr_nat(void *ctx, struct fp *f, const struct server_val *sv, __u32 in_ifindex,
+					   int verdict)
+{
+	long rc;
+
+	if (f->p.ttl <= 1) { /* the stack sends the time-exceeded (RFC 1812 section 5.3.1) */
+		f->st->ttl_pass++;
+		return fp_pass(f->st, f->kind);
+	}
+	rc = fib_forward(ctx, &f->fib, in_ifindex, f->p.src, sv->addr, f->p.tos, f->p.proto, f->p.tot_len);
+	if (rc != BPF_FIB_LKUP_RET_SUCCESS) {
+		count_fib_failure(f->st, rc);
+		return fp_pass(f->st, f->kind);
+	}
+	return verdict;
+}
+
+/* TUN: the whole packet inside an outer IPv4 header (RFC 2003) from lan_addr to the real server,
+ * as director.forwarding.rewrite.ipip_encap builds it in the slow path. The inner packet is not
+ * touched (no TTL decrement, as the slow path's envelope sent from user space). */
+static __always_inline int fp_route_tun(void *ctx, struct fp *f, const struct server_val *sv,
+					const struct dp_config *cfg, __u32 in_ifindex)
+{
+	__u32 envelope = (__u32)f->p.tot_len + IPIP_HLEN;
+	struct ipv4_hdr *o = &f->outer;
+	long rc;
+
+	/* The slow path fragments a large envelope (DF clear); here it could not. An unset config
+	 * (lan_mtu 0) sends every TUN packet to the slow path. */
+	if (envelope > cfg->lan_mtu || envelope > 0xffff) {
+		f->st->mtu_pass++;
+		return fp_pass(f->st, f->kind);
+	}
+	if (!cfg->lan_addr) {
+		f->st->fib_miss++;
+		return fp_pass(f->st, f->kind);
+	}
+	rc = fib_forward(ctx, &f->fib, in_ifindex, cfg->lan_addr, sv->addr, f->p.tos, IPPROTO_IPIP, envelope);
+	if (rc != BPF_FIB_LKUP_RET_SUCCESS) {
+		count_fib_failure(f->st, rc);
+		return fp_pass(f->st, f->kind);
+	}
+
+	o->vihl = 0x45;
+	o->tos = f->p.tos; /* DSCP and ECN copied whole (RFC 6040 section 4.1 normal mode) */
+	o->tot_len = bpf_htons(envelope);
+	/* DF clear, so the envelope may be fragmented on the way; a random ID keeps reassembly at the
+	 * real server safe without shared state between CPUs (RFC 6864 section 4.1). */
+	o->id = (__be16)bpf_get_prandom_u32();
+	o->frag_off = 0;
+	o->ttl = IPIP_TTL;
+	o->protocol = IPPROTO_IPIP;
+	o->check = 0;
+	o->saddr = cfg->lan_addr;
+	o->daddr = sv->addr;
+	o->check = ipv4_csum20(o);
+	return FP_TUN;
+}
+
+/* The decision for the frame [data, data_end) of frame_len bytes in all (more than data_end - data
+ * when tc's skb is not linear). in_ifindex: the fib lookups' input interface when the config
+ * names none. Packet pointers are not kept: the hook re-reads them for its rewrite. */
+static __always_inline int fp_decide(void *ctx, void *data, void *data_end, __u32 frame_len, __u32 in_ifindex,
+				     struct fp *f)
+{
+	struct client_key key = {};
+	struct client_val *cv;
+	struct server_val *sv;
+	struct dp_config *cfg;
+	struct vip_val *vv;
+	struct ethhdr *eth = data;
+	struct dp_stats *st;
+	__u32 zero = 0, vip;
+	void *ip;
+	int kind;
+
+	st = bpf_map_lookup_elem(&stats, &zero);
+	if (!st)
+		return FP_PASS;
+	f->st = st;
+	if ((void *)(eth + 1) > data_end || eth->h_proto != bpf_htons(ETH_P_IP)) {
+		st->not_ours++;
+		return FP_PASS;
+	}
+	ip = eth + 1;
+	/* Without the 20 bytes of a header the destination is unknown: whose packet it is cannot be
+	 * told, so it is not ours to judge (the stack drops it). */
+	if (ip + sizeof(struct ipv4_hdr) > data_end) {
+		st->not_ours++;
+		return FP_PASS;
+	}
+	vip = ((struct ipv4_hdr *)ip)->daddr;
+	vv = bpf_map_lookup_elem(&vips, &vip);
+	if (!vv) {
+		st->not_ours++;
+		return FP_PASS;
+	}
+
+	kind = classify(ip, data_end, 0, &f->p);
+	if (kind < 0) {
+		st->drops[(-kind) & (N_DROP_REASONS - 1)]++;
+		return FP_DROP;
+	}
+	f->kind = kind;
+	switch (kind) {
+	case KIND_ESP:
+		break;
+	case KIND_ESP_IN_UDP:
+		key.port = f->p.sport;
+		break;
+	case KIND_AH:
+		if (vv->flags & VIP_F_AH)
+			break;
+		return fp_pass(st, kind); /* the slow path answers (ICMP protocol unreachable) */
+	case KIND_FRAGMENT:
+		st->fragments++;
+		return fp_pass(st, kind);
+	case KIND_NOT_OURS:
+		st->not_ours++;
+		return fp_pass(st, kind);
+	default: /* IKE and NAT-keepalives: the daemon's */
+		return fp_pass(st, kind);
+	}
+
+	key.vip = vip;
+	key.client = f->p.src;
+	cv = bpf_map_lookup_elem(&clients, &key);
+	if (!cv) {
+		st->miss++;
+		return fp_pass(st, kind);
+	}
+	/* A plain store: one aligned 64-bit write, atomic on 64-bit CPUs; the daemon only reads it. */
+	cv->last_seen = bpf_ktime_get_ns();
+	f->rs_id = cv->rs;
+	sv = bpf_map_lookup_elem(&servers, &f->rs_id);
+	cfg = bpf_map_lookup_elem(&config, &zero);
+	if (!sv || !cfg) {
+		st->miss++;
+		return fp_pass(st, kind);
+	}
+	f->rip = sv->addr;
+	/* A total length beyond the frame: classify() accepts it (a truncated copy in user space),
+	 * but forwarded it would be a stub; the stack drops it (ip_rcv), as without a fast path. */
+	if (f->p.tot_len > frame_len - ETH_HLEN)
+		return fp_pass(st, kind);
+	/* The configured interface, else the one the packet came in on (the same in production;
+	 * BPF_PROG_TEST_RUN has no real ingress interface, so tests configure it). */
+	if (cfg->client_ifindex)
+		in_ifindex = cfg->client_ifindex;
+
+	switch (sv->method) {
+	case METHOD_DR:
+		return fp_route_dr_nat(ctx, f, sv, in_ifindex, FP_DR);
+	case METHOD_NAT:
+		return fp_route_dr_nat(ctx, f, sv, in_ifindex, FP_NAT);
+	case METHOD_TUN:
+		return fp_route_tun(ctx, f, sv, cfg, in_ifindex);
+	default:
+		st->miss++;
+		return fp_pass(st, kind);
+	}
+}
+
+#endif

@@ -1,0 +1,95 @@
+/* XDP-only rewrites, on packet memory: XDP has no skb, so no csum or store helpers. The checksum
+ * updates are the kernel's own formulas (csum.h), so the bytes that leave are those the tc
+ * program's helpers would write. Every function re-derives its pointers from the context and
+ * checks them: the verifier does not carry bounds across bpf_xdp_adjust_head, and neither do we.
+ *
+ * A frame here is never CHECKSUM_PARTIAL as the tc helpers know it: veth hands XDP a copy whose
+ * partial checksums the kernel completed first (see docs/fastpath.md, "The XDP hook"). */
+#ifndef VPN_DIRECTOR_XDP_H
+#define VPN_DIRECTOR_XDP_H
+
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/udp.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+#include "parsing.h"
+#include "csum.h"
+
+/* Egress interfaces the loader has checked can transmit XDP frames (ndo_xdp_xmit: a veth whose
+ * peer runs XDP or has GRO on, a native-XDP NIC; never a bridge), key and value the ifindex.
+ * Redirecting anywhere else would drop the frame silently, so a route elsewhere passes to the
+ * stack instead. Not pinned: each loaded program has its own, filled before it is attached. */
+struct {
+	__uint(type, BPF_MAP_TYPE_DEVMAP_HASH);
+	__uint(max_entries, 64);
+	__type(key, __u32);
+	__type(value, __u32);
+} xdp_tx_ports SEC(".maps");
+
+/* DR and NAT on the frame in place: NAT's destination (IP checksum, and the UDP checksum of
+ * ESP-in-UDP unless zero, as BPF_F_MARK_MANGLED_0 at tc), TTL - 1, Ethernet addresses from the
+ * route. Returns 0, or -1 if the frame is not what fp_decide() saw (cannot happen: nothing ran in
+ * between). */
+static __always_inline int xdp_rewrite_dr_nat(struct xdp_md *ctx, const struct pkt *p, __be32 rip, int nat,
+					      const struct bpf_fib_lookup *fib)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = data;
+	struct ipv4_hdr *iph = data + ETH_HLEN;
+	__u16 old_word, new_word;
+
+	if ((void *)(iph + 1) > data_end)
+		return -1;
+	if (nat) {
+		if (p->proto == IPPROTO_UDP) {
+			struct udphdr *udp = (void *)iph + (p->ihl & 0x3c);
+
+			if ((void *)(udp + 1) > data_end)
+				return -1;
+			if (udp->check) {
+				__u16 c = csum_replace4(udp->check, iph->daddr, rip);
+
+				udp->check = c ? c : CSUM_MANGLED_0;
+			}
+		}
+		iph->check = csum_replace4(iph->check, iph->daddr, rip);
+		iph->daddr = rip;
+	}
+	/* TTL and protocol share one 16-bit word of the checksum (as the kernel's ip_decrease_ttl). */
+	old_word = *(__u16 *)&iph->ttl;
+	iph->ttl--;
+	new_word = *(__u16 *)&iph->ttl;
+	iph->check = csum_replace2(iph->check, old_word, new_word);
+
+	__builtin_memcpy(eth->h_dest, fib->dmac, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, fib->smac, ETH_ALEN);
+	return 0;
+}
+
+/* TUN: IPIP_HLEN bytes of headroom taken in front, then a new Ethernet header and the outer IPv4
+ * header written there; the inner packet stays where it was. Returns 0; 1 if no headroom could be
+ * had (the frame is unchanged: pass it); -1 if the grown frame is not where it should be. */
+static __always_inline int xdp_encap_tun(struct xdp_md *ctx, const struct ipv4_hdr *outer,
+					 const struct bpf_fib_lookup *fib)
+{
+	void *data, *data_end;
+	struct ethhdr *eth;
+
+	if (bpf_xdp_adjust_head(ctx, -(int)sizeof(*outer)))
+		return 1;
+	data = (void *)(long)ctx->data;
+	data_end = (void *)(long)ctx->data_end;
+	eth = data;
+	if (data + ETH_HLEN + sizeof(*outer) > data_end)
+		return -1;
+	__builtin_memcpy(eth->h_dest, fib->dmac, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, fib->smac, ETH_ALEN);
+	eth->h_proto = bpf_htons(ETH_P_IP);
+	__builtin_memcpy(data + ETH_HLEN, outer, sizeof(*outer));
+	return 0;
+}
+
+#endif
