@@ -800,6 +800,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--scheduler", default="wlc", help="scheduler name (default wlc)")
     demo.add_argument("--modes", default="dr,tun,nat", help="forwarding modes to show (default dr,tun,nat)")
     demo.add_argument("--dataplane", choices=DATAPLANES, default="auto", help="the daemon's dataplane (default auto)")
+    demo.add_argument("--peers", choices=("both", "crafted", "strongswan"), default="both",
+                      help="crafted IKE/ESP packets, real strongSwan clients and servers, or both (default)")
     return p
 
 
@@ -833,7 +835,8 @@ def main(argv: list[str] | None = None) -> int:
                 return run_core_demo(clients=args.clients, scheduler=args.scheduler)
             from director.lab.demo import run_lab_demo
 
-            return run_lab_demo(modes=args.modes.split(","), scheduler=args.scheduler, dataplane=args.dataplane)
+            return run_lab_demo(modes=args.modes.split(","), scheduler=args.scheduler, dataplane=args.dataplane,
+                                peers=args.peers)
         if args.command == "cleanup":
             return cleanup(config_mod.load(args.config))
         cfg = config_mod.load(args.config)

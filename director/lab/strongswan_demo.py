@@ -54,7 +54,7 @@ def run_strongswan_demo(mode: str = "dr", *, dataplane: str | None = None, sched
             peers.start_clients()
             t1 = time.monotonic()
             peers.connect()
-            out.write(f"  daemon ({d.dataplane}) up, 3 responders and 3 clients connected in "
+            out.write(f"  daemon ({d.status()['dataplane']} dataplane) up, 3 responders and 3 clients connected in "
                       f"{time.monotonic() - t1:.2f} s; each server hands out {pool_of(0)[:-6]}<rs>.0/24 "
                       f"and protects {PROTECTED}\n")  # fmt: skip
 
@@ -87,6 +87,10 @@ def run_strongswan_demo(mode: str = "dr", *, dataplane: str | None = None, sched
             st = d.status()
             out.write(f"\n  daemon: {st['stats']['packets']} packets decided, {st['established']} established, "
                       f"drops {st['drops'] or 0}, internal errors {st['stats']['internal_errors']}\n")  # fmt: skip
+            if "fastpath" in st:  # the tunnels' ESP-in-UDP, forwarded in the kernel
+                fp = st["fastpath"]
+                out.write(f"  eBPF fast path: forwarded in the kernel {fp['forwarded'] or 0}, passed up "
+                          f"{fp['passed'] or 0}, clients in the map {fp['clients']}\n")  # fmt: skip
         except Exception as e:  # a demo reports, it does not crash: the lab still goes down
             ok = False
             out.write(f"  PROBLEM: {e}\n")

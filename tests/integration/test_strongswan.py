@@ -1,7 +1,3 @@
-# NOT COLLECTED YET (issue 6): this file is named so pytest does not run it. Its 48 tests passed in
-# isolation (about 3m45s, every mode, both dataplanes) but failed twice under load in the session
-# that wrote them; they land in the suite once a quiet run and the flakes are understood. Run them by
-# hand: .venv/bin/python -m pytest tests/integration/strongswan_pending.py -q
 """Real IPsec peers through the real daemon: strongSwan's charon as clients and as real servers.
 
 Every test runs in DR, TUN and NAT mode, once per dataplane (``run_director``: nfqueue, ebpf).
