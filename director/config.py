@@ -107,6 +107,9 @@ def _sync(c: "_Checker", v: Any) -> "SyncConfig | None":
 # -- end failover sync ------------------------------------------------------------------------------
 
 
+FASTPATH_HOOKS = ("tc", "xdp")  # director.dataplane.ebpf.HOOKS (kept here: config imports no adapter)
+
+
 @dataclass(frozen=True, slots=True)
 class DaemonConfig:
     client_interface: str = "eth0"
@@ -121,6 +124,7 @@ class DaemonConfig:
     control_socket: str = "/run/vpn-director/control.sock"
     metrics: str = "127.0.0.1:9816"  # "" = no metrics endpoint
     bpf_pin_dir: str = "/sys/fs/bpf/vpn-director"  # eBPF maps, shared by every daemon run here
+    fastpath_hook: str = "tc"  # where the eBPF fast path runs on client_interface: "tc" or "xdp" (native)
     sync: SyncConfig | None = None  # failover: [daemon.sync] (None: a lone director)
 
 
@@ -135,7 +139,7 @@ _SERVICE_KEYS = {
     "vip", "scheduler", "scheduler_options", "method", "affinity", "ah", "timeouts",
     "retransmit_threshold", "soft_expiry", "health", "server",
 }
-_HEALTH_KEYS = {"interval", "timeout", "rise", "fall", "expire_on_down"}
+_HEALTH_KEYS = {"interval", "timeout", "rise", "fall", "expire_on_down", "icmp"}
 _SERVER_KEYS = {"address", "weight", "method", "u_threshold", "l_threshold"}
 
 
@@ -237,6 +241,7 @@ def from_dict(raw: dict) -> Config:
         control_socket=c.str_("daemon.control_socket", d.get("control_socket", base.control_socket)),
         metrics=_metrics_address(c, d.get("metrics", base.metrics)),
         bpf_pin_dir=_pin_dir(c, d.get("bpf_pin_dir", base.bpf_pin_dir)),
+        fastpath_hook=c.str_("daemon.fastpath_hook", d.get("fastpath_hook", base.fastpath_hook), FASTPATH_HOOKS),
         sync=_sync(c, d.get("sync")),
     )
     services = []
@@ -329,6 +334,7 @@ def _service(c: _Checker, p: str, s: Any, vips: dict[str, int], addresses: dict[
                 "rise": c.int_(f"{p}.health.rise", h.get("rise", 2), 1, 100),
                 "fall": c.int_(f"{p}.health.fall", h.get("fall", 3), 1, 100),
                 "expire_on_down": c.bool_(f"{p}.health.expire_on_down", h.get("expire_on_down", False)),
+                "icmp": c.bool_(f"{p}.health.icmp", h.get("icmp", False)),
             }
             if hv["timeout"] > hv["interval"]:
                 c.err(f"{p}.health.timeout", f"must be <= health.interval ({hv['interval']}), got {hv['timeout']}")

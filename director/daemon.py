@@ -139,7 +139,8 @@ class Daemon:
 
         client_index = self._ipr.link_lookup(ifname=d.client_interface)[0]
         fp = FastPath(self.director, client_ifindex=client_index, lan_ifindex=self._lan_index,
-                      lan_addr=self._lan_addr, lan_mtu=self._lan_mtu, pin_dir=Path(d.bpf_pin_dir))
+                      lan_addr=self._lan_addr, lan_mtu=self._lan_mtu, pin_dir=Path(d.bpf_pin_dir),
+                      hook=d.fastpath_hook)
         self.director.dirty = set()
         try:
             fp.start(self._ipr)
@@ -263,7 +264,7 @@ class Daemon:
             sd_notify("READY=1")
 
     def _prober_fds(self) -> list:
-        return [self.prober] if self.prober is not None and self.prober.targets else []
+        return self.prober.fds() if self.prober is not None else []
 
     def _apply_health(self, flips: list[tuple[int, bool]]) -> None:
         """A real server went down (no new clients; entries stay unless expire_on_down) or came back."""
@@ -303,7 +304,7 @@ class Daemon:
                         os.read(rfd, 512)
                     elif hasattr(r, "drain"):
                         r.drain()
-                    elif r is self.prober:
+                    elif r is self.prober or (self.prober is not None and r is self.prober.icmp):
                         self._apply_health(self.prober.on_readable(t0))
                     elif r is self._sync:  # failover sync
                         self._sync.on_readable(t0)

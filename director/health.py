@@ -8,6 +8,10 @@ leave on the server times out there on its own. ``fall`` consecutive failures ma
 (weight unchanged, no new clients); ``rise`` consecutive successes bring it back. The passive signal
 of the core (a client's initial packet retransmitted without progress, see core.py) counts as a
 failure too: in DR and TUN it is the only sign the director gets between probes.
+
+With ``icmp`` each round also sends an ICMP echo request to the server; the round passes only when
+both the IKE answer and the echo reply arrive within ``timeout`` (a host that answers IKE but not
+ping, or the reverse, is reported by name in ``last_error``).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ class HealthConfig:
     rise: int = 2
     fall: int = 3
     expire_on_down: bool = False  # remove a down server's entries at once (IPVS expire_nodest_conn)
+    icmp: bool = False  # also an ICMP echo each round: a round passes only if both answer in time
 
     def __post_init__(self) -> None:
         if not self.interval > 0:
@@ -108,3 +113,34 @@ def answers_probe(data: bytes, spi_i: int) -> bool:
         return False
     length = int.from_bytes(data[24:28], "big")
     return data[17] >> 4 in (1, 2) and 28 <= length <= len(data)
+
+
+ICMP_ECHO, ICMP_ECHO_REPLY = 8, 0
+
+
+def _icmp_checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f">{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def echo_request(ident: int, seq: int, payload: bytes = b"vpn-dir!") -> bytes:
+    """One ICMP echo request (RFC 792), checksummed, for a raw IPPROTO_ICMP socket."""
+    head = struct.pack(">BBHHH", ICMP_ECHO, 0, 0, ident, seq)
+    csum = _icmp_checksum(head + payload)
+    return struct.pack(">BBHHH", ICMP_ECHO, 0, csum, ident, seq) + payload
+
+
+def parse_echo_reply(packet: bytes) -> tuple[int, int] | None:
+    """(identifier, sequence) of an ICMP echo reply as a raw socket delivers it (IPv4 header
+    first); None for anything else or a truncated packet."""
+    if len(packet) < 20 or packet[0] >> 4 != 4:
+        return None
+    ihl = (packet[0] & 0x0F) * 4
+    if ihl < 20 or len(packet) < ihl + 8 or packet[ihl] != ICMP_ECHO_REPLY or packet[ihl + 1] != 0:
+        return None
+    ident, seq = struct.unpack_from(">HH", packet, ihl + 4)
+    return ident, seq

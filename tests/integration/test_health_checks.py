@@ -35,3 +35,24 @@ def test_silent_server_goes_down_gets_no_new_clients_and_comes_back(make_lab, ru
     lab.start_responders()  # it answers again
     wait(lambda: servers(d)[quiet]["up"], what="rs2 back up")
     assert d.status()["stats"]["health_flips"] == 2
+
+
+def test_icmp_second_check_marks_a_server_down_that_answers_ike_but_not_ping(make_lab, run_director):
+    """health.icmp: the round needs the IKE answer and the echo reply; rs3 drops echo requests."""
+    lab = make_lab("nat")
+    d = run_director(lab, scheduler="rr", extra_service=HEALTH.replace("fall = 2", "fall = 2, icmp = true"))
+    wait(lambda: all(s["health"] and s["health"]["checks"] >= 2 for s in servers(d).values()), what="probes")
+    assert all(s["up"] and s["health"]["failures"] == 0 for s in servers(d).values()), servers(d)
+    deaf = lab.rs_addrs[2]
+    rule = ["INPUT", "-p", "icmp", "--icmp-type", "echo-request", "-j", "DROP"]
+    lab.run("rs3", ["iptables", "-w", "-I", *rule])
+    wait(lambda: not servers(d)[deaf]["up"], what="rs3 marked down by its silence to ping")
+    assert servers(d)[deaf]["health"]["last_error"] == "icmp timeout"
+    assert all(s["up"] for a, s in servers(d).items() if a != deaf)
+    c = LabClient(lab, "c1")
+    c.ikev2_connect()
+    assert deaf not in {e["rs_address"] for e in d.connections()}
+    lab.run("rs3", ["iptables", "-w", "-D", *rule])
+    wait(lambda: servers(d)[deaf]["up"], what="rs3 back up")
+    assert servers(d)[deaf]["health"]["last_error"] == ""
+    assert d.status()["stats"]["health_flips"] == 2

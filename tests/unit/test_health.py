@@ -43,3 +43,16 @@ def test_answers_match_only_our_spi_and_well_formed_messages():
     assert not answers_probe(reply, 0x4321)
     assert not answers_probe(reply[:27], 0x1234)
     assert not answers_probe(reply[:17] + b"\x70" + reply[18:], 0x1234)  # version 7
+
+
+def test_echo_request_checksums_to_zero_and_its_reply_parses():
+    from director.health import _icmp_checksum, echo_request, parse_echo_reply
+
+    req = echo_request(0x1234, 7)
+    assert req[0] == 8 and _icmp_checksum(req) == 0
+    ip = bytes([0x45, 0, 0, 20 + len(req)]) + bytes(16)  # enough of an IPv4 header for the parser
+    reply = bytes([0, 0]) + req[2:]  # type 0: what the server sends back (checksum not checked)
+    assert parse_echo_reply(ip + reply) == (0x1234, 7)
+    assert parse_echo_reply(ip + req) is None  # a request is not a reply
+    assert parse_echo_reply(ip + reply[:7]) is None  # truncated
+    assert parse_echo_reply(b"\x60" + bytes(40)) is None  # not IPv4
