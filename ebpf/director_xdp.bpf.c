@@ -10,6 +10,9 @@
  * can transmit XDP frames; a route to any other passes to the stack (fib_miss), never into a
  * silent drop.
  *
+ * One more pass than tc: ESP-in-UDP whose UDP checksum is still the partial one of a local sender
+ * (include/xdp.h: xdp_udp_csum_partial), which XDP cannot finish and tc's skb carries along.
+ *
  * The fib lookups' input interface is the configured client_ifindex only: XDP's BPF_PROG_TEST_RUN
  * reports the loopback device as ingress, and the loader writes the config before it attaches.
  */
@@ -41,6 +44,10 @@ int director_xdp(struct xdp_md *ctx)
 		return XDP_PASS;
 	if (v == FP_DROP)
 		return XDP_DROP;
+	if (f.kind == KIND_ESP_IN_UDP && xdp_udp_csum_partial(data, data_end, &f.p)) {
+		fp_pass(f.st, f.kind);
+		return XDP_PASS;
+	}
 	if (!bpf_map_lookup_elem(&xdp_tx_ports, &f.fib.ifindex)) {
 		f.st->fib_miss++; /* the slow path forwards it, the route is the kernel's */
 		fp_pass(f.st, f.kind);

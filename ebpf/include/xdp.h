@@ -3,8 +3,12 @@
  * program's helpers would write. Every function re-derives its pointers from the context and
  * checks them: the verifier does not carry bounds across bpf_xdp_adjust_head, and neither do we.
  *
- * A frame here is never CHECKSUM_PARTIAL as the tc helpers know it: veth hands XDP a copy whose
- * partial checksums the kernel completed first (see docs/fastpath.md, "The XDP hook"). */
+ * What XDP cannot know: an skb's checksum state. A UDP packet sent by a local socket over a veth
+ * keeps CHECKSUM_PARTIAL (its checksum field holds only the pseudo-header sum, the device is to
+ * finish it); veth runs XDP on such an skb without completing it, and a redirected frame becomes a
+ * new skb whose receiver verifies the field: dropped as a checksum error. xdp_udp_csum_partial()
+ * recognises the field and the packet is passed to the stack instead, which keeps the skb's state.
+ * A NIC never hands XDP a partial checksum; see docs/fastpath.md, "The XDP hook". */
 #ifndef VPN_DIRECTOR_XDP_H
 #define VPN_DIRECTOR_XDP_H
 
@@ -27,6 +31,26 @@ struct {
 	__type(key, __u32);
 	__type(value, __u32);
 } xdp_tx_ports SEC(".maps");
+
+/* Does the UDP checksum field of the classified ESP-in-UDP packet at ip hold just the folded
+ * pseudo-header sum (RFC 768: source, destination, protocol, UDP length), as a local socket leaves
+ * it for checksum offload? A complete checksum equals it only by chance (1 in 65536): such a packet
+ * takes the slow path, which forwards it correctly too. */
+static __always_inline int xdp_udp_csum_partial(void *data, void *data_end, const struct pkt *p)
+{
+	struct ipv4_hdr *iph = data + ETH_HLEN;
+	struct udphdr *udp;
+	__u32 s;
+
+	if ((void *)(iph + 1) > data_end)
+		return 1;
+	udp = (void *)iph + (p->ihl & 0x3c);
+	if ((void *)(udp + 1) > data_end)
+		return 1;
+	s = (iph->saddr & 0xffff) + (iph->saddr >> 16) + (iph->daddr & 0xffff) + (iph->daddr >> 16);
+	s += bpf_htons(IPPROTO_UDP) + udp->len;
+	return udp->check == (__u16)~csum_fold32(s);
+}
 
 /* DR and NAT on the frame in place: NAT's destination (IP checksum, and the UDP checksum of
  * ESP-in-UDP unless zero, as BPF_F_MARK_MANGLED_0 at tc), TTL - 1, Ethernet addresses from the

@@ -9,6 +9,8 @@ only to the interfaces of xdp_tx_ports.
 
 from __future__ import annotations
 
+import struct
+
 import pytest
 
 from bpf_world import XDP_PASS, XDP_REDIRECT, delta
@@ -16,7 +18,9 @@ from director.packet import Kind as K
 from fastpath_cases import (
     CASES,
     C_DR,
+    C_NAT,
     C_TUN,
+    NATT_SPORT,
     Case,
     check_counters_accumulate,
     check_frame_without_a_whole_header,
@@ -25,6 +29,7 @@ from fastpath_cases import (
     eth,
     key,
     last_seen_all,
+    natt,
     passed,
     run_case,
     setup_maps,
@@ -68,3 +73,28 @@ def test_tun_outer_ident_is_random(world):
     setup_maps(world)
     idents = {world.run("xdp", eth(esp_tun)).data_out[18:20] for _ in range(16)}
     assert len(idents) > 1
+
+
+def partial_csum(ip: bytes) -> bytes:
+    """``ip`` (IPv4/UDP, no options) as a local socket hands it to a checksum-offloading veth
+    (CHECKSUM_PARTIAL): the UDP checksum field holds the folded pseudo-header sum only."""
+    words = struct.unpack("!4H", ip[12:20]) + (17, struct.unpack_from("!H", ip, 24)[0])
+    s = sum(words)
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return ip[:26] + s.to_bytes(2, "big") + ip[28:]
+
+
+@pytest.mark.parametrize("client", [C_DR, C_NAT, C_TUN], ids=["DR", "NAT", "TUN"])
+def test_partial_udp_checksum_passes_to_the_stack(world, client):
+    """XDP cannot finish a partial checksum and a redirected frame would die at the real server's
+    checksum check: such ESP-in-UDP goes to the stack untouched (tc forwards it, its skb knows)."""
+    setup_maps(world)
+    frame = eth(partial_csum(natt[client]))
+    before = world.stats()
+    r = world.run("xdp", frame)
+    assert (r.retval, r.data_out) == (XDP_PASS, frame)
+    assert delta(before, world.stats()) == passed(K.ESP_IN_UDP)
+    assert [k for k, v in last_seen_all(world).items() if v] == [key(client, NATT_SPORT)]
+    assert world.rs_stats() == {}
+    assert world.run("xdp", eth(natt[client])).retval == XDP_REDIRECT  # the complete checksum: forwarded
