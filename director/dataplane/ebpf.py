@@ -10,10 +10,17 @@ its client recently.
 
 Maps and programs outlive the daemon (pinned, attached): a restart loses no ESP packet of an
 established client, and the restarted daemon adopts the clients it finds in the ``clients`` map.
+
+The client-side program runs at one of two hooks (``daemon.fastpath_hook``): tc clsact ingress
+(director_tc, the default) or native XDP (director_xdp, the same decision; docs/fastpath.md, "The
+XDP hook"). The NAT reply program stays at tc on the LAN interface either way. XDP can redirect
+only to a device that transmits XDP frames (``ndo_xdp_xmit``); the loader asks the kernel
+(netdev generic netlink, ``xdp-features``) and refuses XDP rather than let frames vanish.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import os
@@ -21,7 +28,9 @@ import shutil
 from pathlib import Path
 
 from pyroute2 import IPRoute
+from pyroute2.netlink import NLM_F_REQUEST, genlmsg
 from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.generic import GenericNetlinkSocket
 
 from director.core import Director
 from director.dataplane import bpf_structs as bs
@@ -38,6 +47,11 @@ FILTER_PRIO = 0xC0DE  # our tc filter's priority on each interface: found and re
 INGRESS = "ffff:fff2"
 ADOPTED_SPI = 0xADAD_0000_0000_0000  # initiator "cookie" of entries rebuilt from the map (| port)
 _MAPS = ("vips", "clients", "servers", "nat_replies", "config", "stats", "rs_stats")
+HOOKS = ("tc", "xdp")  # where the client-side program runs (daemon.fastpath_hook)
+_CLIENT_PROG = {"tc": ("director_tc.o", "director_tc"), "xdp": ("director_xdp.o", "director_xdp")}
+XDP_PROG_NAME = "director_xdp"  # how our XDP program is told from anyone else's (bpf_prog_info.name)
+XDP_FLAGS_DRV_MODE = 1 << 2  # linux/if_link.h: native (driver) XDP only, never the generic fallback
+XDP_ACT_NDO_XMIT = 1 << 2  # netdev genl xdp-features: the device transmits redirected XDP frames
 
 
 class FastPathUnavailable(RuntimeError):
@@ -60,7 +74,10 @@ class FastPath:
     """Owns the programs and maps of one director namespace."""
 
     def __init__(self, director: Director, *, client_ifindex: int, lan_ifindex: int, lan_addr: int,
-                 lan_mtu: int, pin_dir: Path = PIN_DIR, obj_dir: Path = OBJ_DIR) -> None:
+                 lan_mtu: int, pin_dir: Path = PIN_DIR, obj_dir: Path = OBJ_DIR, hook: str = "tc") -> None:
+        if hook not in HOOKS:
+            raise ValueError(f"fastpath hook must be one of {', '.join(HOOKS)}, got {hook!r}")
+        self.hook = hook
         self.d = director
         self.client_ifindex = client_ifindex
         self.lan_ifindex = lan_ifindex
@@ -75,16 +92,23 @@ class FastPath:
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def start(self, ipr: IPRoute) -> int:
-        """Load (reusing pinned maps), attach (replacing our previous filter), adopt. Returns adopted."""
-        for name in ("director_tc.o", "director_reply.o"):
+        """Load (reusing pinned maps), attach (replacing our previous program), adopt. Returns adopted.
+
+        The client-side program goes to the configured hook and ours at the other hook is removed
+        after (tc <-> xdp: the new one forwards before the old one goes, so no packet is lost)."""
+        client_obj, client_prog = _CLIENT_PROG[self.hook]
+        for name in (client_obj, "director_reply.o"):
             if not (self.obj_dir / name).is_file():
                 raise FastPathUnavailable(f"{self.obj_dir / name} is missing: build it with `make -C ebpf`")
+        tx_ports = []
+        if self.hook == "xdp":
+            tx_ports = _xdp_preflight(ipr, self.client_ifindex, self.lan_ifindex)
         ensure_bpffs()
         self.pin_dir.mkdir(mode=0o700, exist_ok=True)
         self.ncpus = libbpf.num_possible_cpus()
-        progs = {}
+        progs = []
         try:
-            for obj_name, ifindex in (("director_tc.o", self.client_ifindex), ("director_reply.o", self.lan_ifindex)):
+            for obj_name, ifindex in ((client_obj, self.client_ifindex), ("director_reply.o", self.lan_ifindex)):
                 obj = libbpf.BpfObject(self.obj_dir / obj_name)
                 self._objs.append(obj)
                 for m in obj.map_names:
@@ -93,18 +117,32 @@ class FastPath:
                             obj.set_max_entries(m, self.d.table.capacity)
                         obj.set_pin_path(m, self.pin_dir / m)
                 obj.load()
-                progs[obj_name] = (obj.prog_fd(obj.prog_names[0]), ifindex, obj_name.removesuffix(".o"))
+                progs.append((obj.prog_fd(obj.prog_names[0]), ifindex, obj.prog_names[0]))
             for m in _MAPS:
                 self.fd[m] = libbpf.obj_get(self.pin_dir / m)
+            if tx_ports:  # the XDP program redirects only to these (include/xdp.h)
+                tx_fd = self._objs[0].map_fd("xdp_tx_ports")
+                for i in tx_ports:
+                    libbpf.map_update(tx_fd, bs.u32(i), bs.u32(i))
         except OSError as e:
             self.close()
             raise FastPathUnavailable(f"cannot load the eBPF programs: {e}") from None
         self._write_config()
         self.sync_services()
         adopted = self._adopt()
-        for fd, ifindex, name in progs.values():
-            _attach(ipr, ifindex, fd, name)
-        log.info("fastpath.started pin=%s adopted=%d cpus=%d", self.pin_dir, adopted, self.ncpus)
+        for fd, ifindex, name in progs:
+            if name == XDP_PROG_NAME:
+                try:
+                    _attach_xdp(ipr, ifindex, fd)
+                except FastPathUnavailable:
+                    self.close()
+                    raise
+                _detach(ipr, ifindex)  # our tc program of an earlier run with fastpath_hook = "tc"
+            else:
+                _attach(ipr, ifindex, fd, name)
+                if ifindex == self.client_ifindex and name == client_prog:
+                    _detach_xdp(ipr, ifindex)  # ours of an earlier run with fastpath_hook = "xdp"
+        log.info("fastpath.started hook=%s pin=%s adopted=%d cpus=%d", self.hook, self.pin_dir, adopted, self.ncpus)
         return adopted
 
     def close(self) -> None:
@@ -118,9 +156,10 @@ class FastPath:
 
     @staticmethod
     def remove(ipr: IPRoute, ifindexes: list[int], pin_dir: Path = PIN_DIR) -> None:
-        """Detach our filters and unpin the maps: the namespace as it was before the fast path."""
+        """Detach our programs (tc filters, XDP) and unpin the maps: the namespace as before the fast path."""
         for ifindex in ifindexes:
             _detach(ipr, ifindex)
+            _detach_xdp(ipr, ifindex)
         shutil.rmtree(pin_dir, ignore_errors=True)
 
     # -- the projection -----------------------------------------------------------------------------
@@ -265,4 +304,141 @@ def _detach(ipr: IPRoute, ifindex: int) -> None:
         ipr.tc("del-filter", "bpf", ifindex, ":1", parent=INGRESS, prio=FILTER_PRIO)
     except NetlinkError as e:
         if e.code not in (errno.ENOENT, errno.EINVAL, errno.ENODEV):
+            raise
+
+
+# -- XDP ----------------------------------------------------------------------------------------------
+
+
+class _DevMsg(genlmsg):
+    """The netdev generic netlink family's device (Documentation/netlink/specs/netdev.yaml, kernel 6.3+)."""
+
+    prefix = "NETDEV_A_DEV_"
+    nla_map = (
+        ("NETDEV_A_DEV_UNSPEC", "none"),
+        ("NETDEV_A_DEV_IFINDEX", "uint32"),
+        ("NETDEV_A_DEV_PAD", "none"),
+        ("NETDEV_A_DEV_XDP_FEATURES", "uint64"),
+    )
+
+
+_NETDEV_CMD_DEV_GET = 1
+
+
+def xdp_features(ifindex: int) -> int | None:
+    """The device's xdp-features bits (NETDEV_XDP_ACT_*) in this namespace, or None if the kernel
+    has no netdev family (before 6.3) and cannot say."""
+    s = GenericNetlinkSocket()
+    try:
+        try:
+            s.bind("netdev", _DevMsg)
+        except NetlinkError:
+            return None
+        msg = _DevMsg()
+        msg["cmd"] = _NETDEV_CMD_DEV_GET
+        msg["version"] = 1
+        msg["attrs"] = [("NETDEV_A_DEV_IFINDEX", ifindex)]
+        for reply in s.nlm_request(msg, msg_type=s.prid, msg_flags=NLM_F_REQUEST):
+            v = reply.get_attr("NETDEV_A_DEV_XDP_FEATURES")
+            if v is not None:
+                return v
+        return 0
+    finally:
+        s.close()
+
+
+def _ifname(ipr: IPRoute, ifindex: int) -> str:
+    return ipr.get_links(ifindex)[0].get_attr("IFLA_IFNAME")
+
+
+def _xdp_preflight(ipr: IPRoute, client_ifindex: int, lan_ifindex: int) -> list[int]:
+    """Refuse XDP where it would lose packets; return the egress interfaces it may redirect to.
+
+    The real servers are behind the LAN interface: it must transmit XDP frames, or every
+    forwarded packet would be dropped without a trace (a bridge never can; a veth only while its
+    peer runs an XDP program or has GRO on). The client interface joins the list if it can.
+    Another XDP program on the client interface is not replaced."""
+    lan_name, client_name = _ifname(ipr, lan_ifindex), _ifname(ipr, client_ifindex)
+    feats = xdp_features(lan_ifindex)
+    if feats is None:
+        raise FastPathUnavailable("fastpath_hook xdp: this kernel cannot report XDP features (netdev genetlink, "
+                                  "Linux 6.3+), so a redirect to the LAN interface cannot be known to work; "
+                                  'use fastpath_hook = "tc"')
+    if not feats & XDP_ACT_NDO_XMIT:
+        kind = _link_kind(ipr, lan_ifindex)
+        hint = {
+            "veth": f"its veth peer needs an XDP program or GRO on (`ethtool -K <peer of {lan_name}> gro on`)",
+            "bridge": "a bridge cannot transmit XDP frames: use the uplink port itself, or the tc hook",
+        }.get(kind, "its driver has no ndo_xdp_xmit")
+        raise FastPathUnavailable(f"fastpath_hook xdp: {lan_name} (server_interface) cannot transmit "
+                                  f"XDP-redirected frames, they would be dropped silently; {hint}; "
+                                  'or use fastpath_hook = "tc"')
+    other = _xdp_prog_name(ipr, client_ifindex)
+    if other not in (None, XDP_PROG_NAME):
+        raise FastPathUnavailable(f"fastpath_hook xdp: {client_name} already runs XDP program {other!r}, not ours; "
+                                  "remove it or use the tc hook")
+    ports = [lan_ifindex]
+    if client_ifindex != lan_ifindex and (xdp_features(client_ifindex) or 0) & XDP_ACT_NDO_XMIT:
+        ports.append(client_ifindex)
+    return ports
+
+
+def _link_kind(ipr: IPRoute, ifindex: int) -> str | None:
+    info = ipr.get_links(ifindex)[0].get_attr("IFLA_LINKINFO")
+    return info.get_attr("IFLA_INFO_KIND") if info else None
+
+
+def _xdp_prog_id(ipr: IPRoute, ifindex: int) -> int:
+    """The id of the native XDP program on the interface (0: none)."""
+    xdp = ipr.get_links(ifindex)[0].get_attr("IFLA_XDP")
+    if not xdp:
+        return 0
+    return xdp.get_attr("IFLA_XDP_DRV_PROG_ID") or (xdp.get_attr("IFLA_XDP_PROG_ID") or 0)
+
+
+_libbpf = ctypes.CDLL("libbpf.so.1", use_errno=True)
+_libbpf.bpf_prog_get_fd_by_id.argtypes = [ctypes.c_uint32]
+_libbpf.bpf_prog_get_fd_by_id.restype = ctypes.c_int
+_libbpf.bpf_obj_get_info_by_fd.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32)]
+_libbpf.bpf_obj_get_info_by_fd.restype = ctypes.c_int
+_PROG_INFO_NAME = slice(64, 80)  # struct bpf_prog_info (linux/bpf.h): char name[16] at offset 64
+
+
+def _xdp_prog_name(ipr: IPRoute, ifindex: int) -> str | None:
+    """The name of the XDP program on the interface (None: none; "?" if it cannot be read)."""
+    prog_id = _xdp_prog_id(ipr, ifindex)
+    if not prog_id:
+        return None
+    fd = _libbpf.bpf_prog_get_fd_by_id(prog_id)
+    if fd < 0:
+        return "?"
+    try:
+        info = ctypes.create_string_buffer(80)  # zeroed: no pointer field asks for a copy
+        size = ctypes.c_uint32(len(info))
+        if _libbpf.bpf_obj_get_info_by_fd(fd, info, ctypes.byref(size)) < 0:
+            return "?"
+        return info.raw[_PROG_INFO_NAME].split(b"\0", 1)[0].decode(errors="replace")
+    finally:
+        os.close(fd)
+
+
+def _attach_xdp(ipr: IPRoute, ifindex: int, fd: int) -> None:
+    """Native XDP, replacing our program of an earlier run in one step (XDP has one program per
+    interface and mode: nothing stacks). No generic-mode fallback: it would cost more than tc."""
+    try:
+        ipr.link("set", index=ifindex, xdp={"attrs": [("IFLA_XDP_FD", fd), ("IFLA_XDP_FLAGS", XDP_FLAGS_DRV_MODE)]})
+    except NetlinkError as e:
+        raise FastPathUnavailable(f"fastpath_hook xdp: cannot attach native XDP to {_ifname(ipr, ifindex)}: "
+                                  f"{os.strerror(e.code)} (the driver may lack native XDP, or generic XDP is "
+                                  'attached); use fastpath_hook = "tc"') from None
+
+
+def _detach_xdp(ipr: IPRoute, ifindex: int) -> None:
+    """Remove the native XDP program if it is ours (an operator's own XDP program stays)."""
+    if _xdp_prog_name(ipr, ifindex) != XDP_PROG_NAME:
+        return
+    try:
+        ipr.link("set", index=ifindex, xdp={"attrs": [("IFLA_XDP_FD", -1), ("IFLA_XDP_FLAGS", XDP_FLAGS_DRV_MODE)]})
+    except NetlinkError as e:
+        if e.code not in (errno.ENOENT, errno.ENODEV):
             raise

@@ -145,3 +145,115 @@ def test_nat_replies_are_rewritten_in_the_kernel(make_lab):
         assert d.status()["fastpath"]["replies"] == 10
     finally:
         assert d.stop() == 0, d.log()
+
+
+# -- the XDP hook (daemon.fastpath_hook = "xdp", docs/fastpath.md "The XDP hook") ----------------------
+
+XDP = 'fastpath_hook = "xdp"'
+
+
+def lan_peer_gro(lab, on: bool) -> None:
+    """What the lab needs for XDP: the veth peer of the director's eth1 (a bridge port in sw) must
+    run NAPI to take XDP-redirected frames; GRO on does it (else they are dropped silently)."""
+    lab.run("sw", ["ethtool", "-K", "director-eth1", "gro", "on" if on else "off"])
+
+
+def xdp_lab(lab) -> None:
+    """The lab made fit for the XDP hook: GRO on eth1's peer, and the clients' checksum offload off.
+    A client's UDP leaves its veth with a partial checksum (CHECKSUM_PARTIAL) that XDP cannot
+    finish; director_xdp passes such ESP-in-UDP to the slow path. Senders behind a NIC never
+    produce one; in the lab the clients' stack computes the checksum itself."""
+    lan_peer_gro(lab, True)
+    for role in ("c1", "c2", "c3"):
+        lab.run(role, ["ethtool", "-K", "eth0", "tx", "off"])
+
+
+def client_hooks(lab) -> tuple[str | None, bool]:
+    """(name of the native XDP program on the director's eth0, whether a tc filter is there)."""
+    import json
+
+    link = json.loads(lab.run("director", ["ip", "-j", "-d", "link", "show", "eth0"]).stdout)[0]
+    xdp = link.get("xdp", {})
+    name = xdp.get("prog", {}).get("name") if xdp.get("mode") == 1 else None
+    tc = lab.run("director", ["tc", "filter", "show", "dev", "eth0", "ingress"]).stdout.strip()
+    return name, bool(tc)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_xdp_hook_forwards_established_esp_in_the_kernel(make_lab, mode):
+    lab = make_lab(mode)
+    xdp_lab(lab)
+    d = DirectorProcess(lab, dataplane="ebpf", daemon_extra=XDP).start()
+    try:
+        assert client_hooks(lab) == ("director_xdp", False)
+        c1, c3 = LabClient(lab, "c1"), LabClient(lab, "c3")
+        c1.ikev2_connect()
+        c3.ikev1_connect()
+        wait_for(lambda: d.status()["fastpath"]["clients"] >= 4, what="the map to hold both clients")
+        slow_before = d.status()["stats"]["packets"]
+        for seq in range(1, 51):
+            c1.send_esp(0xE1, seq)
+            c3.send_esp_in_udp(0xE3, seq)
+        wait_for(lambda: sum(esp_at(lab, 0xE1).values()) == 50 and sum(esp_at(lab, 0xE3).values()) == 50,
+                 what="100 ESP packets at the real servers")
+        st = d.status()
+        assert st["stats"]["packets"] == slow_before  # not one reached the daemon
+        assert st["fastpath"]["forwarded"]["ESP"] == 50 and st["fastpath"]["forwarded"]["ESP_IN_UDP"] == 50
+        assert len(esp_at(lab, 0xE1)) == 1 and len(esp_at(lab, 0xE3)) == 1
+    finally:
+        assert d.stop() == 0, d.log()
+
+
+def test_xdp_hook_refused_where_redirects_would_vanish(make_lab):
+    """eth1's veth peer without GRO or XDP drops redirected frames silently: the daemon refuses XDP,
+    names the interface and the fix, and attaches nothing."""
+    lab = make_lab("dr", responders=False)
+    lan_peer_gro(lab, False)
+    with pytest.raises(RuntimeError) as e:
+        DirectorProcess(lab, dataplane="ebpf", daemon_extra=XDP).start()
+    assert "fastpath_hook xdp: eth1 (server_interface) cannot transmit XDP-redirected frames" in str(e.value)
+    assert "gro on" in str(e.value)
+    assert client_hooks(lab) == (None, False)
+
+
+def test_switching_hooks_across_restarts_loses_no_esp(make_lab):
+    """tc -> xdp -> tc with ESP flowing: each daemon puts its hook in place before removing the
+    other one, and a restart with the same hook replaces the program (nothing stacks)."""
+    lab = make_lab("nat")
+    xdp_lab(lab)
+    pins = f"/sys/fs/bpf/{lab.prefix}-director"  # one set of maps for both configs, as in production
+    tc_cfg = DirectorProcess(lab, "dtc", dataplane="ebpf", pin_dir=pins)
+    xdp_cfg = DirectorProcess(lab, "dxdp", dataplane="ebpf", daemon_extra=XDP, pin_dir=pins)
+    d = tc_cfg.start()
+    c1 = LabClient(lab, "c1")
+    c1.ikev2_connect()
+    wait_for(lambda: d.status()["fastpath"]["clients"] >= 2, what="c1 in the map")
+    sent = 0
+    stop = threading.Event()
+
+    def pump():
+        nonlocal sent
+        while not stop.is_set() and sent < 3000:
+            sent += 1
+            c1.send_esp(0x5A5A, sent)
+            time.sleep(0.002)
+
+    t = threading.Thread(target=pump)
+    t.start()
+    try:
+        seen = []
+        for nxt in (xdp_cfg, xdp_cfg, tc_cfg):
+            time.sleep(0.2)
+            assert d.stop() == 0, d.log()
+            d = nxt.start()
+            seen.append(client_hooks(lab))
+        time.sleep(0.2)
+    finally:
+        stop.set()
+        t.join()
+    try:
+        assert seen == [("director_xdp", False), ("director_xdp", False), (None, True)]
+        wait_for(lambda: sum(esp_at(lab, 0x5A5A).values()) == sent, what=f"{sent} ESP packets")
+        assert len(esp_at(lab, 0x5A5A)) == 1
+    finally:
+        assert d.stop() == 0, d.log()
