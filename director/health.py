@@ -2,9 +2,14 @@
 
 A probe is a well-formed IKEv2 IKE_SA_INIT (SA with one proposal, KE for curve25519, Nonce) sent
 from the director to the real server's own address on UDP 500. Any well-formed IKE message that
-comes back for the probe's initiator SPI means the IKE daemon there is alive: an IKE_SA_INIT
-response, a COOKIE or INVALID_KE_PAYLOAD request, even NO_PROPOSAL_CHOSEN. The half-open SA it may
-leave on the server times out there on its own. ``fall`` consecutive failures mark a server down
+comes back for the probe's initiator SPI means the IKE daemon there is alive: NO_PROPOSAL_CHOSEN,
+a COOKIE or INVALID_KE_PAYLOAD request, an IKE_SA_INIT response. The probe's proposal is one no
+server accepts (its encryption transform is from the private-use range, RFC 7296 section 3.3.2),
+so the server answers NO_PROPOSAL_CHOSEN and keeps no state: an acceptable proposal would leave a
+half-open IKE SA per probe for the server's half-open timeout (strongSwan: 30 s), and probes every
+few seconds from one address would then trip the server's own flood defences (strongSwan's
+block_threshold, 5 half-open SAs per peer address, then cookie_threshold, 10 in all: seen in the
+lab with a 0.3 s interval, where the server began demanding COOKIEs from real clients). ``fall`` consecutive failures mark a server down
 (weight unchanged, no new clients); ``rise`` consecutive successes bring it back. The passive signal
 of the core (a client's initial packet retransmitted without progress, see core.py) counts as a
 failure too: in DR and TUN it is the only sign the director gets between probes.
@@ -76,7 +81,8 @@ class HealthState:
 
 # IKEv2 payload types (RFC 7296 section 3.2) and transform ids (IANA IKEv2 registry)
 _SA, _KE, _NONCE, _NONE = 33, 34, 40, 0
-_ENCR_AES_CBC, _PRF_HMAC_SHA2_256, _AUTH_HMAC_SHA2_256_128, _DH_CURVE25519 = 12, 5, 12, 31
+_PRF_HMAC_SHA2_256, _AUTH_HMAC_SHA2_256_128, _DH_CURVE25519 = 5, 12, 31
+ENCR_PROBE = 1025  # private use (RFC 7296 section 3.3.2): no server accepts it, none keeps state
 
 
 def _transform(last: bool, ttype: int, tid: int, attrs: bytes = b"") -> bytes:
@@ -84,11 +90,11 @@ def _transform(last: bool, ttype: int, tid: int, attrs: bytes = b"") -> bytes:
 
 
 def probe_message(spi_i: int | None = None) -> tuple[int, bytes]:
-    """(initiator SPI, one IKE_SA_INIT request) as a client would send it (RFC 7296 section 1.2)."""
+    """(initiator SPI, one IKE_SA_INIT request) as a client would send it (RFC 7296 section 1.2),
+    with a proposal the server must refuse (ENCR_PROBE): answered, never kept."""
     spi_i = spi_i if spi_i is not None else (int.from_bytes(os.urandom(8), "big") | 1)
-    key_length = struct.pack(">HH", 0x800E, 128)  # attribute Key Length = 128 (TV format)
     transforms = (
-        _transform(False, 1, _ENCR_AES_CBC, key_length)
+        _transform(False, 1, ENCR_PROBE)
         + _transform(False, 2, _PRF_HMAC_SHA2_256)
         + _transform(False, 3, _AUTH_HMAC_SHA2_256_128)
         + _transform(True, 4, _DH_CURVE25519)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from director.health import HealthConfig, HealthState, answers_probe, probe_message
+from director.health import ENCR_PROBE, HealthConfig, HealthState, answers_probe, probe_message
 from director.packet import ike_header
 
 
@@ -33,6 +33,8 @@ def test_probe_is_a_well_formed_ikev2_sa_init():
     assert p[IKEv2_KE].group == 31 and len(p[IKEv2_KE].ke) == 32
     transforms = p[IKEv2_SA].prop.trans
     assert [t.transform_type for t in transforms.iterpayloads()] == [1, 2, 3, 4]
+    # a private-use encryption transform: the server must answer NO_PROPOSAL_CHOSEN and keep nothing
+    assert next(transforms.iterpayloads()).transform_id == ENCR_PROBE == 1025
 
 
 def test_answers_match_only_our_spi_and_well_formed_messages():
