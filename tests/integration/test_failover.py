@@ -8,8 +8,10 @@ warm table (and warm eBPF map). Then the old active comes back as backup and res
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
+import subprocess
 import threading
 import time
 
@@ -31,7 +33,7 @@ def sync_conf(peer: str) -> str:
 def failover_lab(request):
     labs = []
 
-    def make(mode):
+    def make(mode, responders=True):
         missing = [] if os.geteuid() == 0 else ["root (namespaces, veth, iptables, tc)"]
         missing += [f"`{t}` on PATH" for t in ("ip", "tc", "nsenter", "iptables") if shutil.which(t) is None]
         if shutil.which("keepalived") is None and not os.path.exists("/usr/sbin/keepalived"):
@@ -41,7 +43,8 @@ def failover_lab(request):
         lab = Lab(mode, directors=2)
         labs.append(lab)
         lab.up()
-        lab.start_responders()
+        if responders:
+            lab.start_responders()
         return lab
 
     yield make
@@ -97,14 +100,7 @@ def esp_times(lab, spi: int) -> dict[int, list[float]]:
 @pytest.mark.parametrize("mode, dataplane", [("dr", "ebpf"), ("dr", "nfqueue"), ("nat", "ebpf")])
 def test_active_dies_backup_keeps_every_client(failover_lab, mode, dataplane):
     lab = failover_lab(mode)
-    d1 = DirectorProcess(lab, "director", dataplane=dataplane, daemon_extra=sync_conf(lab.director2_lan)).start()
-    d2 = DirectorProcess(lab, "director2", role=DIRECTOR2, dataplane=dataplane,
-                         daemon_extra=sync_conf(lab.director_lan)).start()
-    ka1 = lab.start_keepalived("director", priority=150)
-    wait_for(lambda: lab.holds_vip("director"), what="director to become VRRP master")
-    lab.start_keepalived(DIRECTOR2, priority=100)
-    wait_for(lambda: d1.status()["sync"]["role"] == "master" and d2.status()["sync"]["role"] == "backup",
-             what="sync roles")
+    d1, d2, ka1 = start_pair(lab, dataplane)
 
     clients = {role: LabClient(lab, role) for role in ("c1", "c2", "c3")}
     clients["c1"].ikev2_connect()
@@ -139,15 +135,7 @@ def test_active_dies_backup_keeps_every_client(failover_lab, mode, dataplane):
         # the active dies as a box would: daemon and keepalived killed, no more ARP or VRRP from it
         # every keepalived process at once (its VRRP child would otherwise see the parent die and
         # resign with a priority 0 advert: a clean handover, not a crash), and the daemon
-        ka_pids = [p for p in pids_in_netns([lab.ns["director"]]) if comm(p) == "keepalived"]
-        assert ka1.pid in ka_pids and len(ka_pids) >= 2, ka_pids
-        for pid in [*ka_pids, d1.proc.pid]:
-            os.kill(pid, signal.SIGKILL)
-        killed = time.time()
-        d1.proc.wait()
-        ka1.wait()
-        for dev in ("eth0", "eth1"):
-            lab.run("director", ["ip", "link", "set", dev, "down"])
+        killed = kill_active(lab, d1, ka1)
         wait_for(lambda: lab.holds_vip(DIRECTOR2), timeout=MAX_GAP, what="director2 to take the VIP")
         wait_for(lambda: any(ts[-1] > killed + 0.3 for ts in esp_times(lab, 0xF1).values()), timeout=MAX_GAP,
                  what="ESP through the new active")
@@ -183,7 +171,40 @@ def test_active_dies_backup_keeps_every_client(failover_lab, mode, dataplane):
     assert clients["c2"].recv_ike(spi_new), "the new active did not serve a new conversation"
     assert any(c["spi_i"] == f"{spi_new:016x}" for c in d2.connections())
 
-    # the old active comes back (a rebooted box: no VIP on it), as backup, and resyncs by snapshot
+    rejoin(lab, d1, d2)
+
+
+def start_pair(lab, dataplane):
+    """Both directors with the sync, keepalived on both; returns (active, backup, active's keepalived)."""
+    d1 = DirectorProcess(lab, "director", dataplane=dataplane, daemon_extra=sync_conf(lab.director2_lan)).start()
+    d2 = DirectorProcess(lab, "director2", role=DIRECTOR2, dataplane=dataplane,
+                         daemon_extra=sync_conf(lab.director_lan)).start()  # fmt: skip
+    ka1 = lab.start_keepalived("director", priority=150)
+    wait_for(lambda: lab.holds_vip("director"), what="director to become VRRP master")
+    lab.start_keepalived(DIRECTOR2, priority=100)
+    wait_for(lambda: d1.status()["sync"]["role"] == "master" and d2.status()["sync"]["role"] == "backup",
+             what="sync roles")  # fmt: skip
+    return d1, d2, ka1
+
+
+def kill_active(lab, d1, ka1) -> float:
+    """The active dies as a box would: its daemon and every keepalived process at once (a VRRP child
+    that saw its parent die would resign with a priority-0 advert: a clean handover, not a crash),
+    then its links go down (no more ARP or VRRP from it). Returns the time of the kill."""
+    ka_pids = [p for p in pids_in_netns([lab.ns["director"]]) if comm(p) == "keepalived"]
+    assert ka1.pid in ka_pids and len(ka_pids) >= 2, ka_pids
+    for pid in [*ka_pids, d1.proc.pid]:
+        os.kill(pid, signal.SIGKILL)
+    killed = time.time()
+    d1.proc.wait()
+    ka1.wait()
+    for dev in ("eth0", "eth1"):
+        lab.run("director", ["ip", "link", "set", dev, "down"])
+    return killed
+
+
+def rejoin(lab, d1, d2) -> None:
+    """The old active comes back (a rebooted box: no VIP on it), as backup, and resyncs by snapshot."""
     for addr, dev in ((f"{lab.vip}/32", "eth0"), (f"{lab.lan_vip}/32", "eth1")):
         lab.run("director", ["ip", "addr", "del", addr, "dev", dev], check=False)
     for dev in ("eth0", "eth1"):
@@ -199,3 +220,92 @@ def test_active_dies_backup_keeps_every_client(failover_lab, mode, dataplane):
         assert s["rejected_mac"] == 0 and s["ignored"] == 0, s
     for d in (d2, d1):
         assert d.stop() == 0, d.log()
+
+
+def lost_echoes(out: str) -> tuple[int, list[int]]:
+    """(echoes sent, sequence numbers never answered) from ``ping``'s output (the last one may
+    still have been on its way when ping was stopped: not counted)."""
+    m = re.search(r"(\d+) packets transmitted", out)
+    sent = int(m.group(1)) if m else 0
+    got = {int(n) for n in re.findall(r"icmp_seq=(\d+) ", out)}
+    return sent, sorted(set(range(1, sent)) - got)
+
+
+@pytest.mark.parametrize("mode, dataplane", [("dr", "ebpf"), ("nat", "nfqueue"), ("tun", "ebpf")])
+def test_strongswan_clients_keep_their_tunnels_across_a_director_failover(failover_lab, mode, dataplane):
+    """Real charon clients (IKEv2 c1, c2; IKEv1 c3 behind the NAT) and responders: the active
+    director dies while a 20/s ping runs inside every tunnel. Every client keeps its IKE SA, its
+    CHILD_SA and its real server (nothing re-established, nothing rescheduled); the pings resume
+    through the backup within MAX_GAP; a new client is served; the old active rejoins as backup."""
+    from director.lab.strongswan import PROTECTED, Peers, add_clients, installed_children, strongswan_prerequisites
+
+    missing = strongswan_prerequisites()
+    if missing:
+        pytest.fail("strongSwan prerequisites missing: " + "; ".join(missing), pytrace=False)
+    lab = failover_lab(mode, responders=False)
+    add_clients(lab, 1)  # c4: the new client after the failover
+    d1, d2, ka1 = start_pair(lab, dataplane)
+    peers = Peers(lab)
+    try:
+        peers.start_servers()
+        roles = [("c1", "psk"), ("c2", "psk"), ("c3", "psk1")]
+        clients = [peers.client(r, conn) for r, conn in roles]
+        peers.start_clients(clients)
+        peers.connect(clients)
+
+        def sa_key(role):
+            sa = peers.clients[role].wait_established()
+            return sa["initiator-spi"], sa["responder-spi"], tuple(sorted(c["spi-in"] for c in installed_children(sa)))
+
+        names = [r for r, _ in roles]
+        home = {r: peers.server_of(r) for r in names}
+        keys = {r: sa_key(r) for r in names}
+        assert sorted(home.values()) == [0, 1, 2], home
+        before = wait_for(lambda: (t := table(d1)) and len(t) == 3 and t == table(d2) and t, 5.0,
+                          "the backup's table to equal the active's")  # fmt: skip
+        assert {e[3] for e in before} == {"ESTABLISHED"}, before
+        if dataplane == "ebpf":
+            wait_for(lambda: d2.status()["fastpath"]["clients"] == d1.status()["fastpath"]["clients"] >= 3,
+                     what="the backup's eBPF map to be warm")  # fmt: skip
+
+        vips = {r: peers.clients[r].virtual_ip(conn) for r, conn in roles}
+        pings = {r: lab.popen(r, ["ping", "-n", "-i", "0.05", "-W", "1", "-I", vips[r], PROTECTED],
+                              stdout=subprocess.PIPE, text=True) for r in names}  # fmt: skip
+        try:
+            time.sleep(1.0)
+            fwd2 = forwarded(d2)
+            killed = kill_active(lab, d1, ka1)
+            wait_for(lambda: lab.holds_vip(DIRECTOR2), timeout=MAX_GAP, what="director2 to take the VIP")
+            took_vip = time.time() - killed
+            wait_for(lambda: forwarded(d2) > fwd2 + 3 * 20, timeout=MAX_GAP, what="tunnel traffic through director2")
+            time.sleep(1.0)
+        finally:
+            time.sleep(0.3)  # the last echo's answer
+            for p in pings.values():
+                p.send_signal(signal.SIGINT)
+            outs = {r: p.communicate(timeout=5)[0] for r, p in pings.items()}
+        for r in names:
+            sent, lost = lost_echoes(outs[r])
+            run = longest = 0
+            for a, b in zip([None, *lost], lost):
+                run = run + 1 if a is not None and b == a + 1 else 1
+                longest = max(longest, run)
+            gap = 0.05 * (longest + 1)  # silence between the last echo answered and the next one
+            print(f"failover {mode}/{dataplane} {r}: {len(lost)} of {sent} echoes lost {lost}, longest gap ~{gap:.2f}s")
+            assert sent > 30 and gap <= MAX_GAP, (r, sent, lost)
+        for r in names:  # nothing re-established, nothing moved
+            assert sa_key(r) == keys[r], f"{r}'s SAs changed across the failover:\n{peers.clients[r].log()[-3000:]}"
+            assert peers.server_of(r) == home[r]
+        assert {e for e in table(d2) if e[2] in {b[2] for b in before}} == before
+        st = d2.status()
+        assert st["sync"]["role"] == "master" and st["stats"]["rescheduled_stuck"] == 0, st
+        print(f"failover {mode}/{dataplane}: VIP on director2 {took_vip:.2f}s after the kill")
+
+        c4 = peers.client("c4")  # a new client, served by the new active
+        peers.start_clients([c4])
+        peers.connect([c4])
+        assert any(c["client"] == lab.client_addrs["c4"] and c["state"] == "ESTABLISHED" for c in d2.connections())
+        assert peers.ping("c4") == (3, 3)
+    finally:
+        peers.stop()
+    rejoin(lab, d1, d2)
