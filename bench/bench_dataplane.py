@@ -5,7 +5,7 @@ nothing. The path is the lab's (docs/lab.md): client c1 -> bridge -> director et
 eth1 -> bridge -> real server, all veth in namespaces. Traffic is one flow of 64-byte-payload ESP
 (an ESP packet of SPI + sequence + 64 bytes, a 106-byte frame), or IKE, from c1's eth0.
 
-    .venv/bin/python bench/bench_dataplane.py [--quick] [--json out.json]
+    .venv/bin/python bench/bench_dataplane.py [--quick] [--json out.json] [--only fastpath|classic]
 
 Cases, every one on the same path in the same run (DESIGN.md section 8 sets the targets):
   a   plain kernel IP forwarding: ESP to rs1's own address, routed by the director, no daemon.
@@ -20,6 +20,40 @@ Cases, every one on the same path in the same run (DESIGN.md section 8 sets the 
       4500), and initial IKE_SA_INIT from a new initiator SPI per packet (new ISAKMP entries/s).
   d   what a user might build instead: iptables DNAT (conntrack) of ESP to rs1, no daemon.
   a'  (full run) plain forwarding again at the end: how much the machine drifted during the run.
+
+Group f, the director's own cost (``--only fastpath`` runs just this group, about 8 minutes full,
+under a minute with --quick). Above, (a), (d) and (e) run the whole path in the generator's
+softirq on CPU 0, so they measure "generator + path on one core" and cannot show the fast path's
+cost. Group f steers the director's receive processing to CPU 1 by RPS (rps_cpus of the
+director's eth0 = CPU 1), so CPU 1 runs the director's forwarding (plus the downstream bridge hop
+and the real server's receive, the same work in every case), and measures, per lab mode (DR, TUN,
+NAT), in ``fp_rounds`` rounds (full 3) with the case order reversed every other round:
+  a2  plain forwarding (ESP to rs1's own address, no daemon).
+  e2  the eBPF fast path at the tc hook (daemon --dataplane ebpf, c1 established).
+  x2  the eBPF fast path at the XDP hook (``daemon.fastpath_hook = "xdp"``), with the director's
+      eth0 in threaded NAPI and its NAPI thread pinned to CPU 1 (SCHED_FIFO 50, as softirq work
+      would preempt user processes). Why: XDP runs in the veth's NAPI poll, before RPS, and a
+      veth's NAPI is scheduled on the CPU that transmitted into it, i.e. the generator's CPU 0;
+      with XDP_REDIRECT the packet never becomes an skb on eth0, so RPS never moves it. Threaded
+      NAPI is the only way to give XDP the director's core on this path.
+  x0  the same XDP hook in plain (softirq) NAPI: the default layout. Its XDP work and everything
+      after the redirect land on CPU 0, beside the generator; CPU 1 is nearly idle. Only the
+      both-cores figure compares it with the others.
+  d2  iptables DNAT with conntrack (NAT lab only).
+Every case of the group runs with the same lab changes: RPS as above; GRO on the LAN bridge's
+port of the director's eth1 (a veth peer must run NAPI to take XDP redirects; on for every case so
+the downstream hop is the same); the director's raw, mangle and nat tables instantiated up front
+(iptables-legacy keeps a table's hooks once it exists). Each case at one fixed offered rate
+(``--fixed-rate``, default 0.4x the first a2's delivered rate at max, rounded down to 10k: x0
+carries only about 200 kpps) and unlimited. Reported per case: delivered pps, loss, each core's
+busy % (wall clock minus idle: on this kernel the tick-sampled busy fields miss softirq work done
+on interrupt exit from idle), **CPU-1 µs per delivered packet** (CPU 1 busy fraction / delivered
+pps: what the director's core pays per packet), **total µs per delivered packet** (both cores,
+generator included: the fair cross-layout number, x0's only meaningful one) and the same without
+other people's CPU (their processes' ticks; not per core, so only the total can be corrected);
+then medians and min-max over the rounds, and ratios to a2 of the same lab: capacity (delivered at
+max) and per-packet cost. The daemon is restarted for every daemon case and its programs and maps
+removed after (``vpn-director cleanup``), so a2 and d2 never run with a program attached.
 
 How it measures:
   - Offered load: bench/build/pktgen (AF_PACKET, sendmmsg batches, PACKET_QDISC_BYPASS,
@@ -89,10 +123,12 @@ PROFILES: dict[str, dict[str, Any]] = {
     "full": dict(seconds=3.0, warm=0.6, tail=0.3, settle=0.5,
                  esp_rates=[20_000, 50_000, 100_000, 200_000, 0], ike_rates=[20_000, 100_000, 0],
                  raw_rates=[100_000, 0], dnat_rates=[200_000, 0], shared_core=True, plain_again=True,
-                 retries=2, quiet_budget=90.0),
+                 retries=2, quiet_budget=90.0,
+                 fp_rounds=3, fp_seconds=2.0, fp_warm=0.5, fp_tail=0.2, fp_settle=0.4, fp_modes=["dr", "tun", "nat"]),
     "quick": dict(seconds=1.2, warm=0.3, tail=0.15, settle=0.3,
                   esp_rates=[50_000, 0], ike_rates=[0], raw_rates=[0], dnat_rates=[0],
-                  shared_core=False, plain_again=False, retries=0, quiet_budget=0.0),
+                  shared_core=False, plain_again=False, retries=0, quiet_budget=0.0,
+                  fp_rounds=1, fp_seconds=1.2, fp_warm=0.3, fp_tail=0.15, fp_settle=0.3, fp_modes=["dr", "nat"]),
 }  # fmt: skip
 
 # The raw NetfilterQueue loop of case a0: what DESIGN.md calls the "mark loop", nothing else.
@@ -164,8 +200,13 @@ def proc_cpu_ticks(pid: int) -> int:
     return int(fields[11]) + int(fields[12])  # utime + stime (fields 14 and 15 of stat)
 
 
-def cpu_times() -> dict[int, tuple[int, int, int]]:
-    """Per CPU: (busy, softirq, total) jiffies from /proc/stat."""
+def cpu_times() -> dict[int, tuple[int, int, int, int]]:
+    """Per CPU: (busy, softirq, total, idle + iowait) jiffies from /proc/stat.
+
+    This kernel has tick-based accounting (no CONFIG_IRQ_TIME_ACCOUNTING) and NO_HZ_IDLE: idle is
+    measured exactly, but the busy fields are sampled by the tick, and softirq work done on an
+    interrupt's exit from idle is seen by no tick at all, so "total" falls short of the wall
+    clock on a lightly loaded core. ``busy_wall`` (wall minus idle) does not have that bias."""
     out = {}
     with open("/proc/stat") as f:
         for line in f:
@@ -173,7 +214,7 @@ def cpu_times() -> dict[int, tuple[int, int, int]]:
                 name, *vals = line.split()
                 v = [int(x) for x in vals[:8]]  # user nice system idle iowait irq softirq steal
                 total = sum(v)
-                out[int(name[3:])] = (total - v[3] - v[4], v[6], total)
+                out[int(name[3:])] = (total - v[3] - v[4], v[6], total, v[3] + v[4])
     return out
 
 
@@ -471,6 +512,9 @@ class Bench:
                  for c in b.cpus}  # fmt: skip
         row["cpu_busy_pct"] = {c: 100.0 * busy / tot if tot else 0.0 for c, (busy, _, tot) in ticks.items()}
         row["cpu_softirq_pct"] = {c: 100.0 * si / tot if tot else 0.0 for c, (_, si, tot) in ticks.items()}
+        # busy = wall clock minus idle (see cpu_times: the tick-sampled busy fields miss work)
+        row["cpu_busy_wall_pct"] = {c: max(0.0, 100.0 * (1 - (b.cpus[c][3] - a.cpus[c][3]) / (dt * CLK_TCK)))
+                                    for c in b.cpus} if dt > 0 else {}  # fmt: skip
         # softirq work deferred to ksoftirqd competes with the daemon for its core (DESIGN's collapse)
         row["ksoftirqd_pct"] = {c: 100.0 * (b.ksoftirqd[c] - a.ksoftirqd.get(c, 0)) / CLK_TCK / dt
                                 for c in b.ksoftirqd} if dt > 0 else {}  # fmt: skip
@@ -565,10 +609,14 @@ def print_row(r: dict[str, Any], note: str = "") -> None:
 # -- the cases, lab by lab -------------------------------------------------------------------------
 
 
-def start_daemon(lab: Lab, cpu: int, dataplane: str = "nfqueue") -> DirectorProcess:
+def start_daemon(lab: Lab, cpu: int, dataplane: str = "nfqueue", hook: str | None = None,
+                 extra: str = "", capacity: int = CAPACITY) -> DirectorProcess:
+    """The daemon in the lab, pinned to ``cpu``; ``hook`` sets daemon.fastpath_hook ("tc"/"xdp"),
+    ``extra`` adds lines to [daemon]."""
     d = DirectorProcess(lab, scheduler="rr", dataplane=dataplane)
     text = d.config_path.read_text()
-    d.config_path.write_text(text.replace("[daemon]\n", f"[daemon]\ncapacity = {CAPACITY}\n", 1))
+    lines = f"capacity = {capacity}\n" + (f'fastpath_hook = "{hook}"\n' if hook else "") + extra
+    d.config_path.write_text(text.replace("[daemon]\n", f"[daemon]\n{lines}", 1))
     d.start()
     pin(d.proc.pid, cpu)
     return d
@@ -677,6 +725,287 @@ def fastpath_cases(bench: Bench) -> None:
             print(f"!! vpn-director exited {rc}:\n{d.log()[-2000:]}", flush=True)
 
 
+# -- group f: the director's own cost, its receive processing on its own core ----------------------
+
+RPS_PATH = "/sys/class/net/eth0/queues/rx-0/rps_cpus"  # `ip netns exec` mounts the namespace's /sys
+# The fixed rate as a share of a2's delivered rate at max: x0 (XDP with the whole path on the
+# generator's core) carries only about 200 kpps here, a2 300-470 kpps: 0.4 keeps every case lossless.
+FIXED_SHARE = 0.4
+NAPI_PRIO = 50  # SCHED_FIFO priority of x2's NAPI thread (threaded IRQ handlers use 50 too)
+FP_CASES = ("a2", "e2", "x2", "x0", "d2")
+FP_LABELS = {
+    "a2": "a2 plain forwarding (RPS->1)",
+    "e2": "e2 eBPF tc (RPS->1)",
+    "x2": "x2 eBPF XDP, NAPI thread on 1",
+    "x0": "x0 eBPF XDP, NAPI in softirq",
+    "d2": "d2 iptables DNAT (RPS->1)",
+}
+
+
+def xdp_hook_supported() -> bool:
+    """Whether this checkout's daemon knows ``daemon.fastpath_hook`` (another engineer's work)."""
+    from director import config as config_mod
+
+    return "fastpath_hook" in getattr(config_mod.DaemonConfig, "__dataclass_fields__", {})
+
+
+def napi_threads(ifname: str) -> dict[int, str]:
+    """pid -> name of every threaded-NAPI kernel thread of an interface called ``ifname`` (any netns)."""
+    out = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/comm") as f:
+                comm = f.read().strip()
+        except OSError:
+            continue
+        if comm.startswith(f"napi/{ifname}-"):
+            out[int(entry)] = comm
+    return out
+
+
+class FastpathGroup:
+    """Group f: a2, e2, x2, x0 (and d2 in the NAT lab) interleaved in rounds in one lab.
+
+    Every case of the group runs with the same lab changes: RPS on the director's eth0 to CPU 1;
+    GRO on the LAN bridge port of the director's eth1 (the veth peer must run NAPI to take XDP
+    redirects, and the downstream hop must be the same for every case); the director's raw, mangle
+    and nat tables instantiated up front (iptables-legacy keeps a table's hooks once it exists, so a
+    case after the daemon's or DNAT's rules would otherwise pay for empty tables the first did not).
+    """
+
+    def __init__(self, bench: Bench, fixed: dict[str, int], hook_ok: bool) -> None:
+        self.bench = bench
+        self.lab = bench.lab
+        self.fixed = fixed  # {"rate": pps}: set from the first a2 at max unless given
+        self.hook_ok = hook_ok
+        lab = self.lab
+        lab.ipr("c1").route("replace", dst=lab.lan_net, gateway=lab.director_wan)
+        lab.run("sw", ["ethtool", "-K", "director-eth1", "gro", "on"])
+        for table in ("raw", "mangle", "nat"):
+            lab.run("director", ["iptables", "-w", "-t", table, "-S"])
+        lab.run("director", ["sh", "-c", f"echo {1 << DAEMON_CPU:x} > {RPS_PATH}"])
+        self.plain = bench.esp_to(lab.rs_addr_ints[0])
+        self.vip = bench.esp_to(lab.vip_int)
+        self.warmed: set[str] = set()
+
+    def cases(self) -> list[str]:
+        out = ["a2", "e2"]
+        if self.hook_ok:
+            out += ["x2", "x0"]
+        if self.lab.mode == "nat":
+            out.append("d2")
+        return out
+
+    def rates(self) -> list[int]:
+        if not self.fixed.get("rate"):
+            return [0]  # the first a2: calibrates the fixed rate
+        return [self.fixed["rate"], 0]
+
+    def measure(self, group: str, frame: str, rnd: int) -> None:
+        b, lab = self.bench, self.lab
+        if group not in self.warmed:
+            b.warm_up(frame, OFF_ESP_SEQ, f"{group} ESP")
+            self.warmed.add(group)
+        for rate in self.rates():
+            row = b.run(Case(f"f.{group}", FP_LABELS[group], lab.mode, rate), frame, OFF_ESP_SEQ)
+            row["round"] = rnd
+            row["fixed_rate"] = bool(rate)
+            add_per_packet(row)
+            if group == "a2" and not self.fixed.get("rate"):
+                # every case must carry it without loss: about two thirds of what a2 delivers
+                self.fixed["rate"] = max(20_000, int(row["delivered_pps"] * FIXED_SHARE / 10_000) * 10_000)
+                print(f"   fixed rate for group f: {self.fixed['rate']:,} pps ({FIXED_SHARE}x a2's "
+                      f"{row['delivered_pps']:,.0f}, rounded down)")
+                rest = self.bench.run(Case(f"f.{group}", FP_LABELS[group], lab.mode, self.fixed["rate"]), frame,
+                                      OFF_ESP_SEQ)  # fmt: skip
+                rest["round"] = rnd
+                rest["fixed_rate"] = True
+                add_per_packet(rest)
+
+    def run_case(self, group: str, rnd: int) -> None:
+        if group == "a2":
+            self.measure("a2", self.plain, rnd)
+        elif group == "d2":
+            rule = ["PREROUTING", "-i", "eth0", "-d", self.lab.vip, "-p", "esp", "-j", "DNAT", "--to-destination",
+                    self.lab.rs_addrs[0]]  # fmt: skip
+            self.lab.run("director", ["iptables", "-w", "-t", "nat", "-A", *rule])
+            try:
+                self.measure("d2", self.vip, rnd)
+            finally:
+                self.lab.run("director", ["iptables", "-w", "-t", "nat", "-D", *rule], check=False)
+                self.lab.run("director", ["conntrack", "-F"], check=False)
+        else:
+            self.daemon_case(group, rnd)
+
+    def daemon_case(self, group: str, rnd: int) -> None:
+        lab, b = self.lab, self.bench
+        hook = None if group == "e2" else "xdp"  # None: the default hook, tc
+        d = start_daemon(lab, DAEMON_CPU, dataplane="ebpf", hook=hook)
+        b.director, b.measured_pid = d, d.proc.pid
+        threads: dict[int, str] = {}
+        try:
+            client = LabClient(lab, "c1")
+            client.ikev2_connect()
+            client.close()
+            deadline = time.monotonic() + 5
+            while (d.status().get("fastpath") or {}).get("clients", 0) < 1:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{group}: c1 never reached the fast path map:\n{d.log()[-2000:]}")
+                time.sleep(0.05)
+            if group == "x2":
+                threads = self.threaded_napi(True)
+            self.measure(group, self.vip, rnd)
+            st = d.status()
+            for row in self.bench.out[-2:]:
+                row["user_space_packets"] = st["stats"]["packets"]
+                row["fastpath_forwarded"] = (st.get("fastpath") or {}).get("forwarded")
+                if threads:
+                    row["napi_threads"] = sorted(threads.values())
+        finally:
+            if threads:
+                self.threaded_napi(False)
+            b.director, b.measured_pid = None, None
+            rc = d.stop()
+            if rc != 0:
+                print(f"!! vpn-director exited {rc}:\n{d.log()[-2000:]}", flush=True)
+            # its programs stay attached (and its maps pinned) for the next daemon: take them all off
+            lab.run("director", [sys.executable, "-m", "director.daemon", "cleanup", "--config", str(d.config_path)],
+                    nsenter=True, cwd=str(BENCH.parent))  # fmt: skip
+            for dev in ("eth0", "eth1"):
+                lab.run("director", ["tc", "qdisc", "del", "dev", dev, "clsact"], check=False)
+
+    def threaded_napi(self, on: bool) -> dict[int, str]:
+        """Threaded NAPI on the director's eth0, its kernel thread pinned to CPU 1 (XDP's layout with
+        the director on its own core: XDP runs in the veth's NAPI, before RPS could move anything)."""
+        before = napi_threads("eth0")
+        self.lab.run("director", ["sh", "-c", f"echo {int(on)} > /sys/class/net/eth0/threaded"])
+        if not on:
+            return {}
+        time.sleep(0.05)
+        new = {pid: name for pid, name in napi_threads("eth0").items() if pid not in before}
+        if not new:
+            raise RuntimeError("threaded NAPI on the director's eth0 made no napi/eth0-* thread")
+        for pid in new:
+            os.sched_setaffinity(pid, {DAEMON_CPU})
+            # like softirq work, ahead of any user process on the core (else a busy shared machine
+            # starves the thread and the veth ring overflows; softirq would have preempted them)
+            os.sched_setscheduler(pid, os.SCHED_FIFO, os.sched_param(NAPI_PRIO))
+        return new
+
+    def finish(self) -> None:
+        self.lab.run("director", ["sh", "-c", f"echo 0 > {RPS_PATH}"], check=False)
+
+
+def add_per_packet(row: dict[str, Any]) -> None:
+    """CPU time per delivered packet: CPU 1's (the director's core) and both cores' together."""
+    busy = row["cpu_busy_wall_pct"]  # wall minus idle: see cpu_times
+    pps = row["delivered_pps"]
+    row["cpu1_us_per_pkt"] = 1e6 * busy.get(DAEMON_CPU, 0.0) / 100.0 / pps if pps else None
+    row["total_us_per_pkt"] = 1e6 * sum(busy.values()) / 100.0 / pps if pps else None
+    # other people's processes are in both cores' busy time; their own ticks are known (not per core)
+    mine = max(0.0, sum(busy.values()) - row["others_cpu_pct"])
+    row["total_excl_others_us_per_pkt"] = 1e6 * mine / 100.0 / pps if pps else None
+    if pps:
+        print(f"{'':<34}     -> CPU-1 {row['cpu1_us_per_pkt']:.2f} us/pkt, both cores {row['total_us_per_pkt']:.2f} "
+              f"us/pkt ({row['total_excl_others_us_per_pkt']:.2f} without others' CPU)", flush=True)
+
+
+def fastpath_group(prof: dict[str, Any], rows: list[dict[str, Any]], fixed: dict[str, int]) -> None:
+    """f: every lab mode in its own lab; in each, ``fp_rounds`` rounds of the cases, the order reversed
+    in every other round so that a drift over the lab's life hits plain and fast path alike."""
+    hook_ok = xdp_hook_supported()
+    if not hook_ok:
+        print("   (x2/x0 skipped: this checkout has no daemon.fastpath_hook yet; they run once it exists)")
+    fprof = dict(prof, seconds=prof["fp_seconds"], warm=prof["fp_warm"], tail=prof["fp_tail"],
+                 settle=prof["fp_settle"])  # fmt: skip
+    for mode in prof["fp_modes"]:
+        with Lab(mode) as lab:
+            lab.start_responders()
+            bench = Bench(lab, fprof, rows)
+            bench.install_sinks("esp")
+            group = FastpathGroup(bench, fixed, hook_ok)
+            try:
+                cases = group.cases()
+                for rnd in range(prof["fp_rounds"]):
+                    for case in cases if rnd % 2 == 0 else list(reversed(cases)):
+                        group.run_case(case, rnd)
+            finally:
+                group.finish()
+            prof["quiet_budget"] = fprof["quiet_budget"]
+
+
+def median(xs: list[float]) -> float:
+    s = sorted(xs)
+    n = len(s)
+    return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
+
+
+def summarize_fastpath(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per mode, case and rate kind (fixed / max): medians and spreads over the rounds; ratios to a2
+    of the same lab (capacity = delivered at max; cost = CPU-1 and total µs per delivered packet)."""
+    out: dict[str, Any] = {}
+    fp = [r for r in rows if r["group"].startswith("f.")]
+    for mode in ("dr", "tun", "nat"):
+        for kind in ("fixed", "max"):
+            for g in FP_CASES:
+                rs = [r for r in fp if r["mode"] == mode and r["group"] == f"f.{g}" and r["fixed_rate"] == (kind == "fixed")]
+                if not rs:
+                    continue
+                item: dict[str, Any] = {"n": len(rs), "rate": rs[0]["rate"]}
+                for key in ("offered_pps", "delivered_pps", "loss_pct", "cpu1_us_per_pkt", "total_us_per_pkt",
+                            "total_excl_others_us_per_pkt", "others_cpu_pct"):
+                    vals = [r[key] for r in rs if r.get(key) is not None]
+                    if vals:
+                        item[key] = median(vals)
+                        item[key + "_spread"] = (min(vals), max(vals))
+                item["cpu_busy_pct"] = {c: median([r["cpu_busy_wall_pct"].get(c, 0.0) for r in rs]) for c in (0, 1)}
+                out[f"{mode}.{kind}.{g}"] = item
+            base = out.get(f"{mode}.{kind}.a2")
+            if not base:
+                continue
+            for g in FP_CASES:
+                item = out.get(f"{mode}.{kind}.{g}")
+                if not item or g == "a2":
+                    continue
+                if kind == "max" and base.get("delivered_pps"):
+                    item["capacity_vs_a2"] = item["delivered_pps"] / base["delivered_pps"]
+                for key in ("cpu1_us_per_pkt", "total_us_per_pkt"):
+                    if item.get(key) and base.get(key):
+                        item[key.replace("_us_per_pkt", "_cost_vs_a2")] = item[key] / base[key]
+    return out
+
+
+def print_fastpath_summary(s: dict[str, Any]) -> None:
+    if not s:
+        return
+    print("\ngroup f: medians over the rounds [min-max]; cost = CPU time per delivered packet; "
+          "ratios to a2 of the same lab")
+    print(f"  {'mode':<4} {'rate':<6} {'case':<30}{'delivered':>22}{'loss%':>6}{'cpu0%':>6}{'cpu1%':>6}"
+          f"{'CPU-1 us/pkt':>20}{'total us/pkt':>20}{'-others':>8}{'cap/a2':>7}{'c1/a2':>7}{'tot/a2':>7}"
+          f"{'others%':>8}")  # fmt: skip
+    for key, it in s.items():
+        mode, kind, g = key.split(".")
+        dl, (lo, hi) = it["delivered_pps"], it["delivered_pps_spread"]
+        c1 = it.get("cpu1_us_per_pkt")
+        c1s = it.get("cpu1_us_per_pkt_spread", (0, 0))
+        tt = it.get("total_us_per_pkt")
+        tts = it.get("total_us_per_pkt_spread", (0, 0))
+        tx = it.get("total_excl_others_us_per_pkt")
+        rate = fmt_rate(it["rate"])
+        cap = it.get("capacity_vs_a2")
+        r1 = it.get("cpu1_cost_vs_a2")
+        rt = it.get("total_cost_vs_a2")
+        print(f"  {mode:<4} {rate:<6} {FP_LABELS[g]:<30}{dl:>9,.0f} [{lo / 1000:.0f}-{hi / 1000:.0f}k]"
+              f"{it['loss_pct']:>6.1f}{it['cpu_busy_pct'][0]:>6.0f}{it['cpu_busy_pct'][1]:>6.0f}"
+              f"{'' if c1 is None else f'{c1:.2f} [{c1s[0]:.2f}-{c1s[1]:.2f}]':>20}"
+              f"{'' if tt is None else f'{tt:.2f} [{tts[0]:.2f}-{tts[1]:.2f}]':>20}"
+              f"{'' if tx is None else f'{tx:.2f}':>8}"
+              f"{'' if cap is None else f'{cap:.2f}':>7}{'' if r1 is None else f'{r1:.2f}':>7}"
+              f"{'' if rt is None else f'{rt:.2f}':>7}{it.get('others_cpu_pct', 0):>8.0f}")  # fmt: skip
+
+
 def dnat_cases(bench: Bench) -> None:
     """d: iptables DNAT of ESP (conntrack), no daemon."""
     lab = bench.lab
@@ -769,6 +1098,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer rates, 1.2 s per case, no repeats (about 30 s)")
     ap.add_argument("--json", metavar="PATH", help="also write every number to this JSON file")
+    ap.add_argument("--only", choices=("fastpath", "classic"),
+                    help="fastpath: only group f (a2/e2/x2/x0/d2 in rounds, a few minutes); "
+                         "classic: only the groups a..e, a' (without f)")
+    ap.add_argument("--rounds", type=int, help="group f: rounds per lab (full 3, quick 1)")
+    ap.add_argument("--fixed-rate", type=int, metavar="PPS",
+                    help="group f: the fixed offered rate (default: 0.65x a2's delivered rate at max, rounded down)")
+    ap.add_argument("--modes", help="group f: comma-separated lab modes (default dr,tun,nat; quick dr,nat)")
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
         print("bench_dataplane: needs root (network namespaces, iptables, AF_PACKET)", file=sys.stderr)
@@ -780,6 +1116,10 @@ def main(argv: list[str] | None = None) -> int:
     os.sched_setaffinity(0, {GEN_CPU})  # never on the daemon's core
     name = "quick" if args.quick else "full"
     prof = dict(PROFILES[name])  # quiet_budget is spent as the run goes
+    if args.rounds:
+        prof["fp_rounds"] = args.rounds
+    if args.modes:
+        prof["fp_modes"] = [m.strip() for m in args.modes.split(",") if m.strip()]
     mach = machine()
     mach["commit"] = commit()
     load0 = loadavg()
@@ -804,20 +1144,33 @@ def main(argv: list[str] | None = None) -> int:
         raw_loop_cases(b)
         daemon_cases(b, prof["shared_core"])
 
-    with_lab("dr", prof, rows, dr)
-    with_lab("tun", prof, rows, lambda b: daemon_cases(b, False))
-    with_lab("nat", prof, rows, lambda b: daemon_cases(b, False))
-    with_lab("nat", prof, rows, dnat_cases)
-    for mode in ("dr", "tun", "nat"):
-        with_lab(mode, prof, rows, fastpath_cases)
-    if prof["plain_again"]:
+    fixed: dict[str, int] = {"rate": args.fixed_rate or 0}
+    if args.only != "fastpath":
+        with_lab("dr", prof, rows, dr)
+        with_lab("tun", prof, rows, lambda b: daemon_cases(b, False))
+        with_lab("nat", prof, rows, lambda b: daemon_cases(b, False))
+        with_lab("nat", prof, rows, dnat_cases)
+        for mode in ("dr", "tun", "nat"):
+            with_lab(mode, prof, rows, fastpath_cases)
+    if args.only != "classic":
+        print(f"\ngroup f ({prof['fp_rounds']} round(s) per lab, {prof['fp_seconds']} s per case; "
+              "us/pkt here = CPU 1's busy time per delivered packet, daemon column = the daemon process)")
+        fastpath_group(prof, rows, fixed)
+    if prof["plain_again"] and args.only != "fastpath":
         with_lab("dr", prof, rows, lambda b: plain_cases(b, "a'"))
     wall = time.monotonic() - t0
 
     summary = summarize(rows)
-    print_summary(summary)
-    print("\nratio of every case's delivered rate to a:")
-    for r in rows:
+    if args.only != "fastpath":
+        print_summary(summary)
+    summary["fastpath_group"] = fp_summary = summarize_fastpath(rows)
+    summary["fastpath_fixed_rate"] = fixed["rate"]
+    print_fastpath_summary(fp_summary)
+    if args.only != "fastpath":
+        print("\nratio of every case's delivered rate to a:")
+    for r in rows if args.only != "fastpath" else []:
+        if r["group"].startswith("f."):
+            continue
         ratio = r["ratio_to_plain"]
         print(f"  {r['case']:<36}{fmt_rate(r['rate']):>5}  {'' if ratio is None else f'{ratio:.3f}x'}")
     load1 = loadavg()

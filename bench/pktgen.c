@@ -2,6 +2,7 @@
 /* pktgen: send COUNT copies of one Ethernet frame out of one interface, fast, then say how it went.
  *
  *     pktgen IFACE HEXFRAME COUNT [--rate PPS] [--batch N] [--seconds S] [--seq] [--seq-offset OFF]
+ *            [--src-bits N]
  *
  * The benchmark's traffic source (bench/bench_dataplane.py), run inside a lab namespace and pinned
  * to one core with taskset. The kernel has no pktgen module and trafgen stalls under sustained
@@ -18,6 +19,11 @@
  * --seq writes a 32-bit big-endian counter (1, 2, 3, ...) into the last 4 bytes of every frame;
  * --seq-offset OFF writes it at byte OFF instead (e.g. into an IKE initiator SPI: one new ISAKMP
  * conversation per packet). Callers zero the UDP checksum of such frames (RFC 768: no checksum).
+ * --src-bits N (1..24) spoofs the IPv4 source per packet, for floods from many addresses: the low N
+ * bits of the frame's source address become the counter modulo 2^N (the frame's own source gives
+ * the network, e.g. 100.64.0.0 with N = 22 walks 100.64.0.0/10), and the IPv4 header checksum is
+ * recomputed for every frame. It needs an untagged IPv4 frame (EtherType 0x0800 at byte 12) and
+ * can be combined with --seq-offset (the same counter, e.g. a new IKE SPI and a new source).
  * --rate paces whole batches against the clock (absolute sleeps, so pacing errors do not add up);
  * without it the sender goes as fast as the core allows.
  *
@@ -116,7 +122,7 @@ static void usage(void)
 {
 	fprintf(stderr,
 		"usage: pktgen IFACE HEXFRAME COUNT [--rate PPS] [--batch N] [--seconds S]\n"
-		"              [--seq] [--seq-offset OFF]\n"
+		"              [--seq] [--seq-offset OFF] [--src-bits N]\n"
 		"  sends COUNT copies of the Ethernet frame HEXFRAME out of IFACE (AF_PACKET, sendmmsg,\n"
 		"  PACKET_QDISC_BYPASS); stops after COUNT frames, S seconds or %.0f s, whichever is first;\n"
 		"  prints {\"sent\", \"seconds\", \"pps\", \"errors\", \"batch\", \"rate\"} as one JSON line.\n",
@@ -131,6 +137,30 @@ static void put_be32(unsigned char *p, uint32_t v)
 	p[3] = v;
 }
 
+static uint32_t get_be32(const unsigned char *p)
+{
+	return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+}
+
+#define ETH_LEN 14
+#define IP_SRC (ETH_LEN + 12)
+#define IP_CSUM (ETH_LEN + 10)
+
+/* The IPv4 header checksum (RFC 791) of the header at ip, its own field taken as zero. */
+static void ip_checksum(unsigned char *ip)
+{
+	unsigned int ihl = (ip[0] & 0x0f) * 4u;
+	uint32_t sum = 0;
+
+	ip[10] = ip[11] = 0;
+	for (unsigned int i = 0; i + 1 < ihl; i += 2)
+		sum += (uint32_t)ip[i] << 8 | ip[i + 1];
+	while (sum >> 16)
+		sum = (sum & 0xffff) + (sum >> 16);
+	ip[10] = (unsigned char)(~sum >> 8);
+	ip[11] = (unsigned char)~sum;
+}
+
 int main(int argc, char **argv)
 {
 	static unsigned char frame[MAX_FRAME];
@@ -138,7 +168,7 @@ int main(int argc, char **argv)
 	static struct mmsghdr msgs[MAX_BATCH];
 	static struct iovec iovs[MAX_BATCH];
 	double rate = 0, seconds = MAX_SECONDS, count_d, v;
-	long batch = 64, seq_off = -1, len;
+	long batch = 64, seq_off = -1, len, src_bits = 0;
 	int seq = 0;
 
 	if (argc < 4) {
@@ -178,6 +208,8 @@ int main(int argc, char **argv)
 		} else if (!strcmp(opt, "--seq-offset")) {
 			seq = 1;
 			seq_off = (long)v;
+		} else if (!strcmp(opt, "--src-bits")) {
+			src_bits = (long)v;
 		} else {
 			usage();
 			return 2;
@@ -196,6 +228,23 @@ int main(int argc, char **argv)
 			seq_off, len);
 		return 2;
 	}
+
+	if (src_bits && (src_bits < 1 || src_bits > 24)) {
+		fprintf(stderr, "pktgen: --src-bits must be 1..24\n");
+		return 2;
+	}
+	if (src_bits && (len < ETH_LEN + 20 || frame[12] != 0x08 || frame[13] != 0x00 ||
+			 (frame[ETH_LEN] >> 4) != 4 || (frame[ETH_LEN] & 0x0f) < 5 ||
+			 len < ETH_LEN + (frame[ETH_LEN] & 0x0f) * 4)) {
+		fprintf(stderr, "pktgen: --src-bits needs an untagged IPv4 frame\n");
+		return 2;
+	}
+	if (src_bits && seq && seq_off < IP_SRC + 4 && seq_off + 4 > IP_CSUM) {
+		fprintf(stderr, "pktgen: --seq-offset overlaps the IPv4 checksum or source (--src-bits)\n");
+		return 2;
+	}
+	uint32_t src_mask = src_bits ? (1u << src_bits) - 1 : 0;
+	uint32_t src_net = get_be32(frame + IP_SRC) & ~src_mask;
 
 	unsigned int ifindex = if_nametoindex(ifname);
 	if (!ifindex) {
@@ -254,6 +303,11 @@ int main(int argc, char **argv)
 		if (seq)
 			for (unsigned int i = 0; i < n; i++)
 				put_be32(bufs[i] + seq_off, (uint32_t)(sent + i + 1));
+		if (src_bits)
+			for (unsigned int i = 0; i < n; i++) {
+				put_be32(bufs[i] + IP_SRC, src_net | ((uint32_t)(sent + i + 1) & src_mask));
+				ip_checksum(bufs[i] + ETH_LEN);
+			}
 		int r = sendmmsg(fd, msgs, n, 0);
 		if (r < 0) {
 			if (errno != EINTR)
