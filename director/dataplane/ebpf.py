@@ -20,7 +20,6 @@ only to a device that transmits XDP frames (``ndo_xdp_xmit``); the loader asks t
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import logging
 import os
@@ -396,30 +395,13 @@ def _xdp_prog_id(ipr: IPRoute, ifindex: int) -> int:
     return xdp.get_attr("IFLA_XDP_DRV_PROG_ID") or (xdp.get_attr("IFLA_XDP_PROG_ID") or 0)
 
 
-_libbpf = ctypes.CDLL("libbpf.so.1", use_errno=True)
-_libbpf.bpf_prog_get_fd_by_id.argtypes = [ctypes.c_uint32]
-_libbpf.bpf_prog_get_fd_by_id.restype = ctypes.c_int
-_libbpf.bpf_obj_get_info_by_fd.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32)]
-_libbpf.bpf_obj_get_info_by_fd.restype = ctypes.c_int
-_PROG_INFO_NAME = slice(64, 80)  # struct bpf_prog_info (linux/bpf.h): char name[16] at offset 64
-
-
 def _xdp_prog_name(ipr: IPRoute, ifindex: int) -> str | None:
     """The name of the XDP program on the interface (None: none; "?" if it cannot be read)."""
     prog_id = _xdp_prog_id(ipr, ifindex)
     if not prog_id:
         return None
-    fd = _libbpf.bpf_prog_get_fd_by_id(prog_id)
-    if fd < 0:
-        return "?"
-    try:
-        info = ctypes.create_string_buffer(80)  # zeroed: no pointer field asks for a copy
-        size = ctypes.c_uint32(len(info))
-        if _libbpf.bpf_obj_get_info_by_fd(fd, info, ctypes.byref(size)) < 0:
-            return "?"
-        return info.raw[_PROG_INFO_NAME].split(b"\0", 1)[0].decode(errors="replace")
-    finally:
-        os.close(fd)
+    name = libbpf.prog_name_by_id(prog_id)
+    return "?" if name is None else name
 
 
 def _attach_xdp(ipr: IPRoute, ifindex: int, fd: int) -> None:

@@ -399,6 +399,27 @@ def close_fd(fd: int) -> None:
     os.close(fd)
 
 
+_prog_get_fd_by_id = _fn("bpf_prog_get_fd_by_id", _c_int, _c_uint32)
+_obj_get_info_by_fd = _fn("bpf_obj_get_info_by_fd", _c_int, _c_int, _c_void_p, ctypes.POINTER(_c_uint32))
+_PROG_INFO_NAME = slice(64, 80)  # struct bpf_prog_info (linux/bpf.h): char name[16] at offset 64
+
+
+def prog_name_by_id(prog_id: int) -> str | None:
+    """The name of a loaded program by its id (``bpf_prog_info.name``); None if it cannot be read
+    (gone meanwhile, or not ours to open)."""
+    fd = _prog_get_fd_by_id(prog_id)
+    if fd < 0:
+        return None
+    try:
+        info = ctypes.create_string_buffer(80)  # zeroed: no pointer field asks for a copy
+        size = _c_uint32(len(info))
+        if _obj_get_info_by_fd(fd, info, ctypes.byref(size)) < 0:
+            return None
+        return info.raw[_PROG_INFO_NAME].split(b"\0", 1)[0].decode(errors="replace")
+    finally:
+        os.close(fd)
+
+
 def num_possible_cpus() -> int:
     """Possible CPUs (``libbpf_num_possible_cpus``): the number of slots of a per-CPU map value."""
     return _check("libbpf_num_possible_cpus()", _num_cpus())
