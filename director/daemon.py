@@ -140,7 +140,7 @@ class Daemon:
         client_index = self._ipr.link_lookup(ifname=d.client_interface)[0]
         fp = FastPath(self.director, client_ifindex=client_index, lan_ifindex=self._lan_index,
                       lan_addr=self._lan_addr, lan_mtu=self._lan_mtu, pin_dir=Path(d.bpf_pin_dir),
-                      hook=d.fastpath_hook)
+                      hook=d.fastpath_hook, admit_rate=d.new_entries_rate, admit_per_source=d.new_entries_per_source)
         self.director.dirty = set()
         try:
             fp.start(self._ipr)

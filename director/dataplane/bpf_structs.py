@@ -16,6 +16,8 @@ import struct
 from typing import NamedTuple
 
 __all__ = [
+    "ADMIT",
+    "ADMIT_SRC",
     "CLIENT_KEY",
     "CLIENT_VAL",
     "DP_CONFIG",
@@ -36,6 +38,7 @@ __all__ = [
     "MapSpec",
     "addr",
     "addr_int",
+    "admit",
     "client_key",
     "client_val",
     "dp_config",
@@ -43,6 +46,7 @@ __all__ = [
     "percpu_zero",
     "server_val",
     "u32",
+    "unpack_admit",
     "unpack_client_key",
     "unpack_client_val",
     "unpack_dp_config",
@@ -118,9 +122,12 @@ DP_STATS = _layout(
     ("drops", "64Q"),
 )
 RS_STATS = _layout("rs_stats", ("packets", "8Q"), ("bytes", "8Q"))
+ADMIT = _layout("admit", ("rate", "I"), ("per_source", "I"), ("window", "Q"), ("count", "Q"))
+ADMIT_SRC = _layout("admit_src", ("window", "Q"), ("count", "Q"))
 
 #: Every struct of docs/fastpath.md, by its C name.
-LAYOUTS = {l.name: l for l in (VIP_VAL, CLIENT_KEY, CLIENT_VAL, SERVER_VAL, DP_CONFIG, DP_STATS, RS_STATS)}
+LAYOUTS = {l.name: l for l in (VIP_VAL, CLIENT_KEY, CLIENT_VAL, SERVER_VAL, DP_CONFIG, DP_STATS, RS_STATS,
+                               ADMIT, ADMIT_SRC)}
 
 U32 = struct.Struct("=I")  # __u32 keys (rs_id, array index) in host order
 _ADDR = struct.Struct("!I")  # an address: network order
@@ -143,6 +150,8 @@ MAPS = {
     "config": MapSpec(4, DP_CONFIG.size, False),
     "stats": MapSpec(4, DP_STATS.size, True),
     "rs_stats": MapSpec(4, RS_STATS.size, True),
+    "admit": MapSpec(4, ADMIT.size, False),
+    "admit_src": MapSpec(4, ADMIT_SRC.size, False),
 }
 
 
@@ -230,6 +239,22 @@ class DpConfig(NamedTuple):
 def dp_config(lan_addr: int, lan_ifindex: int, lan_mtu: int, client_ifindex: int) -> bytes:
     """Value of ``config`` (key u32(0)): TUN outer source, LAN ifindex, LAN MTU, client ifindex."""
     return DP_CONFIG.struct.pack(_ADDR.pack(lan_addr), lan_ifindex, lan_mtu, client_ifindex)
+
+
+def admit(rate: float, per_source: float) -> bytes:
+    """Value of ``admit`` (key u32(0)): initial IKE packets admitted to the queue per second, in all
+    and per source (0 = no limit; fractions round up: a limit is never tighter than configured);
+    the window state starts empty."""
+    return ADMIT.struct.pack(_whole(rate), _whole(per_source), 0, 0)
+
+
+def _whole(rate: float) -> int:
+    return min(0xFFFFFFFF, -int(-rate // 1)) if rate > 0 else 0
+
+
+def unpack_admit(b: bytes) -> tuple[int, int, int, int]:
+    """(rate, per_source, window, count) of an ``admit`` value."""
+    return ADMIT.struct.unpack(b)
 
 
 def unpack_dp_config(b: bytes) -> DpConfig:

@@ -45,7 +45,7 @@ PIN_DIR = Path("/sys/fs/bpf/vpn-director")
 FILTER_PRIO = 0xC0DE  # our tc filter's priority on each interface: found and replaced by it
 INGRESS = "ffff:fff2"
 ADOPTED_SPI = 0xADAD_0000_0000_0000  # initiator "cookie" of entries rebuilt from the map (| port)
-_MAPS = ("vips", "clients", "servers", "nat_replies", "config", "stats", "rs_stats")
+_MAPS = ("vips", "clients", "servers", "nat_replies", "config", "stats", "rs_stats", "admit", "admit_src")
 HOOKS = ("tc", "xdp")  # where the client-side program runs (daemon.fastpath_hook)
 _CLIENT_PROG = {"tc": ("director_tc.o", "director_tc"), "xdp": ("director_xdp.o", "director_xdp")}
 XDP_PROG_NAME = "director_xdp"  # how our XDP program is told from anyone else's (bpf_prog_info.name)
@@ -73,10 +73,15 @@ class FastPath:
     """Owns the programs and maps of one director namespace."""
 
     def __init__(self, director: Director, *, client_ifindex: int, lan_ifindex: int, lan_addr: int,
-                 lan_mtu: int, pin_dir: Path = PIN_DIR, obj_dir: Path = OBJ_DIR, hook: str = "tc") -> None:
+                 lan_mtu: int, pin_dir: Path = PIN_DIR, obj_dir: Path = OBJ_DIR, hook: str = "tc",
+                 admit_rate: float = 0.0, admit_per_source: float = 0.0) -> None:  # fmt: skip
         if hook not in HOOKS:
             raise ValueError(f"fastpath hook must be one of {', '.join(HOOKS)}, got {hook!r}")
         self.hook = hook
+        # initial IKE packets admitted to the queue per second (daemon.new_entries_rate and
+        # new_entries_per_source, enforced in the kernel before the queue; 0 = no limit)
+        self.admit_rate = admit_rate
+        self.admit_per_source = admit_per_source
         self.d = director
         self.client_ifindex = client_ifindex
         self.lan_ifindex = lan_ifindex
@@ -165,6 +170,7 @@ class FastPath:
     def _write_config(self) -> None:
         libbpf.map_update(self.fd["config"], bs.u32(0),
                           bs.dp_config(self.lan_addr, self.lan_ifindex, self.lan_mtu, self.client_ifindex))
+        libbpf.map_update(self.fd["admit"], bs.u32(0), bs.admit(self.admit_rate, self.admit_per_source))
 
     def sync_services(self) -> None:
         """vips, servers and nat_replies equal the running services; clients of gone ones pruned."""

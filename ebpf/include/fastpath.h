@@ -77,6 +77,57 @@ static __always_inline void count_rs(__u32 rs_id, int kind, __u32 bytes)
 	r->bytes[kind & (N_KINDS - 1)] += bytes;
 }
 
+#define ADMIT_WINDOW_NS 100000000ULL         /* the global limit counts in 100 ms windows */
+#define ADMIT_SOURCE_WINDOW_NS 1000000000ULL /* a source's limit in 1 s windows */
+
+/* May this initial IKE packet from src go up to the queue? Per source first (a spoofer's excess
+ * costs nobody else), then the global limit (rate / 10 per 100 ms window, at least 1). Counts are
+ * atomic adds; a window's reset is a plain store, so two CPUs crossing a window boundary together
+ * may admit a few packets more: a bound within a few packets, not exact, as DESIGN asks. */
+static __always_inline int fp_admit(__be32 src)
+{
+	struct admit_src *as;
+	struct admit *a;
+	__u32 zero = 0;
+	__u64 now, w, limit;
+
+	a = bpf_map_lookup_elem(&admit, &zero);
+	if (!a || !(a->rate | a->per_source))
+		return 1;
+	now = bpf_ktime_get_ns();
+	if (a->per_source) {
+		w = now / ADMIT_SOURCE_WINDOW_NS;
+		as = bpf_map_lookup_elem(&admit_src, &src);
+		if (!as) {
+			struct admit_src fresh = {.window = w, .count = 1};
+
+			bpf_map_update_elem(&admit_src, &src, &fresh, BPF_ANY);
+		} else {
+			if (as->window != w) {
+				as->window = w;
+				as->count = 0;
+			}
+			__sync_fetch_and_add(&as->count, 1);
+			if (as->count > a->per_source)
+				return 0;
+		}
+	}
+	if (a->rate) {
+		limit = a->rate / 10;
+		if (!limit)
+			limit = 1;
+		w = now / ADMIT_WINDOW_NS;
+		if (a->window != w) {
+			a->window = w;
+			a->count = 0;
+		}
+		__sync_fetch_and_add(&a->count, 1);
+		if (a->count > limit)
+			return 0;
+	}
+	return 1;
+}
+
 /* The packet was rewritten and handed to the redirect. */
 static __always_inline void fp_forwarded(const struct fp *f)
 {
@@ -209,6 +260,11 @@ static __always_inline int fp_decide(void *ctx, void *data, void *data_end, __u3
 	case KIND_NOT_OURS:
 		st->not_ours++;
 		return fp_pass(st, kind);
+	case KIND_IKE_INITIAL: /* the daemon's, within the admission limits */
+		if (fp_admit(f->p.src))
+			return fp_pass(st, kind);
+		st->drops[DROP_RATE_LIMITED]++;
+		return FP_DROP;
 	default: /* IKE and NAT-keepalives: the daemon's */
 		return fp_pass(st, kind);
 	}

@@ -58,4 +58,18 @@ struct {
 	__type(value, struct rs_stats);
 } rs_stats SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct admit);
+} admit SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536); /* a spoofed flood churns it; the least recently seen go first */
+	__type(key, __u32);         /* source address, network order */
+	__type(value, struct admit_src);
+} admit_src SEC(".maps");
+
 #endif

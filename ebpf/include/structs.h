@@ -80,6 +80,23 @@ struct dp_stats {
 	__u64 drops[N_DROP_REASONS]; /* by enum drop_reason: malformed packets to a VIP */
 };
 
+/* Admission of initial IKE packets to the slow path, before the queue (DESIGN section 8): the
+ * daemon's daemon.new_entries_rate and new_entries_per_source, enforced here in fixed windows so a
+ * flood's excess costs no queue slot and no Python. The daemon writes rate and per_source (0 = no
+ * limit); window and count are the global window's state, kept by the programs. */
+struct admit {
+	__u32 rate;       /* initial IKE packets per second, all sources together */
+	__u32 per_source; /* per source address and second */
+	__u64 window;     /* bpf_ktime_get_ns() / ADMIT_WINDOW_NS of the current global window */
+	__u64 count;      /* initial IKE packets seen in it (atomic adds) */
+};
+
+/* admit_src values: one source's current window (bpf_ktime_get_ns() / ADMIT_SOURCE_WINDOW_NS). */
+struct admit_src {
+	__u64 window;
+	__u64 count;
+};
+
 struct rs_stats {
 	__u64 packets[N_KINDS];
 	__u64 bytes[N_KINDS];
@@ -92,5 +109,7 @@ _Static_assert(sizeof(struct server_val) == 8, "server_val");
 _Static_assert(sizeof(struct dp_config) == 16, "dp_config");
 _Static_assert(sizeof(struct dp_stats) == 8 * (3 * N_KINDS + 7 + N_DROP_REASONS), "dp_stats");
 _Static_assert(sizeof(struct rs_stats) == 8 * 2 * N_KINDS, "rs_stats");
+_Static_assert(sizeof(struct admit) == 24, "admit");
+_Static_assert(sizeof(struct admit_src) == 16, "admit_src");
 
 #endif

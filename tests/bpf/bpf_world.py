@@ -235,14 +235,15 @@ class World:
 
     # -- maps ---------------------------------------------------------------------------------------
     def clear(self) -> None:
-        """Empty every hash map, zero the stats and the config."""
+        """Empty every hash map, zero the stats, the config and the admission limits."""
         L, S = self.L, self.S
-        for name in ("vips", "clients", "servers", "nat_replies", "rs_stats"):
+        for name in ("vips", "clients", "servers", "nat_replies", "rs_stats", "admit_src"):
             fd = self.map_fd[name]
             for key in list(L.map_keys(fd, S.MAPS[name].key_size)):
                 L.map_delete(fd, key)
         L.map_update(self.map_fd["stats"], S.u32(0), S.percpu_zero(S.DP_STATS, self.ncpus))
         L.map_update(self.map_fd["config"], S.u32(0), bytes(S.DP_CONFIG.size))
+        L.map_update(self.map_fd["admit"], S.u32(0), bytes(S.ADMIT.size))  # no admission limits
 
     def put(self, name: str, key: bytes, value: bytes) -> None:
         self.L.map_update(self.map_fd[name], key, value)

@@ -81,7 +81,8 @@ def test_python_mirror_matches_btf(c_structs, layout):
 
 
 def test_every_contract_struct_is_mirrored(c_structs):
-    contract = {"vip_val", "client_key", "client_val", "server_val", "dp_config", "dp_stats", "rs_stats"}
+    contract = {"vip_val", "client_key", "client_val", "server_val", "dp_config", "dp_stats", "rs_stats", "admit",
+                "admit_src"}  # fmt: skip
     assert contract <= set(c_structs)
     assert set(S.LAYOUTS) == contract
 

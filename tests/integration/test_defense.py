@@ -85,3 +85,46 @@ def test_spoofed_esp_from_unroutable_sources_is_counted_not_an_error(make_lab, r
         time.sleep(0.05)
     st = d.status()
     assert st["stats"]["internal_errors"] == 0 and st["drops"]["NO_ENTRY"] == 20
+
+
+def test_new_entry_limits_hold_and_the_fast_path_enforces_them_before_the_queue(make_lab, run_director):
+    """daemon.new_entries_rate / new_entries_per_source against a spoofed-source INIT flood: the
+    entries created stay within the global limit; with the eBPF dataplane the excess dies in the
+    kernel (RATE_LIMITED in the fast path's drops) and the daemon sees about what was admitted;
+    a source over its own limit is cut while a legitimate client still gets through."""
+    rate, per_source, n = 1000, 5, 8000
+    lab = make_lab("dr")
+    d = run_director(lab, scheduler="rr", daemon_extra=f"new_entries_rate = {rate}\nnew_entries_per_source = {per_source}\n")
+    vip = ip_to_int(lab.vip)
+    rng = random.Random(11)
+    flood = [craft.ike(0x64400000 | rng.getrandbits(22), vip, rng.getrandbits(64) | 1) for _ in range(n)]
+    one_source = [craft.ike(0x64400001, vip, rng.getrandbits(64) | 1) for _ in range(40)]
+    raw = lab.socket("c1", socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+    t0 = time.monotonic()
+    for pkt in flood + one_source:
+        try:
+            raw.sendto(pkt, (lab.vip, 0))
+        except BlockingIOError:
+            pass
+    elapsed = time.monotonic() - t0
+    time.sleep(0.3)
+    c2 = LabClient(lab, "c2")  # a legitimate client right after: its source is under its limit
+    c2.ikev2_connect()
+
+    st = d.status()
+    span = time.monotonic() - t0  # the queue may still have been draining after the send
+    created = st["stats"]["scheduled"]
+    bound = rate * (span + 1.0) + 50  # the limit over that time, plus a burst or window of slack
+    assert created <= bound, (created, bound, elapsed)
+    limited = st["drops"].get("RATE_LIMITED", 0)  # slow path and fast path together
+    assert limited >= n - bound, st["drops"]
+    from_one = [c for c in d.connections() if c["client"] == "100.64.0.1"]
+    assert len(from_one) <= per_source * (span + 1.5), len(from_one)
+    if st["dataplane"] == "ebpf":
+        in_kernel = st["fastpath"]["drops"].get("RATE_LIMITED", 0)
+        assert in_kernel >= n - bound, st["fastpath"]
+        decided = st["stats"]["packets"]
+        assert decided <= bound + 20, f"the daemon decided {decided} packets: the excess reached the queue"
+    print(f"limits: {n + len(one_source)} spoofed initials in {elapsed:.2f}s, {created} entries created, "
+          f"{limited} rate-limited ({st.get('fastpath', {}).get('drops', {}).get('RATE_LIMITED', 0)} in the kernel), "
+          f"daemon decided {st['stats']['packets']}")
