@@ -39,6 +39,7 @@ __all__ = [
     "addr",
     "addr_int",
     "admit",
+    "admit_window",
     "client_key",
     "client_val",
     "dp_config",
@@ -122,7 +123,7 @@ DP_STATS = _layout(
     ("drops", "64Q"),
 )
 RS_STATS = _layout("rs_stats", ("packets", "8Q"), ("bytes", "8Q"))
-ADMIT = _layout("admit", ("rate", "I"), ("per_source", "I"), ("window", "Q"), ("count", "Q"))
+ADMIT = _layout("admit", ("per_window", "I"), ("per_source", "I"), ("window_ns", "Q"), ("window", "Q"), ("count", "Q"))
 ADMIT_SRC = _layout("admit_src", ("window", "Q"), ("count", "Q"))
 
 #: Every struct of docs/fastpath.md, by its C name.
@@ -241,19 +242,32 @@ def dp_config(lan_addr: int, lan_ifindex: int, lan_mtu: int, client_ifindex: int
     return DP_CONFIG.struct.pack(_ADDR.pack(lan_addr), lan_ifindex, lan_mtu, client_ifindex)
 
 
+ADMIT_MIN_PER_WINDOW = 8  # the global window is as short as this allows (an even stream, not bursts)
+ADMIT_MIN_WINDOW_NS = 1_000_000  # ... but not below 1 ms
+
+
 def admit(rate: float, per_source: float) -> bytes:
-    """Value of ``admit`` (key u32(0)): initial IKE packets admitted to the queue per second, in all
-    and per source (0 = no limit; fractions round up: a limit is never tighter than configured);
-    the window state starts empty."""
-    return ADMIT.struct.pack(_whole(rate), _whole(per_source), 0, 0)
+    """Value of ``admit`` (key u32(0)) for ``rate`` initial IKE packets per second in all and
+    ``per_source`` per source and second (0 = no limit; a fractional per-source limit rounds up):
+    the global window is the shortest (>= 1 ms) that holds at least 8 packets; state empty."""
+    per_window, window_ns = admit_window(rate)
+    return ADMIT.struct.pack(per_window, _whole(per_source), window_ns, 0, 0)
+
+
+def admit_window(rate: float) -> tuple[int, int]:
+    """(per_window, window_ns) for a global rate; (0, 0) for no limit."""
+    if rate <= 0:
+        return 0, 0
+    window_ns = max(ADMIT_MIN_WINDOW_NS, -int(-ADMIT_MIN_PER_WINDOW * 1e9 // rate))
+    return min(0xFFFFFFFF, max(1, round(rate * window_ns / 1e9))), window_ns
 
 
 def _whole(rate: float) -> int:
     return min(0xFFFFFFFF, -int(-rate // 1)) if rate > 0 else 0
 
 
-def unpack_admit(b: bytes) -> tuple[int, int, int, int]:
-    """(rate, per_source, window, count) of an ``admit`` value."""
+def unpack_admit(b: bytes) -> tuple[int, int, int, int, int]:
+    """(per_window, per_source, window_ns, window, count) of an ``admit`` value."""
     return ADMIT.struct.unpack(b)
 
 

@@ -77,22 +77,21 @@ static __always_inline void count_rs(__u32 rs_id, int kind, __u32 bytes)
 	r->bytes[kind & (N_KINDS - 1)] += bytes;
 }
 
-#define ADMIT_WINDOW_NS 100000000ULL         /* the global limit counts in 100 ms windows */
-#define ADMIT_SOURCE_WINDOW_NS 1000000000ULL /* a source's limit in 1 s windows */
+#define ADMIT_SOURCE_WINDOW_NS 1000000000ULL /* a source's limit counts in 1 s windows */
 
 /* May this initial IKE packet from src go up to the queue? Per source first (a spoofer's excess
- * costs nobody else), then the global limit (rate / 10 per 100 ms window, at least 1). Counts are
- * atomic adds; a window's reset is a plain store, so two CPUs crossing a window boundary together
- * may admit a few packets more: a bound within a few packets, not exact, as DESIGN asks. */
+ * costs nobody else), then the global limit (per_window in every window_ns). Counts are atomic
+ * adds; a window's reset is a plain store, so two CPUs crossing a window boundary together may
+ * admit a few packets more: a bound within a few packets, not exact, as DESIGN asks. */
 static __always_inline int fp_admit(__be32 src)
 {
 	struct admit_src *as;
 	struct admit *a;
 	__u32 zero = 0;
-	__u64 now, w, limit;
+	__u64 now, w;
 
 	a = bpf_map_lookup_elem(&admit, &zero);
-	if (!a || !(a->rate | a->per_source))
+	if (!a || !((a->per_window && a->window_ns) | a->per_source))
 		return 1;
 	now = bpf_ktime_get_ns();
 	if (a->per_source) {
@@ -112,17 +111,14 @@ static __always_inline int fp_admit(__be32 src)
 				return 0;
 		}
 	}
-	if (a->rate) {
-		limit = a->rate / 10;
-		if (!limit)
-			limit = 1;
-		w = now / ADMIT_WINDOW_NS;
+	if (a->per_window && a->window_ns) {
+		w = now / a->window_ns;
 		if (a->window != w) {
 			a->window = w;
 			a->count = 0;
 		}
 		__sync_fetch_and_add(&a->count, 1);
-		if (a->count > limit)
+		if (a->count > a->per_window)
 			return 0;
 	}
 	return 1;

@@ -81,13 +81,17 @@ struct dp_stats {
 };
 
 /* Admission of initial IKE packets to the slow path, before the queue (DESIGN section 8): the
- * daemon's daemon.new_entries_rate and new_entries_per_source, enforced here in fixed windows so a
- * flood's excess costs no queue slot and no Python. The daemon writes rate and per_source (0 = no
- * limit); window and count are the global window's state, kept by the programs. */
+ * daemon's daemon.new_entries_rate and new_entries_per_source, enforced here so a flood's excess
+ * costs no queue slot and no Python. The global limit counts in short fixed windows (the daemon
+ * picks window_ns so that per_window is at least 8: 1 ms at 20,000/s), so what it admits reaches
+ * the queue and the real servers as an even stream, not as one burst per window. The daemon writes
+ * per_window, per_source and window_ns (0 = no limit); window and count are the current global
+ * window's state, kept by the programs. */
 struct admit {
-	__u32 rate;       /* initial IKE packets per second, all sources together */
+	__u32 per_window; /* initial IKE packets per window, all sources together */
 	__u32 per_source; /* per source address and second */
-	__u64 window;     /* bpf_ktime_get_ns() / ADMIT_WINDOW_NS of the current global window */
+	__u64 window_ns;  /* the global window's length */
+	__u64 window;     /* bpf_ktime_get_ns() / window_ns of the current global window */
 	__u64 count;      /* initial IKE packets seen in it (atomic adds) */
 };
 
@@ -109,7 +113,7 @@ _Static_assert(sizeof(struct server_val) == 8, "server_val");
 _Static_assert(sizeof(struct dp_config) == 16, "dp_config");
 _Static_assert(sizeof(struct dp_stats) == 8 * (3 * N_KINDS + 7 + N_DROP_REASONS), "dp_stats");
 _Static_assert(sizeof(struct rs_stats) == 8 * 2 * N_KINDS, "rs_stats");
-_Static_assert(sizeof(struct admit) == 24, "admit");
+_Static_assert(sizeof(struct admit) == 32, "admit");
 _Static_assert(sizeof(struct admit_src) == 16, "admit_src");
 
 #endif

@@ -1,8 +1,8 @@
 """Admission of initial IKE packets before the queue (director_tc and director_xdp alike).
 
-The daemon writes ``admit`` = (daemon.new_entries_rate, daemon.new_entries_per_source); the programs
-let at most rate/10 initial IKE packets per 100 ms window and per_source per source and second
-through to the stack, and drop the rest as RATE_LIMITED (counted like every drop). Non-initial
+The daemon writes ``admit`` from daemon.new_entries_rate and daemon.new_entries_per_source; the
+programs let at most per_window initial IKE packets per window_ns and per_source per source and
+second through to the stack, and drop the rest as RATE_LIMITED (counted like every drop). Non-initial
 IKE, ESP and NAT-keepalives are never limited. Windows are real time (bpf_ktime_get_ns, the clock
 of time.monotonic_ns): a run that straddles a window boundary is repeated, so the counts are exact.
 """
@@ -46,7 +46,7 @@ def initial(src: int, spi: int) -> bytes:
 
 @pytest.mark.parametrize("prog", ["tc", "xdp"])
 def test_global_limit_per_window_and_nothing_else_limited(world, prog):
-    world._admit = S.admit(50, 0)  # 50/s: 5 per 100 ms window
+    world._admit = S.ADMIT.struct.pack(5, 0, 100_000_000, 0, 0)  # 5 per 100 ms window
     frames = [initial(C_DR + i, 0x100 + i) for i in range(8)]
     frames += [eth(craft.ike(C_DR, VIP, 0x100, 0x200)), eth(esp_dr)]  # non-initial IKE, ESP: never limited
     rets, d = verdicts(world, prog, frames, 100_000_000)
@@ -73,7 +73,15 @@ def test_no_limits_admits_everything(world, prog):
     assert world.get("admit_src", S.addr(C_DR)) is None  # no state kept when off
 
 
-def test_admit_value_rounds_a_fractional_rate_up():
-    assert S.unpack_admit(S.admit(0.5, 2.2)) == (1, 3, 0, 0)
-    assert S.unpack_admit(S.admit(0, 0)) == (0, 0, 0, 0)
-    assert S.unpack_admit(S.admit(1e12, 1)) == (0xFFFFFFFF, 1, 0, 0)
+def test_admit_value_picks_short_windows_of_at_least_eight_packets():
+    assert S.admit_window(20_000) == (20, 1_000_000)  # 1 ms windows: an even stream, not bursts
+    assert S.admit_window(1_000) == (8, 8_000_000)
+    assert S.admit_window(50) == (8, 160_000_000)
+    assert S.admit_window(0.5) == (8, 16_000_000_000)
+    assert S.admit_window(1e7) == (10_000, 1_000_000)  # never below 1 ms
+    assert S.admit_window(0) == (0, 0)
+    for rate in (0.5, 50, 1_000, 20_000, 123_456):  # the long-run rate is the configured one
+        per_window, window_ns = S.admit_window(rate)
+        assert abs(per_window * 1e9 / window_ns - rate) <= 0.01 * rate
+    assert S.unpack_admit(S.admit(20_000, 2.2)) == (20, 3, 1_000_000, 0, 0)  # per source rounds up
+    assert S.unpack_admit(S.admit(0, 0)) == (0, 0, 0, 0, 0)
