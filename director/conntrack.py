@@ -46,6 +46,7 @@ NO_RS = 0xFFFF
 F_NATT = 0x01  # the conversation has used UDP 4500
 F_SOFT = 0x02  # kept past its idle timeout (soft expiry)
 F_SPI_R_FROM_SERVER = 0x04  # spi_r was recorded from the real server's reply (NAT mode)
+F_SUPERSEDED = 0x08  # a newer conversation of its client endpoint was established on its server
 
 _COOKIE_KEY = struct.Struct(">HIQ")  # service, client, initiator cookie: 14 bytes
 _CLIENT_KEY = struct.Struct(">HI")  # service, client: 6 bytes
@@ -251,6 +252,7 @@ class Table:
             "soft_kept": 0,
             "soft_revived": 0,
             "refreshed_elsewhere": 0,
+            "superseded": 0,
         }
 
     # -- configuration ---------------------------------------------------------------------
@@ -410,21 +412,52 @@ class Table:
             self.on_count(rs, State.INIT, -1)
             self.on_count(rs, State.ESTABLISHED, 1)
         self.touch(s, now)
+        self._supersede(s, now)
         return True
+
+    def _supersede(self, s: int, now: float) -> None:
+        """The client endpoint's older ESTABLISHED conversations on the same real server are most
+        likely the ones ``s`` replaced (an IKEv2 IKE SA rekey, a new IKEv1 phase 1): the old SA's
+        DELETE is encrypted, so the director never sees it go, and it would count as an active
+        connection (lc, wlc, sed, nq) until its idle timeout. Their deadline is cut to the INIT
+        timeout, and neither the fast path's activity nor soft expiry keeps them; an IKE packet of
+        their own extends them by the INIT timeout only (the old SA's own DELETE is such a packet:
+        IKEv1 sends it after the new phase 1 is up). An SA that is in fact still alive keeps its
+        entry as long as its IKE traffic comes at least every INIT timeout, and if it goes quiet
+        longer, its next message is adopted on the same server (core) anyway. A walk of the
+        endpoint's group, once per establish or port change (bounded by the per-source limit on
+        new entries)."""
+        rs, grace = self.rs[s], now + self.timeouts(self.svc[s]).init
+        b = self._by_natt.find(_NATT_KEY.pack(self.svc[s], self.client[s], self.cport[s]))
+        e = self._by_natt.slots[b] if b >= 0 else NO_SLOT
+        while e >= 0:
+            if (e != s and self.state[e] == State.ESTABLISHED and self.rs[e] == rs
+                    and not self.flags[e] & (F_SUPERSEDED | F_SOFT) and self.expires[e] > grace):  # fmt: skip
+                self.flags[e] |= F_SUPERSEDED
+                self.stats["superseded"] += 1
+                self._set_deadline(e, grace)
+            e = self.p_next[e]
 
     def touch(self, s: int, now: float) -> None:
         """Refresh the idle deadline (any IKE or ESP packet of the entry). O(1), lazy."""
         if self.flags[s] & F_SOFT:
             self._unsoft(s)
             self.stats["soft_revived"] += 1
-        deadline = now + self.timeouts(self.svc[s]).for_state(self.state[s])
+        if self.flags[s] & F_SUPERSEDED:  # replaced: its own traffic buys it the INIT timeout only
+            deadline = now + self.timeouts(self.svc[s]).init
+        else:
+            deadline = now + self.timeouts(self.svc[s]).for_state(self.state[s])
         if int(deadline // self._tick) + 1 < self.t_tick[s]:
             self._set_deadline(s, deadline)  # shortened: refile now
         else:
             self.expires[s] = deadline  # later: the wheel refiles it when its bucket comes round
 
-    def set_port(self, s: int, port: int) -> None:
-        """The client's UDP source port changed (NAT-T float 500 -> 4500, or a NAT rebinding)."""
+    def set_port(self, s: int, port: int, now: float | None = None) -> None:
+        """The client's UDP source port changed (NAT-T float 500 -> 4500, or a NAT rebinding).
+
+        With ``now``, an ESTABLISHED entry arriving in its new endpoint group supersedes the older
+        ones there (an IKEv1 phase 1 behind a NAT is established on the port 500 mapping and
+        floats to the 4500 one, where the phase 1 it replaces lives)."""
         old = self.cport[s]
         if old == port:
             return
@@ -434,6 +467,8 @@ class Table:
         self._group_add(self._by_natt, _NATT_KEY.pack(svc, client, port), self.p_next, self.p_prev, s)
         if self.on_port:
             self.on_port(s, old)
+        if now is not None and self.state[s] == State.ESTABLISHED and not self.flags[s] & F_SUPERSEDED:
+            self._supersede(s, now)
 
     def mark_natt(self, s: int) -> None:
         self.flags[s] |= F_NATT
@@ -482,7 +517,8 @@ class Table:
 
     def _expire_one(self, s: int, now: float) -> int:
         svc = self.svc[s]
-        if self.activity is not None and self.state[s] == State.ESTABLISHED:
+        superseded = self.flags[s] & F_SUPERSEDED
+        if self.activity is not None and self.state[s] == State.ESTABLISHED and not superseded:
             seen = self.activity(s)
             if seen is not None:
                 deadline = seen + self.timeouts(svc).established
@@ -492,7 +528,7 @@ class Table:
                     self.stats["refreshed_elsewhere"] += 1
                     self._set_deadline(s, deadline)
                     return 0
-        if self.state[s] == State.ESTABLISHED and not self.flags[s] & F_SOFT:
+        if self.state[s] == State.ESTABLISHED and not self.flags[s] & F_SOFT and not superseded:
             limit = self._soft_limit.get(svc, 0)
             if limit and self._soft_count.get(svc, 0) < limit:
                 self.flags[s] |= F_SOFT

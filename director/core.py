@@ -365,7 +365,7 @@ class Director:
             rs = self._servers.get(t.rs[s])
             if t.state[s] == _INIT:
                 n = t.retransmit(s, now, c.wire_len)
-                self._follow_port(t, s, c)
+                self._follow_port(t, s, c, now)
                 if rs is None or not rs.up:
                     rs = self._reschedule(svc, c, s, "rescheduled_dead")
                 elif (
@@ -430,7 +430,7 @@ class Director:
             if not t.spi_r_from_server(s) or t.spi_r[s] != c.spi_r:
                 return self._drop(_K_IKE, DropReason.RESPONDER_SPI_MISMATCH, svc)
         t.establish(s, c.spi_r, now)  # refreshes an ESTABLISHED entry too
-        self._follow_port(t, s, c)
+        self._follow_port(t, s, c, now)
         return self._forward(svc, _K_IKE, rs)
 
     def _refuse_new(self, source: int, now: float) -> bool:
@@ -440,9 +440,9 @@ class Director:
         return self._new_limit is not None and not self._new_limit.take(now)
 
     @staticmethod
-    def _follow_port(t: Table, s: int, c) -> None:
+    def _follow_port(t: Table, s: int, c, now: float) -> None:
         if c.sport != t.cport[s]:
-            t.set_port(s, c.sport)
+            t.set_port(s, c.sport, now)
         if c.natt:
             t.mark_natt(s)
 

@@ -120,6 +120,9 @@ class Collector:
         ex.add_metric(["init"], t.stats["expired_init"])
         ex.add_metric(["established"], t.stats["expired_established"])
         yield ex
+        yield CounterMetricFamily("director_table_superseded",
+                                  "ESTABLISHED conversations replaced by a newer one of their client endpoint",
+                                  value=t.stats["superseded"])  # fmt: skip
 
         drops = CounterMetricFamily("director_drops", "Drops by reason (slow and fast path)", labels=["reason"])
         counts = dm.drop_counts()

@@ -330,6 +330,15 @@ def test_rekeying_keeps_every_client_on_its_real_server(ipsec, run_director, mod
         wait_for(lambda r=role: all(ch.get("state") == "INSTALLED" for ch in current(r)["child-sas"].values()),
                  5.0, f"{role}'s rekeyed CHILD_SAs to go")  # fmt: skip
     run("client reauthentication", "ike", client_reauth)
+    # every replaced conversation is superseded: it leaves within the INIT timeout (30 s here)
+    # instead of counting as an active connection for the established timeout (3600 s)
+    st = d.status()
+    assert st["table"]["superseded"] >= len(roles), st["table"]
+    for role in roles:
+        newest = current(role)["initiator-spi"]
+        for c in d.connections():
+            if c["client"] == peers.seen_as(role) and c["state"] == "ESTABLISHED" and c["spi_i"] != newest:
+                assert c["expires_in"] <= 30.5, (role, newest, d.connections())
     no_internal_errors(d)
 
 

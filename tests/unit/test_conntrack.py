@@ -287,3 +287,63 @@ def test_on_create_and_refresh_all_for_failover():
     assert t.refresh_all(95.0) == 2  # a takeover restarts every idle timer from now
     assert t.expire(104.0) == 0  # a (INIT, 10 s) and b (100 s) would both be gone by now
     assert t.expire(106.0) == 1 and t.lookup(SVC, C2, 2) == b
+
+
+def test_a_newer_conversation_of_the_endpoint_supersedes_the_older_on_its_server():
+    """An IKE SA rekey (new SPIs, same client endpoint, same server): the old conversation's DELETE
+    is encrypted, so the old entry would count as active until its idle timeout. Established
+    timeout 100 s, INIT 10 s: the old one now has 10 s, unless an IKE packet of its own comes."""
+    counts = {}
+
+    def count(rs, state, delta):
+        counts[(rs, state)] = counts.get((rs, state), 0) + delta
+
+    seen = {}
+    t = make(on_count=count, activity=lambda s: seen.get(s))
+    old = t.create(SVC, C1, 4500, 0x1111, rs=3, now=0.0)
+    t.establish(old, 0xAAAA, now=0.0)
+    other_rs = t.create(SVC, C1, 4500, 0x2222, rs=4, now=0.0)  # same endpoint, other server
+    t.establish(other_rs, 0xBBBB, now=0.0)
+    other_port = t.create(SVC, C1, 500, 0x3333, rs=3, now=0.0)  # other endpoint (port)
+    t.establish(other_port, 0xCCCC, now=0.0)
+    new = t.create(SVC, C1, 4500, 0x4444, rs=3, now=50.0)
+    t.establish(new, 0xDDDD, now=50.0)
+    assert t.stats["superseded"] == 1
+    assert t.expires[old] == 60.0 and t.expires[other_rs] == 100.0 and t.expires[other_port] == 100.0
+    seen[old] = 55.0  # the client's ESP seen by the fast path does not keep the superseded one
+    assert t.expire(62.0) == 1
+    assert t.lookup(SVC, C1, 0x1111) == NO_SLOT and t.stats["expired_established"] == 1
+    assert counts[(3, State.ESTABLISHED)] == 2  # other_port and new: no phantom left
+    assert {t.lookup(SVC, C1, spi) for spi in (0x2222, 0x3333, 0x4444)} == {other_rs, other_port, new}
+
+
+def test_a_superseded_conversation_lives_on_its_own_traffic_in_init_timeouts():
+    t = make()
+    old = t.create(SVC, C1, 4500, 0x1111, rs=3, now=0.0)
+    t.establish(old, 0xAAAA, now=0.0)
+    new = t.create(SVC, C1, 4500, 0x2222, rs=3, now=5.0)
+    t.establish(new, 0xBBBB, now=5.0)
+    assert t.expires[old] == 15.0
+    t.establish(old, 0xAAAA, now=12.0)  # an IKE message of the old SA (its DELETE, or DPD)
+    assert t.expires[old] == 22.0  # the INIT timeout again, not the established one
+    t.touch(old, now=20.0)
+    assert t.expire(25.0) == 0 and len(t) == 2  # kept while its own traffic keeps coming
+    assert t.expire(31.0) == 1 and t.lookup(SVC, C1, 0x1111) == NO_SLOT
+    assert t.lookup(SVC, C1, 0x2222) == new
+
+
+def test_an_ikev1_phase1_behind_nat_supersedes_when_it_floats_to_the_old_ones_port():
+    """Established on the NAT's mapping of port 500, the new phase 1 floats to the 4500 mapping,
+    where the phase 1 it replaces lives: the float supersedes it (a mirrored port change, no
+    ``now``, does not)."""
+    t = make()
+    old = t.create(SVC, C1, 40500, 0x1111, rs=3, now=0.0)
+    t.establish(old, 0xAAAA, now=0.0)
+    new = t.create(SVC, C1, 40001, 0x2222, rs=3, now=50.0)
+    t.establish(new, 0xBBBB, now=50.0)
+    assert t.stats["superseded"] == 0  # other endpoint so far
+    t.set_port(new, 40500)
+    assert t.stats["superseded"] == 0
+    t.set_port(new, 40001)
+    t.set_port(new, 40500, now=51.0)
+    assert t.stats["superseded"] == 1 and t.expires[old] == 61.0
