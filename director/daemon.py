@@ -140,7 +140,8 @@ class Daemon:
         client_index = self._ipr.link_lookup(ifname=d.client_interface)[0]
         fp = FastPath(self.director, client_ifindex=client_index, lan_ifindex=self._lan_index,
                       lan_addr=self._lan_addr, lan_mtu=self._lan_mtu, pin_dir=Path(d.bpf_pin_dir),
-                      hook=d.fastpath_hook, admit_rate=d.new_entries_rate, admit_per_source=d.new_entries_per_source)
+                      hook=d.fastpath_hook, admit_rate=d.new_entries_rate, admit_per_source=d.new_entries_per_source,
+                      fib_rules=d.fastpath_fib == "rules")
         self.director.dirty = set()
         try:
             fp.start(self._ipr)

@@ -71,7 +71,7 @@ int director_reply(struct __sk_buff *skb)
 	}
 	/* Toward the client, as ip_forward would route the rewritten packet arriving here. */
 	in_ifindex = cfg->lan_ifindex ? cfg->lan_ifindex : skb->ingress_ifindex;
-	rc = fib_forward(skb, &fib, in_ifindex, vip, p.dst, p.tos, p.proto, p.tot_len);
+	rc = fib_forward(skb, cfg, &fib, in_ifindex, vip, p.dst, p.tos, p.proto, p.tot_len);
 	if (rc != BPF_FIB_LKUP_RET_SUCCESS) {
 		count_fib_failure(st, rc);
 		return TC_ACT_OK;

@@ -21,6 +21,7 @@ __all__ = [
     "CLIENT_KEY",
     "CLIENT_VAL",
     "DP_CONFIG",
+    "DP_F_FIB_RULES",
     "DP_STATS",
     "LAYOUTS",
     "MAPS",
@@ -60,6 +61,7 @@ __all__ = [
 ]
 
 VIP_F_AH = 0x01  # vip_val.flags: AH is accepted for this service
+DP_F_FIB_RULES = 0x01  # dp_config.flags: route lookups follow the ip rules (else the main table directly)
 METHOD_DR, METHOD_TUN, METHOD_NAT = 0, 1, 2  # server_val.method = director.service.Method
 
 
@@ -106,7 +108,7 @@ CLIENT_KEY = _layout("client_key", ("vip", "4s"), ("client", "4s"), ("port", "H"
 CLIENT_VAL = _layout("client_val", ("rs", "H"), ("pad0", "H"), ("pad1", "I"), ("last_seen", "Q"))
 SERVER_VAL = _layout("server_val", ("addr", "4s"), ("method", "B"), ("pad", "3x"))
 DP_CONFIG = _layout(
-    "dp_config", ("lan_addr", "4s"), ("lan_ifindex", "I"), ("lan_mtu", "I"), ("client_ifindex", "I")
+    "dp_config", ("lan_addr", "4s"), ("lan_ifindex", "I"), ("lan_mtu", "I"), ("client_ifindex", "I"), ("flags", "I")
 )
 DP_STATS = _layout(
     "dp_stats",
@@ -235,11 +237,12 @@ class DpConfig(NamedTuple):
     lan_ifindex: int
     lan_mtu: int
     client_ifindex: int
+    flags: int = 0
 
 
-def dp_config(lan_addr: int, lan_ifindex: int, lan_mtu: int, client_ifindex: int) -> bytes:
-    """Value of ``config`` (key u32(0)): TUN outer source, LAN ifindex, LAN MTU, client ifindex."""
-    return DP_CONFIG.struct.pack(_ADDR.pack(lan_addr), lan_ifindex, lan_mtu, client_ifindex)
+def dp_config(lan_addr: int, lan_ifindex: int, lan_mtu: int, client_ifindex: int, flags: int = 0) -> bytes:
+    """Value of ``config`` (key u32(0)): TUN outer source, LAN ifindex, LAN MTU, client ifindex, DP_F_*."""
+    return DP_CONFIG.struct.pack(_ADDR.pack(lan_addr), lan_ifindex, lan_mtu, client_ifindex, flags)
 
 
 ADMIT_MIN_PER_WINDOW = 8  # the global window is as short as this allows (an even stream, not bursts)
@@ -273,8 +276,8 @@ def unpack_admit(b: bytes) -> tuple[int, int, int, int, int]:
 
 def unpack_dp_config(b: bytes) -> DpConfig:
     """A ``config`` value as a :class:`DpConfig`."""
-    a, lan_ifindex, lan_mtu, client_ifindex = DP_CONFIG.struct.unpack(b)
-    return DpConfig(addr_int(a), lan_ifindex, lan_mtu, client_ifindex)
+    a, lan_ifindex, lan_mtu, client_ifindex, flags = DP_CONFIG.struct.unpack(b)
+    return DpConfig(addr_int(a), lan_ifindex, lan_mtu, client_ifindex, flags)
 
 
 # -- per-CPU values ---------------------------------------------------------------------------------

@@ -74,13 +74,14 @@ class FastPath:
 
     def __init__(self, director: Director, *, client_ifindex: int, lan_ifindex: int, lan_addr: int,
                  lan_mtu: int, pin_dir: Path = PIN_DIR, obj_dir: Path = OBJ_DIR, hook: str = "tc",
-                 admit_rate: float = 0.0, admit_per_source: float = 0.0) -> None:  # fmt: skip
+                 admit_rate: float = 0.0, admit_per_source: float = 0.0, fib_rules: bool = False) -> None:  # fmt: skip
         if hook not in HOOKS:
             raise ValueError(f"fastpath hook must be one of {', '.join(HOOKS)}, got {hook!r}")
         self.hook = hook
         # initial IKE packets admitted to the queue per second (daemon.new_entries_rate and
         # new_entries_per_source, enforced in the kernel before the queue; 0 = no limit)
         self.admit_rate = admit_rate
+        self.fib_rules = fib_rules  # route lookups through the ip rules (daemon.fastpath_fib = "rules")
         self.admit_per_source = admit_per_source
         self.d = director
         self.client_ifindex = client_ifindex
@@ -110,6 +111,7 @@ class FastPath:
         ensure_bpffs()
         self.pin_dir.mkdir(mode=0o700, exist_ok=True)
         self.ncpus = libbpf.num_possible_cpus()
+        self._drop_stale_pins()
         progs = []
         try:
             for obj_name, ifindex in ((client_obj, self.client_ifindex), ("director_reply.o", self.lan_ifindex)):
@@ -149,6 +151,36 @@ class FastPath:
         log.info("fastpath.started hook=%s pin=%s adopted=%d cpus=%d", self.hook, self.pin_dir, adopted, self.ncpus)
         return adopted
 
+    def _drop_stale_pins(self) -> None:
+        """Unpin maps whose layout is not this version's (an upgrade changed a struct), so the load
+        creates them anew instead of failing on the pinned one. The programs still attached keep
+        the old maps until the new programs replace them, so forwarding goes on meanwhile. Every
+        map but ``clients`` is rewritten by the daemon (config, services) or restarts at zero
+        (counters, admission windows); a ``clients`` of another layout or size cannot be adopted
+        (its clients are unknown to the new daemon: their ESP is dropped until their next IKE
+        exchange), so that is logged as a warning. The size of ``clients`` is daemon.capacity."""
+        for name in _MAPS:
+            path = self.pin_dir / name
+            if not path.exists():
+                continue
+            spec = bs.MAPS[name]
+            try:
+                fd = libbpf.obj_get(path)
+            except OSError:
+                continue
+            try:
+                info = libbpf.map_info(fd)
+            finally:
+                libbpf.close_fd(fd)
+            want_entries = self.d.table.capacity if name == "clients" else info.max_entries
+            if (info.key_size, info.value_size, info.max_entries) == (spec.key_size, spec.value_size, want_entries):
+                continue
+            (log.warning if name == "clients" else log.info)(
+                "fastpath.replaced_map name=%s pinned=%d/%d/%d want=%d/%d/%d%s", name, info.key_size,
+                info.value_size, info.max_entries, spec.key_size, spec.value_size, want_entries,
+                " (its clients cannot be adopted)" if name == "clients" else "")  # fmt: skip
+            path.unlink()
+
     def close(self) -> None:
         """Close our fds; programs and maps stay (pinned and attached) for the next daemon."""
         for fd in self.fd.values():
@@ -169,7 +201,8 @@ class FastPath:
     # -- the projection -----------------------------------------------------------------------------
     def _write_config(self) -> None:
         libbpf.map_update(self.fd["config"], bs.u32(0),
-                          bs.dp_config(self.lan_addr, self.lan_ifindex, self.lan_mtu, self.client_ifindex))
+                          bs.dp_config(self.lan_addr, self.lan_ifindex, self.lan_mtu, self.client_ifindex,
+                                       bs.DP_F_FIB_RULES if self.fib_rules else 0))  # fmt: skip
         libbpf.map_update(self.fd["admit"], bs.u32(0), bs.admit(self.admit_rate, self.admit_per_source))
 
     def sync_services(self) -> None:

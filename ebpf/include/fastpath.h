@@ -136,7 +136,8 @@ static __always_inline void fp_forwarded(const struct fp *f)
 
 /* DR and NAT: the packet is routed toward the real server as ip_forward would, TTL decremented;
  * NAT also turns the destination VIP into the real server's address. */
-static __always_inline int fp_route_dr_nat(void *ctx, struct fp *f, const struct server_val *sv, __u32 in_ifindex,
+static __always_inline int fp_route_dr_nat(void *ctx, struct fp *f, const struct server_val *sv,
+					   const struct dp_config *cfg, __u32 in_ifindex,
 					   int verdict)
 {
 	long rc;
@@ -145,7 +146,7 @@ static __always_inline int fp_route_dr_nat(void *ctx, struct fp *f, const struct
 		f->st->ttl_pass++;
 		return fp_pass(f->st, f->kind);
 	}
-	rc = fib_forward(ctx, &f->fib, in_ifindex, f->p.src, sv->addr, f->p.tos, f->p.proto, f->p.tot_len);
+	rc = fib_forward(ctx, cfg, &f->fib, in_ifindex, f->p.src, sv->addr, f->p.tos, f->p.proto, f->p.tot_len);
 	if (rc != BPF_FIB_LKUP_RET_SUCCESS) {
 		count_fib_failure(f->st, rc);
 		return fp_pass(f->st, f->kind);
@@ -173,7 +174,7 @@ static __always_inline int fp_route_tun(void *ctx, struct fp *f, const struct se
 		f->st->fib_miss++;
 		return fp_pass(f->st, f->kind);
 	}
-	rc = fib_forward(ctx, &f->fib, in_ifindex, cfg->lan_addr, sv->addr, f->p.tos, IPPROTO_IPIP, envelope);
+	rc = fib_forward(ctx, cfg, &f->fib, in_ifindex, cfg->lan_addr, sv->addr, f->p.tos, IPPROTO_IPIP, envelope);
 	if (rc != BPF_FIB_LKUP_RET_SUCCESS) {
 		count_fib_failure(f->st, rc);
 		return fp_pass(f->st, f->kind);
@@ -293,9 +294,9 @@ static __always_inline int fp_decide(void *ctx, void *data, void *data_end, __u3
 
 	switch (sv->method) {
 	case METHOD_DR:
-		return fp_route_dr_nat(ctx, f, sv, in_ifindex, FP_DR);
+		return fp_route_dr_nat(ctx, f, sv, cfg, in_ifindex, FP_DR);
 	case METHOD_NAT:
-		return fp_route_dr_nat(ctx, f, sv, in_ifindex, FP_NAT);
+		return fp_route_dr_nat(ctx, f, sv, cfg, in_ifindex, FP_NAT);
 	case METHOD_TUN:
 		return fp_route_tun(ctx, f, sv, cfg, in_ifindex);
 	default:

@@ -11,6 +11,7 @@
 #include <linux/types.h>
 
 #define VIP_F_AH 0x01 /* vip_val.flags: AH is accepted for this service */
+#define DP_F_FIB_RULES 0x01 /* dp_config.flags: route lookups follow the ip rules (else the main table directly) */
 
 /* server_val.method: director.service.Method */
 enum method {
@@ -64,6 +65,7 @@ struct dp_config {
 	__u32 lan_ifindex;    /* real-server-facing interface (the reply program's fib lookups) */
 	__u32 lan_mtu;        /* TUN: an envelope above this goes to the slow path (which fragments) */
 	__u32 client_ifindex; /* client-facing interface (the tc program's fib lookups) */
+	__u32 flags;          /* DP_F_FIB_RULES */
 };
 
 struct dp_stats {
@@ -110,7 +112,7 @@ _Static_assert(sizeof(struct vip_val) == 4, "vip_val");
 _Static_assert(sizeof(struct client_key) == 12, "client_key");
 _Static_assert(sizeof(struct client_val) == 16, "client_val");
 _Static_assert(sizeof(struct server_val) == 8, "server_val");
-_Static_assert(sizeof(struct dp_config) == 16, "dp_config");
+_Static_assert(sizeof(struct dp_config) == 20, "dp_config");
 _Static_assert(sizeof(struct dp_stats) == 8 * (3 * N_KINDS + 7 + N_DROP_REASONS), "dp_stats");
 _Static_assert(sizeof(struct rs_stats) == 8 * 2 * N_KINDS, "rs_stats");
 _Static_assert(sizeof(struct admit) == 32, "admit");

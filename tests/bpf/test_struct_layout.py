@@ -114,8 +114,8 @@ def test_packing_helpers_round_trip():
     assert S.unpack_client_val(S.client_val(7, 123456789)) == (7, 123456789)
     assert S.unpack_server_val(S.server_val(0x0A01000B, S.METHOD_NAT)) == (0x0A01000B, S.METHOD_NAT)
     assert S.unpack_vip_val(S.vip_val(3, S.VIP_F_AH)) == (3, S.VIP_F_AH)
-    cfg = S.unpack_dp_config(S.dp_config(0x0A010001, 4, 1500, 3))
-    assert cfg == S.DpConfig(0x0A010001, 4, 1500, 3)
+    cfg = S.unpack_dp_config(S.dp_config(0x0A010001, 4, 1500, 3, S.DP_F_FIB_RULES))
+    assert cfg == S.DpConfig(0x0A010001, 4, 1500, 3, S.DP_F_FIB_RULES)
     ncpus = 3
     stride = S.DP_STATS.size
     raw = bytearray(S.percpu_size(S.DP_STATS, ncpus))

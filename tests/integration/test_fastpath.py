@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
 import struct
 import threading
 import time
@@ -255,5 +257,38 @@ def test_switching_hooks_across_restarts_loses_no_esp(make_lab):
         assert seen == [("director_xdp", False), ("director_xdp", False), (None, True)]
         wait_for(lambda: sum(esp_at(lab, 0x5A5A).values()) == sent, what=f"{sent} ESP packets")
         assert len(esp_at(lab, 0x5A5A)) == 1
+    finally:
+        assert d.stop() == 0, d.log()
+
+
+def test_pinned_maps_of_another_layout_are_replaced_and_forwarding_goes_on(make_lab):
+    """An upgrade that changed a struct, or a new daemon.capacity: the pinned map no longer fits
+    the new object. The daemon replaces it (logged) instead of failing to load; a `config` of the
+    old size is rewritten at once, and with ESP flowing through the old programs nothing is lost."""
+    lab = make_lab("dr")
+    pins = f"/sys/fs/bpf/{lab.prefix}-director"
+    d = DirectorProcess(lab, dataplane="ebpf", pin_dir=pins).start()
+    c1 = LabClient(lab, "c1")
+    c1.ikev2_connect()
+    wait_for(lambda: d.status()["fastpath"]["clients"] >= 2, what="c1 in the map")
+    assert d.stop() == 0, d.log()
+    # what an older version left: `config` 16 bytes wide, `admit` missing
+    os.unlink(f"{pins}/config")
+    os.unlink(f"{pins}/admit")
+    subprocess.run(["bpftool", "map", "create", f"{pins}/config", "type", "array", "key", "4", "value", "16",
+                    "entries", "1", "name", "config"], check=True)  # fmt: skip
+    bigger = DirectorProcess(lab, "d2", dataplane="ebpf", pin_dir=pins, daemon_extra="capacity = 8192")
+    d = bigger.start()
+    try:
+        log = d.log()
+        assert "fastpath.replaced_map name=config pinned=4/16/1 want=4/20/1" in log, log
+        assert "fastpath.replaced_map name=clients" in log and "cannot be adopted" in log, log
+        c1.ikev2_connect()  # a fresh exchange: the new map learns c1 again
+        wait_for(lambda: d.status()["fastpath"]["clients"] >= 2, what="c1 in the new map")
+        before = d.status()["stats"]["packets"]
+        for seq in range(1, 51):
+            c1.send_esp(0x6B6B, seq)
+        wait_for(lambda: sum(esp_at(lab, 0x6B6B).values()) == 50, what="50 ESP packets")
+        assert d.status()["stats"]["packets"] == before  # forwarded in the kernel, with the new maps
     finally:
         assert d.stop() == 0, d.log()
