@@ -30,7 +30,7 @@ Per rate it reports: offered pps (c1's tx counter over a window inside the send)
 admitted per second (the table's ``created`` counter over the second half of the flood: the
 steady state, after the limiter's burst of one second's worth; the JSON also has it over the
 whole flood, burst included), packets
-dropped by the new-entry limit (``RATE_LIMITED``), INIT entries reclaimed under table pressure,
+dropped by the new-entry limits (``RATE_LIMITED`` + ``SOURCE_RATE_LIMITED``), INIT entries reclaimed under table pressure,
 ``TABLE_FULL`` refusals, the daemon's CPU % and its CPU time per flood packet offered and per
 packet it handled, NFQUEUE drops (queue full: packets the daemon never saw), the table's fill at
 the end, whether every established entry survived (same client, SPI and real server), the
@@ -253,8 +253,9 @@ def one_rate(b: bd.Bench, dataplane: str, rate: int, prof: dict[str, Any], run_n
     row["admitted_per_s_window"] = win / (t_b - t_h) if st_h and t_b > t_h else 0.0
     row["reclaimed_init"] = tbl1["reclaimed_init"] - tbl0["reclaimed_init"]
     row["refused_full"] = tbl1["refused_full"] - tbl0["refused_full"]
-    for name in ("RATE_LIMITED", "TABLE_FULL"):
+    for name in ("RATE_LIMITED", "SOURCE_RATE_LIMITED", "TABLE_FULL"):
         row[name.lower()] = st1["drops"].get(name, 0) - st0["drops"].get(name, 0)
+    row["rate_limited"] += row["source_rate_limited"]  # the column: both limits (apart in the JSON)
     row["daemon_packets"] = st1["stats"]["packets"] - st0["stats"]["packets"]
     row["nfq_dropped"] = nfq1 - nfq0
     row["entries_end"] = st2["entries"]

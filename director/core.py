@@ -381,8 +381,9 @@ class Director:
                 return self._drop(_K_IKE_INITIAL, DropReason.REAL_SERVER_GONE, svc)
             return self._forward(svc, _K_IKE_INITIAL, rs)
         # a new conversation: admission (DoS limits), persistence, then the scheduler
-        if self._refuse_new(c.src, now):
-            return self._drop(_K_IKE_INITIAL, DropReason.RATE_LIMITED, svc)
+        refused = self._refuse_new(c.src, now)
+        if refused:
+            return self._drop(_K_IKE_INITIAL, refused, svc)
         rs = None
         a = self._affinity_slot(svc, c)
         if a >= 0:
@@ -412,8 +413,9 @@ class Director:
             rs = self._servers.get(t.rs[a]) if a >= 0 else None
             if rs is None or not rs.up:
                 return self._drop(_K_IKE, DropReason.UNKNOWN_IKE_SA, svc)
-            if self._refuse_new(c.src, now):
-                return self._drop(_K_IKE, DropReason.RATE_LIMITED, svc)
+            refused = self._refuse_new(c.src, now)
+            if refused:
+                return self._drop(_K_IKE, refused, svc)
             try:
                 s = t.create(svc.id, c.src, c.sport, c.spi_i, rs.id, now, natt=c.natt)
             except TableFull:
@@ -433,11 +435,14 @@ class Director:
         self._follow_port(t, s, c, now)
         return self._forward(svc, _K_IKE, rs)
 
-    def _refuse_new(self, source: int, now: float) -> bool:
-        """Per-source limit first (a spoofer's excess costs nobody else), then the global one."""
+    def _refuse_new(self, source: int, now: float) -> DropReason | None:
+        """Per-source limit first (a spoofer's excess costs nobody else), then the global one;
+        the reason names the limit that refused (None: admitted)."""
         if self._source_limit is not None and not self._source_limit.take(source, now):
-            return True
-        return self._new_limit is not None and not self._new_limit.take(now)
+            return DropReason.SOURCE_RATE_LIMITED
+        if self._new_limit is not None and not self._new_limit.take(now):
+            return DropReason.RATE_LIMITED
+        return None
 
     @staticmethod
     def _follow_port(t: Table, s: int, c, now: float) -> None:

@@ -35,7 +35,8 @@ class DropReason(IntEnum):
     UNKNOWN_IKE_SA = 52  # non-initial IKE, unknown cookies, no client affinity to follow
     NO_REAL_SERVER = 53  # the scheduler found no available real server
     TABLE_FULL = 54  # hard entry limit reached and no INIT entry to reclaim
-    RATE_LIMITED = 55  # new-entry rate limit (per source or global)
+    RATE_LIMITED = 55  # the global new-entry rate limit (daemon.new_entries_rate)
     REAL_SERVER_GONE = 56  # the entry's real server was removed
     RESPONDER_SPI_MISMATCH = 57  # NAT mode: responder SPI differs from the one the real server sent
     ICMP_SUPPRESSED = 58  # RFC 1122 3.2.2: no ICMP error may answer this packet (the drop stands)
+    SOURCE_RATE_LIMITED = 59  # the per-source new-entry limit (daemon.new_entries_per_source)

@@ -80,9 +80,10 @@ static __always_inline void count_rs(__u32 rs_id, int kind, __u32 bytes)
 #define ADMIT_SOURCE_WINDOW_NS 1000000000ULL /* a source's limit counts in 1 s windows */
 
 /* May this initial IKE packet from src go up to the queue? Per source first (a spoofer's excess
- * costs nobody else), then the global limit (per_window in every window_ns). Counts are atomic
- * adds; a window's reset is a plain store, so two CPUs crossing a window boundary together may
- * admit a few packets more: a bound within a few packets, not exact, as DESIGN asks. */
+ * costs nobody else), then the global limit (per_window in every window_ns). Returns 0 (admitted)
+ * or the drop reason of the limit that refused it. Counts are atomic adds; a window's reset is a
+ * plain store, so two CPUs crossing a window boundary together may admit a few packets more: a
+ * bound within a few packets, not exact, as DESIGN asks. */
 static __always_inline int fp_admit(__be32 src)
 {
 	struct admit_src *as;
@@ -92,7 +93,7 @@ static __always_inline int fp_admit(__be32 src)
 
 	a = bpf_map_lookup_elem(&admit, &zero);
 	if (!a || !((a->per_window && a->window_ns) | a->per_source))
-		return 1;
+		return 0;
 	now = bpf_ktime_get_ns();
 	if (a->per_source) {
 		w = now / ADMIT_SOURCE_WINDOW_NS;
@@ -108,7 +109,7 @@ static __always_inline int fp_admit(__be32 src)
 			}
 			__sync_fetch_and_add(&as->count, 1);
 			if (as->count > a->per_source)
-				return 0;
+				return DROP_SOURCE_RATE_LIMITED;
 		}
 	}
 	if (a->per_window && a->window_ns) {
@@ -119,9 +120,9 @@ static __always_inline int fp_admit(__be32 src)
 		}
 		__sync_fetch_and_add(&a->count, 1);
 		if (a->count > a->per_window)
-			return 0;
+			return DROP_RATE_LIMITED;
 	}
-	return 1;
+	return 0;
 }
 
 /* The packet was rewritten and handed to the redirect. */
@@ -257,11 +258,14 @@ static __always_inline int fp_decide(void *ctx, void *data, void *data_end, __u3
 	case KIND_NOT_OURS:
 		st->not_ours++;
 		return fp_pass(st, kind);
-	case KIND_IKE_INITIAL: /* the daemon's, within the admission limits */
-		if (fp_admit(f->p.src))
+	case KIND_IKE_INITIAL: { /* the daemon's, within the admission limits */
+		int refused = fp_admit(f->p.src);
+
+		if (!refused)
 			return fp_pass(st, kind);
-		st->drops[DROP_RATE_LIMITED]++;
+		st->drops[refused & (N_DROP_REASONS - 1)]++;
 		return FP_DROP;
+	}
 	default: /* IKE and NAT-keepalives: the daemon's */
 		return fp_pass(st, kind);
 	}

@@ -90,7 +90,8 @@ def test_spoofed_esp_from_unroutable_sources_is_counted_not_an_error(make_lab, r
 def test_new_entry_limits_hold_and_the_fast_path_enforces_them_before_the_queue(make_lab, run_director):
     """daemon.new_entries_rate / new_entries_per_source against a spoofed-source INIT flood: the
     entries created stay within the global limit; with the eBPF dataplane the excess dies in the
-    kernel (RATE_LIMITED in the fast path's drops) and the daemon sees about what was admitted;
+    kernel (RATE_LIMITED / SOURCE_RATE_LIMITED in the fast path's drops) and the daemon sees about
+    what was admitted;
     a source over its own limit is cut while a legitimate client still gets through."""
     rate, per_source, n = 1000, 5, 8000
     lab = make_lab("dr")
@@ -116,15 +117,16 @@ def test_new_entry_limits_hold_and_the_fast_path_enforces_them_before_the_queue(
     created = st["stats"]["scheduled"]
     bound = rate * (span + 1.0) + 50  # the limit over that time, plus a burst or window of slack
     assert created <= bound, (created, bound, elapsed)
-    limited = st["drops"].get("RATE_LIMITED", 0)  # slow path and fast path together
+    limited = st["drops"].get("RATE_LIMITED", 0) + st["drops"].get("SOURCE_RATE_LIMITED", 0)  # both paths
     assert limited >= n - bound, st["drops"]
+    assert st["drops"].get("SOURCE_RATE_LIMITED", 0) >= len(one_source) - 2 * per_source, st["drops"]
     from_one = [c for c in d.connections() if c["client"] == "100.64.0.1"]
     assert len(from_one) <= per_source * (span + 1.5), len(from_one)
     if st["dataplane"] == "ebpf":
-        in_kernel = st["fastpath"]["drops"].get("RATE_LIMITED", 0)
+        in_kernel = st["fastpath"]["drops"].get("RATE_LIMITED", 0) + st["fastpath"]["drops"].get("SOURCE_RATE_LIMITED", 0)
         assert in_kernel >= n - bound, st["fastpath"]
         decided = st["stats"]["packets"]
         assert decided <= bound + 20, f"the daemon decided {decided} packets: the excess reached the queue"
     print(f"limits: {n + len(one_source)} spoofed initials in {elapsed:.2f}s, {created} entries created, "
-          f"{limited} rate-limited ({st.get('fastpath', {}).get('drops', {}).get('RATE_LIMITED', 0)} in the kernel), "
+          f"{limited} rate-limited (drops {st['drops']}; fast path {st.get('fastpath', {}).get('drops', {})}), "
           f"daemon decided {st['stats']['packets']}")

@@ -320,10 +320,10 @@ def test_new_entry_limits_per_source_and_global():
     d = Director(capacity=1024, new_per_source=2.0, new_rate=5.0)
     d.add_service(Service(id=1, vip=VIP, scheduler_name="rr", servers={0: RealServer(id=0, addr=RIPS[0])}))
     verdicts = [d.decide(craft.ike(CLIENTS[0], VIP, 100 + i), 0.0).reason for i in range(4)]
-    assert verdicts == [0, 0, DropReason.RATE_LIMITED, DropReason.RATE_LIMITED]  # burst 2 per source
+    assert verdicts == [0, 0, DropReason.SOURCE_RATE_LIMITED, DropReason.SOURCE_RATE_LIMITED]  # burst 2 per source
     others = [d.decide(craft.ike(CLIENTS[1 + i], VIP, 200 + i), 0.0).reason for i in range(5)]
     assert others == [0, 0, 0, DropReason.RATE_LIMITED, DropReason.RATE_LIMITED]  # global burst 5
     # a known conversation's retransmit and ESP are never limited
     assert d.decide(craft.ike(CLIENTS[0], VIP, 100), 0.1).action == Action.FORWARD
     assert d.decide(craft.ike(CLIENTS[0], VIP, 300), 1.0).action == Action.FORWARD  # refilled
-    assert d.drops[DropReason.RATE_LIMITED] == 4
+    assert d.drops[DropReason.SOURCE_RATE_LIMITED] == 2 and d.drops[DropReason.RATE_LIMITED] == 2
