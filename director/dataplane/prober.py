@@ -57,6 +57,9 @@ class _IcmpSocket:
     def fileno(self) -> int:
         return self.sock.fileno()
 
+    def close(self) -> None:
+        self.sock.close()
+
 
 @dataclass
 class Prober:
@@ -77,7 +80,7 @@ class Prober:
             self.sock.close()
             self.sock = None
         if self.icmp is not None:
-            self.icmp.sock.close()
+            self.icmp.close()
             self.icmp = None
 
     def fileno(self) -> int:
@@ -115,7 +118,7 @@ class Prober:
         if wants_icmp and self.icmp is None:
             self.icmp = _IcmpSocket(self.bind_addr)
         elif not wants_icmp and self.icmp is not None:
-            self.icmp.sock.close()
+            self.icmp.close()
             self.icmp = None
 
     def tick(self, d: Director, now: float) -> list[tuple[int, bool]]:

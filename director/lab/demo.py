@@ -28,6 +28,15 @@ def _table(d: DirectorProcess, out: TextIO) -> None:
         )
 
 
+def fastpath_line(status: dict) -> str:
+    """What the eBPF fast path did, from the daemon's status (empty without a fast path)."""
+    fp = status.get("fastpath")
+    if fp is None:
+        return ""
+    return (f"  eBPF fast path: forwarded in the kernel {fp['forwarded'] or 0}, passed up {fp['passed'] or 0}, "
+            f"clients in the map {fp['clients']}\n")
+
+
 def run_mode(mode: str, scheduler: str, out: TextIO, dataplane: str = "auto") -> bool:
     out.write(f"\n=== {mode.upper()} mode: lab up (3 clients, c3 behind NAT; director; 3 real servers)\n")
     t0 = time.monotonic()
@@ -76,10 +85,7 @@ def run_mode(mode: str, scheduler: str, out: TextIO, dataplane: str = "auto") ->
                 f"\n  daemon ({st['dataplane']} dataplane): {st['stats']['packets']} packets decided in user space, "
                 f"{st['established']} established, icmp sent {st['stats']['icmp_sent']}, drops {st['drops'] or 0}\n"
             )
-            if "fastpath" in st:
-                fp = st["fastpath"]
-                out.write(f"  eBPF fast path: forwarded in the kernel {fp['forwarded'] or 0}, "
-                          f"passed up {fp['passed'] or 0}, clients in the map {fp['clients']}\n")
+            out.write(fastpath_line(st))
         finally:
             rc = d.stop()
     out.write(f"  daemon stopped (exit {rc}), lab torn down; {time.monotonic() - t0:.1f} s\n")

@@ -490,6 +490,21 @@ def installed_children(sa: dict) -> list[dict]:
     return [c for c in (sa.get("child-sas") or {}).values() if isinstance(c, dict) and c.get("state") == "INSTALLED"]
 
 
+def sa_key(sa: dict) -> tuple:
+    """What identifies an IKE SA and its installed CHILD_SAs (unchanged = nobody touched it)."""
+    children = sorted((c["spi-in"], c["spi-out"]) for c in installed_children(sa))
+    return sa["initiator-spi"], sa["responder-spi"], tuple(children)
+
+
+def lost_echoes(out: str) -> tuple[int, list[int]]:
+    """(echoes sent, sequence numbers never answered) from ``ping``'s output; the last echo may
+    still have been on its way when ping was stopped, so it is not counted."""
+    m = re.search(r"(\d+) packets transmitted", out)
+    sent = int(m.group(1)) if m else 0
+    got = {int(n) for n in re.findall(r"icmp_seq=(\d+) ", out)}
+    return sent, sorted(set(range(1, sent)) - got)
+
+
 def parse_pretty(text: str) -> list[dict]:
     """Parse ``swanctl --pretty`` output (``name {``, ``key = value``, ``key [`` ... ``]``)."""
     events: list[dict] = []

@@ -15,6 +15,7 @@ import sys
 import time
 from typing import TextIO
 
+from director.lab.demo import fastpath_line
 from director.lab.director_proc import DirectorProcess
 from director.lab.netns import MODES, Lab
 from director.lab.strongswan import PROTECTED, Peers, pool_of, strongswan_prerequisites
@@ -87,10 +88,7 @@ def run_strongswan_demo(mode: str = "dr", *, dataplane: str | None = None, sched
             st = d.status()
             out.write(f"\n  daemon: {st['stats']['packets']} packets decided, {st['established']} established, "
                       f"drops {st['drops'] or 0}, internal errors {st['stats']['internal_errors']}\n")  # fmt: skip
-            if "fastpath" in st:  # the tunnels' ESP-in-UDP, forwarded in the kernel
-                fp = st["fastpath"]
-                out.write(f"  eBPF fast path: forwarded in the kernel {fp['forwarded'] or 0}, passed up "
-                          f"{fp['passed'] or 0}, clients in the map {fp['clients']}\n")  # fmt: skip
+            out.write(fastpath_line(st))  # the tunnels' ESP-in-UDP, forwarded in the kernel
         except Exception as e:  # a demo reports, it does not crash: the lab still goes down
             ok = False
             out.write(f"  PROBLEM: {e}\n")

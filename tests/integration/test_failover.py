@@ -8,7 +8,6 @@ warm table (and warm eBPF map). Then the old active comes back as backup and res
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -222,22 +221,13 @@ def rejoin(lab, d1, d2) -> None:
         assert d.stop() == 0, d.log()
 
 
-def lost_echoes(out: str) -> tuple[int, list[int]]:
-    """(echoes sent, sequence numbers never answered) from ``ping``'s output (the last one may
-    still have been on its way when ping was stopped: not counted)."""
-    m = re.search(r"(\d+) packets transmitted", out)
-    sent = int(m.group(1)) if m else 0
-    got = {int(n) for n in re.findall(r"icmp_seq=(\d+) ", out)}
-    return sent, sorted(set(range(1, sent)) - got)
-
-
 @pytest.mark.parametrize("mode, dataplane", [("dr", "ebpf"), ("nat", "nfqueue"), ("tun", "ebpf")])
 def test_strongswan_clients_keep_their_tunnels_across_a_director_failover(failover_lab, mode, dataplane):
     """Real charon clients (IKEv2 c1, c2; IKEv1 c3 behind the NAT) and responders: the active
     director dies while a 20/s ping runs inside every tunnel. Every client keeps its IKE SA, its
     CHILD_SA and its real server (nothing re-established, nothing rescheduled); the pings resume
     through the backup within MAX_GAP; a new client is served; the old active rejoins as backup."""
-    from director.lab.strongswan import PROTECTED, Peers, add_clients, installed_children, strongswan_prerequisites
+    from director.lab.strongswan import PROTECTED, Peers, add_clients, lost_echoes, sa_key, strongswan_prerequisites
 
     missing = strongswan_prerequisites()
     if missing:
@@ -253,13 +243,9 @@ def test_strongswan_clients_keep_their_tunnels_across_a_director_failover(failov
         peers.start_clients(clients)
         peers.connect(clients)
 
-        def sa_key(role):
-            sa = peers.clients[role].wait_established()
-            return sa["initiator-spi"], sa["responder-spi"], tuple(sorted(c["spi-in"] for c in installed_children(sa)))
-
         names = [r for r, _ in roles]
         home = {r: peers.server_of(r) for r in names}
-        keys = {r: sa_key(r) for r in names}
+        keys = {r: sa_key(peers.clients[r].wait_established()) for r in names}
         assert sorted(home.values()) == [0, 1, 2], home
         before = wait_for(lambda: (t := table(d1)) and len(t) == 3 and t == table(d2) and t, 5.0,
                           "the backup's table to equal the active's")  # fmt: skip
@@ -294,7 +280,7 @@ def test_strongswan_clients_keep_their_tunnels_across_a_director_failover(failov
             print(f"failover {mode}/{dataplane} {r}: {len(lost)} of {sent} echoes lost {lost}, longest gap ~{gap:.2f}s")
             assert sent > 30 and gap <= MAX_GAP, (r, sent, lost)
         for r in names:  # nothing re-established, nothing moved
-            assert sa_key(r) == keys[r], f"{r}'s SAs changed across the failover:\n{peers.clients[r].log()[-3000:]}"
+            assert sa_key(peers.clients[r].wait_established()) == keys[r], f"{r}'s SAs changed across the failover:\n{peers.clients[r].log()[-3000:]}"
             assert peers.server_of(r) == home[r]
         assert {e for e in table(d2) if e[2] in {b[2] for b in before}} == before
         st = d2.status()

@@ -27,9 +27,11 @@ from director.lab.strongswan import (
     add_clients,
     ike_sa_of,
     installed_children,
+    lost_echoes,
     parallel,
     pool_of,
     rs_of_vip,
+    sa_key,
     strongswan_prerequisites,
 )
 
@@ -95,12 +97,6 @@ def rs_addresses_of(d, client: str) -> set[str]:
     return {c["rs_address"] for c in d.connections() if c["client"] == client}
 
 
-def sa_key(sa: dict) -> tuple:
-    """What identifies an IKE SA and its installed CHILD_SAs (unchanged = nobody touched it)."""
-    children = sorted((c["spi-in"], c["spi-out"]) for c in installed_children(sa))
-    return sa["initiator-spi"], sa["responder-spi"], tuple(children)
-
-
 def assert_pings(peers: Peers, roles, count: int = 3) -> None:
     roles = list(roles)
     results = dict(zip(roles, parallel([lambda r=r: peers.ping(r, count=count) for r in roles])))
@@ -140,6 +136,16 @@ def no_internal_errors(d) -> None:
     assert d.proc.poll() is None, d.log()
 
 
+def six_clients(peers: Peers) -> list[str]:
+    """The real servers and road warriors c1..c6 (IKEv2 PSK; c3 behind the NAT), all connected."""
+    peers.start_servers()
+    roles = ["c1", "c2", "c3", "c4", "c5", "c6"]
+    clients = [peers.client(role) for role in roles]
+    peers.start_clients(clients)
+    peers.connect(clients)
+    return roles
+
+
 # -- tests ----------------------------------------------------------------------------------------
 
 
@@ -147,12 +153,7 @@ def no_internal_errors(d) -> None:
 def test_six_clients_spread_and_carry_traffic(ipsec, run_director, mode):
     lab, peers = ipsec(mode, extra_clients=3)
     d = run_director(lab, scheduler="rr")
-    peers.start_servers()
-    roles = ["c1", "c2", "c3", "c4", "c5", "c6"]
-    for role in roles:
-        peers.client(role)
-    peers.start_clients()
-    peers.connect()
+    roles = six_clients(peers)
 
     est = [c for c in d.connections() if c["state"] == "ESTABLISHED"]
     assert len(est) == 6, table(d)
@@ -315,11 +316,8 @@ def test_rekeying_keeps_every_client_on_its_real_server(ipsec, run_director, mod
             p.send_signal(signal.SIGINT)
         summary = {role: p.communicate(timeout=5)[0] for role, p in pings.items()}
     for role, out in summary.items():
-        m = re.search(r"(\d+) packets transmitted", out)
-        sent = int(m.group(1)) if m else 0
-        got = {int(n) for n in re.findall(r"icmp_seq=(\d+) ", out)}
-        lost = set(range(1, sent)) - got  # the last echo may still have been on its way at SIGINT
-        when = [(n, round((n - 1) * 0.05, 2)) for n in sorted(lost)]  # (seq, ~seconds after start)
+        sent, lost = lost_echoes(out)
+        when = [(n, round((n - 1) * 0.05, 2)) for n in lost]  # (seq, ~seconds after start)
         steps = [(round(t - started, 2), step) for t, step in marks]
         if lost:
             print(f"{mode}: {role} lost echoes across the rekeys (seq, ~s): {when}; steps at {steps}")
@@ -421,12 +419,7 @@ def test_dead_real_server_moves_only_its_clients(ipsec, run_director, mode, how)
     their IKE_SA_INIT (the passive health signal) moves them."""
     lab, peers = ipsec(mode, extra_clients=3)
     d = run_director(lab, scheduler="rr")
-    peers.start_servers()
-    roles = ["c1", "c2", "c3", "c4", "c5", "c6"]
-    for role in roles:
-        peers.client(role)
-    peers.start_clients()
-    peers.connect()
+    roles = six_clients(peers)
     home = {role: assert_on_server(d, peers, role) for role in roles}
     victim = home["c1"]
     moved = [r for r in roles if home[r] == victim]
@@ -478,12 +471,7 @@ def test_health_checks_move_a_dead_servers_clients_at_their_first_try(ipsec, run
     no passive-signal reschedule. The server comes back: the probes bring it up and it takes new clients again."""
     lab, peers = ipsec(mode, extra_clients=6)
     d = run_director(lab, scheduler="rr", extra_service=HEALTH)
-    peers.start_servers()
-    roles = ["c1", "c2", "c3", "c4", "c5", "c6"]
-    for role in roles:
-        peers.client(role)
-    peers.start_clients([peers.clients[r] for r in roles])
-    peers.connect([peers.clients[r] for r in roles])
+    roles = six_clients(peers)
 
     def servers():
         return {s["address"]: s for s in d.status()["services"][0]["servers"]}
