@@ -573,7 +573,7 @@ class ControlProbe(threading.Thread):
         self.start()
 
     def run(self) -> None:
-        from director.daemon import control_request
+        from director.control import control_request
 
         t0 = time.monotonic()
         try:
@@ -871,7 +871,7 @@ class FastpathGroup:
             if rc != 0:
                 print(f"!! vpn-director exited {rc}:\n{d.log()[-2000:]}", flush=True)
             # its programs stay attached (and its maps pinned) for the next daemon: take them all off
-            lab.run("director", [sys.executable, "-m", "director.daemon", "cleanup", "--config", str(d.config_path)],
+            lab.run("director", [sys.executable, "-m", "director.main", "cleanup", "--config", str(d.config_path)],
                     nsenter=True, cwd=str(BENCH.parent))  # fmt: skip
             for dev in ("eth0", "eth1"):
                 lab.run("director", ["tc", "qdisc", "del", "dev", dev, "clsact"], check=False)

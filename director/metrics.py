@@ -1,8 +1,10 @@
-"""Prometheus metrics (docs/metrics.md): read from the director's counters at scrape time.
+"""Prometheus metrics (docs/metrics.md): read from the daemon's views at scrape time.
 
 Nothing is recorded per packet through prometheus_client: the core keeps plain array counters and
 the daemon a fixed-bucket latency histogram; this collector turns them into metric families when
-Prometheus scrapes. Labels never carry a client address, cookie or SPI.
+Prometheus scrapes. It reads director.views only (packets and bytes from the one counter read
+model, which adds what the eBPF fast path forwarded in the kernel), holding the views' lock so a
+scrape never sees half of a config change. Labels never carry a client address, cookie or SPI.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from director.drop_reasons import DropReason
 from director.packet import Kind, int_to_ip
 
 if TYPE_CHECKING:
-    from director.daemon import Daemon
+    from director.views import Views
 
 KINDS = [k for k in Kind if k not in (Kind.NOT_OURS, Kind.FRAGMENT)]
 VERDICTS = {Action.FORWARD: "forward", Action.DROP: "drop", Action.ICMP_UNREACH: "icmp_unreachable"}
@@ -51,14 +53,20 @@ class Histogram:
 
 
 class Collector:
-    """Registered with a prometheus_client registry; ``collect`` runs on each scrape."""
+    """Registered with a prometheus_client registry; ``collect`` runs on each scrape (its thread)."""
 
-    def __init__(self, daemon: "Daemon") -> None:
-        self.daemon = daemon
+    def __init__(self, views: "Views") -> None:
+        self.views = views
 
-    def collect(self) -> Iterator:  # noqa: C901 - one family after the other, flat on purpose
-        dm = self.daemon
-        d = dm.director
+    def collect(self) -> Iterator:
+        with self.views.lock:  # every family from one state of the services
+            families = list(self._families())
+        yield from families
+
+    def _families(self) -> Iterator:  # noqa: C901 - one family after the other, flat on purpose
+        vw = self.views
+        d = vw.director
+        totals = vw.counters.totals()
         pk = CounterMetricFamily("director_packets", "Packets decided per service, kind and verdict",
                                  labels=["service", "kind", "verdict"])
         by = CounterMetricFamily("director_bytes", "Bytes decided per service, kind and verdict",
@@ -78,7 +86,7 @@ class Collector:
         up = GaugeMetricFamily("director_real_server_up", "1 when the real server is up", labels=["service", "server"])
         for svc in d.services.values():
             vip = int_to_ip(svc.vip)
-            ctr = d.svc_counters[svc.id]
+            ctr = totals.services[svc.id]
             for kind in KINDS:
                 kname = kind.name.lower()
                 for action, vname in VERDICTS.items():
@@ -86,7 +94,7 @@ class Collector:
                     by.add_metric([vip, kname, vname], ctr[svc_counter(action, kind, True)])
             for rs in svc.servers.values():
                 rip = int_to_ip(rs.addr)
-                r = d.rs_counters[rs.id]
+                r = totals.servers[rs.id]
                 for kind in KINDS:
                     kname = kind.name.lower()
                     for reply, direction in ((False, "in"), (True, "out")):
@@ -125,12 +133,12 @@ class Collector:
                                   value=t.stats["superseded"])  # fmt: skip
 
         drops = CounterMetricFamily("director_drops", "Drops by reason (slow and fast path)", labels=["reason"])
-        counts = dm.drop_counts()
+        counts = vw.drop_counts()
         for r in DropReason:
             drops.add_metric([r.name.lower()], counts[r.value])
         yield drops
 
-        st = dm.stats
+        st = vw.stats
         yield CounterMetricFamily("director_icmp_unreachable_sent", "ICMP protocol-unreachable answers sent",
                                   value=st["icmp_sent"])
         yield CounterMetricFamily("director_icmp_unreachable_limited", "ICMP answers withheld by the rate limit",
@@ -146,12 +154,11 @@ class Collector:
                                   value=st["slow_iterations"])
         lat = HistogramMetricFamily("director_nfqueue_handling_seconds", "Callback arrival to verdict",
                                     labels=["queue"])
-        for name, h in dm.latency.items():
+        for name, h in vw.latency.items():
             lat.add_metric([name], h.cumulative(), sum_value=h.total)
         yield lat
-        sync = getattr(dm, "_sync", None)
-        if sync is not None:  # failover sync counters (docs/metrics.md)
-            st_sync = sync.status()
+        st_sync = vw.sync_status()
+        if st_sync is not None:  # failover sync counters (docs/metrics.md)
             for k in ("sent", "received", "applied", "rejected_mac", "rejected_replay", "ignored"):
                 yield CounterMetricFamily(f"director_sync_{k}", f"Failover sync: records/datagrams {k}",
                                           value=st_sync.get(k, 0))
@@ -161,7 +168,7 @@ class Collector:
         yield info
 
 
-def serve(daemon: "Daemon", address: str):
+def serve(views: "Views", address: str):
     """Start the HTTP endpoint on ``host:port`` (a thread of prometheus_client); returns the server."""
     from prometheus_client import CollectorRegistry, start_http_server
 
@@ -169,6 +176,6 @@ def serve(daemon: "Daemon", address: str):
     if not host or not port.isdigit():
         raise ValueError(f"daemon.metrics: must be host:port, got '{address}'")
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(Collector(daemon))
+    registry.register(Collector(views))
     server, _thread = start_http_server(int(port), addr=host.strip("[]"), registry=registry)
     return server

@@ -63,7 +63,7 @@ class DirectorProcess:
         try:
             self.proc = self.lab.popen(
                 self.role,
-                [sys.executable, "-m", "director.daemon", "run", "--config", str(self.config_path),
+                [sys.executable, "-m", "director.main", "run", "--config", str(self.config_path),
                  "--dataplane", self.dataplane],
                 stdout=log, stderr=log, cwd=str(REPO),
                 nsenter=True,  # `ip netns exec` remounts /sys: the eBPF pins would vanish with the process

@@ -203,7 +203,7 @@ def test_stopping_the_daemon_restores_the_namespace(make_lab, mode, dataplane):
     assert snapshot() == before
     if dataplane == "ebpf":
         assert "director_tc" in filters() and d.pin_dir.is_dir()  # keeps forwarding while no daemon runs
-        r = lab.run("director", [sys.executable, "-m", "director.daemon", "cleanup", "--config", str(d.config_path)],
+        r = lab.run("director", [sys.executable, "-m", "director.main", "cleanup", "--config", str(d.config_path)],
                     cwd=str(REPO), nsenter=True)
         assert r.returncode == 0, r.stderr
     assert filters() == filters_before and not d.pin_dir.exists()
@@ -214,7 +214,7 @@ def test_ah_on_a_nat_service_is_refused_at_configuration(tmp_path):
     cfg = tmp_path / "c.toml"
     cfg.write_text('[[service]]\nvip = "192.0.2.1"\nmethod = "nat"\nah = true\n'
                    '[[service.server]]\naddress = "192.0.2.2"\n')
-    r = subprocess.run([sys.executable, "-m", "director.daemon", "check", "--config", str(cfg)],
+    r = subprocess.run([sys.executable, "-m", "director.main", "check", "--config", str(cfg)],
                        capture_output=True, text=True, cwd=str(REPO))
     assert r.returncode == 2
     assert r.stderr.strip() == ("vpn-director: service[0].ah: AH cannot cross NAT; a NAT-mode service must not balance AH (ah = false, vpnadm --no-ah)")

@@ -1,7 +1,5 @@
 """Desired config -> running Director: matched by VIP and address, nothing changed on error."""
 
-from types import SimpleNamespace
-
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
@@ -15,6 +13,7 @@ from director.lab import craft
 from director.metrics import Collector, Histogram
 from director.packet import ip_to_int
 from director.service import ConfigError
+from director.views import Views
 
 BASE = """
 [[service]]
@@ -158,11 +157,10 @@ def test_metrics_collector_reports_the_traffic():
     d.decide(craft.esp(ip_to_int("203.0.113.99"), VIP, 9), 1.0)  # a stranger: icmp verdict
     h = Histogram()
     h.observe(0.0001)
-    fake = SimpleNamespace(director=d, latency={"client": h, "reply": Histogram()},
-                           drop_counts=lambda: {r.value: d.drops[r] for r in DropReason},
-                           stats={"icmp_sent": 1, "icmp_limited": 0, "icmp_suppressed": 0, "internal_errors": 0, "slow_iterations": 0})
+    views = Views(d, clock=lambda: 1.0, latency={"client": h, "reply": Histogram()},
+                  stats={"icmp_sent": 1, "icmp_limited": 0, "icmp_suppressed": 0, "internal_errors": 0, "slow_iterations": 0})
     reg = CollectorRegistry(auto_describe=False)
-    reg.register(Collector(fake))
+    reg.register(Collector(views))
     text = generate_latest(reg).decode()
     rip = ["198.51.100.1", "198.51.100.2"][rs]
     assert 'director_packets_total{kind="esp",service="192.0.2.10",verdict="forward"} 3.0' in text
