@@ -22,13 +22,12 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from pyroute2.netlink.exceptions import NetlinkError
-
 from director import config as config_mod
 from director import metrics, reconcile
 from director.control import MUTATIONS, RequestError, addr_arg, mutate
 from director.control_server import ControlServer
 from director.core import Director
+from director.dataplane.kernel_rules import KernelRefused, KernelRules
 from director.dataplane.prober import Prober
 from director.dataplane.sync_link import SyncLink
 from director.dataplane.verdicts import Verdicts
@@ -43,10 +42,6 @@ TICK = 1.0
 PROBE_TICK = 0.1  # the loop wakes at least this often while health checks run
 DATAPLANES = ("auto", "ebpf", "nfqueue")
 SLOW_ITERATION = 0.25  # a loop iteration longer than this is logged (rate limited)
-
-
-class KernelRefused(Exception):
-    """The kernel refused a rule or route a config needs; the message names the field."""
 
 
 class Daemon:
@@ -86,7 +81,7 @@ class Daemon:
         self._queues: list = []
         self._ipr = None
         self._metrics = None
-        self._kernel: reconcile.KernelState | None = None
+        self.kernel: KernelRules | None = None  # rules and routes; made in start
         self._lan_index = 0
         self._last_slow_log = 0.0
         self._sync: SyncLink | None = None  # failover sync ([daemon.sync])
@@ -107,6 +102,7 @@ class Daemon:
         vd.lan_addr = ip_to_int(lan_addr)
         vd.lan_mtu = self._ipr.get_links(self._lan_index)[0].get_attr("IFLA_MTU")
         routing.remove_all(self._ipr)  # leftovers of a crashed run
+        self.kernel = KernelRules(d, self._ipr, self._lan_index)
         vd.raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
         self._queues = [Queue(d.queue, vd.on_client), Queue(d.queue + 1, vd.on_reply)]
         self.control.open()
@@ -123,7 +119,7 @@ class Daemon:
             self._sync = self.views.sync = SyncLink(self.director, d.sync, ipr=self._ipr, ifindex=client_index)
         if d.metrics:
             self._metrics = metrics.serve(self.views, d.metrics)
-        k = self._kernel
+        k = self.kernel.state
         log.info("daemon.started dataplane=%s services=%d dr=%d nat=%d queue=%d metrics=%s", self.dataplane,
                  len(self.director.services), len(k.dr_servers), len(k.nat_servers), d.queue, d.metrics or "off")
         self.notify("READY=1")
@@ -216,36 +212,7 @@ class Daemon:
 
     def _apply_kernel(self) -> None:
         """Rules, DR routes and the fast path's service maps equal the running services."""
-        from director.dataplane import iptables, routing
-
-        want = reconcile.kernel_state(self.director)
-        have = self._kernel or reconcile.KernelState((), (), ())
-        d = self.cfg.daemon
-        if (want.vips, want.nat_servers) != (have.vips, have.nat_servers) or self._kernel is None:
-            iptables.install(iptables.RuleSet(d.client_interface, d.server_interface, want.vips,
-                                              want.nat_servers, d.queue, d.fail_open))
-        gone = set(have.dr_servers) - set(want.dr_servers)
-        new = set(want.dr_servers) - set(have.dr_servers)
-        if want.dr_servers and not have.dr_servers:
-            routing.move_local_rule(self._ipr)
-        for rs_id, rip in sorted(new):
-            try:
-                routing.add_server(self._ipr, rs_id, rip, self._lan_index)
-            except NetlinkError as e:
-                for done_id, _ in sorted(new):  # undo this round's routes before giving up
-                    routing.remove_server(self._ipr, done_id)
-                if not have.dr_servers:
-                    routing.restore_local_rule(self._ipr)
-                raise KernelRefused(
-                    f"server.address: {rip}: cannot route to it for direct routing "
-                    f"(not on-link on {self.cfg.daemon.server_interface}?): {os.strerror(e.code)}"
-                ) from None
-        for rs_id, _rip in sorted(gone):
-            routing.remove_server(self._ipr, rs_id)
-        if have.dr_servers and not want.dr_servers:
-            routing.restore_local_rule(self._ipr)
-        self.verdicts.marks = {rs_id: routing.mark_of(rs_id) for rs_id, _ in want.dr_servers}
-        self._kernel = want
+        self.verdicts.marks = self.kernel.apply(self.director)
         if self.fastpath is not None:
             self.fastpath.sync_services()
 
