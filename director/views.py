@@ -22,6 +22,7 @@ from director.drop_reasons import DropReason
 from director.packet import Kind, int_to_ip, ip_to_int
 
 RATE_KEYS = ("cps", "inpps", "outpps", "inbps", "outbps")  # ipvsadm --rate, same order as IPVS_COLUMNS
+_ZERO = (0,) * len(IPVS_COLUMNS)
 
 
 class FastPathView(Protocol):
@@ -50,7 +51,9 @@ class Rates:
         for rs_id, r in totals.servers.items():
             st = ipvs_stats(r)
             cur = tuple(st[k] for k in IPVS_COLUMNS)
-            prev = self._last.get(rs_id, cur)
+            # a server not seen before counts from zero: it was added since the last tick (its
+            # counters start at zero, the kernel's from a baseline) or the daemon just started
+            prev = self._last.get(rs_id, _ZERO)
             old = self._rates.get(rs_id, dict.fromkeys(RATE_KEYS, 0.0))
             # a counter that went down was zeroed (-Z): no negative rate
             self._rates[rs_id] = {k: round((old[k] + max(0, a - b) / dt) / 2, 2)

@@ -159,23 +159,29 @@ def test_without_a_fast_path_the_totals_are_the_cores():
 
 def test_rates_come_from_the_same_totals():
     d = running()
-    rs = establish(d)
     now = [0.0]
-    v = views_of(d, now)
+    v = views_of(d, now)  # as the daemon: views first, then traffic
     kernel = FakeKernel()
     v.attach_fastpath(FakeFastPath(kernel))
-    v.tick(1.0)  # the first tick only takes the totals as they are
+    rs = establish(d)  # one new conversation, two IKE packets in
+    v.tick(1.0)
+    row = next(r for r in v.services()[0]["servers"] if r["id"] == rs)
+    assert (row["rates"]["cps"], row["rates"]["inpps"]) == (0.5, 1.0)  # EWMA weight 1/2: (0 + 1/s) / 2
     kernel.forward(rs, ESP, 200, 100)
     v.tick(2.0)
     row = next(r for r in v.services()[0]["servers"] if r["id"] == rs)
-    assert row["rates"]["inpps"] == 100.0 and row["rates"]["inbps"] == 10000.0  # EWMA 1/2 of 200/s
+    assert row["rates"]["inpps"] == 100.5
+    assert row["rates"]["inbps"] == round((d.rs_counters[rs][rs_counter(False, Kind.IKE_INITIAL, True)]
+                                           + d.rs_counters[rs][rs_counter(False, Kind.IKE, True)]) / 2 / 2
+                                          + 200 * 100 / 2, 2)
+    assert v.services()[0]["rates"]["inpps"] == 100.5  # the service: the sum of its servers
     v.tick(3.0)  # nothing more forwarded: the rate halves
     row = next(r for r in v.services()[0]["servers"] if r["id"] == rs)
-    assert row["rates"]["inpps"] == 50.0
+    assert row["rates"]["inpps"] == 50.25
     v.zero(None)  # counters going down is a zeroing, not a negative rate
     v.tick(4.0)
     row = next(r for r in v.services()[0]["servers"] if r["id"] == rs)
-    assert row["rates"]["inpps"] == 25.0
+    assert row["rates"]["inpps"] == round(50.25 / 2, 2)
 
 
 class _NoKernel:
