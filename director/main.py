@@ -18,7 +18,7 @@ from pathlib import Path
 
 from director import config as config_mod
 from director import reconcile
-from director.control import control_request
+from director.control_client import control_request
 from director.core import Director
 from director.daemon import DATAPLANES, Daemon
 
