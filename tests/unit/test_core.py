@@ -301,19 +301,35 @@ def test_config_errors_name_the_field():
         d.add_server(1, RealServer(id=0, addr=RIPS[0]))
 
 
-def test_dirty_clients_collect_what_the_fast_path_must_resync():
+def test_client_projection_collects_what_the_fast_path_must_resync():
     d = director("rr")
-    d.dirty = set()
+    p = d.client_projection()
     d.decide(craft.ike(CLIENTS[0], VIP, 1, sport=1024), 0.0)
-    assert d.dirty == set()  # INIT entries are not in the fast path
+    assert p.pending == set()  # INIT entries are not in the fast path
     d.decide(craft.ike(CLIENTS[0], VIP, 1, 2, sport=1024), 0.1)
-    assert d.dirty == {(1, CLIENTS[0], 1024)}
-    d.dirty.clear()
+    assert p.pending == {(1, CLIENTS[0], 1024)}
+    p.pending.clear()
     d.decide(craft.ike(CLIENTS[0], VIP, 1, 2, sport=2048, natt=True), 0.2)  # float: old and new port
-    assert d.dirty == {(1, CLIENTS[0], 1024), (1, CLIENTS[0], 2048)}
-    d.dirty.clear()
+    assert p.pending == {(1, CLIENTS[0], 1024), (1, CLIENTS[0], 2048)}
+    p.pending.clear()
     d.expire(500.0)
-    assert d.dirty == {(1, CLIENTS[0], 2048)}
+    assert p.pending == {(1, CLIENTS[0], 2048)}
+
+
+def test_client_projection_drain_gives_each_key_its_route():
+    d = director("rr")
+    p = d.client_projection()
+    d.decide(craft.ike(CLIENTS[0], VIP, 1, sport=4500, natt=True), 0.0)
+    d.decide(craft.ike(CLIENTS[0], VIP, 1, 2, sport=4500, natt=True), 0.1)
+    rs = d.table.view(next(d.table.slots())).rs
+    assert sorted(p.drain(), key=str) == sorted([(VIP, CLIENTS[0], 0, rs), (VIP, CLIENTS[0], 4500, rs)], key=str)
+    assert p.pending == set() and p.drain() == []
+    d.expire(500.0)
+    assert sorted(p.drain(), key=str) == sorted([(VIP, CLIENTS[0], 0, None), (VIP, CLIENTS[0], 4500, None)], key=str)
+    d.unlisten(p)
+    d.decide(craft.ike(CLIENTS[1], VIP, 3, sport=500), 600.0)
+    d.decide(craft.ike(CLIENTS[1], VIP, 3, 4, sport=500), 600.1)
+    assert p.pending == set()  # no longer listening
 
 
 def test_new_entry_limits_per_source_and_global():

@@ -113,14 +113,19 @@ def test_established_entry_created_directly():
     assert view(b) == {(VIP, CLIENTS[1], 500, 0xA2, State.ESTABLISHED, RIPS[2])}
 
 
-def test_backup_marks_dirty_for_its_fast_path():
+def test_backup_marks_its_fast_path_projection():
     a, b, tx, rx = pair()
-    b.dirty = set()
+    p = b.client_projection()
     s = a.table.create(1, CLIENTS[2], 4500, 0xA3, 1, 0.0)
     a.table.establish(s, 0xB3, 0.0)
     for dgram in tx.flush(0.0):
         rx.handle(dgram, 0.0)
-    assert (4, CLIENTS[2], 4500) in b.dirty
+    assert (4, CLIENTS[2], 4500) in p.pending
+    p.pending.clear()
+    a.table.remove(s)
+    for dgram in tx.flush(1.0):
+        rx.handle(dgram, 1.0)
+    assert (4, CLIENTS[2], 4500) in p.pending
 
 
 def test_forged_message_rejected_and_counted():
