@@ -310,8 +310,7 @@ class Director:
     def add_server(self, svc_id: int, rs: RealServer) -> None:
         svc = self._service(svc_id)
         self._check_new_server(rs)
-        if rs.method == "nat" and svc.ah:
-            raise ConfigError(f"server.method: AH cannot cross NAT; service {svc_id} has ah = true")
+        svc.check_ah(extra=rs)
         svc.servers[rs.id] = rs
         self._index_server(svc, rs)
         svc.refresh_scheduler()
@@ -358,8 +357,8 @@ class Director:
             raise ConfigError(f"server.id: real server {rs.id} exists")
         if not 0 <= rs.weight <= 65535:
             raise ConfigError(f"server.weight: must be 0..65535, got {rs.weight}")
-        if rs.method:
-            Method.parse(rs.method)
+        if rs.method is not None and not isinstance(rs.method, Method):
+            raise ConfigError(f"server.method: must be a Method or None, got {rs.method!r}")
 
     def _index_server(self, svc: Service, rs: RealServer) -> None:
         self._servers[rs.id] = rs

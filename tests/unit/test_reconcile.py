@@ -104,7 +104,7 @@ def test_method_change_to_nat_reindexes_replies():
     r = d.decide_reply(reply, 0.1)
     assert (r.action, r.reply, r.addr) == (Action.FORWARD, True, VIP)
     s = d.table.lookup(next(iter(d.services)), CLIENT, 5)
-    assert d.table.spi_r[s] == 0x55 and d.table.state[s] == State.INIT
+    assert d.table.view(s).spi_r == 0x55 and d.table.view(s).state == State.INIT
 
 
 @pytest.mark.parametrize("req, error", [

@@ -40,9 +40,8 @@ def pair():
 
 def view(d):
     """(vip, client, port, spi_i, state, rs address) of every entry: what must agree."""
-    t = d.table
-    return {(d.services[t.svc[s]].vip, t.client[s], t.cport[s], t.spi_i[s], State(t.state[s]),
-             d.server(t.rs[s]).addr) for s in t.slots()}
+    return {(d.services[e.svc].vip, e.client, e.cport, e.spi_i, e.state, d.server(e.rs).addr)
+            for e in d.table.entries()}
 
 
 def test_pure():
@@ -93,9 +92,9 @@ def test_changes_replicate_create_establish_port_remove():
         rx.handle(dgram, 2.0)
     assert view(b) == {(VIP, CLIENTS[0], 4500, 0xA1, State.ESTABLISHED, RIPS[0])}
     bs = b.table.lookup(4, CLIENTS[0], 0xA1)
-    assert b.table.spi_r[bs] == 0xB1
+    assert b.table.view(bs).spi_r == 0xB1
     assert b.table.established_of_natt(4, CLIENTS[0], 4500)[0] == bs  # ESP-in-UDP finds it
-    assert 95 < b.table.expires[bs] - 2.0 <= 100  # the active's remaining timeout
+    assert 95 < b.table.view(bs).expires - 2.0 <= 100  # the active's remaining timeout
     assert b.server(7).active == 1  # scheduler counts follow
     t.remove(s)
     for dgram in tx.flush(3.0):
