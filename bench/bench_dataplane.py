@@ -573,7 +573,7 @@ class ControlProbe(threading.Thread):
         self.start()
 
     def run(self) -> None:
-        from director.daemon import control_request
+        from director.control_client import control_request
 
         t0 = time.monotonic()
         try:

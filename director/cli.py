@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from director import __version__
 from director.config import DaemonConfig, ServiceConfig
-from director.control import control_request
+from director.control_client import control_request
 from director.schedulers import SCHEDULERS
 
 PROG = "vpnadm"

@@ -27,7 +27,8 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from director import config as config_mod
 from director import metrics, reconcile
-from director.control import MUTATIONS, PROTOCOL_VERSION, RequestError, addr_arg, control_request, mutate
+from director.control import MUTATIONS, PROTOCOL_VERSION, RequestError, addr_arg, mutate
+from director.control_client import control_request
 from director.core import RS_CONNS, Action, Director, rs_counter
 from director.drop_reasons import DropReason
 from director.forwarding.fragment import fragment

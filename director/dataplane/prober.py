@@ -23,6 +23,7 @@ from director.health import (
     answers_probe,
     echo_request,
     parse_echo_reply,
+    PROBE_ENTROPY,
     probe_message,
 )
 from director.packet import int_to_ip
@@ -134,7 +135,7 @@ class Prober:
                 flips += self._finish(t, False, "timeout" if t.spi else "icmp timeout")
             if not (t.spi or t.echo_seq) and now >= t.next_at:
                 t.next_at = now + t.cfg.interval
-                spi, msg = probe_message()
+                spi, msg = probe_message(os.urandom(PROBE_ENTROPY))
                 try:
                     self.sock.sendto(msg, (t.addr, IKE_PORT))
                     if t.cfg.icmp and self.icmp is not None:

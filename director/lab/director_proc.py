@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from director.control import control_request
+from director.control_client import control_request
 from director.lab.netns import REPO, Lab, stop_process
 
 
