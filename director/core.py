@@ -1,7 +1,7 @@
 """The decision core: one packet's bytes and the time in, one Verdict out. Pure.
 
-The dataplane adapters (NFQUEUE, eBPF map sync) apply verdicts; they never re-derive one. The rules
-are DESIGN.md section 5, in this order for a client packet to a VIP:
+The dataplane adapters (NFQUEUE, eBPF map sync) apply verdicts; they never re-derive one. The rules,
+in this order for a client packet to a VIP:
 
 - IKE, responder cookie zero (initial): a known conversation keeps its real server (a repeat is
   counted; past the service's threshold with no sign of life the conversation is rescheduled: the

@@ -1,6 +1,6 @@
 """The two-state ISAKMP entry: states, events, the one transition table, and timeouts.
 
-An entry follows one ISAKMP/IKE conversation (DESIGN.md section 5):
+An entry follows one ISAKMP/IKE conversation (the rules that move it: director/core.py):
 
     (none) --INITIAL--> INIT --RESPONDER_SEEN--> ESTABLISHED
                         |  ^                      |  ^

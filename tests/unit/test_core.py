@@ -1,4 +1,4 @@
-"""The decision core, rule by rule (DESIGN.md section 5), on crafted packets."""
+"""The decision core, rule by rule (core.py's docstring lists them), on crafted packets."""
 
 import pytest
 
