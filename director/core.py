@@ -90,12 +90,12 @@ class _ServerCounts(TableListener):
         self.count = count  # Director._count(rs, state, +1/-1)
 
     def created(self, s: int) -> None:
-        self.count(self.table.rs_of(s), State.INIT, 1)
+        self.count(self.table.rs_of(s), _INIT, 1)
 
     def established(self, s: int) -> None:
         rs = self.table.rs_of(s)
-        self.count(rs, State.INIT, -1)
-        self.count(rs, State.ESTABLISHED, 1)
+        self.count(rs, _INIT, -1)
+        self.count(rs, _ESTABLISHED, 1)
 
     def moved(self, s: int, old_rs: int, state: int) -> None:
         self.count(old_rs, state, -1)

@@ -352,7 +352,7 @@ class FastPath:
     def clients(self) -> list[tuple[str, str, int, int]]:
         """(vip, client, port, real server id) of every client in the map (for status and tests)."""
         out = []
-        for k, v in libbpf.map_items(self.fd["clients"], bs.CLIENT_KEY.size, bs.CLIENT_VAL.size):
+        for k, v in self.clients_map.items():
             vip, client, port = bs.unpack_client_key(k)
             out.append((int_to_ip(vip), int_to_ip(client), port, bs.unpack_client_val(v)[0]))
         return sorted(out)

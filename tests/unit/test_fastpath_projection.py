@@ -73,6 +73,7 @@ def test_flush_writes_the_raw_and_the_port_key_of_an_established_client_and_noth
     assert not fp.pending
     assert m.routes() == {(VIP, CLIENTS[0], 0): rs, (VIP, CLIENTS[0], 4500): rs, (VIP, CLIENTS[1], 0): other,
                           (VIP, CLIENTS[1], 500): other}
+    assert fp.clients()[:2] == [("192.0.2.10", "203.0.113.1", 0, rs), ("192.0.2.10", "203.0.113.1", 4500, rs)]
     writes = m.writes
     establish(d, CLIENTS[0], 1, now=1.0)  # a refresh changes nothing: nothing is rewritten
     fp.flush()
