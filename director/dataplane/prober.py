@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 from director.core import Director
 from director.health import (
     ICMP_ECHO_REPLY,
+    PROBE_ENTROPY,
     HealthConfig,
     HealthState,
     answers_probe,
     echo_request,
     parse_echo_reply,
-    PROBE_ENTROPY,
     probe_message,
 )
 from director.packet import int_to_ip
