@@ -255,3 +255,18 @@ def test_stream_replicates_the_table(ops):
         rx.handle(dgram, now)
     assert view(b) == view(a)
     assert rx.stats["ignored"] == 0
+
+
+def test_the_sender_is_one_table_listener_among_others_and_detaches():
+    a, b, tx, rx = pair()
+    p = a.client_projection()  # the fast path's listener beside the sender's
+    s = a.table.create(1, CLIENTS[3], 500, 0xA4, 0, 0.0)
+    a.table.establish(s, 0xB4, 0.0)
+    assert tx.pending == 1 and p.pending == {(1, CLIENTS[3], 500)}
+    assert a.server(0).active == 1  # the director's own counts still follow the table
+    tx.detach()
+    a.table.create(1, CLIENTS[4], 500, 0xA5, 1, 0.0)
+    assert tx.pending == 1  # detached: the new entry is not collected
+    for dgram in tx.flush(0.0):
+        rx.handle(dgram, 0.0)
+    assert view(b) == {(VIP, CLIENTS[3], 500, 0xA4, State.ESTABLISHED, RIPS[0])}
