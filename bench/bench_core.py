@@ -1,8 +1,8 @@
 """Micro-benchmarks of the pure decision core: classify, Director.decide and the connection table.
 
 Not tests: it prints numbers, and ratios against baselines measured in the same run (a ratio is
-what compares across machines; an absolute rate only describes this one). DESIGN.md section 8
-sets the targets checked here: at least 20k new ISAKMP entries/s, a table of 1,000,000 entries at
+what compares across machines; an absolute rate only describes this one). The targets checked
+here (docs/performance.md): at least 20k new ISAKMP entries/s, a table of 1,000,000 entries at
 300 bytes/entry or less, O(1) lookup, and expiry cost proportional to what expires.
 
     .venv/bin/python bench/bench_core.py [--quick] [--json out.json] [--repeats N] [--no-naive]
@@ -625,7 +625,7 @@ def section_b(rep: Report, z: dict, repeats: int, rng: random.Random) -> None:
              t_new, "table 0 -> N")  # fmt: skip
     rep.out("  against the target:")
     ok = t_new.rate >= TARGET_ENTRIES_PER_S
-    rep.ratio("b.ratio_target", f"new entries/s / {TARGET_ENTRIES_PER_S:,} (DESIGN target)",
+    rep.ratio("b.ratio_target", f"new entries/s / {TARGET_ENTRIES_PER_S:,} (target)",
               t_new.rate / TARGET_ENTRIES_PER_S, "MET" if ok else "MISSED")  # fmt: skip
     rep.ratio("b.ratio_new_classify", "new entry / classify alone", t_new.best / cls.best)
     rep.ratio("b.ratio_new_create", "new entry / Table.create alone", t_new.best / create.best)
@@ -941,7 +941,7 @@ def section_c(rep: Report, z: dict, repeats: int, rng: random.Random, naive: boo
     rep.value("c.tracemalloc_peak_bytes_per_entry", "tracemalloc: peak during construct+fill / entries",
               peak / n, "B/entry")  # fmt: skip
     rep.value("c.table_mib", "table size (tracemalloc current)", current / 2**20, "MiB")
-    rep.ratio("c.ratio_target_bytes", f"bytes/entry / {TARGET_BYTES_PER_ENTRY} (DESIGN target)",
+    rep.ratio("c.ratio_target_bytes", f"bytes/entry / {TARGET_BYTES_PER_ENTRY} (target)",
               bpe / TARGET_BYTES_PER_ENTRY, "MET" if bpe <= TARGET_BYTES_PER_ENTRY else "MISSED")  # fmt: skip
     del t
     gc.collect()

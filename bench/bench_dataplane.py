@@ -7,7 +7,7 @@ eth1 -> bridge -> real server, all veth in namespaces. Traffic is one flow of 64
 
     .venv/bin/python bench/bench_dataplane.py [--quick] [--json out.json] [--only fastpath|classic]
 
-Cases, every one on the same path in the same run (DESIGN.md section 8 sets the targets):
+Cases, every one on the same path in the same run (docs/performance.md states the targets):
   a   plain kernel IP forwarding: ESP to rs1's own address, routed by the director, no daemon.
   a2  the same with the director's receive processing steered to CPU 1 by RPS: the two-core
       layout of the daemon cases (there, forwarding after a verdict runs on the daemon's core).
@@ -15,7 +15,8 @@ Cases, every one on the same path in the same run (DESIGN.md section 8 sets the 
       denominator of the slow-path target ("0.8x the raw NetfilterQueue mark loop").
   b   ESP to the VIP through the daemon (NFQUEUE) in DR, TUN and NAT mode, c1 established by an
       IKEv2 exchange first, at several offered rates and unlimited (saturation, collapse); in
-      the full run once more with the daemon on the generator's core (DESIGN's collapse layout).
+      the full run once more with the daemon on the generator's core (the collapse layout:
+      daemon and softirq on one core).
   c   IKE through the daemon: non-initial messages of the established client (INFORMATIONAL on
       4500), and initial IKE_SA_INIT from a new initiator SPI per packet (new ISAKMP entries/s).
   d   what a user might build instead: iptables DNAT (conntrack) of ESP to rs1, no daemon.
@@ -131,7 +132,7 @@ PROFILES: dict[str, dict[str, Any]] = {
                   fp_rounds=1, fp_seconds=1.2, fp_warm=0.3, fp_tail=0.15, fp_settle=0.3, fp_modes=["dr", "nat"]),
 }  # fmt: skip
 
-# The raw NetfilterQueue loop of case a0: what DESIGN.md calls the "mark loop", nothing else.
+# The raw NetfilterQueue loop of case a0: the "mark loop" of docs/performance.md, nothing else.
 RAW_LOOP = r"""
 import socket, sys
 from netfilterqueue import NetfilterQueue
@@ -515,7 +516,7 @@ class Bench:
         # busy = wall clock minus idle (see cpu_times: the tick-sampled busy fields miss work)
         row["cpu_busy_wall_pct"] = {c: max(0.0, 100.0 * (1 - (b.cpus[c][3] - a.cpus[c][3]) / (dt * CLK_TCK)))
                                     for c in b.cpus} if dt > 0 else {}  # fmt: skip
-        # softirq work deferred to ksoftirqd competes with the daemon for its core (DESIGN's collapse)
+        # softirq work deferred to ksoftirqd competes with the daemon for its core (the collapse layout)
         row["ksoftirqd_pct"] = {c: 100.0 * (b.ksoftirqd[c] - a.ksoftirqd.get(c, 0)) / CLK_TCK / dt
                                 for c in b.ksoftirqd} if dt > 0 else {}  # fmt: skip
         row["others_cpu_pct"] = 100.0 * others.ticks / CLK_TCK / dt if dt > 0 else 0.0
@@ -684,7 +685,7 @@ def daemon_cases(bench: Bench, shared_core: bool) -> None:
         for rate in prof["ike_rates"]:
             bench.run(Case("c", f"c  IKE non-initial ({m})", lab.mode, rate), info, OFF_IKE_MSGID)
         if shared_core:
-            pin(d.proc.pid, GEN_CPU)  # the layout DESIGN warns about: daemon and softirq on one core
+            pin(d.proc.pid, GEN_CPU)  # the collapse layout: daemon and softirq on one core
             bench.run(Case("b-shared", f"b  ESP, daemon on gen. core ({m})", lab.mode, 0), esp, OFF_ESP_SEQ)
             pin(d.proc.pid, DAEMON_CPU)
         # Last: they leave hundreds of thousands of INIT entries of c1 behind. Before 8dac3de each

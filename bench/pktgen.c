@@ -6,8 +6,8 @@
  *
  * The benchmark's traffic source (bench/bench_dataplane.py), run inside a lab namespace and pinned
  * to one core with taskset. The kernel has no pktgen module and trafgen stalls under sustained
- * forwarding load ("Flushing TX_RING failed", PLATFORM.md), so this is the small AF_PACKET sender
- * that note describes:
+ * forwarding load ("Flushing TX_RING failed" on the machines this was written on), so this is a
+ * small AF_PACKET sender:
  *
  *   - AF_PACKET SOCK_RAW with protocol 0: the frame goes out as given (we build the Ethernet header)
  *     and the socket receives nothing, so it costs nothing on the receive side.

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from director import __version__
 from director.config import DaemonConfig, ServiceConfig
-from director.control import control_request
+from director.control_client import control_request
 from director.schedulers import SCHEDULERS
 
 PROG = "vpnadm"
@@ -93,7 +93,7 @@ OPTIONS = (
         "scheduler's options unless --scheduler-option is given"),
     Opt("scheduler-option", ("--scheduler-option",), "kv", "KEY=VALUE",
         "a scheduler option, e.g. table_size=251 (repeatable; numbers and true/false are typed)"),
-    Opt("method", ("--method",), "str", "dr|tun|nat", f"the service's forwarding method (default {DEFAULTS.method})"),
+    Opt("method", ("--method",), "str", "dr|tun|nat", f"the service's forwarding method (default {DEFAULTS.method.label})"),
     Opt("affinity", ("--affinity",), "str", "ip|ip-port",
         f"a client keeps its real server per address, or per address and NAT-T port (default {DEFAULTS.affinity})"),
     Opt("netmask", ("-M", "--netmask"), "str", "NETMASK",
@@ -463,7 +463,7 @@ def save_lines(services: list[dict]) -> Iterator[str]:
         parts = ["-A", "-V", vip, "-s", s["scheduler"]]
         for k, v in sorted((s.get("scheduler_options") or {}).items()):
             parts += ["--scheduler-option", f"{k}={_scalar_text(v)}"]
-        if s.get("method", DEFAULTS.method) != DEFAULTS.method:
+        if s.get("method", DEFAULTS.method.label) != DEFAULTS.method.label:
             parts += ["--method", s["method"]]
         if s.get("affinity", DEFAULTS.affinity) != DEFAULTS.affinity:
             parts += ["--affinity", s["affinity"]]

@@ -27,6 +27,7 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
+from director.forwarding.method import AH_ACROSS_NAT, NAMES as METHOD_NAMES, Method, ah_across_nat
 from director.isakmp_state import DEFAULT_ESTABLISHED_TIMEOUT, DEFAULT_INIT_TIMEOUT
 from director.schedulers import SCHEDULERS
 from director.service import AFFINITY
@@ -44,7 +45,7 @@ class ConfigErrors(ValueError):
 class ServerConfig:
     address: str
     weight: int = 1
-    method: str = ""  # "" = the service's method
+    method: Method | None = None  # None: the service's method
     u_threshold: int = 0
     l_threshold: int = 0
 
@@ -54,7 +55,7 @@ class ServiceConfig:
     vip: str
     scheduler: str = "wlc"
     scheduler_options: tuple[tuple[str, Any], ...] = ()
-    method: str = "dr"
+    method: Method = Method.DR
     affinity: str = "ip"
     ah: bool = True
     init_timeout: float = DEFAULT_INIT_TIMEOUT
@@ -181,6 +182,11 @@ class _Checker:
             self.err(path, f"must be one of {', '.join(choices)}, got '{v}'")
         return v
 
+    def method(self, path: str, v: Any) -> Method:
+        """dr, tun or nat, parsed here once (an error leaves DR, which nothing will apply)."""
+        text = self.str_(path, v, METHOD_NAMES)
+        return Method.parse(text) if text in METHOD_NAMES else Method.DR
+
     def bool_(self, path: str, v: Any) -> bool:
         if not isinstance(v, bool):
             self.err(path, f"must be true or false, got {v!r}")
@@ -302,11 +308,9 @@ def _service(c: _Checker, p: str, s: Any, vips: dict[str, int], addresses: dict[
     if not isinstance(opts, dict):
         c.err(f"{p}.scheduler_options", "must be a table")
         opts = {}
-    method = c.str_(f"{p}.method", s.get("method", "dr"), ("dr", "tun", "nat"))
+    method = c.method(f"{p}.method", s.get("method", "dr"))
     affinity = c.str_(f"{p}.affinity", s.get("affinity", "ip"), AFFINITY)
-    ah = c.bool_(f"{p}.ah", s.get("ah", method != "nat"))
-    if ah and method == "nat":
-        c.err(f"{p}.ah", "AH cannot cross NAT; a NAT-mode service must not balance AH (ah = false, vpnadm --no-ah)")
+    ah = c.bool_(f"{p}.ah", s.get("ah", method != Method.NAT))
     t = s.get("timeouts", {})
     if not isinstance(t, dict):
         c.err(f"{p}.timeouts", "must be a table")
@@ -341,7 +345,7 @@ def _service(c: _Checker, p: str, s: Any, vips: dict[str, int], addresses: dict[
             if hv["timeout"] > hv["interval"]:
                 c.err(f"{p}.health.timeout", f"must be <= health.interval ({hv['interval']}), got {hv['timeout']}")
             health = tuple(sorted(hv.items()))
-    servers = []
+    servers, server_paths = [], []
     raw_servers = s.get("server", [])
     if not isinstance(raw_servers, list):
         c.err(f"{p}.server", "must be an array of tables ([[service.server]])")
@@ -359,11 +363,7 @@ def _service(c: _Checker, p: str, s: Any, vips: dict[str, int], addresses: dict[
         if key in addresses:
             c.err(f"{q}.address", f"duplicate of {addresses[key]}")
         addresses.setdefault(key, q)
-        rs_method = r.get("method", "")
-        if rs_method != "":
-            rs_method = c.str_(f"{q}.method", rs_method, ("dr", "tun", "nat"))
-            if rs_method == "nat" and ah:
-                c.err(f"{q}.method", "AH cannot cross NAT; the service must not balance AH (ah = false, vpnadm --no-ah)")
+        rs_method = c.method(f"{q}.method", r["method"]) if r.get("method", "") != "" else None
         u = c.int_(f"{q}.u_threshold", r.get("u_threshold", 0), 0, 50_000_000)
         lo = c.int_(f"{q}.l_threshold", r.get("l_threshold", 0), 0, 50_000_000)
         if u and lo > u:
@@ -371,6 +371,10 @@ def _service(c: _Checker, p: str, s: Any, vips: dict[str, int], addresses: dict[
         servers.append(
             ServerConfig(addr, c.int_(f"{q}.weight", r.get("weight", 1), 0, 65535), rs_method, u, lo)
         )
+        server_paths.append(q)
+    nat = ah_across_nat(ah, method, (r.method for r in servers))
+    if nat is not None:
+        c.err(f"{p}.ah" if nat < 0 else f"{server_paths[nat]}.method", AH_ACROSS_NAT)
     return ServiceConfig(
         vip=vip,
         scheduler=scheduler,
@@ -393,7 +397,7 @@ def service_to_dict(s: ServiceConfig) -> dict:
     out: dict[str, Any] = {
         "vip": s.vip,
         "scheduler": s.scheduler,
-        "method": s.method,
+        "method": s.method.label,
         "affinity": s.affinity,
         "ah": s.ah,
         "timeouts": {"init": s.init_timeout, "established": s.established_timeout},
@@ -411,8 +415,8 @@ def service_to_dict(s: ServiceConfig) -> dict:
 
 def server_to_dict(r: ServerConfig) -> dict:
     out: dict[str, Any] = {"address": r.address, "weight": r.weight}
-    if r.method:
-        out["method"] = r.method
+    if r.method is not None:
+        out["method"] = r.method.label
     if r.u_threshold:
         out["u_threshold"] = r.u_threshold
     if r.l_threshold:

@@ -28,6 +28,12 @@ an INIT entry (a random sample, else the oldest), then the oldest soft-expired e
 ESTABLISHED one: when only those are left, it refuses the new entry instead.
 Soft expiry: a service may keep up to ``soft_limit`` ESTABLISHED entries ``soft_grace`` seconds
 past their idle timeout; traffic revives them, pressure reclaims them first.
+
+Events. Whoever mirrors the table (the real servers' connection counts, the fast path's map, the
+failover peer) subclasses ``TableListener`` and registers with ``listen``; the table calls every
+listener, in registration order, as entries are created, established, change client port, move
+to another real server or leave. Other modules read entries through ``view`` and ``conversation``,
+never through the columns.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from __future__ import annotations
 import random
 import struct
 from array import array
-from typing import Callable, Iterator, NamedTuple
+from typing import Iterator, NamedTuple
 
 from director.isakmp_state import Event, State, Timeouts, transition
 
@@ -78,6 +84,35 @@ class EntryView(NamedTuple):
     natt: bool
     soft: bool
     retransmits: int
+
+
+class TableListener:
+    """What the table tells the modules that mirror it. Every method does nothing here: a
+    listener overrides the events it needs. ``s`` is the entry's slot; the entry is complete and
+    readable (``Table.view``) in every call, ``removed`` included (the slot is freed after it)."""
+
+    __slots__ = ()
+
+    def created(self, s: int) -> None:
+        """A new INIT entry is in place."""
+
+    def established(self, s: int) -> None:
+        """The entry turned ESTABLISHED (its client echoed the responder cookie)."""
+
+    def changed(self, s: int, old_port: int) -> None:
+        """The entry's client UDP port changed from ``old_port`` (NAT-T float, NAT rebinding)."""
+
+    def moved(self, s: int, old_rs: int, state: int) -> None:
+        """The entry went from real server ``old_rs`` to its current one; ``state`` is its state."""
+
+    def removed(self, s: int, event: Event, state: int) -> None:
+        """The entry, in ``state``, leaves the table by ``event`` (EXPIRE or REMOVE)."""
+
+    def activity(self, s: int) -> float | None:
+        """When the ESTABLISHED entry's client was last seen where this table cannot see it (the
+        eBPF fast path forwards its ESP without the table), or None. Asked only for an entry
+        about to expire; the newest answer of all listeners counts."""
+        return None
 
 
 class _Index:
@@ -160,11 +195,6 @@ class Table:
         now: float = 0.0,
         tick: float = 1.0,
         wheel_size: int = 4096,
-        on_count: Callable[[int, int, int], None] | None = None,
-        on_change: Callable[[Event, int], None] | None = None,
-        on_port: Callable[[int, int], None] | None = None,
-        on_create: Callable[[int], None] | None = None,
-        activity: Callable[[int], float | None] | None = None,
         pressure: float = 1.0,
         seed: int | None = None,
     ) -> None:
@@ -181,13 +211,8 @@ class Table:
         # under memory pressure): headroom for legitimate clients during an INIT flood
         self.pressure_limit = max(1, int(capacity * pressure))
         self._rng = random.Random(seed)
-        self.on_count = on_count  # (rs, state, +1/-1): keeps RealServer.active/inactive true
-        self.on_change = on_change  # (event, slot) before the slot changes or is freed
-        self.on_port = on_port  # (slot, old port) after an entry's client port changed
-        self.on_create = on_create  # (slot) after a new entry is in place (failover sync)
-        # (slot) -> last time the entry's client was seen elsewhere (the eBPF fast path forwards
-        # its ESP without this table seeing it), asked only for an ESTABLISHED entry about to expire
-        self.activity = activity
+        # a tuple, rebuilt by listen/unlisten: an event loops over it, nothing is allocated per event
+        self._listeners: tuple[TableListener, ...] = ()
 
         def col(code: str, fill: int | float = 0) -> array:
             return array(code, [fill]) * capacity
@@ -256,6 +281,14 @@ class Table:
         }
 
     # -- configuration ---------------------------------------------------------------------
+    def listen(self, listener: TableListener) -> None:
+        """Call ``listener`` on every event from now on (after the listeners already there)."""
+        if listener not in self._listeners:
+            self._listeners += (listener,)
+
+    def unlisten(self, listener: TableListener) -> None:
+        self._listeners = tuple(x for x in self._listeners if x is not listener)
+
     def set_timeouts(self, svc: int, timeouts: Timeouts) -> None:
         """Applies to every refresh from now on (IPVS semantics: existing deadlines stand)."""
         self._timeouts[svc] = timeouts
@@ -344,10 +377,8 @@ class Table:
         self.n_init += 1
         self.stats["created"] += 1
         self._set_deadline(s, now + self.timeouts(svc).init)
-        if self.on_count:
-            self.on_count(rs, State.INIT, 1)
-        if self.on_create:
-            self.on_create(s)
+        for listener in self._listeners:
+            listener.created(s)
         return s
 
     def refresh_all(self, now: float) -> int:
@@ -388,6 +419,10 @@ class Table:
     def spi_r_from_server(self, s: int) -> bool:
         return bool(self.flags[s] & F_SPI_R_FROM_SERVER)
 
+    def server_spi_r(self, s: int) -> int | None:
+        """The responder SPI the real server sent (NAT mode), or None if none was recorded."""
+        return self.spi_r[s] if self.flags[s] & F_SPI_R_FROM_SERVER else None
+
     def establish(self, s: int, spi_r: int, now: float) -> bool:
         """The initiator echoed responder cookie ``spi_r``. True when this made it ESTABLISHED."""
         old = self.state[s]
@@ -395,8 +430,6 @@ class Table:
         if old == new:
             self.touch(s, now)
             return False
-        if self.on_change:
-            self.on_change(Event.RESPONDER_SEEN, s)
         self._list_remove(_LIST_INIT, s)
         self.state[s] = new
         self.spi_r[s] = spi_r
@@ -407,10 +440,8 @@ class Table:
         self.n_init -= 1
         self.n_established += 1
         self.stats["established"] += 1
-        if self.on_count:
-            rs = self.rs[s]
-            self.on_count(rs, State.INIT, -1)
-            self.on_count(rs, State.ESTABLISHED, 1)
+        for listener in self._listeners:
+            listener.established(s)
         self.touch(s, now)
         self._supersede(s, now)
         return True
@@ -465,8 +496,8 @@ class Table:
         self._group_del(self._by_natt, _NATT_KEY.pack(svc, client, old), self.p_next, self.p_prev, s)
         self.cport[s] = port
         self._group_add(self._by_natt, _NATT_KEY.pack(svc, client, port), self.p_next, self.p_prev, s)
-        if self.on_port:
-            self.on_port(s, old)
+        for listener in self._listeners:
+            listener.changed(s, old)
         if now is not None and self.state[s] == State.ESTABLISHED and not self.flags[s] & F_SUPERSEDED:
             self._supersede(s, now)
 
@@ -480,10 +511,9 @@ class Table:
             return
         self.rs[s] = rs
         self.retrans[s] = 0
-        if self.on_count:
-            st = self.state[s]
-            self.on_count(old, st, -1)
-            self.on_count(rs, st, 1)
+        st = self.state[s]
+        for listener in self._listeners:
+            listener.moved(s, old, st)
 
     def remove(self, s: int) -> None:
         """Take the entry out (operator, drop-entry); counted as removed."""
@@ -518,8 +548,12 @@ class Table:
     def _expire_one(self, s: int, now: float) -> int:
         svc = self.svc[s]
         superseded = self.flags[s] & F_SUPERSEDED
-        if self.activity is not None and self.state[s] == State.ESTABLISHED and not superseded:
-            seen = self.activity(s)
+        if self._listeners and self.state[s] == State.ESTABLISHED and not superseded:
+            seen = None
+            for listener in self._listeners:
+                t = listener.activity(s)
+                if t is not None and (seen is None or t > seen):
+                    seen = t
             if seen is not None:
                 deadline = seen + self.timeouts(svc).established
                 if deadline > now:
@@ -564,6 +598,22 @@ class Table:
             self.retrans[s],
         )
 
+    def conversation(self, s: int) -> tuple[int, int, int]:
+        """(service, client, initiator SPI): the key that names the entry's conversation."""
+        return self.svc[s], self.client[s], self.spi_i[s]
+
+    def svc_of(self, s: int) -> int:
+        return self.svc[s]
+
+    def rs_of(self, s: int) -> int:
+        return self.rs[s]
+
+    def state_of(self, s: int) -> int:
+        return self.state[s]
+
+    def port_of(self, s: int) -> int:
+        return self.cport[s]
+
     def slots(self) -> Iterator[int]:
         """Every live slot (a scan of the table: for listings and operator actions only)."""
         state = self.state
@@ -602,8 +652,8 @@ class Table:
     def _free_slot(self, s: int, event: Event) -> None:
         st = self.state[s]
         new = transition(st, event)
-        if self.on_change:
-            self.on_change(event, s)
+        for listener in self._listeners:
+            listener.removed(s, event, st)
         svc, client = self.svc[s], self.client[s]
         self._by_cookie.delete_at(self._by_cookie.find(_COOKIE_KEY.pack(svc, client, self.spi_i[s])))
         self._group_del(self._by_client, _CLIENT_KEY.pack(svc, client), self.g_next, self.g_prev, s)
@@ -619,8 +669,6 @@ class Table:
             self.n_established -= 1
         if self.t_tick[s]:
             self._unfile(s)
-        if self.on_count:
-            self.on_count(self.rs[s], st, -1)
         self.state[s] = new
         self.flags[s] = 0
         self.rs[s] = NO_RS

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import copy
 import ipaddress
-import json
-import socket
 from typing import Any
 
 from director.config import Config, ConfigErrors, from_dict, to_dict
@@ -137,12 +135,3 @@ def mutate(desired: Config, req: dict) -> Config:
         # name the service being changed as "service", not by its position in the list
         lines = [x.replace(f"service[{touched}].", "service.", 1) if touched is not None else x for x in e.errors]
         raise RequestError("; ".join(lines)) from None
-
-
-def control_request(path: str, request: dict, timeout: float = 5.0) -> dict:
-    """Send one request to a running daemon's control socket and return its answer."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
-        s.connect(path)
-        s.sendall(json.dumps({"v": PROTOCOL_VERSION, **request}).encode() + b"\n")
-        return json.loads(s.makefile("rb").readline())

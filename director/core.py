@@ -1,7 +1,7 @@
 """The decision core: one packet's bytes and the time in, one Verdict out. Pure.
 
-The dataplane adapters (NFQUEUE, eBPF map sync) apply verdicts; they never re-derive one. The rules
-are DESIGN.md section 5, in this order for a client packet to a VIP:
+The dataplane adapters (NFQUEUE, eBPF map sync) apply verdicts; they never re-derive one. The rules,
+in this order for a client packet to a VIP:
 
 - IKE, responder cookie zero (initial): a known conversation keeps its real server (a repeat is
   counted; past the service's threshold with no sign of life the conversation is rescheduled: the
@@ -21,7 +21,7 @@ from array import array
 from enum import IntEnum
 from typing import NamedTuple
 
-from director.conntrack import NO_RS, Table, TableFull
+from director.conntrack import NO_RS, NO_SLOT, Table, TableFull, TableListener
 from director.ratelimit import SourceBuckets, TokenBucket
 from director.drop_reasons import DropReason
 from director.isakmp_state import Event, State
@@ -80,6 +80,111 @@ def rs_counter(reply: bool, kind: Kind, bytes_: bool = False) -> int:
     return (reply * NK + kind) * 2 + bytes_
 
 
+class _ServerCounts(TableListener):
+    """Keeps every RealServer's active (ESTABLISHED) and inactive (INIT) entry counts true."""
+
+    __slots__ = ("table", "count")
+
+    def __init__(self, table: Table, count) -> None:
+        self.table = table
+        self.count = count  # Director._count(rs, state, +1/-1)
+
+    def created(self, s: int) -> None:
+        self.count(self.table.rs_of(s), _INIT, 1)
+
+    def established(self, s: int) -> None:
+        rs = self.table.rs_of(s)
+        self.count(rs, _INIT, -1)
+        self.count(rs, _ESTABLISHED, 1)
+
+    def moved(self, s: int, old_rs: int, state: int) -> None:
+        self.count(old_rs, state, -1)
+        self.count(self.table.rs_of(s), state, 1)
+
+    def removed(self, s: int, event: Event, state: int) -> None:
+        self.count(self.table.rs_of(s), state, -1)
+
+
+class ClientProjection(TableListener):
+    """The table as the eBPF fast path's ``clients`` map holds it: for each service and client, the
+    real server of the client's newest ESTABLISHED entry, under (VIP, client, 0) for raw ESP/AH
+    and (VIP, client, port) for ESP-in-UDP (docs/fastpath.md).
+
+    As a table listener it notes which (service, client, port) an event may have changed (only
+    ESTABLISHED entries are in the map); ``drain`` recomputes exactly those keys. ``last_seen``
+    (VIP, client, port) -> seconds or None tells the table when the fast path last forwarded for
+    a client, so an ESTABLISHED entry whose ESP the table never sees does not expire under it.
+    Made and registered by ``Director.client_projection``.
+    """
+
+    def __init__(self, director: "Director", last_seen=None) -> None:
+        self.d = director
+        self.table = director.table
+        self.last_seen = last_seen
+        self.pending: set[tuple[int, int, int]] = set()
+
+    def _mark(self, s: int, port: int) -> None:
+        svc, client, _ = self.table.conversation(s)
+        self.pending.add((svc, client, port))
+
+    def established(self, s: int) -> None:
+        self._mark(s, self.table.port_of(s))
+
+    def changed(self, s: int, old_port: int) -> None:
+        if self.table.state_of(s) == State.ESTABLISHED:
+            self._mark(s, old_port)
+            self._mark(s, self.table.port_of(s))
+
+    def moved(self, s: int, old_rs: int, state: int) -> None:
+        if state == State.ESTABLISHED:
+            self._mark(s, self.table.port_of(s))
+
+    def removed(self, s: int, event: Event, state: int) -> None:
+        if state == State.ESTABLISHED:
+            self._mark(s, self.table.port_of(s))
+
+    def activity(self, s: int) -> float | None:
+        if self.last_seen is None:
+            return None
+        svc_id, client, _ = self.table.conversation(s)
+        svc = self.d.services.get(svc_id)
+        if svc is None:
+            return None
+        newest = None
+        for port in {0, self.table.port_of(s)}:
+            t = self.last_seen(svc.vip, client, port)
+            if t is not None and (newest is None or t > newest):
+                newest = t
+        return newest
+
+    def drain(self) -> list[tuple[int, int, int, int | None]]:
+        """(VIP, client, port, real server id or None = no entry: delete the key) for every key
+        that may have changed since the last drain; the raw key (port 0) of each client once."""
+        if not self.pending:
+            return []
+        todo = list(self.pending)
+        self.pending.clear()
+        out = []
+        done_raw = set()
+        t = self.table
+        for svc_id, client, port in todo:
+            svc = self.d.services.get(svc_id)
+            if svc is None:
+                continue
+            if (svc_id, client) not in done_raw:
+                done_raw.add((svc_id, client))
+                out.append((svc.vip, client, 0, self._route(svc, t.established_of_client(svc_id, client)[0])))
+            if port:
+                out.append((svc.vip, client, port, self._route(svc, t.established_of_natt(svc_id, client, port)[0])))
+        return out
+
+    def _route(self, svc: Service, s: int) -> int | None:
+        if s == NO_SLOT:
+            return None
+        rs = self.table.rs_of(s)
+        return rs if rs in svc.servers else None
+
+
 class Director:
     """Services, real servers and the table; ``decide`` is the per-packet entry point."""
 
@@ -87,13 +192,10 @@ class Director:
                  new_per_source: float = 0.0, pressure: float = 1.0, seed: int | None = None) -> None:
         """``new_rate`` / ``new_per_source``: new ISAKMP entries per second allowed in all and per
         client address (0 = no limit); ``pressure``: table fill above which drop-entry starts."""
-        self.table = Table(capacity, now=now, on_count=self._count, on_change=self._on_change, on_port=self._on_port,
-                           pressure=pressure, seed=seed)
+        self.table = Table(capacity, now=now, pressure=pressure, seed=seed)
+        self.table.listen(_ServerCounts(self.table, self._count))
         self._new_limit = TokenBucket(new_rate, now=now) if new_rate > 0 else None
         self._source_limit = SourceBuckets(new_per_source) if new_per_source > 0 else None
-        # (service, client, port) whose fast-path projection may have changed; the eBPF adapter
-        # drains it (None: nobody is interested, nothing is collected)
-        self.dirty: set[tuple[int, int, int]] | None = None
         self.services: dict[int, Service] = {}
         self._by_vip: dict[int, Service] = {}
         self._servers: dict[int, RealServer] = {}  # every real server by its global id
@@ -142,7 +244,7 @@ class Director:
         del self._by_vip[svc.vip]
         del self.svc_counters[svc_id]
         t = self.table
-        doomed = [s for s in t.slots() if t.svc[s] == svc_id]
+        doomed = [s for s in t.slots() if t.svc_of(s) == svc_id]
         for s in doomed:
             t.remove(s)
         return len(doomed)
@@ -208,8 +310,7 @@ class Director:
     def add_server(self, svc_id: int, rs: RealServer) -> None:
         svc = self._service(svc_id)
         self._check_new_server(rs)
-        if rs.method == "nat" and svc.ah:
-            raise ConfigError(f"server.method: AH cannot cross NAT; service {svc_id} has ah = true")
+        svc.check_ah(extra=rs)
         svc.servers[rs.id] = rs
         self._index_server(svc, rs)
         svc.refresh_scheduler()
@@ -244,7 +345,7 @@ class Director:
         """Remove every entry on a real server (IPVS expire_nodest_conn): its clients reschedule
         on their next initial packet. A scan of the table: an operator or health event only."""
         t = self.table
-        doomed = [s for s in t.slots() if t.rs[s] == rs_id]
+        doomed = [s for s in t.slots() if t.rs_of(s) == rs_id]
         for s in doomed:
             t.remove(s)
         return len(doomed)
@@ -256,8 +357,8 @@ class Director:
             raise ConfigError(f"server.id: real server {rs.id} exists")
         if not 0 <= rs.weight <= 65535:
             raise ConfigError(f"server.weight: must be 0..65535, got {rs.weight}")
-        if rs.method:
-            Method.parse(rs.method)
+        if rs.method is not None and not isinstance(rs.method, Method):
+            raise ConfigError(f"server.method: must be a Method or None, got {rs.method!r}")
 
     def _index_server(self, svc: Service, rs: RealServer) -> None:
         self._servers[rs.id] = rs
@@ -279,16 +380,41 @@ class Director:
         except KeyError:
             raise ConfigError(f"server.id: no real server {rs_id}") from None
 
-    def _on_change(self, event, s: int) -> None:
-        if self.dirty is not None and (self.table.state[s] == State.ESTABLISHED or event == Event.RESPONDER_SEEN):
-            t = self.table
-            self.dirty.add((t.svc[s], t.client[s], t.cport[s]))
+    # -- the table for the modules that mirror it (fast path, failover sync) -------------------
+    def listen(self, listener: TableListener) -> None:
+        """Table events to ``listener`` (conntrack.TableListener) from now on."""
+        self.table.listen(listener)
 
-    def _on_port(self, s: int, old_port: int) -> None:
-        if self.dirty is not None and self.table.state[s] == State.ESTABLISHED:
-            t = self.table
-            self.dirty.add((t.svc[s], t.client[s], old_port))
-            self.dirty.add((t.svc[s], t.client[s], t.cport[s]))
+    def unlisten(self, listener: TableListener) -> None:
+        self.table.unlisten(listener)
+
+    def client_projection(self, last_seen=None) -> ClientProjection:
+        """A ClientProjection of this director's table, registered for its events."""
+        p = ClientProjection(self, last_seen)
+        self.listen(p)
+        return p
+
+    def adopt_client(self, vip: int, client: int, port: int, rs_id: int, spi_i: int, now: float) -> bool:
+        """An ESTABLISHED entry for a client found forwarded elsewhere (the fast path's map left
+        by an earlier daemon), unless its service or real server is gone or it exists. Raises
+        TableFull."""
+        svc = self._by_vip.get(vip)
+        if svc is None or rs_id not in svc.servers or self.table.lookup(svc.id, client, spi_i) != NO_SLOT:
+            return False
+        s = self.table.create(svc.id, client, port, spi_i, rs_id, now)
+        self.table.establish(s, 0, now)
+        self.stats["adopted"] += 1
+        return True
+
+    def entry_record(self, s: int) -> tuple | None:
+        """(the entry's view, its service's VIP, its real server's address) for a peer that knows
+        services by VIP and servers by address; None if either is gone."""
+        v = self.table.view(s)
+        svc = self.services.get(v.svc)
+        rs = self._servers.get(v.rs)
+        if svc is None or rs is None:
+            return None
+        return v, svc.vip, rs.addr
 
     def _count(self, rs_id: int, state: int, delta: int) -> None:
         rs = self._servers.get(rs_id)
@@ -362,8 +488,8 @@ class Director:
         t = self.table
         s = t.lookup(svc.id, c.src, c.spi_i)
         if s >= 0:
-            rs = self._servers.get(t.rs[s])
-            if t.state[s] == _INIT:
+            rs = self._servers.get(t.rs_of(s))
+            if t.state_of(s) == _INIT:
                 n = t.retransmit(s, now, c.wire_len)
                 self._follow_port(t, s, c, now)
                 if rs is None or not rs.up:
@@ -387,7 +513,7 @@ class Director:
         rs = None
         a = self._affinity_slot(svc, c)
         if a >= 0:
-            rs = self._servers.get(t.rs[a])
+            rs = self._servers.get(t.rs_of(a))
             if rs is not None and rs.up and self._rs_service.get(rs.id) == svc.id:
                 self.stats["persisted"] += 1
             else:
@@ -410,7 +536,7 @@ class Director:
         s = t.lookup(svc.id, c.src, c.spi_i)
         if s < 0:
             a = self._affinity_slot(svc, c)
-            rs = self._servers.get(t.rs[a]) if a >= 0 else None
+            rs = self._servers.get(t.rs_of(a)) if a >= 0 else None
             if rs is None or not rs.up:
                 return self._drop(_K_IKE, DropReason.UNKNOWN_IKE_SA, svc)
             refused = self._refuse_new(c.src, now)
@@ -424,12 +550,12 @@ class Director:
             self.stats["adopted"] += 1
             self.rs_counters[rs.id][RS_CONNS] += 1
             return self._forward(svc, _K_IKE, rs)
-        rs = self._servers.get(t.rs[s])
+        rs = self._servers.get(t.rs_of(s))
         if rs is None:
             return self._drop(_K_IKE, DropReason.REAL_SERVER_GONE, svc)
-        if t.state[s] == _INIT and self._rs_method[rs.id] == Method.NAT:
+        if t.state_of(s) == _INIT and self._rs_method[rs.id] == Method.NAT:
             # anti-spoofing: the responder cookie must be the one the real server sent us
-            if not t.spi_r_from_server(s) or t.spi_r[s] != c.spi_r:
+            if t.server_spi_r(s) != c.spi_r:
                 return self._drop(_K_IKE, DropReason.RESPONDER_SPI_MISMATCH, svc)
         t.establish(s, c.spi_r, now)  # refreshes an ESTABLISHED entry too
         self._follow_port(t, s, c, now)
@@ -446,7 +572,7 @@ class Director:
 
     @staticmethod
     def _follow_port(t: Table, s: int, c, now: float) -> None:
-        if c.sport != t.cport[s]:
+        if c.sport != t.port_of(s):
             t.set_port(s, c.sport, now)
         if c.natt:
             t.mark_natt(s)
@@ -469,7 +595,7 @@ class Director:
         return rs
 
     def _forward_entry(self, svc: Service, kind: Kind, s: int, now: float | None) -> Verdict:
-        rs = self._servers.get(self.table.rs[s])
+        rs = self._servers.get(self.table.rs_of(s))
         if rs is None:
             return self._drop(kind, DropReason.REAL_SERVER_GONE, svc)
         if now is not None:
@@ -502,7 +628,7 @@ class Director:
         if c.kind == Kind.IKE or c.kind == Kind.IKE_INITIAL:
             for svc_i, rs_i in pairs:
                 s = self.table.lookup(svc_i.id, c.dst, c.spi_i)
-                if s >= 0 and self.table.rs[s] == rs_i.id:
+                if s >= 0 and self.table.rs_of(s) == rs_i.id:
                     svc, rs = svc_i, rs_i
                     self.table.record_reply(s, c.spi_r)
                     break

@@ -132,18 +132,15 @@ class Daemon:
                       lan_addr=self.verdicts.lan_addr, lan_mtu=self.verdicts.lan_mtu, pin_dir=Path(d.bpf_pin_dir),
                       hook=d.fastpath_hook, admit_rate=d.new_entries_rate, admit_per_source=d.new_entries_per_source,
                       fib_rules=d.fastpath_fib == "rules")
-        self.director.dirty = set()
         try:
             fp.start(self._ipr)
         except FastPathUnavailable as e:
-            self.director.dirty = None
             if self.dataplane == "ebpf":
                 raise ValueError(f"--dataplane ebpf: {e}") from None
             log.warning("fastpath.unavailable reason=%s; using the NFQUEUE dataplane alone", e)
             self.dataplane = "nfqueue"
             return
         self.fastpath = fp
-        self.director.table.activity = fp.activity
         self.dataplane = "ebpf"
         with self.views.lock:
             self.views.attach_fastpath(fp)
@@ -326,7 +323,7 @@ class Daemon:
                     self._apply_health(prober.tick(self.director, t0))
                 if self._sync is not None:  # failover sync: role, batch flush, snapshot requests
                     self._sync.tick(t0)
-                if self.fastpath is not None and self.director.dirty:
+                if self.fastpath is not None and self.fastpath.pending:
                     self.fastpath.flush()
                 if self._reload:
                     self._reload = False

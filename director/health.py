@@ -21,7 +21,6 @@ ping, or the reverse, is reported by name in ``last_error``).
 
 from __future__ import annotations
 
-import os
 import struct
 from dataclasses import dataclass
 
@@ -89,10 +88,16 @@ def _transform(last: bool, ttype: int, tid: int, attrs: bytes = b"") -> bytes:
     return struct.pack(">BBHBBH", 0 if last else 3, 0, 8 + len(attrs), ttype, 0, tid) + attrs
 
 
-def probe_message(spi_i: int | None = None) -> tuple[int, bytes]:
+PROBE_ENTROPY = 72  # random bytes a probe takes: initiator SPI 8, KE data 32, nonce 32
+
+
+def probe_message(entropy: bytes, spi_i: int | None = None) -> tuple[int, bytes]:
     """(initiator SPI, one IKE_SA_INIT request) as a client would send it (RFC 7296 section 1.2),
-    with a proposal the server must refuse (ENCR_PROBE): answered, never kept."""
-    spi_i = spi_i if spi_i is not None else (int.from_bytes(os.urandom(8), "big") | 1)
+    with a proposal the server must refuse (ENCR_PROBE): answered, never kept. ``entropy``:
+    PROBE_ENTROPY random bytes (the prober's os.urandom); ``spi_i`` overrides its first 8."""
+    if len(entropy) != PROBE_ENTROPY:
+        raise ValueError(f"entropy: must be {PROBE_ENTROPY} bytes, got {len(entropy)}")
+    spi_i = spi_i if spi_i is not None else (int.from_bytes(entropy[:8], "big") | 1)
     transforms = (
         _transform(False, 1, ENCR_PROBE)
         + _transform(False, 2, _PRF_HMAC_SHA2_256)
@@ -101,9 +106,9 @@ def probe_message(spi_i: int | None = None) -> tuple[int, bytes]:
     )
     proposal = struct.pack(">BBHBBBB", 0, 0, 8 + len(transforms), 1, 1, 0, 4) + transforms
     sa = struct.pack(">BBH", _KE, 0, 4 + len(proposal)) + proposal
-    ke_data = struct.pack(">HH", _DH_CURVE25519, 0) + os.urandom(32)
+    ke_data = struct.pack(">HH", _DH_CURVE25519, 0) + entropy[8:40]
     ke = struct.pack(">BBH", _NONCE, 0, 4 + len(ke_data)) + ke_data
-    nonce_data = os.urandom(32)
+    nonce_data = entropy[40:72]
     nonce = struct.pack(">BBH", _NONE, 0, 4 + len(nonce_data)) + nonce_data
     return spi_i, ike_header(spi_i, 0, IKE_SA_INIT, flags=0x08, version=0x20, next_payload=_SA,
                              body=sa + ke + nonce)

@@ -1,6 +1,6 @@
 """The two-state ISAKMP entry: states, events, the one transition table, and timeouts.
 
-An entry follows one ISAKMP/IKE conversation (DESIGN.md section 5):
+An entry follows one ISAKMP/IKE conversation (the rules that move it: director/core.py):
 
     (none) --INITIAL--> INIT --RESPONDER_SEEN--> ESTABLISHED
                         |  ^                      |  ^
@@ -16,7 +16,7 @@ cookie; its timeout must outlive the rekey interval. Everything here is pure: ti
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from enum import IntEnum
 
 
@@ -93,6 +93,3 @@ class Timeouts:
 
     def for_state(self, state: int) -> float:
         return self.established if state == State.ESTABLISHED else self.init
-
-    def with_changes(self, **kw: float) -> "Timeouts":
-        return replace(self, **kw)

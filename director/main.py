@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "demo":
             if args.core:
-                from director.demo import run_core_demo
+                from director.lab.demo import run_core_demo
 
                 return run_core_demo(clients=args.clients, scheduler=args.scheduler)
             from director.lab.demo import run_lab_demo

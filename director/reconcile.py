@@ -17,7 +17,8 @@ from director.health import HealthConfig
 from director.isakmp_state import Timeouts
 from director.packet import int_to_ip, ip_to_int
 from director.schedulers import RealServer, Scheduler, make_scheduler
-from director.service import ConfigError, Method, Service
+from director.forwarding.method import AH_ACROSS_NAT, Method, ah_across_nat
+from director.service import ConfigError, Service
 
 
 @dataclass
@@ -56,7 +57,7 @@ def _service_fields(s: ServiceConfig) -> dict:
     return {
         "scheduler_name": s.scheduler,
         "scheduler_options": dict(s.scheduler_options),
-        "method": Method.parse(s.method),
+        "method": s.method,
         "affinity": s.affinity,
         "ah": s.ah,
         "timeouts": Timeouts(s.init_timeout, s.established_timeout),
@@ -91,8 +92,8 @@ def plan(d: Director, cfg: Config) -> Plan:
     svc_ids = _Ids(set(d.services), 0xFFFF)
     rs_ids = _Ids({rs for s in d.services.values() for rs in s.servers}, 0xFFFF)
     wanted = {ip_to_int(s.vip): s for s in cfg.services}
-    for vip, svc in d._by_vip.items():
-        if vip not in wanted:
+    for svc in d.services.values():
+        if svc.vip not in wanted:
             p.remove.append(svc.id)
     for i, sc in enumerate(cfg.services):
         where = f"service[{i}]"
@@ -100,6 +101,7 @@ def plan(d: Director, cfg: Config) -> Plan:
         fields = _service_fields(sc)
         svc = d.service_by_vip(vip)
         try:
+            _check_ah(where, sc, fields["method"])
             if svc is None:
                 servers = {}
                 for r in sc.servers:
@@ -123,7 +125,6 @@ def plan(d: Director, cfg: Config) -> Plan:
                     change.add.append(RealServer(id=rid, addr=ip_to_int(a), **_server_fields(r)))
                 elif any(getattr(rs, k) != v for k, v in _server_fields(r).items()):
                     change.update.append((rs.id, r))
-            _check_ah(where, sc, fields["method"])
             p.change.append(change)
         except ValueError as e:
             msg = str(e)
@@ -136,10 +137,11 @@ def plan(d: Director, cfg: Config) -> Plan:
 
 
 def _check_ah(where: str, sc: ServiceConfig, method: Method) -> None:
-    if not sc.ah:
-        return
-    if method == Method.NAT or any(r.method == "nat" for r in sc.servers):
-        raise ConfigError(f"{where}.ah: AH cannot cross NAT; a NAT-mode service must not balance AH (ah = false, vpnadm --no-ah)")
+    """A config from director.config obeys the rule already; a hand-made one is checked here, before
+    change_service would find out half way."""
+    nat = ah_across_nat(sc.ah, method, (r.method for r in sc.servers))
+    if nat is not None:
+        raise ConfigError(f"{where}.ah: {AH_ACROSS_NAT}" if nat < 0 else f"{where}.server[{nat}].method: {AH_ACROSS_NAT}")
 
 
 def apply(d: Director, p: Plan) -> None:

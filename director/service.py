@@ -3,29 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import IntEnum
 
+from director.forwarding.method import AH_ACROSS_NAT, Method, ah_across_nat
 from director.health import HealthConfig
 from director.isakmp_state import Timeouts
 from director.schedulers import RealServer, Scheduler, make_scheduler
 
 
-class Method(IntEnum):
-    """Forwarding method, as ipvsadm's -g / -i / -m. The numbers are mirrored in BPF maps."""
-
-    DR = 0
-    TUN = 1
-    NAT = 2
-
-    @classmethod
-    def parse(cls, text: str) -> "Method":
-        try:
-            return {"dr": cls.DR, "g": cls.DR, "tun": cls.TUN, "i": cls.TUN, "nat": cls.NAT, "m": cls.NAT}[
-                text.lower()
-            ]
-        except KeyError:
-            raise ValueError(f"method: unknown forwarding method '{text}' (dr, tun, nat)") from None
-
+__all__ = ["AFFINITY", "ConfigError", "Method", "Service"]
 
 AFFINITY = ("ip", "ip-port")
 
@@ -75,20 +60,15 @@ class Service:
         self.check_ah()
         self.scheduler.update(list(self.servers.values()))
 
-    def check_ah(self) -> None:
-        """AH authenticates the IP addresses, so it cannot cross a NAT (RFC 4302 / RFC 3715)."""
-        if not self.ah:
-            return
-        if self.method == Method.NAT:
-            raise ConfigError("service.ah: AH cannot cross NAT; a NAT-mode service must not balance AH (ah = false, vpnadm --no-ah)")
-        for rs in self.servers.values():
-            if rs.method == "nat":
-                raise ConfigError(
-                    f"server.method: AH cannot cross NAT; real server {rs.id} is NAT in a service with ah = true"
-                )
+    def check_ah(self, extra: RealServer | None = None) -> None:
+        """The AH/NAT rule (forwarding.method) over the servers, and ``extra`` about to join."""
+        servers = [*self.servers.values(), *([extra] if extra is not None else [])]
+        where = ah_across_nat(self.ah, self.method, (rs.method for rs in servers))
+        if where is not None:
+            raise ConfigError(f"service.ah: {AH_ACROSS_NAT}" if where < 0 else f"server.method: {AH_ACROSS_NAT}")
 
     def method_of(self, rs: RealServer) -> Method:
-        return Method.parse(rs.method) if rs.method else self.method
+        return self.method if rs.method is None else rs.method
 
     def refresh_scheduler(self) -> None:
         """Call after membership, weight or up/down changes."""

@@ -1,7 +1,7 @@
 """Director failover: the table sync protocol between an active and a backup director. Pure.
 
 The active director streams its connection table's changes to the backup, which keeps a warm copy
-(and, through ``Director.dirty``, a warm eBPF map): when the active dies and VRRP moves the VIP,
+(and, through the table's events to the fast path's ``ClientProjection``, a warm eBPF map): when the active dies and VRRP moves the VIP,
 every established client keeps its real server. No sockets here: the daemon moves the datagrams.
 
 Datagram (network byte order; at most ``MAX_DATAGRAM`` bytes)::
@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Iterable
 
-from director.conntrack import F_NATT, F_SPI_R_FROM_SERVER, NO_SLOT, Table, TableFull
+from director.conntrack import NO_SLOT, TableFull, TableListener
 from director.isakmp_state import Event, State
 
 VERSION = 1
@@ -198,17 +198,12 @@ class ReplayWindow:
         return True
 
 
-def _entry_record(t: Table, s: int, kind: RecKind, vip: int, rs_addr: int, now: float) -> Record:
-    return Record(kind, State(t.state[s]), vip, t.client[s], t.cport[s], rs_addr, t.spi_i[s], t.spi_r[s],
-                  max(0.0, t.expires[s] - now), bool(t.flags[s] & F_NATT))
+class Sender(TableListener):
+    """The active side: collects the table's changes (its events), frames them, makes snapshots.
 
-
-class Sender:
-    """The active side: collects the table's changes (hooks), frames them, makes snapshots.
-
-    ``attach`` chains the table's ``on_change`` / ``on_port`` hooks and wraps ``create``; a hook
-    only notes the slot (and, for a removal, the entry's key) in the pending batch. ``flush`` turns
-    the batch into datagrams. ``enabled`` False (a backup) makes the hooks do nothing.
+    ``attach`` registers it for the director's table events; an event only notes the slot (and,
+    for a removal, the entry's record) in the pending batch. ``flush`` turns the batch into
+    datagrams. ``enabled`` False (a backup) makes the events do nothing.
     Also frames this director's REQUEST messages (a backup's epoch and sequence live here too).
     """
 
@@ -224,44 +219,35 @@ class Sender:
         self.stats = {"sent": 0, "records_sent": 0, "snapshots_sent": 0}
 
     def attach(self) -> None:
-        t = self.d.table
-        prev_change, prev_port, prev_create = t.on_change, t.on_port, t.on_create
+        self.d.listen(self)
 
-        def on_change(event: Event, s: int) -> None:
-            if prev_change is not None:
-                prev_change(event, s)
-            if self.enabled:
-                self._note(event, s)
+    def detach(self) -> None:
+        self.d.unlisten(self)
 
-        def on_port(s: int, old: int) -> None:
-            if prev_port is not None:
-                prev_port(s, old)
-            if self.enabled:
-                self._upserts[s] = (t.svc[s], t.client[s], t.spi_i[s], RecKind.PORT)
+    def _upsert(self, s: int, kind: RecKind) -> None:
+        if self.enabled:
+            self._upserts[s] = (*self.d.table.conversation(s), kind)
 
-        def on_create(s: int) -> None:
-            if prev_create is not None:
-                prev_create(s)
-            if self.enabled:
-                self._upserts[s] = (t.svc[s], t.client[s], t.spi_i[s], RecKind.CREATE)
+    def created(self, s: int) -> None:
+        self._upsert(s, RecKind.CREATE)
 
-        t.on_change, t.on_port, t.on_create = on_change, on_port, on_create
+    def established(self, s: int) -> None:
+        self._upsert(s, RecKind.ESTABLISH)
 
-    def _note(self, event: Event, s: int) -> None:
-        t = self.d.table
-        if event == Event.RESPONDER_SEEN:
-            self._upserts[s] = (t.svc[s], t.client[s], t.spi_i[s], RecKind.ESTABLISH)
-            return
-        if event not in (Event.EXPIRE, Event.REMOVE):
+    def changed(self, s: int, old_port: int) -> None:
+        self._upsert(s, RecKind.PORT)
+
+    def removed(self, s: int, event: Event, state: int) -> None:
+        if not self.enabled:
             return
         self._upserts.pop(s, None)
-        svc = self.d.services.get(t.svc[s])
+        v = self.d.table.view(s)
+        svc = self.d.services.get(v.svc)
         if svc is None:
             return
-        rs = self.d.server(t.rs[s])
+        rs = self.d.server(v.rs)
         kind = RecKind.EXPIRE if event == Event.EXPIRE else RecKind.REMOVE
-        self._removals.append(Record(kind, State(t.state[s]), svc.vip, t.client[s], t.cport[s],
-                                     rs.addr if rs else 0, t.spi_i[s]))
+        self._removals.append(Record(kind, v.state, svc.vip, v.client, v.cport, rs.addr if rs else 0, v.spi_i))
 
     @property
     def pending(self) -> int:
@@ -278,14 +264,14 @@ class Sender:
         return encode(self.key, Message(mtype, self.id, self.epoch, self.seq, flags, tuple(records)))
 
     def _records(self, now: float, slots: Iterable[tuple[int, RecKind]]) -> list[Record]:
-        t, d = self.d.table, self.d
         out = []
         for s, kind in slots:
-            svc = d.services.get(t.svc[s])
-            rs = d.server(t.rs[s])
-            if svc is None or rs is None:
+            e = self.d.entry_record(s)
+            if e is None:
                 continue
-            out.append(_entry_record(t, s, kind, svc.vip, rs.addr, now))
+            v, vip, rs_addr = e
+            out.append(Record(kind, v.state, vip, v.client, v.cport, rs_addr, v.spi_i, v.spi_r,
+                              max(0.0, v.expires - now), v.natt))
         return out
 
     def flush(self, now: float) -> list[bytes]:
@@ -295,7 +281,7 @@ class Sender:
             return []
         t = self.d.table
         live = [(s, kind) for s, (svc, client, spi_i, kind) in self._upserts.items()
-                if t.state[s] != State.FREE and (t.svc[s], t.client[s], t.spi_i[s]) == (svc, client, spi_i)]
+                if t.state_of(s) != State.FREE and t.conversation(s) == (svc, client, spi_i)]
         records = self._removals + self._records(now, live)
         self.clear()
         return [self._frame(MsgType.CHANGES, records[i:i + MAX_RECORDS])
@@ -384,17 +370,10 @@ class Receiver:
     def _finish(self, snap: _Snap) -> None:
         """Every part arrived: local entries the snapshot did not name are stale (removed)."""
         t = self.d.table
-        stale = [s for s in t.slots() if (t.svc[s], t.client[s], t.spi_i[s]) not in snap.keys]
+        stale = [s for s in t.slots() if t.conversation(s) not in snap.keys]
         for s in stale:
-            self._dirty(s)
             t.remove(s)
         self.stats["snapshots"] += 1
-
-    def _dirty(self, s: int) -> None:
-        dirty = self.d.dirty
-        if dirty is not None:
-            t = self.d.table
-            dirty.add((t.svc[s], t.client[s], t.cport[s]))
 
     def apply(self, r: Record, now: float, snap: _Snap | None = None) -> bool:
         """One record to the table; False when ignored (unknown service or server, table full)."""
@@ -406,7 +385,6 @@ class Receiver:
         s = t.lookup(svc.id, r.client, r.spi_i)
         if r.kind in (RecKind.REMOVE, RecKind.EXPIRE):
             if s != NO_SLOT:
-                self._dirty(s)
                 t.remove(s)
             self.stats["applied"] += 1
             return True
@@ -421,22 +399,17 @@ class Receiver:
                 self.stats["refused_full"] += 1
                 return False
         else:
-            if t.rs[s] != rs.id:
-                t.move(s, rs.id)
-            if t.cport[s] != r.cport:
-                self._dirty(s)
-                t.set_port(s, r.cport)
+            t.move(s, rs.id)  # nothing happens if it is there already
+            t.set_port(s, r.cport)  # likewise
             if r.natt:
                 t.mark_natt(s)
-        if r.state == State.ESTABLISHED and t.state[s] != State.ESTABLISHED:
+        if r.state == State.ESTABLISHED and t.state_of(s) != State.ESTABLISHED:
             t.establish(s, r.spi_r, now)
-        elif r.spi_r and t.state[s] == State.INIT:
-            t.spi_r[s] = r.spi_r  # NAT mode: the responder SPI the real server sent (anti-spoofing)
-            t.flags[s] |= F_SPI_R_FROM_SERVER
+        elif r.spi_r and t.state_of(s) == State.INIT:
+            t.record_reply(s, r.spi_r)  # NAT mode: the responder SPI the real server sent (anti-spoofing)
         # the idle deadline the active had: touch() sets now' + the state's timeout
         remaining = max(1.0, r.remaining)
-        t.touch(s, now + remaining - t.timeouts(svc.id).for_state(t.state[s]))
-        self._dirty(s)
+        t.touch(s, now + remaining - t.timeouts(svc.id).for_state(t.state_of(s)))
         if snap is not None:
             snap.keys.add((svc.id, r.client, r.spi_i))
         self.stats["applied"] += 1

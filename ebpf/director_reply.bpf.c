@@ -46,7 +46,7 @@ int director_reply(struct __sk_buff *skb)
 	cfg = bpf_map_lookup_elem(&config, &zero);
 	if (!st || !cfg)
 		return TC_ACT_OK;
-	pull_headers(skb);
+	skb_pull_headers(skb);
 	data = (void *)(long)skb->data;
 	data_end = (void *)(long)skb->data_end;
 	if (data + ETH_HLEN + sizeof(struct ipv4_hdr) > data_end)
@@ -77,12 +77,12 @@ int director_reply(struct __sk_buff *skb)
 		return TC_ACT_OK;
 	}
 	/* From here on the packet changes: a helper failure must drop, not pass, it. */
-	if (nat_addr(skb, ETH_HLEN, offsetof(struct iphdr, saddr), ETH_HLEN + p.ihl, kind == KIND_ESP_IN_UDP,
-		     rip, vip))
+	if (skb_nat_addr(skb, ETH_HLEN, offsetof(struct iphdr, saddr), ETH_HLEN + p.ihl, kind == KIND_ESP_IN_UDP,
+			 rip, vip))
 		goto fail;
-	if (ip_decrease_ttl(skb, ETH_HLEN, p.ttl, p.proto))
+	if (skb_decrease_ttl(skb, ETH_HLEN, p.ttl, p.proto))
 		goto fail;
-	ret = eth_redirect(skb, &fib);
+	ret = skb_eth_redirect(skb, &fib);
 	if (ret == TC_ACT_SHOT)
 		goto fail;
 	st->replies++;

@@ -39,7 +39,7 @@
 /* Ethernet rewrite and redirect; counted as forwarded. */
 static __always_inline int tc_redirect(struct __sk_buff *skb, struct fp *f)
 {
-	int ret = eth_redirect(skb, &f->fib);
+	int ret = skb_eth_redirect(skb, &f->fib);
 
 	if (ret == TC_ACT_SHOT) {
 		fp_internal_drop(f);
@@ -53,10 +53,10 @@ static __always_inline int tc_redirect(struct __sk_buff *skb, struct fp *f)
  * must drop, not pass, it. */
 static __always_inline int tc_dr_nat(struct __sk_buff *skb, struct fp *f, int nat)
 {
-	if (nat && nat_addr(skb, ETH_HLEN, offsetof(struct iphdr, daddr), ETH_HLEN + f->p.ihl,
-			    f->p.proto == IPPROTO_UDP, f->p.dst, f->rip))
+	if (nat && skb_nat_addr(skb, ETH_HLEN, offsetof(struct iphdr, daddr), ETH_HLEN + f->p.ihl,
+				f->p.proto == IPPROTO_UDP, f->p.dst, f->rip))
 		goto fail;
-	if (ip_decrease_ttl(skb, ETH_HLEN, f->p.ttl, f->p.proto))
+	if (skb_decrease_ttl(skb, ETH_HLEN, f->p.ttl, f->p.proto))
 		goto fail;
 	return tc_redirect(skb, f);
 fail:
@@ -88,7 +88,7 @@ int director_tc(struct __sk_buff *skb)
 	struct fp f;
 	int v;
 
-	pull_headers(skb);
+	skb_pull_headers(skb);
 	v = fp_decide(skb, (void *)(long)skb->data, (void *)(long)skb->data_end, skb->len, skb->ingress_ifindex, &f);
 	switch (v) {
 	case FP_PASS:

@@ -15,6 +15,8 @@ from __future__ import annotations
 import struct
 from typing import NamedTuple
 
+from director.forwarding.method import Method
+
 __all__ = [
     "ADMIT",
     "ADMIT_SRC",
@@ -62,7 +64,7 @@ __all__ = [
 
 VIP_F_AH = 0x01  # vip_val.flags: AH is accepted for this service
 DP_F_FIB_RULES = 0x01  # dp_config.flags: route lookups follow the ip rules (else the main table directly)
-METHOD_DR, METHOD_TUN, METHOD_NAT = 0, 1, 2  # server_val.method = director.service.Method
+METHOD_DR, METHOD_TUN, METHOD_NAT = int(Method.DR), int(Method.TUN), int(Method.NAT)  # server_val.method
 
 
 class Field(NamedTuple):

@@ -1,12 +1,14 @@
 """The eBPF fast path adapter: load, pin, attach, and keep the maps equal to the table's projection.
 
-The contract with the C programs is docs/fastpath.md. What the maps hold is a projection of the
-connection table: for each service and client, the real server of the client's newest ESTABLISHED
-entry, under the key (VIP, client, 0) for raw ESP/AH and (VIP, client, port) for ESP-in-UDP. The
-core marks which (service, client, port) may have changed (``Director.dirty``); ``flush`` recomputes
-exactly those keys. ESP forwarded in the kernel never reaches the table, so the table asks
-``activity`` before it expires an ESTABLISHED entry, and the entry lives on if the fast path saw
-its client recently.
+The contract with the C programs is docs/fastpath.md. What the ``clients`` map holds is a
+projection of the connection table (``core.ClientProjection``): for each service and client, the
+real server of the client's newest ESTABLISHED entry, under the key (VIP, client, 0) for raw
+ESP/AH and (VIP, client, port) for ESP-in-UDP. The projection follows the table's events and
+notes which keys may have changed; ``flush`` writes exactly those. ESP forwarded in the kernel
+never reaches the table, so the table asks the projection before it expires an ESTABLISHED entry,
+which reads the map's last-seen time: the entry lives on if the fast path saw its client recently.
+The ``clients`` map is reached through a ``MapAccess`` (``BpfMap`` in production), which a test
+replaces to check the projection without a kernel.
 
 Maps and programs outlive the daemon (pinned, attached): a restart loses no ESP packet of an
 established client, and the restarted daemon adopts the clients it finds in the ``clients`` map.
@@ -31,7 +33,7 @@ from pyroute2.netlink import NLM_F_REQUEST, genlmsg
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.generic import GenericNetlinkSocket
 
-from director.core import Director
+from director.core import ClientProjection, Director
 from director.dataplane import bpf_structs as bs
 from director.dataplane import libbpf
 from director.packet import int_to_ip
@@ -69,12 +71,53 @@ def ensure_bpffs() -> None:
         raise FastPathUnavailable(f"cannot mount bpffs on /sys/fs/bpf: {os.strerror(e)}")
 
 
+class MapAccess:
+    """One BPF hash map as FastPath reads and writes it: raw key and value bytes (bpf_structs).
+    ``BpfMap`` is the kernel's; a test gives a dictionary-backed one."""
+
+    def lookup(self, key: bytes) -> bytes | None:
+        raise NotImplementedError
+
+    def update(self, key: bytes, value: bytes) -> None:
+        raise NotImplementedError
+
+    def delete(self, key: bytes) -> bool:
+        """True if the key was there."""
+        raise NotImplementedError
+
+    def items(self) -> list[tuple[bytes, bytes]]:
+        raise NotImplementedError
+
+
+class BpfMap(MapAccess):
+    """A map by its fd, through libbpf's syscalls."""
+
+    def __init__(self, fd: int, key_size: int, value_size: int) -> None:
+        self.fd, self.key_size, self.value_size = fd, key_size, value_size
+
+    def lookup(self, key: bytes) -> bytes | None:
+        return libbpf.map_lookup(self.fd, key, self.value_size)
+
+    def update(self, key: bytes, value: bytes) -> None:
+        libbpf.map_update(self.fd, key, value)
+
+    def delete(self, key: bytes) -> bool:
+        return libbpf.map_delete(self.fd, key)
+
+    def items(self) -> list[tuple[bytes, bytes]]:
+        return list(libbpf.map_items(self.fd, self.key_size, self.value_size))
+
+
 class FastPath:
-    """Owns the programs and maps of one director namespace."""
+    """Owns the programs and maps of one director namespace.
+
+    ``clients_map``: the ``clients`` map's access (default: the pinned map, opened by ``start``).
+    """
 
     def __init__(self, director: Director, *, client_ifindex: int, lan_ifindex: int, lan_addr: int,
                  lan_mtu: int, pin_dir: Path = PIN_DIR, obj_dir: Path = OBJ_DIR, hook: str = "tc",
-                 admit_rate: float = 0.0, admit_per_source: float = 0.0, fib_rules: bool = False) -> None:  # fmt: skip
+                 admit_rate: float = 0.0, admit_per_source: float = 0.0, fib_rules: bool = False,
+                 clients_map: MapAccess | None = None) -> None:  # fmt: skip
         if hook not in HOOKS:
             raise ValueError(f"fastpath hook must be one of {', '.join(HOOKS)}, got {hook!r}")
         self.hook = hook
@@ -91,6 +134,8 @@ class FastPath:
         self.pin_dir = Path(pin_dir)
         self.obj_dir = Path(obj_dir)
         self.fd: dict[str, int] = {}
+        self.clients_map = clients_map
+        self.projection: ClientProjection | None = None
         self._objs: list[libbpf.BpfObject] = []
         self.ncpus = 1
         self.stats = {"map_writes": 0, "map_deletes": 0, "adopted": 0, "pruned": 0}
@@ -133,9 +178,12 @@ class FastPath:
         except OSError as e:
             self.close()
             raise FastPathUnavailable(f"cannot load the eBPF programs: {e}") from None
+        if self.clients_map is None:
+            self.clients_map = BpfMap(self.fd["clients"], bs.CLIENT_KEY.size, bs.CLIENT_VAL.size)
         self._write_config()
         self.sync_services()
-        adopted = self._adopt()
+        self.follow_table()
+        adopted = self.adopt()
         for fd, ifindex, name in progs:
             if name == XDP_PROG_NAME:
                 try:
@@ -183,6 +231,9 @@ class FastPath:
 
     def close(self) -> None:
         """Close our fds; programs and maps stay (pinned and attached) for the next daemon."""
+        if self.projection is not None:
+            self.d.unlisten(self.projection)
+            self.projection = None
         for fd in self.fd.values():
             libbpf.close_fd(fd)
         self.fd = {}
@@ -225,85 +276,65 @@ class FastPath:
             for k, v in want.items():
                 libbpf.map_update(fd, k, v)
         # a client whose VIP or real server is gone goes back to the slow path
-        fd = self.fd["clients"]
-        for k, v in list(libbpf.map_items(fd, bs.CLIENT_KEY.size, bs.CLIENT_VAL.size)):
+        m = self.clients_map
+        for k, v in m.items():
             vip, _client, _port = bs.unpack_client_key(k)
             rs, _seen = bs.unpack_client_val(v)
             svc = d.service_by_vip(vip)
             if svc is None or rs not in svc.servers:
-                libbpf.map_delete(fd, k)
+                m.delete(k)
                 self.stats["pruned"] += 1
 
+    def follow_table(self) -> None:
+        """Start following the director's table (``start`` does; ``close`` stops)."""
+        if self.projection is None:
+            self.projection = self.d.client_projection(self.last_seen)
+
+    @property
+    def pending(self) -> bool:
+        """Whether some client's map keys may be stale (``flush`` is due)."""
+        return bool(self.projection is not None and self.projection.pending)
+
     def flush(self) -> None:
-        """Recompute the map keys of every (service, client, port) the core marked dirty."""
-        dirty = self.d.dirty
-        if not dirty:
+        """Write the map keys of every client whose projection may have changed since the last flush."""
+        if self.projection is None:
             return
-        t = self.d.table
-        fd = self.fd["clients"]
-        todo = list(dirty)
-        dirty.clear()
-        done_raw = set()
-        for svc_id, client, port in todo:
-            svc = self.d.services.get(svc_id)
-            if svc is None:
-                continue
-            if (svc_id, client) not in done_raw:
-                done_raw.add((svc_id, client))
-                s, _ = t.established_of_client(svc_id, client)
-                self._project(fd, svc, client, 0, s)
-            if port:
-                s, _ = t.established_of_natt(svc_id, client, port)
-                self._project(fd, svc, client, port, s)
+        m = self.clients_map
+        for vip, client, port, rs in self.projection.drain():
+            key = bs.client_key(vip, client, port)
+            if rs is not None:
+                old = m.lookup(key)
+                if old is None or bs.unpack_client_val(old)[0] != rs:
+                    m.update(key, bs.client_val(rs, 0))
+                    self.stats["map_writes"] += 1
+            elif m.delete(key):
+                self.stats["map_deletes"] += 1
 
-    def _project(self, fd: int, svc, client: int, port: int, s: int) -> None:
-        key = bs.client_key(svc.vip, client, port)
-        rs = self.d.table.rs[s] if s >= 0 else None
-        if rs is not None and rs in svc.servers:
-            old = libbpf.map_lookup(fd, key, bs.CLIENT_VAL.size)
-            if old is None or bs.unpack_client_val(old)[0] != rs:
-                libbpf.map_update(fd, key, bs.client_val(rs, 0))
-                self.stats["map_writes"] += 1
-        elif libbpf.map_delete(fd, key):
-            self.stats["map_deletes"] += 1
-
-    def activity(self, s: int) -> float | None:
-        """When the fast path last forwarded for the entry's client (seconds, monotonic), if ever."""
-        t = self.d.table
-        svc = self.d.services.get(t.svc[s])
-        if svc is None:
+    def last_seen(self, vip: int, client: int, port: int) -> float | None:
+        """When the fast path last forwarded for this key (seconds, monotonic), if ever."""
+        v = self.clients_map.lookup(bs.client_key(vip, client, port))
+        if v is None:
             return None
-        newest = 0
-        for port in {0, t.cport[s]}:
-            v = libbpf.map_lookup(self.fd["clients"], bs.client_key(svc.vip, t.client[s], port), bs.CLIENT_VAL.size)
-            if v is not None:
-                newest = max(newest, bs.unpack_client_val(v)[1])
-        return newest / 1e9 if newest else None
+        seen = bs.unpack_client_val(v)[1]
+        return seen / 1e9 if seen else None
 
-    def _adopt(self) -> int:
+    def adopt(self, now: float | None = None) -> int:
         """Rebuild ESTABLISHED entries for the clients a previous daemon left in the map."""
-        t = self.d.table
         n = 0
-        now = None
-        for k, v in list(libbpf.map_items(self.fd["clients"], bs.CLIENT_KEY.size, bs.CLIENT_VAL.size)):
+        for k, v in self.clients_map.items():
             vip, client, port = bs.unpack_client_key(k)
-            rs, seen = bs.unpack_client_val(v)
-            svc = self.d.service_by_vip(vip)
-            if svc is None or rs not in svc.servers or not port:
-                continue
-            spi_i = ADOPTED_SPI | port
-            if t.lookup(svc.id, client, spi_i) >= 0:
+            rs, _seen = bs.unpack_client_val(v)
+            if not port:
                 continue
             if now is None:
                 import time
 
                 now = time.monotonic()
-            s = t.create(svc.id, client, port, spi_i, rs, now)
-            t.establish(s, 0, now)
-            n += 1
-        self.d.stats["adopted"] += n
+            if self.d.adopt_client(vip, client, port, rs, ADOPTED_SPI | port, now):
+                n += 1
         self.stats["adopted"] += n
-        self.d.dirty and self.d.dirty.clear()  # what we adopted is what the map already says
+        if self.projection is not None:
+            self.projection.pending.clear()  # what we adopted is what the map already says
         return n
 
     # -- reading ------------------------------------------------------------------------------------
@@ -321,7 +352,7 @@ class FastPath:
     def clients(self) -> list[tuple[str, str, int, int]]:
         """(vip, client, port, real server id) of every client in the map (for status and tests)."""
         out = []
-        for k, v in libbpf.map_items(self.fd["clients"], bs.CLIENT_KEY.size, bs.CLIENT_VAL.size):
+        for k, v in self.clients_map.items():
             vip, client, port = bs.unpack_client_key(k)
             out.append((int_to_ip(vip), int_to_ip(client), port, bs.unpack_client_val(v)[0]))
         return sorted(out)

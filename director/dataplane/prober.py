@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from director.core import Director
 from director.health import (
     ICMP_ECHO_REPLY,
+    PROBE_ENTROPY,
     HealthConfig,
     HealthState,
     answers_probe,
@@ -134,7 +135,7 @@ class Prober:
                 flips += self._finish(t, False, "timeout" if t.spi else "icmp timeout")
             if not (t.spi or t.echo_seq) and now >= t.next_at:
                 t.next_at = now + t.cfg.interval
-                spi, msg = probe_message()
+                spi, msg = probe_message(os.urandom(PROBE_ENTROPY))
                 try:
                     self.sock.sendto(msg, (t.addr, IKE_PORT))
                     if t.cfg.icmp and self.icmp is not None:

@@ -1,4 +1,4 @@
-"""Forwarding without kernel IPVS: the pure packet rewrites the director applies (DESIGN.md section 6).
+"""Forwarding without kernel IPVS: the pure packet rewrites the director applies (docs/architecture.md).
 
 :mod:`director.forwarding.rewrite` holds them: NAT (destination and source, incremental checksums),
 IP-in-IP encapsulation for the TUN method, and the ICMP protocol-unreachable answer. Direct Routing

@@ -2,7 +2,7 @@
 
 The director sends IP-in-IP envelopes from its output path with a raw IP_HDRINCL socket, and the
 kernel refuses (EMSGSIZE) a raw packet larger than the device MTU instead of fragmenting it. The
-envelope's outer header has DF clear on purpose (DESIGN.md section 6, the Moat lesson), so it may be
+envelope's outer header has DF clear on purpose (the Moat lesson, docs/architecture.md), so it may be
 fragmented here; the inner packet rides inside the fragments untouched, its own DF bit intact.
 """
 

@@ -139,8 +139,8 @@ def ipip_encap(
     per-director counter; taken modulo 2**16 so the caller may pass a running count), and DF clear
     on purpose. The encapsulated packet can be 20 bytes over the path MTU; with DF clear the
     envelope may be fragmented on the way and the real server reassembles it before decapsulating,
-    so a 1500-byte inner packet with DF set still crosses a 1500-MTU path (the Moat lesson, DESIGN.md
-    section 6: fragment the envelope, never the inner packet). A unique ``ident`` is what makes
+    so a 1500-byte inner packet with DF set still crosses a 1500-MTU path (the Moat lesson,
+    docs/architecture.md: fragment the envelope, never the inner packet). A unique ``ident`` is what makes
     that reassembly safe (RFC 6864 section 4.1), hence the counter.
 
     The outer TOS byte is the inner one, whole: DSCP copied (uniform model) and the ECN field

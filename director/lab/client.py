@@ -18,9 +18,6 @@ from director.packet import (
     IKE_AUTH,
     IKE_SA_INIT,
     MAIN,
-    PacketError,
-    Kind,
-    classify,
     ike_header,
 )
 
@@ -143,9 +140,3 @@ class LabClient:
         self.send_ike(spi_i, spi_r, v1=True, natt=True)
         return spi_i, spi_r, src
 
-
-def kind_of(data: bytes) -> Kind | None:
-    try:
-        return classify(data).kind
-    except PacketError:
-        return None

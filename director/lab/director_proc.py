@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from director.control import control_request
+from director.control_client import control_request
 from director.lab.netns import REPO, Lab, stop_process
 
 
@@ -103,3 +103,12 @@ class DirectorProcess:
         if self.proc is None:
             return 0
         return stop_process(self.proc, timeout)
+
+
+def fastpath_line(status: dict) -> str:
+    """What the eBPF fast path did, from the daemon's status (empty without a fast path)."""
+    fp = status.get("fastpath")
+    if fp is None:
+        return ""
+    return (f"  eBPF fast path: forwarded in the kernel {fp['forwarded'] or 0}, passed up {fp['passed'] or 0}, "
+            f"clients in the map {fp['clients']}\n")

@@ -557,7 +557,8 @@ class Lab:
         if nsenter is None:
             nsenter = os.path.basename(str(argv[0])) in ("tc", "bpftool")
         if nsenter:
-            # `ip netns exec` remounts /sys: bpffs pins made under it vanish (PLATFORM.md).
+            # `ip netns exec` remounts /sys in a private mount namespace: bpffs pins made under it
+            # vanish with the command, so tc and bpftool enter only the network namespace.
             return ["nsenter", f"--net={NETNS_DIR}/{name}", "--", *map(str, argv)]
         return ["ip", "netns", "exec", name, *map(str, argv)]
 

@@ -1,6 +1,7 @@
 """Real IPsec peers in the lab: strongSwan's charon as road-warrior clients and as real servers.
 
-This kernel has no ESP (PLATFORM.md), so every charon runs the ``kernel-libipsec`` plugin: ESP is
+The lab does not rely on the kernel's ESP (kernels built without it, as on the machines the lab was
+written on, have none), so every charon runs the ``kernel-libipsec`` plugin: ESP is
 done in user space over a TUN device and is always UDP-encapsulated (ESP-in-UDP on 4500), also
 without a NAT. One charon per network namespace; each gets
 

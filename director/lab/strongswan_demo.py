@@ -15,8 +15,7 @@ import sys
 import time
 from typing import TextIO
 
-from director.lab.demo import fastpath_line
-from director.lab.director_proc import DirectorProcess
+from director.lab.director_proc import DirectorProcess, fastpath_line
 from director.lab.netns import MODES, Lab
 from director.lab.strongswan import PROTECTED, Peers, pool_of, strongswan_prerequisites
 

@@ -7,6 +7,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar, Sequence, TypeVar
 
+from director.forwarding.method import Method
+
 
 @dataclass(slots=True, eq=False)
 class RealServer:
@@ -24,7 +26,7 @@ class RealServer:
     active: int = 0
     inactive: int = 0
     up: bool = True
-    method: str = ""  # "dr" | "tun" | "nat"; "" = the service's method
+    method: Method | None = None  # None: the service's method
     u_threshold: int = 0  # 0 = no upper threshold (ipvsadm -x)
     l_threshold: int = 0  # 0 = no lower threshold (ipvsadm -y)
     overloaded: bool = False

@@ -83,7 +83,7 @@ static __always_inline void count_rs(__u32 rs_id, int kind, __u32 bytes)
  * costs nobody else), then the global limit (per_window in every window_ns). Returns 0 (admitted)
  * or the drop reason of the limit that refused it. Counts are atomic adds; a window's reset is a
  * plain store, so two CPUs crossing a window boundary together may admit a few packets more: a
- * bound within a few packets, not exact, as DESIGN asks. */
+ * bound within a few packets, not exact, which is all a flood limit needs. */
 static __always_inline int fp_admit(__be32 src)
 {
 	struct admit_src *as;

@@ -1,6 +1,6 @@
-/* tc-only rewrites: the skb helpers (bpf_skb_pull_data, bpf_l3/l4_csum_replace,
- * bpf_skb_store_bytes, bpf_redirect) that keep skb->csum and GSO state right. XDP has none of them;
- * its rewrites are in xdp.h.
+/* tc-only rewrites, named skb_* as xdp.h's are xdp_*: the skb helpers (bpf_skb_pull_data,
+ * bpf_l3/l4_csum_replace, bpf_skb_store_bytes, bpf_redirect) that keep skb->csum and GSO state
+ * right. XDP has none of them; its rewrites are in xdp.h.
  *
  * Why the helpers and not arithmetic on packet bytes: bpf_l4_csum_replace with BPF_F_PSEUDO_HDR
  * also keeps skb->csum right for CHECKSUM_COMPLETE packets and handles CHECKSUM_PARTIAL ones (a
@@ -25,7 +25,7 @@
  * of its headers in the linear area, where direct packet access ends (data_end). Only pull when
  * short: bpf_skb_pull_data also unclones, which costs on every packet otherwise. Invalidates
  * packet pointers: callers read skb->data/data_end after it. */
-static __always_inline void pull_headers(struct __sk_buff *skb)
+static __always_inline void skb_pull_headers(struct __sk_buff *skb)
 {
 	__u32 want = skb->len < PULL_LEN ? skb->len : PULL_LEN;
 
@@ -38,8 +38,8 @@ static __always_inline void pull_headers(struct __sk_buff *skb)
  * since the address is part of its pseudo-header (RFC 768). BPF_F_MARK_MANGLED_0: a zero UDP
  * checksum means "none" and stays zero, and an update that lands on zero is sent as 0xffff,
  * exactly as director.forwarding.rewrite does. Invalidates every packet pointer. */
-static __always_inline int nat_addr(struct __sk_buff *skb, __u32 ip_off, __u32 addr_field, __u32 l4_off,
-				    int is_udp, __be32 old_addr, __be32 new_addr)
+static __always_inline int skb_nat_addr(struct __sk_buff *skb, __u32 ip_off, __u32 addr_field, __u32 l4_off,
+					int is_udp, __be32 old_addr, __be32 new_addr)
 {
 	if (is_udp &&
 	    bpf_l4_csum_replace(skb, l4_off + offsetof(struct udphdr, check), old_addr, new_addr,
@@ -54,7 +54,7 @@ static __always_inline int nat_addr(struct __sk_buff *skb, __u32 ip_off, __u32 a
 /* TTL - 1 with the IP checksum updated incrementally over the 16-bit word TTL|protocol, as the
  * kernel's ip_decrease_ttl() (RFC 1624). The caller has checked ttl > 1. Invalidates packet
  * pointers. */
-static __always_inline int ip_decrease_ttl(struct __sk_buff *skb, __u32 ip_off, __u8 ttl, __u8 proto)
+static __always_inline int skb_decrease_ttl(struct __sk_buff *skb, __u32 ip_off, __u8 ttl, __u8 proto)
 {
 	__u8 new_ttl = ttl - 1;
 	__be16 old_word = bpf_htons(((__u16)ttl << 8) | proto);
@@ -70,7 +70,7 @@ static __always_inline int ip_decrease_ttl(struct __sk_buff *skb, __u32 ip_off, 
  * No BPF_F_RECOMPUTE_CSUM: at tc ingress skb->csum (CHECKSUM_COMPLETE) starts at the network
  * header, so the MAC bytes are not in it. Returns TC_ACT_REDIRECT, or TC_ACT_SHOT if the store
  * failed (the packet is already rewritten: it must not reach the stack half-changed). */
-static __always_inline int eth_redirect(struct __sk_buff *skb, struct bpf_fib_lookup *fib)
+static __always_inline int skb_eth_redirect(struct __sk_buff *skb, struct bpf_fib_lookup *fib)
 {
 	__u8 macs[2 * ETH_ALEN];
 

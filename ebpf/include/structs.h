@@ -82,7 +82,7 @@ struct dp_stats {
 	__u64 drops[N_DROP_REASONS]; /* by enum drop_reason: malformed packets to a VIP */
 };
 
-/* Admission of initial IKE packets to the slow path, before the queue (DESIGN section 8): the
+/* Admission of initial IKE packets to the slow path, before the queue (docs/fastpath.md): the
  * daemon's daemon.new_entries_rate and new_entries_per_source, enforced here so a flood's excess
  * costs no queue slot and no Python. The global limit counts in short fixed windows (the daemon
  * picks window_ns so that per_window is at least 8: 1 ms at 20,000/s), so what it admits reaches

@@ -1,5 +1,5 @@
-"""The case table of the client-side fast path, run by both hooks: test_director_tc.py (tc) and
-test_director_xdp.py (XDP) expect the same verdicts, output bytes and counters from it.
+"""The case table of the client-side fast path, run at both hooks: test_director.py expects the
+same verdicts, output bytes and counters from it at tc and at XDP.
 
 Each case: a description, the input frame (Ethernet + IPv4 built with director.packet and
 director.lab.craft), the expected return code (tc's TC_ACT_*; :data:`VERDICT` maps it to XDP's),

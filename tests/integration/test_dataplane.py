@@ -217,7 +217,8 @@ def test_ah_on_a_nat_service_is_refused_at_configuration(tmp_path):
     r = subprocess.run([sys.executable, "-m", "director.main", "check", "--config", str(cfg)],
                        capture_output=True, text=True, cwd=str(REPO))
     assert r.returncode == 2
-    assert r.stderr.strip() == ("vpn-director: service[0].ah: AH cannot cross NAT; a NAT-mode service must not balance AH (ah = false, vpnadm --no-ah)")
+    assert r.stderr.strip() == ("vpn-director: service[0].ah: AH cannot cross NAT; a service that forwards by NAT "
+                                "must not balance AH (ah = false, vpnadm --no-ah)")
 
 
 @pytest.mark.parametrize("mode", MODES)

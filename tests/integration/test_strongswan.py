@@ -36,7 +36,7 @@ from director.lab.strongswan import (
 )
 
 MODES = ["dr", "tun", "nat"]
-NFQUEUE_COPY = 4016  # NetfilterQueue copies at most this many bytes of a packet (PLATFORM.md)
+NFQUEUE_COPY = 4016  # NetfilterQueue copies at most this many bytes of a packet (docs/architecture.md)
 SPLIT = r"splitting IKE message \((\d+) bytes\)"  # charon log: RFC 7383 fragmentation
 SENT_4500 = r"sending packet: from \S+\[4500\] to \S+\[4500\] \((\d+) bytes\)"
 

@@ -93,5 +93,5 @@ def test_any_packets_through_the_core_and_rewrites(method, stream):
     live = list(t.slots())
     assert len(live) == len(t) == t.n_init + t.n_established
     servers = d.services[1].servers
-    assert sum(r.active for r in servers.values()) == sum(1 for s in live if t.state[s] == State.ESTABLISHED)
-    assert sum(r.inactive for r in servers.values()) == sum(1 for s in live if t.state[s] == State.INIT)
+    assert sum(r.active for r in servers.values()) == sum(1 for s in live if t.view(s).state == State.ESTABLISHED)
+    assert sum(r.inactive for r in servers.values()) == sum(1 for s in live if t.view(s).state == State.INIT)

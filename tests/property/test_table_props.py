@@ -4,7 +4,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from director.conntrack import NO_SLOT, Table, TableFull
+from director.conntrack import NO_SLOT, Table, TableFull, TableListener
 from director.isakmp_state import State, Timeouts
 
 CLIENTS = st.sampled_from([1, 2, 3, 0xFFFFFFFF])
@@ -13,20 +13,43 @@ SPIS = st.integers(min_value=1, max_value=6)
 SVCS = st.sampled_from([1, 2])
 
 
+class Counts(TableListener):
+    """Each real server's INIT and ESTABLISHED entries, kept from the table's events alone."""
+
+    def __init__(self, t):
+        self.t, self.counts = t, {}
+
+    def _add(self, rs, state, d):
+        self.counts[(rs, int(state))] = self.counts.get((rs, int(state)), 0) + d
+
+    def created(self, s):
+        self._add(self.t.rs_of(s), State.INIT, 1)
+
+    def established(self, s):
+        self._add(self.t.rs_of(s), State.INIT, -1)
+        self._add(self.t.rs_of(s), State.ESTABLISHED, 1)
+
+    def moved(self, s, old_rs, state):
+        self._add(old_rs, state, -1)
+        self._add(self.t.rs_of(s), state, 1)
+
+    def removed(self, s, event, state):
+        self._add(self.t.rs_of(s), state, -1)
+
+
 class TableMachine(RuleBasedStateMachine):
     def __init__(self):
         super().__init__()
-        self.counts = {}
-        self.t = Table(8, wheel_size=16, on_count=self._on_count, seed=0)
+        self.t = Table(8, wheel_size=16, seed=0)
+        listener = Counts(self.t)
+        self.t.listen(listener)
+        self.counts = listener.counts
         for svc in (1, 2):
             self.t.set_timeouts(svc, Timeouts(init=3.0, established=20.0))
         self.t.set_soft_expiry(2, limit=1, grace=5.0)
         self.now = 0.0
         # model: key (svc, client, spi_i) -> state, port, rs
         self.model = {}
-
-    def _on_count(self, rs, state, d):
-        self.counts[(rs, int(state))] = self.counts.get((rs, int(state)), 0) + d
 
     def _slot(self, key):
         return self.t.lookup(*key)

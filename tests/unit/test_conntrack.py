@@ -2,7 +2,7 @@
 
 import pytest
 
-from director.conntrack import NO_SLOT, Table, TableFull, _Index
+from director.conntrack import NO_SLOT, Table, TableFull, TableListener, _Index
 from director.isakmp_state import (
     TRANSITIONS,
     Event,
@@ -16,9 +16,54 @@ SVC = 1
 C1, C2, C3 = 0x0A000001, 0x0A000002, 0x0A000003
 
 
-def make(capacity=16, **kw):
+class Hooks(TableListener):
+    """The table's events as callbacks: on_count(rs, state, +1/-1) as the director keeps its real
+    servers' counts, on_change(event, slot) for establish and removal, on_port(slot, old port),
+    on_create(slot), activity(slot)."""
+
+    def __init__(self, t, on_count=None, on_change=None, on_port=None, on_create=None, activity=None):
+        self.t, self.on_count, self.on_change, self.on_port = t, on_count, on_change, on_port
+        self.on_create, self.seen = on_create, activity
+
+    def _count(self, rs, state, delta):
+        if self.on_count:
+            self.on_count(rs, state, delta)
+
+    def created(self, s):
+        self._count(self.t.rs_of(s), State.INIT, 1)
+        if self.on_create:
+            self.on_create(s)
+
+    def established(self, s):
+        if self.on_change:
+            self.on_change(Event.RESPONDER_SEEN, s)
+        self._count(self.t.rs_of(s), State.INIT, -1)
+        self._count(self.t.rs_of(s), State.ESTABLISHED, 1)
+
+    def changed(self, s, old_port):
+        if self.on_port:
+            self.on_port(s, old_port)
+
+    def moved(self, s, old_rs, state):
+        self._count(old_rs, state, -1)
+        self._count(self.t.rs_of(s), state, 1)
+
+    def removed(self, s, event, state):
+        if self.on_change:
+            self.on_change(event, s)
+        self._count(self.t.rs_of(s), state, -1)
+
+    def activity(self, s):
+        return self.seen(s) if self.seen else None
+
+
+def make(capacity=16, *, on_count=None, on_change=None, on_port=None, on_create=None, activity=None, **kw):
+    hooks = dict(on_count=on_count, on_change=on_change, on_port=on_port, on_create=on_create, activity=activity)
+    hooks = {k: v for k, v in hooks.items() if v is not None}
     t = Table(capacity, **kw)
     t.set_timeouts(SVC, Timeouts(init=10.0, established=100.0))
+    if hooks:
+        t.listen(Hooks(t, **hooks))
     return t
 
 
@@ -268,9 +313,38 @@ def test_activity_seen_elsewhere_keeps_an_established_entry():
     assert t.expire(192.0) == 1  # 90 + 100: no newer activity, it expires
 
 
+def test_listeners_are_called_in_order_and_the_newest_activity_counts():
+    calls = []
+
+    class L(TableListener):
+        def __init__(self, name, seen):
+            self.name, self.seen = name, seen
+
+        def created(self, s):
+            calls.append((self.name, "created", s))
+
+        def removed(self, s, event, state):
+            calls.append((self.name, "removed", s, event, state))
+
+        def activity(self, s):
+            return self.seen
+
+    t = make()
+    first, second = L("first", 30.0), L("second", 90.0)
+    t.listen(first)
+    t.listen(second)
+    t.listen(first)  # already there: not twice
+    a = t.create(SVC, C1, 500, 1, rs=0, now=0.0)
+    t.establish(a, 5, now=0.0)  # the base class ignores what a listener does not override
+    assert t.expire(150.0) == 0 and t.expires[a] == 190.0  # 90 (the newest) + 100
+    t.unlisten(second)
+    assert t.expire(200.0) == 1  # 30 + 100 is past: it goes
+    assert calls == [("first", "created", a), ("second", "created", a), ("first", "removed", a, Event.EXPIRE, State.ESTABLISHED)]
+
+
 def test_port_change_is_reported_with_the_old_port():
     moves = []
-    t = make(on_port=lambda s, old: moves.append((s, old, t.cport[s])))
+    t = make(on_port=lambda s, old: moves.append((s, old, t.port_of(s))))
     a = t.create(SVC, C1, 500, 1, rs=0, now=0.0)
     t.set_port(a, 4500)
     t.set_port(a, 4500)  # no change, no report

@@ -1,4 +1,4 @@
-"""The decision core, rule by rule (DESIGN.md section 5), on crafted packets."""
+"""The decision core, rule by rule (core.py's docstring lists them), on crafted packets."""
 
 import pytest
 
@@ -19,7 +19,7 @@ CLIENTS = [ip_to_int(f"203.0.113.{i}") for i in range(1, 20)]
 def director(scheduler="rr", method=Method.DR, weights=(1, 1, 1), ah=True, **svc_kw):
     d = Director(capacity=1024)
     servers = {
-        i: RealServer(id=i, addr=RIPS[i], weight=w, method=method.name.lower())
+        i: RealServer(id=i, addr=RIPS[i], weight=w, method=method)
         for i, w in enumerate(weights)
     }
     d.add_service(
@@ -65,9 +65,9 @@ def test_established_only_when_initiator_echoes_responder_cookie():
     d = director()
     d.decide(craft.ike(CLIENTS[0], VIP, 7), 0.0)
     s = d.table.lookup(1, CLIENTS[0], 7)
-    assert d.table.state[s] == State.INIT
+    assert d.table.view(s).state == State.INIT
     d.decide(craft.ike(CLIENTS[0], VIP, 7, 0xABC), 0.1)
-    assert d.table.state[s] == State.ESTABLISHED and d.table.spi_r[s] == 0xABC
+    assert d.table.view(s).state == State.ESTABLISHED and d.table.view(s).spi_r == 0xABC
 
 
 def test_ikev2_cookie_retry_keeps_init_and_the_real_server():
@@ -76,8 +76,8 @@ def test_ikev2_cookie_retry_keeps_init_and_the_real_server():
     # the responder demanded a COOKIE: the client resends IKE_SA_INIT with a notify, SPI_r still 0
     retry = d.decide(craft.ike(CLIENTS[0], VIP, 7, body=b"\x00" * 40), 0.05)
     s = d.table.lookup(1, CLIENTS[0], 7)
-    assert retry.rs == first.rs and d.table.state[s] == State.INIT
-    assert d.table.retrans[s] == 0  # a retry is not a retransmission
+    assert retry.rs == first.rs and d.table.view(s).state == State.INIT
+    assert d.table.view(s).retransmits == 0  # a retry is not a retransmission
     assert d.stats["scheduled"] == 1 and len(d.table) == 1
 
 
@@ -93,7 +93,7 @@ def test_ikev1_nat_t_float_500_to_4500_keeps_real_server():
     v5 = d.decide(craft.ike(c, VIP, spi_i, spi_r, v1=True, sport=2048, natt=True), 0.2)
     assert (v5.action, v5.rs) == (Action.FORWARD, v.rs)
     s = d.table.lookup(1, c, spi_i)
-    assert d.table.cport[s] == 2048 and d.table.view(s).natt
+    assert d.table.view(s).cport == 2048 and d.table.view(s).natt
     # quick mode, ESP-in-UDP and keepalives from the new port all follow
     assert d.decide(craft.ike(c, VIP, spi_i, spi_r, v1=True, sport=2048, natt=True, exchange=QUICK), 0.3).rs == v.rs
     assert d.decide(craft.esp_in_udp(c, VIP, 0xAA, sport=2048), 0.4).rs == v.rs
@@ -139,7 +139,7 @@ def test_rekey_with_new_cookies_stays_on_the_real_server():
     v = d.decide(craft.ike(CLIENTS[0], VIP, 4, 5, exchange=CREATE_CHILD_SA), 6.0)
     assert (v.action, v.rs) == (Action.FORWARD, rs)
     s = d.table.lookup(1, CLIENTS[0], 4)
-    assert d.table.state[s] == State.ESTABLISHED and d.stats["adopted"] == 1
+    assert d.table.view(s).state == State.ESTABLISHED and d.stats["adopted"] == 1
 
 
 def test_unknown_non_initial_ike_from_unknown_client_is_dropped():
@@ -188,7 +188,7 @@ def test_passive_health_reschedules_an_unanswered_conversation():
     assert seen[3] == seen[2]  # and it stays on its new server
     assert d.stats["rescheduled_stuck"] == 1 and d.stuck_by_rs == {first: 1}
     s = d.table.lookup(1, CLIENTS[0], 1)
-    assert d.table.rs[s] == seen[2]
+    assert d.table.view(s).rs == seen[2]
 
 
 def test_server_counters_follow_the_table():
@@ -220,8 +220,8 @@ def test_ip_port_affinity_tells_apart_clients_behind_one_nat():
     for d in (by_port, by_ip):
         for k, port in enumerate((1024, 1025, 1026)):
             d.decide(craft.ike(nat_ip, VIP, 10 + k, sport=port), 0.0)
-    assert len({by_port.table.rs[by_port.table.lookup(1, nat_ip, 10 + k)] for k in range(3)}) == 3
-    assert len({by_ip.table.rs[by_ip.table.lookup(1, nat_ip, 10 + k)] for k in range(3)}) == 1
+    assert len({by_port.table.rs_of(by_port.table.lookup(1, nat_ip, 10 + k)) for k in range(3)}) == 3
+    assert len({by_ip.table.rs_of(by_ip.table.lookup(1, nat_ip, 10 + k)) for k in range(3)}) == 1
 
 
 def test_nat_mode_requires_the_servers_responder_spi():
@@ -239,7 +239,7 @@ def test_nat_mode_requires_the_servers_responder_spi():
     assert d.decide(craft.ike(c, VIP, 1, 0x77), 0.03).reason == DropReason.RESPONDER_SPI_MISMATCH
     ok = d.decide(craft.ike(c, VIP, 1, 0x55), 0.04)
     assert ok.action == Action.FORWARD
-    assert d.table.state[d.table.lookup(1, c, 1)] == State.ESTABLISHED
+    assert d.table.state_of(d.table.lookup(1, c, 1)) == State.ESTABLISHED
 
 
 def test_nat_service_refuses_ah_at_configuration_time():
@@ -301,19 +301,35 @@ def test_config_errors_name_the_field():
         d.add_server(1, RealServer(id=0, addr=RIPS[0]))
 
 
-def test_dirty_clients_collect_what_the_fast_path_must_resync():
+def test_client_projection_collects_what_the_fast_path_must_resync():
     d = director("rr")
-    d.dirty = set()
+    p = d.client_projection()
     d.decide(craft.ike(CLIENTS[0], VIP, 1, sport=1024), 0.0)
-    assert d.dirty == set()  # INIT entries are not in the fast path
+    assert p.pending == set()  # INIT entries are not in the fast path
     d.decide(craft.ike(CLIENTS[0], VIP, 1, 2, sport=1024), 0.1)
-    assert d.dirty == {(1, CLIENTS[0], 1024)}
-    d.dirty.clear()
+    assert p.pending == {(1, CLIENTS[0], 1024)}
+    p.pending.clear()
     d.decide(craft.ike(CLIENTS[0], VIP, 1, 2, sport=2048, natt=True), 0.2)  # float: old and new port
-    assert d.dirty == {(1, CLIENTS[0], 1024), (1, CLIENTS[0], 2048)}
-    d.dirty.clear()
+    assert p.pending == {(1, CLIENTS[0], 1024), (1, CLIENTS[0], 2048)}
+    p.pending.clear()
     d.expire(500.0)
-    assert d.dirty == {(1, CLIENTS[0], 2048)}
+    assert p.pending == {(1, CLIENTS[0], 2048)}
+
+
+def test_client_projection_drain_gives_each_key_its_route():
+    d = director("rr")
+    p = d.client_projection()
+    d.decide(craft.ike(CLIENTS[0], VIP, 1, sport=4500, natt=True), 0.0)
+    d.decide(craft.ike(CLIENTS[0], VIP, 1, 2, sport=4500, natt=True), 0.1)
+    rs = d.table.view(next(d.table.slots())).rs
+    assert sorted(p.drain(), key=str) == sorted([(VIP, CLIENTS[0], 0, rs), (VIP, CLIENTS[0], 4500, rs)], key=str)
+    assert p.pending == set() and p.drain() == []
+    d.expire(500.0)
+    assert sorted(p.drain(), key=str) == sorted([(VIP, CLIENTS[0], 0, None), (VIP, CLIENTS[0], 4500, None)], key=str)
+    d.unlisten(p)
+    d.decide(craft.ike(CLIENTS[1], VIP, 3, sport=500), 600.0)
+    d.decide(craft.ike(CLIENTS[1], VIP, 3, 4, sport=500), 600.1)
+    assert p.pending == set()  # no longer listening
 
 
 def test_new_entry_limits_per_source_and_global():

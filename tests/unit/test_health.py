@@ -2,7 +2,7 @@
 
 import pytest
 
-from director.health import ENCR_PROBE, HealthConfig, HealthState, answers_probe, probe_message
+from director.health import ENCR_PROBE, PROBE_ENTROPY, HealthConfig, HealthState, answers_probe, probe_message
 from director.packet import ike_header
 
 
@@ -25,12 +25,17 @@ def test_config_checks_name_the_field():
 def test_probe_is_a_well_formed_ikev2_sa_init():
     from scapy.contrib.ikev2 import IKEv2, IKEv2_KE, IKEv2_Nonce, IKEv2_SA
 
-    spi, msg = probe_message(0x1234)
+    entropy = bytes(range(PROBE_ENTROPY))
+    spi, msg = probe_message(entropy, 0x1234)
+    assert probe_message(entropy)[0] == int.from_bytes(entropy[:8], "big") | 1
+    with pytest.raises(ValueError, match="entropy"):
+        probe_message(b"short")
     p = IKEv2(msg)
     assert p.init_SPI == (0x1234).to_bytes(8, "big") and p.exch_type == 34 and p.flags == 0x08
     assert p.length == len(msg)
     assert p.haslayer(IKEv2_SA) and p.haslayer(IKEv2_Nonce)
-    assert p[IKEv2_KE].group == 31 and len(p[IKEv2_KE].ke) == 32
+    assert p[IKEv2_KE].group == 31 and p[IKEv2_KE].ke == entropy[8:40]
+    assert p[IKEv2_Nonce].nonce == entropy[40:72]
     transforms = p[IKEv2_SA].prop.trans
     assert [t.transform_type for t in transforms.iterpayloads()] == [1, 2, 3, 4]
     # a private-use encryption transform: the server must answer NO_PROPOSAL_CHOSEN and keep nothing

@@ -40,9 +40,8 @@ def pair():
 
 def view(d):
     """(vip, client, port, spi_i, state, rs address) of every entry: what must agree."""
-    t = d.table
-    return {(d.services[t.svc[s]].vip, t.client[s], t.cport[s], t.spi_i[s], State(t.state[s]),
-             d.server(t.rs[s]).addr) for s in t.slots()}
+    return {(d.services[e.svc].vip, e.client, e.cport, e.spi_i, e.state, d.server(e.rs).addr)
+            for e in d.table.entries()}
 
 
 def test_pure():
@@ -93,9 +92,9 @@ def test_changes_replicate_create_establish_port_remove():
         rx.handle(dgram, 2.0)
     assert view(b) == {(VIP, CLIENTS[0], 4500, 0xA1, State.ESTABLISHED, RIPS[0])}
     bs = b.table.lookup(4, CLIENTS[0], 0xA1)
-    assert b.table.spi_r[bs] == 0xB1
+    assert b.table.view(bs).spi_r == 0xB1
     assert b.table.established_of_natt(4, CLIENTS[0], 4500)[0] == bs  # ESP-in-UDP finds it
-    assert 95 < b.table.expires[bs] - 2.0 <= 100  # the active's remaining timeout
+    assert 95 < b.table.view(bs).expires - 2.0 <= 100  # the active's remaining timeout
     assert b.server(7).active == 1  # scheduler counts follow
     t.remove(s)
     for dgram in tx.flush(3.0):
@@ -113,14 +112,19 @@ def test_established_entry_created_directly():
     assert view(b) == {(VIP, CLIENTS[1], 500, 0xA2, State.ESTABLISHED, RIPS[2])}
 
 
-def test_backup_marks_dirty_for_its_fast_path():
+def test_backup_marks_its_fast_path_projection():
     a, b, tx, rx = pair()
-    b.dirty = set()
+    p = b.client_projection()
     s = a.table.create(1, CLIENTS[2], 4500, 0xA3, 1, 0.0)
     a.table.establish(s, 0xB3, 0.0)
     for dgram in tx.flush(0.0):
         rx.handle(dgram, 0.0)
-    assert (4, CLIENTS[2], 4500) in b.dirty
+    assert (4, CLIENTS[2], 4500) in p.pending
+    p.pending.clear()
+    a.table.remove(s)
+    for dgram in tx.flush(1.0):
+        rx.handle(dgram, 1.0)
+    assert (4, CLIENTS[2], 4500) in p.pending
 
 
 def test_forged_message_rejected_and_counted():
@@ -251,3 +255,18 @@ def test_stream_replicates_the_table(ops):
         rx.handle(dgram, now)
     assert view(b) == view(a)
     assert rx.stats["ignored"] == 0
+
+
+def test_the_sender_is_one_table_listener_among_others_and_detaches():
+    a, b, tx, rx = pair()
+    p = a.client_projection()  # the fast path's listener beside the sender's
+    s = a.table.create(1, CLIENTS[3], 500, 0xA4, 0, 0.0)
+    a.table.establish(s, 0xB4, 0.0)
+    assert tx.pending == 1 and p.pending == {(1, CLIENTS[3], 500)}
+    assert a.server(0).active == 1  # the director's own counts still follow the table
+    tx.detach()
+    a.table.create(1, CLIENTS[4], 500, 0xA5, 1, 0.0)
+    assert tx.pending == 1  # detached: the new entry is not collected
+    for dgram in tx.flush(0.0):
+        rx.handle(dgram, 0.0)
+    assert view(b) == {(VIP, CLIENTS[3], 500, 0xA4, State.ESTABLISHED, RIPS[0])}

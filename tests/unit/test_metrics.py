@@ -1,0 +1,62 @@
+"""The Prometheus collector: the director's traffic as metrics, never a client address."""
+
+from prometheus_client import CollectorRegistry, generate_latest
+
+from director import reconcile
+from director.config import parse
+from director.core import Action, Director
+from director.lab import craft
+from director.metrics import Collector, Histogram
+from director.packet import ip_to_int
+from director.views import Views
+
+BASE = """
+[[service]]
+vip = "192.0.2.10"
+scheduler = "rr"
+timeouts = { init = 10, established = 100 }
+[[service.server]]
+address = "198.51.100.1"
+[[service.server]]
+address = "198.51.100.2"
+"""
+VIP = ip_to_int("192.0.2.10")
+CLIENT = ip_to_int("203.0.113.5")
+
+
+def running():
+    d = Director(capacity=256)
+    reconcile.reconcile(d, parse(BASE))
+    return d
+
+
+def establish(d, client=CLIENT, spi=77):
+    d.decide(craft.ike(client, VIP, spi), 0.0)
+    v = d.decide(craft.ike(client, VIP, spi, 99), 0.1)
+    assert v.action == Action.FORWARD
+    return v.rs
+
+
+def test_metrics_collector_reports_the_traffic():
+    d = running()
+    rs = establish(d)
+    for seq in range(3):
+        d.decide(craft.esp(CLIENT, VIP, 9, seq), 1.0)
+    d.decide(craft.esp(ip_to_int("203.0.113.99"), VIP, 9), 1.0)  # a stranger: icmp verdict
+    h = Histogram()
+    h.observe(0.0001)
+    views = Views(d, clock=lambda: 1.0, latency={"client": h, "reply": Histogram()},
+                  stats={"icmp_sent": 1, "icmp_limited": 0, "icmp_suppressed": 0, "internal_errors": 0, "slow_iterations": 0})
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(Collector(views))
+    text = generate_latest(reg).decode()
+    rip = ["198.51.100.1", "198.51.100.2"][rs]
+    assert 'director_packets_total{kind="esp",service="192.0.2.10",verdict="forward"} 3.0' in text
+    assert 'director_packets_total{kind="esp",service="192.0.2.10",verdict="icmp_unreachable"} 1.0' in text
+    assert f'director_real_server_packets_total{{direction="in",kind="esp",server="{rip}",service="192.0.2.10"}} 3.0' in text
+    assert f'director_real_server_connections_total{{server="{rip}",service="192.0.2.10"}} 1.0' in text
+    assert f'director_real_server_active_entries{{server="{rip}",service="192.0.2.10"}} 1.0' in text
+    assert 'director_entries{state="established"} 1.0' in text
+    assert 'director_drops_total{reason="no_entry"} 1.0' in text
+    assert 'director_nfqueue_handling_seconds_bucket{le="0.00025",queue="client"} 1.0' in text
+    assert "203.0.113" not in text  # never a client address
