@@ -21,6 +21,8 @@ PURE = sorted([
     "director/control.py",
     "director/reconcile.py",
     "director/sync.py",
+    "director/counters.py",
+    "director/views.py",
     *(str(p.relative_to(ROOT)) for p in (ROOT / "director/schedulers").glob("*.py")),
     *(str(p.relative_to(ROOT)) for p in (ROOT / "director/forwarding").glob("*.py")),
 ])
