@@ -158,12 +158,26 @@ def sandboxed(svc, mapper, argv, env) -> list[str]:
             SYSTEM_PYTHON, str(SANDBOX), sandbox_spec(svc, mapper, argv, env)]
 
 
+def source_copy(dest: Path) -> Path:
+    """The repository's files as git sees them (tracked, and new ones not ignored), without build
+    leftovers: a stale setuptools build/ directory could otherwise put deleted modules in the wheel."""
+    files = subprocess.run(["git", "-C", str(REPO), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                           capture_output=True, check=True).stdout.decode().split("\0")
+    for name in filter(None, files):
+        src = REPO / name
+        if src.is_file():  # a tracked file deleted in the work tree is left out
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+    return dest
+
+
 def install_wheel(venv: Path, work: Path) -> None:
     """A wheel built from the repository, installed into a new virtualenv (no source tree in it)."""
     wheels = work / "wheels"
     quiet = {"check": True, "capture_output": True, "text": True, "timeout": 300}
     try:
-        subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels), str(REPO)],
+        src = source_copy(work / "src")
+        subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels), str(src)],
                        **quiet)
         subprocess.run([SYSTEM_PYTHON, "-m", "venv", str(venv)], **quiet)
         (wheel,) = wheels.glob("vpn_director-*.whl")
