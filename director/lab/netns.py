@@ -558,7 +558,7 @@ class Lab:
         if nsenter is None:
             nsenter = os.path.basename(str(argv[0])) in ("tc", "bpftool")
         if nsenter:
-            # `ip netns exec` remounts /sys: bpffs pins made under it vanish (PLATFORM.md).
+            # `ip netns exec` remounts /sys: bpffs pins made under it vanish with the process.
             return ["nsenter", f"--net={NETNS_DIR}/{name}", "--", *map(str, argv)]
         return ["ip", "netns", "exec", name, *map(str, argv)]
 
