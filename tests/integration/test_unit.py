@@ -4,7 +4,7 @@ systemd is not PID 1 on the machines this suite runs on (``ps -p 1`` names anoth
 is no service manager to hand deploy/vpn-director.service to. This test reads the unit file and
 applies its settings itself:
 
-- ExecStartPre=, ExecStart=, ExecReload= as written ("+" lines without the sandbox, the others
+- ExecStartPre=, ExecStart=, ExecReload= (one accepted, one refused reload) as written ("+" lines without the sandbox, the others
   inside it), with TimeoutStartSec= / TimeoutStopSec= as the bounds of start and stop;
 - Type=notify: a notify socket in $NOTIFY_SOCKET that must receive READY=1, RELOADING=1 then
   READY=1 around the reload, and STOPPING=1;
@@ -326,6 +326,16 @@ def test_unit_runs_the_fast_path_from_a_built_wheel(make_lab, tmp_path):
             weights = [s["weight"] for s in d.request("services")[0]["servers"]]
             assert sorted(weights) == [1, 1, 3], weights
             assert d.status()["dataplane"] == "ebpf"
+
+            # A refused reload ([daemon] cannot change at run time) fails ExecReload; nothing changes.
+            config.write_text(lab_config(lab, Path(control), metrics="127.0.0.1:9817", pin_dir=pin_dir,
+                                         weights=(5, 1, 1)))
+            for value in svc["ExecReload"]:
+                prefixes, argv = exec_line(value, mapper)
+                r = lab.run("director", sandboxed(svc, mapper, argv, env), check=False, nsenter=True)
+                assert r.returncode != 0 and "daemon.metrics" in r.stderr, (r.returncode, r.stdout, r.stderr)
+            weights = [s["weight"] for s in d.request("services")[0]["servers"]]
+            assert sorted(weights) == [1, 1, 3] and proc.poll() is None, weights
 
             # Stop as systemd does (SIGTERM to the main process), within TimeoutStopSec.
             proc.send_signal(signal.SIGTERM)

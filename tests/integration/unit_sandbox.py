@@ -85,7 +85,12 @@ def main() -> None:
             if mp in writable or under(mp, "/proc") or under(mp, "/dev"):
                 continue
             keep = [o for o in opts.split(",") if o in ("nosuid", "nodev", "noexec", "noatime", "relatime")]
-            subprocess.run(["mount", "-o", ",".join(["remount", "bind", "ro", *keep]), mp], check=True)
+            r = subprocess.run(["mount", "-o", ",".join(["remount", "bind", "ro", *keep]), mp],
+                               capture_output=True, text=True)
+            # Another namespace's file (a /run/netns/* of a lab being torn down meanwhile) may vanish
+            # between reading mountinfo and here: its mount is then out of reach by path anyway.
+            if r.returncode and os.path.lexists(mp):
+                raise SystemExit(f"unit_sandbox: read-only remount of {mp} failed: {r.stderr.strip()}")
     elif spec["protect_system"] not in ("", "no"):
         raise SystemExit(f"unit_sandbox: ProtectSystem={spec['protect_system']} is not emulated")
     os.umask(int(spec["umask"], 8))
