@@ -7,6 +7,7 @@ An editable install (``pip install -e .``, the development setup) compiles nothi
 then runs from the source tree and uses ``ebpf/build/``, which ``make -C ebpf`` keeps current.
 """
 
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -16,8 +17,13 @@ from setuptools.command.build_py import build_py
 
 class build_py_with_bpf(build_py):
     def run(self) -> None:
+        editable = getattr(self, "editable_mode", False)
+        if not editable:
+            # setuptools copies into build/lib and never deletes there: after a `git pull` that
+            # removed a module, a reused build/ would still ship it. Start the package afresh.
+            shutil.rmtree(Path(self.build_lib) / "director", ignore_errors=True)
         super().run()
-        if getattr(self, "editable_mode", False):
+        if editable:
             return
         out = (Path(self.build_lib) / "director" / "bpf").resolve()
         src = Path(__file__).resolve().parent / "ebpf"

@@ -159,8 +159,9 @@ def sandboxed(svc, mapper, argv, env) -> list[str]:
 
 
 def source_copy(dest: Path) -> Path:
-    """The repository's files as git sees them (tracked, and new ones not ignored), without build
-    leftovers: a stale setuptools build/ directory could otherwise put deleted modules in the wheel."""
+    """The repository's files as git sees them (tracked, and new ones not ignored): what a clone
+    holds, without .venv, build/ or ebpf/build, so the wheel's eBPF objects are compiled by the
+    package build itself, not picked up from a developer's tree."""
     files = subprocess.run(["git", "-C", str(REPO), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
                            capture_output=True, check=True).stdout.decode().split("\0")
     for name in filter(None, files):
