@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One idempotent setup step for a fresh Debian 12 machine, run as root:
-# Debian packages, the legacy iptables backend, bpffs, and a virtualenv (.venv)
-# with the director installed editable plus its test tools.
+# Debian packages, the legacy iptables backend, bpffs, a virtualenv (.venv)
+# with the director installed editable plus its test tools, and the eBPF objects
+# (ebpf/build, where a director run from this tree finds them). One line per step.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -51,19 +52,34 @@ for t in iptables ip6tables; do
     update-alternatives --set "$t" "/usr/sbin/${t}-legacy" >/dev/null
   fi
 done
+log "iptables: legacy backend"
 
-# bpffs is not mounted at boot on these machines; pinned maps live there.
+# bpffs is not always mounted at boot (systemd mounts it; a container or a bare init may not);
+# pinned maps live there.
 if ! mountpoint -q /sys/fs/bpf; then
   mount -t bpf bpf /sys/fs/bpf
+  log "bpffs mounted on /sys/fs/bpf"
+else
+  log "bpffs present on /sys/fs/bpf"
 fi
 
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   log "creating .venv with $($PY --version)"
   "$PY" -m venv .venv
+  .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 fi
-.venv/bin/python -m pip install -q --upgrade pip >/dev/null
-log "installing the director (editable) and test tools into .venv"
-.venv/bin/python -m pip install -q -e '.[test]'
-make -C ebpf
+# The editable install follows the source tree by itself (new modules included); it is redone
+# only when the packaging metadata (dependencies, console scripts) changed since the last one.
+stamp=.venv/.vpn-director-installed
+want=$(sha256sum pyproject.toml setup.py | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  log "installing the director (editable) and test tools into .venv"
+  .venv/bin/python -m pip install -q -e '.[test]'
+  echo "$want" > "$stamp"
+else
+  log "director (editable) and test tools already in .venv"
+fi
+make -s -C ebpf
+log "eBPF objects up to date in ebpf/build (make -C ebpf)"
 log "done"

@@ -42,7 +42,22 @@ from director.service import Method
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[2]
-OBJ_DIR = REPO / "ebpf" / "build"
+
+
+def object_dir() -> Path:
+    """Where the compiled eBPF objects are. Run from a source tree (an editable install, the tests,
+    the demo): ``ebpf/build``, which ``make -C ebpf`` keeps current. Installed from a wheel or an
+    sdist: ``director/bpf`` inside the installed package, compiled there by the build hook
+    (setup.py); no source tree is needed."""
+    src = REPO / "ebpf"
+    if (src / "Makefile").is_file():
+        return src / "build"
+    from importlib import resources
+
+    return Path(str(resources.files("director") / "bpf"))
+
+
+OBJ_DIR = object_dir()
 PIN_DIR = Path("/sys/fs/bpf/vpn-director")
 FILTER_PRIO = 0xC0DE  # our tc filter's priority on each interface: found and replaced by it
 INGRESS = "ffff:fff2"
@@ -149,7 +164,8 @@ class FastPath:
         client_obj, client_prog = _CLIENT_PROG[self.hook]
         for name in (client_obj, "director_reply.o"):
             if not (self.obj_dir / name).is_file():
-                raise FastPathUnavailable(f"{self.obj_dir / name} is missing: build it with `make -C ebpf`")
+                raise FastPathUnavailable(f"{self.obj_dir / name} is missing: build it with `make -C ebpf` "
+                                          "(source tree) or reinstall the package (clang at build time)")
         tx_ports = []
         if self.hook == "xdp":
             tx_ports = _xdp_preflight(ipr, self.client_ifindex, self.lan_ifindex)

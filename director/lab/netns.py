@@ -45,6 +45,7 @@ from pathlib import Path
 from pyroute2 import IPRoute
 from pyroute2 import netns as pr_netns
 
+from director.dataplane.ebpf import object_dir
 from director.packet import ip_to_int, ipv4_checksum
 
 __all__ = [
@@ -60,7 +61,7 @@ NETNS_DIR = "/run/netns"
 DEFAULT_PREFIX_RE = re.compile(r"^vdl[0-9a-f]{6}$")
 
 REPO = Path(__file__).resolve().parents[2]
-DECAP_OBJ = REPO / "ebpf" / "build" / "rs_decap.o"
+DECAP_OBJ = object_dir() / "rs_decap.o"  # the same lookup as the fast path's objects
 DECAP_SECTION = "tc"
 DECAP_TUN = "decap0"
 
@@ -310,7 +311,7 @@ class Lab:
         if os.geteuid() != 0:
             raise LabError("the lab needs root (network namespaces, veth, iptables, tc)")
         if self.mode == "tun" and not DECAP_OBJ.is_file():
-            raise LabError(f"tun mode needs {DECAP_OBJ}: run `make -C {REPO / 'ebpf'}`")
+            raise LabError(f"tun mode needs {DECAP_OBJ}: run `make -C ebpf` in the source tree")
         atexit.register(self.down)
         try:
             self._build()
