@@ -820,7 +820,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "check":
             cfg = config_mod.load(args.config)
-            reconcile.plan(Director(1), cfg)  # builds every service and scheduler: options checked too
+            reconcile.validate(cfg)  # what run checks: limits, services, schedulers and options
             print(f"{args.config}: ok ({len(cfg.services)} services)")
             return 0
         if args.command == "reload":
