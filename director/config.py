@@ -23,7 +23,9 @@ Example (see deploy/vpn-director.example.toml)::
 from __future__ import annotations
 
 import ipaddress
+import json
 import math
+import re
 import tomllib
 from dataclasses import dataclass, field
 from typing import Any
@@ -149,6 +151,7 @@ _SERVER_KEYS = {"address", "weight", "method", "u_threshold", "l_threshold"}
 # is beyond any rate the director can see; larger values only overflow what they feed (a timer's
 # deadline, the fast path's admission window in ns).
 NUM_MAX = 1e9
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")  # TOML bare keys
 
 
 class _Checker:
@@ -160,6 +163,8 @@ class _Checker:
 
     def unknown(self, path: str, table: dict, allowed: set[str]) -> None:
         for k in sorted(set(table) - allowed):
+            if not _BARE_KEY.fullmatch(k):  # a quoted TOML key: shown quoted, so the error stays one line
+                k = json.dumps(k)
             self.err(f"{path}.{k}" if path else k, "unknown setting")
 
     def int_(self, path: str, v: Any, lo: int, hi: int) -> int:
