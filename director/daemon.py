@@ -31,7 +31,7 @@ from director.control import MUTATIONS, PROTOCOL_VERSION, RequestError, addr_arg
 from director.core import RS_CONNS, Action, Director, rs_counter
 from director.drop_reasons import DropReason
 from director.forwarding.fragment import fragment
-from director.forwarding.rewrite import icmp_unreachable, ipip_encap, nat_dnat, nat_snat
+from director.forwarding.rewrite import icmp_error_dnat, icmp_unreachable, ipip_encap, nat_dnat, nat_snat
 from director.packet import Kind, PacketError, int_to_ip, ip_to_int
 from director.ratelimit import TokenBucket
 from director.dataplane.prober import Prober
@@ -349,12 +349,12 @@ class Daemon:
             v = self.director.decide(data, now)
             self.stats["packets"] += 1
             a = v.action
-            if a == Action.FORWARD:
+            if a == Action.FORWARD or a == Action.RELAY_ICMP:
                 m = v.method
                 if m == Method.DR:
                     pkt.set_mark(self._marks[v.rs])
                 elif m == Method.NAT:
-                    pkt.set_payload(nat_dnat(data, v.addr))
+                    pkt.set_payload(nat_dnat(data, v.addr) if a == Action.FORWARD else icmp_error_dnat(data, v.addr))
                 else:
                     pkt.drop()
                     self._send_tunnel(data, v.addr)
