@@ -762,6 +762,14 @@ vrrp_instance VD {{
                 records.append(json.loads(line))
         return records
 
+    def received_icmp(self, i: int) -> list[dict]:
+        """The ICMP errors responder ``i`` (0..2) has recorded so far (see director.lab.responder)."""
+        try:
+            text = Path(str(self.responder_log(i)) + ".icmp").read_text()
+        except FileNotFoundError:
+            return []
+        return [json.loads(line) for line in text.splitlines(keepends=True) if line.endswith("\n")]
+
     def wait_received(self, i: int, predicate: Callable[[dict], bool], timeout: float = 2.0) -> list[dict]:
         """Wait until responder ``i`` recorded a packet matching ``predicate``; returns the matches.
 
