@@ -76,22 +76,31 @@ class Collector:
         weight = GaugeMetricFamily("director_real_server_weight", "Configured weight (0 = quiesced)",
                                    labels=["service", "server"])
         up = GaugeMetricFamily("director_real_server_up", "1 when the real server is up", labels=["service", "server"])
+        # what the eBPF fast path forwarded itself, by real server and kind (the daemon never saw it)
+        fp = getattr(dm, "fastpath", None)
+        fast = fp.rs_stats() if fp is not None else {}
+        nothing = {"packets": [0] * len(Kind), "bytes": [0] * len(Kind)}
         for svc in d.services.values():
             vip = int_to_ip(svc.vip)
             ctr = d.svc_counters[svc.id]
+            in_kernel = [fast.get(rs_id, nothing) for rs_id in svc.servers]
             for kind in KINDS:
                 kname = kind.name.lower()
                 for action, vname in VERDICTS.items():
-                    pk.add_metric([vip, kname, vname], ctr[svc_counter(action, kind)])
-                    by.add_metric([vip, kname, vname], ctr[svc_counter(action, kind, True)])
+                    fp_pk = sum(f["packets"][kind] for f in in_kernel) if action == Action.FORWARD else 0
+                    fp_by = sum(f["bytes"][kind] for f in in_kernel) if action == Action.FORWARD else 0
+                    pk.add_metric([vip, kname, vname], ctr[svc_counter(action, kind)] + fp_pk)
+                    by.add_metric([vip, kname, vname], ctr[svc_counter(action, kind, True)] + fp_by)
             for rs in svc.servers.values():
                 rip = int_to_ip(rs.addr)
                 r = d.rs_counters[rs.id]
+                f = fast.get(rs.id, nothing)
                 for kind in KINDS:
                     kname = kind.name.lower()
                     for reply, direction in ((False, "in"), (True, "out")):
-                        rpk.add_metric([vip, rip, kname, direction], r[rs_counter(reply, kind)])
-                        rby.add_metric([vip, rip, kname, direction], r[rs_counter(reply, kind, True)])
+                        rpk.add_metric([vip, rip, kname, direction], r[rs_counter(reply, kind)] + (0 if reply else f["packets"][kind]))
+                        rby.add_metric([vip, rip, kname, direction],
+                                       r[rs_counter(reply, kind, True)] + (0 if reply else f["bytes"][kind]))
                 conns.add_metric([vip, rip], r[RS_CONNS])
                 active.add_metric([vip, rip], rs.active)
                 inactive.add_metric([vip, rip], rs.inactive)
