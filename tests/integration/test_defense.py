@@ -146,3 +146,38 @@ def test_new_entry_limits_hold_and_the_fast_path_enforces_them_before_the_queue(
     print(f"limits: {n + len(one_source)} spoofed initials in {elapsed:.2f}s, {created} entries created, "
           f"{limited} rate-limited (drops {st['drops']}; fast path {st.get('fastpath', {}).get('drops', {})}), "
           f"daemon decided {flood_decided} during the flood")
+
+
+def test_icmp_answers_are_held_to_icmp_rate(make_lab, run_director):
+    """daemon.icmp_rate: protocol-unreachable answers per second, burst the same. 60 ESP packets of
+    an unknown SPI from c2, sent at once: the first 5 are answered, then about 5 per second of
+    sending; every one is dropped as NO_ENTRY, the rest of the answers are withheld and counted.
+    With icmp_rate = 0 nothing is answered at all."""
+    import select
+
+    for rate in (5, 0):
+        lab = make_lab("dr")
+        d = run_director(lab, daemon_extra=f"icmp_rate = {rate}\n")
+        c2 = LabClient(lab, "c2")
+        icmp = lab.socket("c2", socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+        t0 = time.monotonic()
+        for seq in range(60):
+            c2.send_esp(0xBAD0, seq)
+        deadline = time.monotonic() + 3
+        while d.status()["drops"].get("NO_ENTRY", 0) < 60:
+            assert time.monotonic() < deadline, d.status()
+            time.sleep(0.05)
+        span = time.monotonic() - t0
+        got = 0
+        while select.select([icmp], [], [], 0.5)[0]:
+            data = icmp.recv(2048)
+            ihl = (data[0] & 0x0F) * 4
+            if data[ihl : ihl + 2] == b"\x03\x02" and data[ihl + 8 + 9] == 50:  # protocol unreachable about ESP
+                got += 1
+        st = d.status()["stats"]
+        assert st["icmp_sent"] + st["icmp_limited"] == 60, st
+        assert got == st["icmp_sent"], (got, st)
+        if rate:
+            assert rate <= st["icmp_sent"] <= rate + rate * span + 1, (st, span)
+        else:
+            assert st["icmp_sent"] == 0, st
