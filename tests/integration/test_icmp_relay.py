@@ -5,7 +5,8 @@ the VIP sent to c1 with "fragmentation needed": it quotes the VIP's packet (sour
 c1). The real server that holds c1's conversation must receive it (NAT: with the outer destination
 and the quoted source rewritten to its own address, checksums right), no other server may, and an
 error about no conversation is dropped and counted. The packets are built by scapy and sent from a
-raw socket in the client namespace; the real servers record what their kernel delivered.
+raw socket in the client namespace; the real servers record what their kernel delivered. Both
+dataplanes (the eBPF one with its tc hook and its XDP hook).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from scapy.layers.inet import ICMP, IP, UDP
 from scapy.packet import Raw
 
 from director.lab.client import LabClient
+from director.lab.director_proc import DirectorProcess
 from director.packet import ike_header
 
 MODES = ["dr", "tun", "nat"]
@@ -42,7 +44,23 @@ def _wait(pred, timeout: float = 3.0):
 @pytest.mark.parametrize("mode", MODES)
 def test_frag_needed_reaches_the_clients_real_server(make_lab, run_director, mode):
     lab = make_lab(mode)
-    d = run_director(lab, scheduler="rr")
+    check_relay(lab, run_director(lab, scheduler="rr"), mode)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_frag_needed_reaches_the_clients_real_server_through_the_xdp_hook(make_lab, mode):
+    from test_fastpath import XDP, xdp_lab
+
+    lab = make_lab(mode)
+    xdp_lab(lab)
+    d = DirectorProcess(lab, dataplane="ebpf", daemon_extra=XDP, scheduler="rr").start()
+    try:
+        check_relay(lab, d, mode)
+    finally:
+        assert d.stop() == 0, d.log()
+
+
+def check_relay(lab, d, mode: str) -> None:
     c1, c2 = LabClient(lab, "c1"), LabClient(lab, "c2")
     c1_addr, c2_addr = lab.client_addrs["c1"], lab.client_addrs["c2"]
     c1.ikev2_connect()
