@@ -98,7 +98,8 @@ class Collector:
                 for kind in KINDS:
                     kname = kind.name.lower()
                     for reply, direction in ((False, "in"), (True, "out")):
-                        rpk.add_metric([vip, rip, kname, direction], r[rs_counter(reply, kind)] + (0 if reply else f["packets"][kind]))
+                        rpk.add_metric([vip, rip, kname, direction],
+                                       r[rs_counter(reply, kind)] + (0 if reply else f["packets"][kind]))
                         rby.add_metric([vip, rip, kname, direction],
                                        r[rs_counter(reply, kind, True)] + (0 if reply else f["bytes"][kind]))
                 conns.add_metric([vip, rip], r[RS_CONNS])
@@ -147,7 +148,8 @@ class Collector:
         yield CounterMetricFamily("director_icmp_unreachable_suppressed",
                                   "ICMP answers RFC 1122 forbids (about an ICMP error, a fragment, a broadcast)",
                                   value=st["icmp_suppressed"])
-        fp = getattr(dm, "fastpath", None)  # the fast path relays DR and TUN ones itself: its forwarded NOT_OURS packets
+        # the fast path relays DR and TUN ones itself: its forwarded NOT_OURS packets
+        fp = getattr(dm, "fastpath", None)
         in_kernel = fp.dp_stats().get("fwd_packets", [0])[0] if fp is not None else 0
         yield CounterMetricFamily("director_icmp_errors_relayed",
                                   "ICMP errors about a conversation relayed to its real server (unmatched: drops)",

@@ -44,8 +44,8 @@ _CSUM_ADDRS = struct.Struct("!HII")  # header checksum, source, destination: wri
 _UDP = struct.Struct("!HHHH")  # sport, dport, length, checksum
 _TOS_TOTAL = struct.Struct("!BBH")  # vihl, TOS, total length: what encapsulation reads
 _IP_FULL = struct.Struct("!BBHHHBBHII")  # a whole 20-byte IPv4 header, for the one we prepend
-_ICMP_ERROR = struct.Struct("!BBHHHBBHIIBBHI")
-_QUOTE = struct.Struct("!BxHxxHxBHI")  # quoted IPv4 header: vihl, total, flags/frag, proto, checksum, src  # 20-byte IPv4 header + 8-byte ICMP error header
+_ICMP_ERROR = struct.Struct("!BBHHHBBHIIBBHI")  # 20-byte IPv4 header + 8-byte ICMP error header
+_QUOTE = struct.Struct("!BxHxxHxBHI")  # a quoted IPv4 header: vihl, total, flags/frag, proto, checksum, src
 
 _R_IP_TRUNCATED = DropReason.IP_TRUNCATED
 _R_IP_BAD_VERSION = DropReason.IP_BAD_VERSION

@@ -234,8 +234,8 @@ CASES = [
          TC_ACT_OK, None, passed(K.NOT_OURS, not_ours=1)),  # fmt: skip
     Case("ICMP echo request to a VIP: the kernel's", eth(icmp_about(craft.esp(VIP, C_DR, 5), itype=8, code=0)),
          TC_ACT_OK, None, passed(K.NOT_OURS, not_ours=1)),  # fmt: skip
-    Case("ICMP error with a truncated quote: the slow path drops it", eth(icmp_about(craft.esp(VIP, C_DR, 5), quote=24)),
-         TC_ACT_OK, None, passed(K.NOT_OURS, not_ours=1)),  # fmt: skip
+    Case("ICMP error with a truncated quote: the slow path drops it",
+         eth(icmp_about(craft.esp(VIP, C_DR, 5), quote=24)), TC_ACT_OK, None, passed(K.NOT_OURS, not_ours=1)),
     Case("ICMP error, TTL 1: the stack's", eth(patch(icmp_esp[C_DR], 8, b"\x01")), TC_ACT_OK, None,
          passed(K.NOT_OURS, ttl_pass=1)),  # fmt: skip
     # -- misses and passes --------------------------------------------------------------------------

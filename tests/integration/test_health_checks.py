@@ -63,7 +63,8 @@ def test_silent_server_goes_down_gets_no_new_clients_and_comes_back(make_lab, ru
 def test_icmp_second_check_marks_a_server_down_that_answers_ike_but_not_ping(make_lab, run_director):
     """health.icmp: the round needs the IKE answer and the echo reply; rs3 drops echo requests."""
     lab = make_lab("nat")
-    d = run_director(lab, scheduler="rr", extra_service=HEALTH.replace("fall = 2", "fall = 2, icmp = true") + "\n" + IP_PORT)
+    health = HEALTH.replace("fall = 2", "fall = 2, icmp = true")
+    d = run_director(lab, scheduler="rr", extra_service=health + "\n" + IP_PORT)
     wait(lambda: all(s["health"] and s["health"]["checks"] >= 2 for s in servers(d).values()), what="probes")
     assert all(s["up"] for s in servers(d).values()), servers(d)
     deaf = lab.rs_addrs[2]
