@@ -23,6 +23,9 @@ Example (see deploy/vpn-director.example.toml)::
 from __future__ import annotations
 
 import ipaddress
+import json
+import math
+import re
 import tomllib
 from dataclasses import dataclass, field
 from typing import Any
@@ -145,6 +148,13 @@ _HEALTH_KEYS = {"interval", "timeout", "rise", "fall", "expire_on_down", "icmp"}
 _SERVER_KEYS = {"address", "weight", "method", "u_threshold", "l_threshold"}
 
 
+# The largest number any setting takes (seconds, rates per second): 1e9 s is 31 years, 1e9 per second
+# is beyond any rate the director can see; larger values only overflow what they feed (a timer's
+# deadline, the fast path's admission window in ns).
+NUM_MAX = 1e9
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")  # TOML bare keys
+
+
 class _Checker:
     def __init__(self) -> None:
         self.errors: list[str] = []
@@ -154,6 +164,8 @@ class _Checker:
 
     def unknown(self, path: str, table: dict, allowed: set[str]) -> None:
         for k in sorted(set(table) - allowed):
+            if not _BARE_KEY.fullmatch(k):  # a quoted TOML key: shown quoted, so the error stays one line
+                k = json.dumps(k)
             self.err(f"{path}.{k}" if path else k, "unknown setting")
 
     def int_(self, path: str, v: Any, lo: int, hi: int) -> int:
@@ -165,8 +177,18 @@ class _Checker:
         return v
 
     def num(self, path: str, v: Any, positive: bool = True) -> float:
+        """A finite number of at most NUM_MAX: TOML's ``inf``/``nan`` and JSON's ``Infinity``/``1e999``
+        are refused here, as are integers too large for a float, before any of them reaches a
+        timer, a token bucket or a fast-path map value."""
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             self.err(path, f"must be a number, got {v!r}")
+            return 1.0
+        if isinstance(v, float) and not math.isfinite(v):
+            self.err(path, f"must be a finite number, got {v}")
+            return 1.0
+        if not -NUM_MAX <= v <= NUM_MAX:
+            shown = f"{v:.6g}" if isinstance(v, float) or abs(v) < 10**15 else f"an integer of {v.bit_length()} bits"
+            self.err(path, f"must be at most {NUM_MAX:.0e}, got {shown}" if v > 0 else f"must be >= 0, got {shown}")
             return 1.0
         if positive and not v > 0:
             self.err(path, f"must be > 0, got {v}")
@@ -179,7 +201,7 @@ class _Checker:
             self.err(path, f"must be a non-empty string, got {v!r}")
             return ""
         if choices and v not in choices:
-            self.err(path, f"must be one of {', '.join(choices)}, got '{v}'")
+            self.err(path, f"must be one of {', '.join(choices)}, got {v!r}")
         return v
 
     def method(self, path: str, v: Any) -> Method:

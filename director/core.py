@@ -13,6 +13,10 @@ in this order for a client packet to a VIP:
 - ESP / AH: the client's ESTABLISHED entry decides; none -> ICMP protocol-unreachable.
 - ESP-in-UDP: the ESTABLISHED entry of client IP+port; INIT only -> drop; none -> unreachable.
 - NAT-keepalive: follows the client's entry; none -> drop.
+- ICMP error (types 3, 11, 12) quoting a packet the VIP sent to a client (UDP from port 500 or 4500,
+  ESP, AH): relayed to the real server of that client's conversation (the entry of client IP+port
+  for UDP, the client's ESTABLISHED entry for ESP/AH), as IPVS relays them; no conversation -> drop.
+  It creates and refreshes nothing, so a flood of them cannot fill the table. Other ICMP: the kernel's.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from director.conntrack import NO_RS, NO_SLOT, Table, TableFull, TableListener
 from director.ratelimit import SourceBuckets, TokenBucket
 from director.drop_reasons import DropReason
 from director.isakmp_state import Event, State
-from director.packet import Kind, PacketError, classify
+from director.packet import PROTO_AH, PROTO_ESP, PROTO_UDP, Kind, PacketError, classify, parse_icmp_error
 from director.schedulers import RealServer
 from director.service import ConfigError, Method, Service
 
@@ -41,6 +45,8 @@ class Action(IntEnum):
     FORWARD = 1  # to real server ``rs`` by ``method`` (or, for a reply, source rewritten to ``addr``)
     DROP = 2
     ICMP_UNREACH = 3  # drop and answer ICMP type 3 code 2 to the sender
+    RELAY_ICMP = 4  # an ICMP error about a conversation: to real server ``rs`` by ``method`` (NAT also
+    # rewrites the quoted source: director.forwarding.rewrite.icmp_error_dnat)
 
 
 class Verdict(NamedTuple):
@@ -57,7 +63,7 @@ class Verdict(NamedTuple):
 _PASS = {k: Verdict(Action.PASS, k) for k in Kind}
 _new = tuple.__new__  # a Verdict without the NamedTuple constructor's Python-level call
 # enum members as module constants: an attribute load of an enum member costs ~75 ns per use
-_FORWARD, _DROP, _ICMP = Action.FORWARD, Action.DROP, Action.ICMP_UNREACH
+_FORWARD, _DROP, _ICMP, _RELAY = Action.FORWARD, Action.DROP, Action.ICMP_UNREACH, Action.RELAY_ICMP
 _K_IKE_INITIAL, _K_IKE, _K_ESP, _K_AH, _K_ESP_IN_UDP = Kind.IKE_INITIAL, Kind.IKE, Kind.ESP, Kind.AH, Kind.ESP_IN_UDP
 _K_NOT_OURS, _K_FRAGMENT = Kind.NOT_OURS, Kind.FRAGMENT
 _INIT, _ESTABLISHED = State.INIT, State.ESTABLISHED
@@ -213,6 +219,7 @@ class Director:
             "rescheduled_stuck": 0,
             "adopted": 0,
             "replies": 0,
+            "icmp_relayed": 0,
         }
         self.stuck_by_rs: dict[int, int] = {}
         self.svc_counters: dict[int, array] = {}
@@ -440,6 +447,8 @@ class Director:
             return Verdict(Action.DROP, Kind.NOT_OURS, e.reason)
         kind = c.kind
         svc = self._by_vip.get(c.dst)
+        if kind == _K_NOT_OURS and c.proto == 1 and svc is not None:
+            return self._icmp_error(svc, data)
         if svc is None or kind == _K_NOT_OURS or kind == _K_FRAGMENT:
             self.stats["passed"] += 1
             return _PASS[kind]
@@ -483,6 +492,34 @@ class Director:
         if s < 0:
             return self._drop(kind, DropReason.NO_ENTRY, svc)
         return self._forward_entry(svc, kind, s, None)
+
+    def _icmp_error(self, svc: Service, data) -> Verdict:
+        """An ICMP packet to a VIP: an error about a conversation goes to its real server."""
+        try:
+            e = parse_icmp_error(data)
+        except PacketError as x:
+            self.drops[x.reason] += 1
+            return _new(Verdict, (_DROP, _K_NOT_OURS, x.reason, svc.id, NO_RS, 0, Method.DR, False))
+        if e is None or e.qsrc != svc.vip:  # not an error, or about a packet the VIP did not send
+            self.stats["passed"] += 1
+            return _PASS[_K_NOT_OURS]
+        t = self.table
+        if e.qproto == PROTO_UDP and (e.qsport == 500 or e.qsport == 4500):
+            s, _ = t.established_of_natt(svc.id, e.qdst, e.qdport)
+            if s < 0:  # an IKE conversation still INIT (a large IKE_SA_INIT answer, say)
+                s = t.natt_head(svc.id, e.qdst, e.qdport)
+        elif e.qproto == PROTO_ESP or e.qproto == PROTO_AH:
+            s, _ = t.established_of_client(svc.id, e.qdst)
+        else:  # a quote without its UDP ports, or a protocol the director does not balance
+            self.stats["passed"] += 1
+            return _PASS[_K_NOT_OURS]
+        if s < 0:
+            return self._drop(_K_NOT_OURS, DropReason.ICMP_NO_ENTRY, svc)
+        rs = self._servers.get(t.rs_of(s))
+        if rs is None:
+            return self._drop(_K_NOT_OURS, DropReason.REAL_SERVER_GONE, svc)
+        self.stats["icmp_relayed"] += 1
+        return _new(Verdict, (_RELAY, _K_NOT_OURS, 0, svc.id, rs.id, rs.addr, self._rs_method[rs.id], False))
 
     def _ike_initial(self, svc: Service, c, now: float) -> Verdict:
         t = self.table

@@ -29,6 +29,10 @@ class DropReason(IntEnum):
     AH_TRUNCATED = 32  # fewer than 12 bytes of AH
     AH_BAD_LENGTH = 33  # payload length field below the minimum or beyond the packet
     AH_ZERO_SPI = 34  # SPI 0 is reserved (RFC 4302 section 2.4)
+    # -- ICMP errors to a VIP (RFC 792): relayed to the conversation's real server -------------
+    ICMP_TRUNCATED = 40  # fewer than 8 bytes of ICMP header
+    ICMP_QUOTE_TRUNCATED = 41  # the quoted IPv4 header, or the first 8 bytes after it, not all there
+    ICMP_QUOTE_MALFORMED = 42  # the quoted header's version is not 4, or its IHL < 5
     # -- decisions of the table and policy ----------------------------------
     NO_ENTRY = 50  # ESP/AH/ESP-in-UDP with no ESTABLISHED entry (raw ESP/AH: ICMP 3/2 answered)
     ENTRY_NOT_ESTABLISHED = 51  # ESP-in-UDP while the client's entry is still INIT
@@ -40,3 +44,4 @@ class DropReason(IntEnum):
     RESPONDER_SPI_MISMATCH = 57  # NAT mode: responder SPI differs from the one the real server sent
     ICMP_SUPPRESSED = 58  # RFC 1122 3.2.2: no ICMP error may answer this packet (the drop stands)
     SOURCE_RATE_LIMITED = 59  # the per-source new-entry limit (daemon.new_entries_per_source)
+    ICMP_NO_ENTRY = 60  # an ICMP error quoting a VIP's IKE/ESP/AH packet to a client with no entry

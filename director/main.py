@@ -19,7 +19,6 @@ from pathlib import Path
 from director import config as config_mod
 from director import reconcile
 from director.control_client import control_request
-from director.core import Director
 from director.daemon import DATAPLANES, Daemon
 
 log = logging.getLogger(__name__)
@@ -95,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "check":
             cfg = config_mod.load(args.config)
-            reconcile.plan(Director(1), cfg)  # builds every service and scheduler: options checked too
+            reconcile.validate(cfg)  # what run checks: limits, services, schedulers and options
             print(f"{args.config}: ok ({len(cfg.services)} services)")
             return 0
         if args.command == "reload":

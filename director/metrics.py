@@ -146,6 +146,11 @@ class Collector:
         yield CounterMetricFamily("director_icmp_unreachable_suppressed",
                                   "ICMP answers RFC 1122 forbids (about an ICMP error, a fragment, a broadcast)",
                                   value=st["icmp_suppressed"])
+        # the fast path relays DR and TUN ones itself: its forwarded NOT_OURS packets are those
+        in_kernel = vw.fastpath.dp_stats().get("fwd_packets", [0])[0] if vw.fastpath is not None else 0
+        yield CounterMetricFamily("director_icmp_errors_relayed",
+                                  "ICMP errors about a conversation relayed to its real server (unmatched: drops)",
+                                  value=d.stats["icmp_relayed"] + in_kernel)
         yield CounterMetricFamily("director_send_errors", "Answers or envelopes the kernel would not send (no route)",
                                   value=st.get("send_errors", 0))
         yield CounterMetricFamily("director_internal_errors", "Packets whose handling raised",

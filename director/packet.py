@@ -6,7 +6,8 @@ escapes for any bytes-like input. The header dataclasses and ``build_*`` helpers
 tests, the lab and tooling; :func:`classify` does not use them.
 
 References: RFC 791 (IPv4), RFC 1071 (checksum), RFC 768 (UDP), RFC 2408 (ISAKMP), RFC 7296 (IKEv2),
-RFC 3948 (UDP encapsulation of ESP), RFC 4303 (ESP), RFC 4302 (AH).
+RFC 3948 (UDP encapsulation of ESP), RFC 4303 (ESP), RFC 4302 (AH), RFC 792 and RFC 1812 section
+4.3.2.3 (ICMP errors and what they quote).
 """
 
 import ipaddress
@@ -39,6 +40,8 @@ __all__ = [
     "AhHeader",
     "Classified",
     "EspHeader",
+    "ICMP_ERROR_TYPES",
+    "IcmpError",
     "IkeHeader",
     "Ipv4Header",
     "Kind",
@@ -51,6 +54,7 @@ __all__ = [
     "int_to_ip",
     "ip_to_int",
     "ipv4_checksum",
+    "parse_icmp_error",
 ]
 
 # -- constants ------------------------------------------------------------------------------------
@@ -289,6 +293,95 @@ def classify(data: bytes | bytearray | memoryview, reply: bool = False) -> Class
             src, dst, 17, sport, dport, spi_i, spi_r, 0, major, exchange, flags, msg_id, natt, ihl, total,
         ),
     )  # fmt: skip
+
+
+# -- ICMP errors ----------------------------------------------------------------------------------
+
+PROTO_ICMP = 1
+# ICMP errors a router on the client's path sends about a packet it could not deliver (RFC 792):
+# destination unreachable (3; code 4 is "fragmentation needed", path-MTU discovery's signal, RFC
+# 1191), time exceeded (11), parameter problem (12). Source quench (4) is deprecated (RFC 6633) and
+# redirect (5) is for a host's own first hop: neither is about a client's conversation.
+ICMP_ERROR_TYPES = frozenset({3, 11, 12})
+
+_ICMP_HEAD = struct.Struct("!BB")  # type, code
+_QUOTE = struct.Struct("!BxHxxHxBxxII")  # the quoted IPv4 header: as _IP4
+_QUOTE_L4 = struct.Struct("!HHI")  # first 8 bytes after it: UDP ports (+ length, checksum) or ESP/AH
+_R_ICMP_TRUNCATED = DropReason.ICMP_TRUNCATED
+_R_ICMP_QUOTE_TRUNCATED = DropReason.ICMP_QUOTE_TRUNCATED
+_R_ICMP_QUOTE_MALFORMED = DropReason.ICMP_QUOTE_MALFORMED
+
+
+class IcmpError(NamedTuple):
+    """An ICMP error and the packet it quotes: what the director needs to find the conversation.
+
+    ::
+
+        outer IPv4 header (router -> VIP) | type | code | checksum | 4 bytes (next-hop MTU...) |
+        quoted IPv4 header (VIP -> client) | first 8 bytes of its payload | ...
+
+    ``qsport``/``qdport`` are the quoted UDP ports (0 unless UDP and the quote holds the first
+    fragment's header); ``qspi`` is the quoted ESP or AH SPI (0 otherwise: the SPI of ESP-in-UDP
+    lies past the 8 quoted bytes, which hold its UDP header).
+    """
+
+    type: int
+    code: int
+    src: int  # the outer source (the router that sent it)
+    dst: int  # the outer destination (a VIP)
+    quote_offset: int  # where the quoted IPv4 header starts in the buffer
+    qproto: int
+    qsrc: int
+    qdst: int
+    qsport: int
+    qdport: int
+    qspi: int
+    qfirst: bool  # the quoted packet is unfragmented or a first fragment: its L4 header is quoted
+
+
+def parse_icmp_error(data: bytes | bytearray | memoryview) -> IcmpError | None:
+    """The ICMP error in the IPv4 packet ``data``, strictly checked; None when it is not one.
+
+    None: the packet is not ICMP, is a fragment, or is an ICMP message of a type outside
+    :data:`ICMP_ERROR_TYPES` (an echo request to a VIP is the kernel's to answer). Raises
+    :class:`PacketError`: the IP_* reasons for a malformed outer header; ICMP_TRUNCATED when the
+    ICMP header's 8 bytes are not within the total length and the buffer; ICMP_QUOTE_TRUNCATED
+    when the quoted IPv4 header (20 bytes, then its IHL) or the 8 bytes after it (fewer only when
+    the quoted packet's own total length says it had fewer) are not there; ICMP_QUOTE_MALFORMED
+    when the quoted version is not 4, its IHL is below 5 or its total length below its IHL.
+    """
+    if type(data) is memoryview and (data.format != "B" or data.ndim != 1 or not data.c_contiguous):
+        data = data.tobytes()
+    ihl, total, frag, proto, src, dst = ipv4_header(data)
+    if proto != PROTO_ICMP or frag & _MF_OR_OFFSET:
+        return None
+    end = min(total, len(data))  # the bytes that are both in the packet and in the buffer
+    if end - ihl < 8:
+        raise PacketError(_R_ICMP_TRUNCATED)
+    itype, code = _ICMP_HEAD.unpack_from(data, ihl)
+    if itype not in ICMP_ERROR_TYPES:
+        return None
+    q = ihl + 8
+    if end - q < 20:
+        raise PacketError(_R_ICMP_QUOTE_TRUNCATED)
+    qvihl, qtotal, qfrag, qproto, qsrc, qdst = _QUOTE.unpack_from(data, q)
+    qihl = (qvihl & 0x0F) << 2
+    if qvihl >> 4 != 4 or qihl < 20 or qtotal < qihl:
+        raise PacketError(_R_ICMP_QUOTE_MALFORMED)
+    qfirst = not qfrag & 0x1FFF
+    need = min(8, qtotal - qihl) if qfirst else 0  # a non-first fragment quotes no L4 header
+    if end - q < qihl + need:
+        raise PacketError(_R_ICMP_QUOTE_TRUNCATED)
+    sport = dport = spi = 0
+    if need == 8:
+        a, b, word = _QUOTE_L4.unpack_from(data, q + qihl)
+        if qproto == PROTO_UDP:
+            sport, dport = a, b
+        elif qproto == PROTO_ESP:
+            spi = (a << 16) | b
+        elif qproto == PROTO_AH:
+            spi = word
+    return _new(IcmpError, (itype, code, src, dst, q, qproto, qsrc, qdst, sport, dport, spi, qfirst))
 
 
 # -- checksums ------------------------------------------------------------------------------------

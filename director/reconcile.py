@@ -136,6 +136,21 @@ def plan(d: Director, cfg: Config) -> Plan:
     return p
 
 
+def validate(cfg: Config) -> Director:
+    """Everything ``vpn-director run`` checks before it touches the kernel, without the kernel.
+
+    A director built with the daemon's limits (the table sized 1: the capacity is checked by the
+    loader, and a real table of millions would only cost memory here), the whole config planned
+    and applied to it: every service, real server and scheduler built with its options. ``check``
+    calls this, so it refuses what ``run`` refuses. Raises ConfigError (or ValueError) naming the
+    field."""
+    d = cfg.daemon
+    director = Director(1, new_rate=d.new_entries_rate, new_per_source=d.new_entries_per_source,
+                        pressure=d.drop_entry_threshold)
+    reconcile(director, cfg)
+    return director
+
+
 def _check_ah(where: str, sc: ServiceConfig, method: Method) -> None:
     """A config from director.config obeys the rule already; a hand-made one is checked here, before
     change_service would find out half way."""

@@ -2,7 +2,8 @@
 
 Per VIP, client direction (queue ``q``), and per NAT real server, reply direction (queue ``q+1``):
 
-    raw    PREROUTING -> VPN_DIRECTOR_RAW:  -d VIP  udp 500 | udp 4500 | esp | ah  -j CT --notrack
+    raw    PREROUTING -> VPN_DIRECTOR_RAW:  -d VIP  udp 500 | udp 4500 | esp | ah
+                                                    | icmp type 3 | 11 | 12          -j CT --notrack
                                            -s RIP  udp sport 500 | 4500 | esp     -j CT --notrack
     mangle PREROUTING -i CLIENT_IF -d VIP -> VPN_DIRECTOR:        ... -m conntrack --ctstate UNTRACKED
                                                                    -j NFQUEUE --queue-num q
@@ -18,6 +19,12 @@ queue whole; ``CT --notrack`` alone does not do that on this kernel (measured: f
 ``fail_open`` adds ``--queue-bypass``: with no daemon bound, packets skip the queue instead of
 being dropped. The default is fail-closed (see docs/architecture.md for why).
 
+Why ICMP errors (destination unreachable 3, time exceeded 11, parameter problem 12): a router on a
+client's path sends them to the VIP about a packet the real server sent ("fragmentation needed" is
+path-MTU discovery's signal); the core relays each one to the conversation's real server and drops
+the rest. They are notracked too: conntrack would find no connection for their quote (the
+conversation is untracked) and call them INVALID, and the UNTRACKED match would not queue them.
+
 Only our chains and our jump rules are touched; ``install`` is idempotent, ``remove`` tolerant.
 """
 
@@ -27,6 +34,8 @@ import logging
 from dataclasses import dataclass
 
 import iptc
+
+from director.packet import ICMP_ERROR_TYPES
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +64,7 @@ def _rule(
     out_if: str | None = None,
     dport: int | None = None,
     sport: int | None = None,
+    icmp_type: int | None = None,
     untracked: bool = False,
     queue: int | None = None,
     bypass: bool = False,
@@ -76,6 +86,8 @@ def _rule(
             m.dport = str(dport)
         if sport is not None:
             m.sport = str(sport)
+    if icmp_type is not None:
+        r.create_match("icmp").icmp_type = str(icmp_type)
     if untracked:
         r.create_match("conntrack").ctstate = "UNTRACKED"
     t = r.create_target(target)
@@ -94,6 +106,7 @@ def _kinds_to(addr: str) -> list[dict]:
         dict(proto="udp", dst=addr, dport=4500),
         dict(proto="esp", dst=addr),
         dict(proto="ah", dst=addr),
+        *(dict(proto="icmp", dst=addr, icmp_type=t) for t in sorted(ICMP_ERROR_TYPES)),
     ]
 
 
@@ -150,10 +163,9 @@ def install(rs: RuleSet) -> None:
         _drop_jumps(mangle, {CHAIN_CLIENT, CHAIN_REPLY})
         client = _fresh_chain(mangle, CHAIN_CLIENT)
         reply = _fresh_chain(mangle, CHAIN_REPLY)
-        for proto in ("udp500", "udp4500", "esp", "ah"):
-            kind = {"udp500": dict(proto="udp", dport=500), "udp4500": dict(proto="udp", dport=4500)}.get(
-                proto, dict(proto=proto)
-            )
+        client_kinds = [dict(proto="udp", dport=500), dict(proto="udp", dport=4500), dict(proto="esp"),
+                        dict(proto="ah"), *(dict(proto="icmp", icmp_type=t) for t in sorted(ICMP_ERROR_TYPES))]
+        for kind in client_kinds:
             client.append_rule(
                 _rule(target="NFQUEUE", untracked=True, queue=rs.queue, bypass=rs.fail_open, **kind)
             )

@@ -17,7 +17,7 @@ from typing import Callable
 
 from director.core import Action, Director
 from director.forwarding.fragment import fragment
-from director.forwarding.rewrite import icmp_unreachable, ipip_encap, nat_dnat, nat_snat
+from director.forwarding.rewrite import icmp_error_dnat, icmp_unreachable, ipip_encap, nat_dnat, nat_snat
 from director.packet import PacketError, int_to_ip
 from director.ratelimit import TokenBucket
 from director.service import Method
@@ -52,12 +52,12 @@ class Verdicts:
             v = self.director.decide(data, now)
             self.stats["packets"] += 1
             a = v.action
-            if a == Action.FORWARD:
+            if a == Action.FORWARD or a == Action.RELAY_ICMP:
                 m = v.method
                 if m == Method.DR:
                     pkt.set_mark(self.marks[v.rs])
                 elif m == Method.NAT:
-                    pkt.set_payload(nat_dnat(data, v.addr))
+                    pkt.set_payload(nat_dnat(data, v.addr) if a == Action.FORWARD else icmp_error_dnat(data, v.addr))
                 else:
                     pkt.drop()
                     self._send_tunnel(data, v.addr)

@@ -5,6 +5,6 @@ IP-in-IP encapsulation for the TUN method, and the ICMP protocol-unreachable ans
 needs no rewrite: the packet leaves unchanged.
 """
 
-from director.forwarding.rewrite import icmp_unreachable, ipip_decap, ipip_encap, nat_dnat, nat_snat
+from director.forwarding.rewrite import icmp_error_dnat, icmp_unreachable, ipip_decap, ipip_encap, nat_dnat, nat_snat
 
-__all__ = ["icmp_unreachable", "ipip_decap", "ipip_encap", "nat_dnat", "nat_snat"]
+__all__ = ["icmp_error_dnat", "icmp_unreachable", "ipip_decap", "ipip_encap", "nat_dnat", "nat_snat"]

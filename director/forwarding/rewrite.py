@@ -1,4 +1,4 @@
-"""The director's packet rewrites, pure: bytes in, bytes out (NAT, IP-in-IP, ICMP protocol-unreachable).
+"""The director's packet rewrites, pure: bytes in, bytes out (NAT, IP-in-IP, ICMP errors).
 
 These run per packet from user space (NFQUEUE ``set_payload``), so each one parses only the fields it
 needs with a precompiled :class:`struct.Struct`, makes one working copy, and returns ``bytes`` (what
@@ -29,7 +29,7 @@ import struct
 from director.drop_reasons import DropReason
 from director.packet import PacketError, ipv4_header
 
-__all__ = ["icmp_unreachable", "ipip_decap", "ipip_encap", "nat_dnat", "nat_snat"]
+__all__ = ["icmp_error_dnat", "icmp_unreachable", "ipip_decap", "ipip_encap", "nat_dnat", "nat_snat"]
 
 _PROTO_ICMP = 1
 _PROTO_IPIP = 4  # RFC 2003
@@ -45,12 +45,16 @@ _UDP = struct.Struct("!HHHH")  # sport, dport, length, checksum
 _TOS_TOTAL = struct.Struct("!BBH")  # vihl, TOS, total length: what encapsulation reads
 _IP_FULL = struct.Struct("!BBHHHBBHII")  # a whole 20-byte IPv4 header, for the one we prepend
 _ICMP_ERROR = struct.Struct("!BBHHHBBHIIBBHI")  # 20-byte IPv4 header + 8-byte ICMP error header
+_QUOTE = struct.Struct("!BxHxxHxBHI")  # a quoted IPv4 header: vihl, total, flags/frag, proto, checksum, src
 
 _R_IP_TRUNCATED = DropReason.IP_TRUNCATED
 _R_IP_BAD_VERSION = DropReason.IP_BAD_VERSION
 _R_IP_BAD_IHL = DropReason.IP_BAD_IHL
 _R_IP_BAD_TOTAL_LENGTH = DropReason.IP_BAD_TOTAL_LENGTH
 _R_UDP_TRUNCATED = DropReason.UDP_TRUNCATED
+_R_ICMP_TRUNCATED = DropReason.ICMP_TRUNCATED
+_R_ICMP_QUOTE_TRUNCATED = DropReason.ICMP_QUOTE_TRUNCATED
+_R_ICMP_QUOTE_MALFORMED = DropReason.ICMP_QUOTE_MALFORMED
 # RFC 1122 section 3.2.2 forbids an ICMP error about this packet: the drop stands, the answer is withheld.
 _R_ICMP_SUPPRESSED = DropReason.ICMP_SUPPRESSED
 
@@ -128,6 +132,69 @@ def nat_snat(pkt: bytes | bytearray | memoryview, new_src: int, new_sport: int |
     Everything else as :func:`nat_dnat`, on the source side.
     """
     return _nat(pkt, new_src, new_sport, False)
+
+
+def icmp_error_dnat(pkt: bytes | bytearray | memoryview, new_addr: int) -> bytes:
+    """NAT of an ICMP error about a conversation, toward its real server (IPVS's ip_vs_nat_icmp).
+
+    The error came to the VIP and quotes the packet the VIP sent (source VIP, destination client);
+    the real server sent that packet from its own address, and the director's reply NAT rewrote it.
+    So both VIPs become ``new_addr``: the outer destination and the quoted source. Four checksums,
+    each updated incrementally (RFC 1624), so a wrong one stays exactly as wrong:
+
+    - the outer IPv4 header's (its destination);
+    - the quoted IPv4 header's (its source);
+    - the quoted UDP checksum when the quote holds it and it is non-zero (its pseudo-header source:
+      it becomes the checksum the real server sent, though the rest of the datagram is not here);
+    - the ICMP checksum, over everything the three changes touched inside the ICMP message (all
+      at even offsets from its start: 8 + 12, 8 + 10, 8 + IHL + 6).
+
+    Ports stay (NAT mode keeps them). Raises PacketError: the IP_* reasons and IP_TRUNCATED as
+    :func:`nat_dnat`; ICMP_TRUNCATED / ICMP_QUOTE_TRUNCATED / ICMP_QUOTE_MALFORMED as
+    :func:`director.packet.parse_icmp_error`; ICMP_QUOTE_MALFORMED also when the quoted source is
+    not the outer destination (the core matched on exactly that).
+    """
+    buf = bytearray(pkt)
+    n = len(buf)
+    ihl, total, frag, proto, src_addr, vip = ipv4_header(buf)
+    if n < total:
+        raise PacketError(_R_IP_TRUNCATED)
+    if n > total:
+        del buf[total:]
+    if proto != _PROTO_ICMP or frag & _MF_OR_OFFSET or total - ihl < 8:
+        raise PacketError(_R_ICMP_TRUNCATED)
+    q = ihl + 8
+    if total - q < 20:
+        raise PacketError(_R_ICMP_QUOTE_TRUNCATED)
+    qvihl, qtotal, qfrag, qproto, qhc, qsrc = _QUOTE.unpack_from(buf, q)
+    qihl = (qvihl & 0x0F) << 2
+    if qvihl >> 4 != 4 or qihl < 20 or qtotal < qihl or qsrc != vip:
+        raise PacketError(_R_ICMP_QUOTE_MALFORMED)
+    if total - q < qihl:
+        raise PacketError(_R_ICMP_QUOTE_TRUNCATED)
+    ic = _U16.unpack_from(buf, ihl + 2)[0]
+    addr_delta = (vip ^ 0xFFFFFFFF) + new_addr  # one 32-bit address, old out and new in
+    # the quoted IPv4 header: source and its checksum
+    s = (qhc ^ 0xFFFF) + addr_delta
+    new_qhc = 0xFFFE - (s - 1) % 0xFFFF
+    struct.pack_into("!H", buf, q + 10, new_qhc)
+    struct.pack_into("!I", buf, q + 12, new_addr)
+    ics = (ic ^ 0xFFFF) + addr_delta + (qhc ^ 0xFFFF) + new_qhc
+    # the quoted UDP checksum, when the quote holds it
+    u = q + qihl
+    if qproto == _PROTO_UDP and not qfrag & _OFFSET and total - u >= 8:
+        uc = _U16.unpack_from(buf, u + 6)[0]
+        if uc:
+            s = (uc ^ 0xFFFF) + addr_delta
+            new_uc = 0xFFFE - (s - 1) % 0xFFFF or 0xFFFF
+            struct.pack_into("!H", buf, u + 6, new_uc)
+            ics += (uc ^ 0xFFFF) + new_uc
+    _U16.pack_into(buf, ihl + 2, 0xFFFE - (ics - 1) % 0xFFFF)
+    # the outer header: destination VIP -> real server
+    hc = _U16.unpack_from(buf, 10)[0]
+    s = (hc ^ 0xFFFF) + addr_delta
+    _CSUM_ADDRS.pack_into(buf, 10, 0xFFFE - (s - 1) % 0xFFFF, src_addr, new_addr)
+    return bytes(buf)
 
 
 def ipip_encap(

@@ -1,4 +1,4 @@
-"""Crafted client traffic as raw IPv4 bytes (no scapy): IKE, NAT-T, ESP, AH.
+"""Crafted client traffic as raw IPv4 bytes (no scapy): IKE, NAT-T, ESP, AH, and ICMP errors.
 
 Used by the unit tests, the decision-core demo and the micro-benchmarks; every packet is well
 formed (checksums right) unless a test breaks it on purpose.
@@ -17,6 +17,7 @@ from director.packet import (
     PROTO_AH,
     PROTO_ESP,
     build_ipv4,
+    ipv4_checksum,
     build_ipv4_udp,
     ike_header,
 )
@@ -68,3 +69,14 @@ def ah(client: int, vip: int, spi: int, seq: int = 1, icv: int = 12) -> bytes:
     payload_len = (12 + icv) // 4 - 2
     hdr = struct.pack(">BBHII", 4, payload_len, 0, spi, seq) + bytes(icv)
     return build_ipv4(client, vip, PROTO_AH, hdr + bytes(20))
+
+
+def icmp_error(router: int, dst: int, quoted: bytes, *, itype: int = 3, code: int = 4, mtu: int = 1400,
+               quote: int = 28) -> bytes:
+    """An ICMP error from ``router`` to ``dst`` (RFC 792) quoting the first ``quote`` bytes of
+    ``quoted`` (its IPv4 header and 8 bytes: 28 for a header without options); ``mtu`` is the
+    next-hop MTU of a "fragmentation needed" (type 3 code 4, RFC 1191), 0 in the others."""
+    rest = struct.pack(">HH", 0, mtu if (itype, code) == (3, 4) else 0)
+    body = bytes(quoted[:quote])
+    csum = ipv4_checksum(struct.pack(">BBH", itype, code, 0) + rest + body)
+    return build_ipv4(router, dst, 1, struct.pack(">BBH", itype, code, csum) + rest + body, flags_frag=0)

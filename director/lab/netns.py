@@ -700,21 +700,28 @@ vrrp_instance VD {{
     def responder_log(self, i: int) -> Path:
         return self._tmp() / f"responder-{RS_ROLES[i]}.jsonl"
 
-    def start_responders(self, silent: Iterable[int | str] = (), timeout: float = 10.0) -> list[subprocess.Popen]:
+    def start_responders(self, silent: Iterable[int | str] = (), timeout: float = 10.0,
+                         only: Iterable[int] | None = None) -> list[subprocess.Popen]:  # fmt: skip
         """Start the IKE responder in every real server (the VIP in dr/tun, the RIP in nat).
 
-        ``silent`` names real servers (index 0..2 or role) that record but never answer. Returns
-        once every responder has bound its sockets (its log file exists).
+        ``silent`` names real servers (index 0..2 or role) that record but never answer. ``only``
+        (indexes) restarts just those responders and leaves the others running, so their servers
+        never miss a health probe. Returns once every responder started has bound its sockets (its
+        log file exists).
         """
         quiet = {RS_ROLES[s] if isinstance(s, int) else s for s in silent}
         unknown = quiet - set(RS_ROLES)
         if unknown:
             raise ValueError(f"silent must name real servers 0..2 or {RS_ROLES}, not {sorted(unknown)}")
-        self.stop_responders()
+        which = set(range(len(RS_ROLES)) if only is None else only)
+        self.stop_responders(which)
         started = []
         for i, role in enumerate(RS_ROLES):
+            if i not in which:
+                continue
             log = self.responder_log(i)
             log.unlink(missing_ok=True)
+            Path(str(log) + ".icmp").unlink(missing_ok=True)
             addr = self.vip if self.mode in ("dr", "tun") else self.rs_addrs[i]
             argv = [sys.executable, "-m", "director.lab.responder", "--addr", addr, "--log", str(log)]
             if addr != self.rs_addrs[i]:  # the director's health probes go to the server's own address
@@ -739,18 +746,21 @@ vrrp_instance VD {{
                 time.sleep(0.01)
         return [p for _, _, p, _ in started]
 
-    def stop_responders(self) -> None:
-        """Stop running responders (SIGTERM; they exit 0); their logs stay readable."""
-        for proc in self._responders.values():
+    def stop_responders(self, which: Iterable[int] | None = None) -> None:
+        """Stop running responders (SIGTERM; they exit 0), all or those ``which`` names; their logs
+        stay readable."""
+        procs = {i: p for i, p in self._responders.items() if which is None or i in which}
+        for proc in procs.values():
             if proc.poll() is None:
                 proc.terminate()
-        for proc in self._responders.values():
+        for proc in procs.values():
             try:
                 proc.wait(timeout=3.0)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        self._responders.clear()
+        for i in procs:
+            del self._responders[i]
 
     def received(self, i: int) -> list[dict]:
         """The records responder ``i`` (0..2) has written so far, oldest first."""
@@ -763,6 +773,14 @@ vrrp_instance VD {{
             if line.endswith("\n"):  # a half-written last line is not a record yet
                 records.append(json.loads(line))
         return records
+
+    def received_icmp(self, i: int) -> list[dict]:
+        """The ICMP errors responder ``i`` (0..2) has recorded so far (see director.lab.responder)."""
+        try:
+            text = Path(str(self.responder_log(i)) + ".icmp").read_text()
+        except FileNotFoundError:
+            return []
+        return [json.loads(line) for line in text.splitlines(keepends=True) if line.endswith("\n")]
 
     def wait_received(self, i: int, predicate: Callable[[dict], bool], timeout: float = 2.0) -> list[dict]:
         """Wait until responder ``i`` recorded a packet matching ``predicate``; returns the matches.

@@ -21,6 +21,16 @@ decapsulated by the tc program on eth0 (it sees single fragments); the kernel re
 local delivery, a raw IPPROTO_IPIP socket receives the whole envelope, and the inner packet is
 written into the TUN device ``decap0`` (made by the lab) so the stack delivers it locally.
 
+ICMP errors (types 3, 11, 12) the host receives go to a second log, PATH + ``.icmp``, one line each
+(kept apart so the packet records above stay what they were)::
+
+    {"t": ..., "src": "198.18.0.254", "dst": "198.18.0.100", "type": 3, "code": 4, "mtu": 1400,
+     "icmp_ok": true, "quote": {"src": ..., "dst": ..., "proto": 17, "ip_ok": true,
+     "sport": 500, "dport": 4500, "head": "<hex of the quoted header and 8 bytes>"}}
+
+``icmp_ok`` / ``ip_ok``: the ICMP checksum and the quoted IPv4 header checksum verify (a raw socket
+sees the packet before the kernel's ICMP code checks anything).
+
 The log file is created only after every socket is bound: its existence means "ready".
 SIGTERM or SIGINT: exit 0.
 """
@@ -56,6 +66,7 @@ from director.packet import (
     Ipv4Header,
     PacketError,
     int_to_ip,
+    ipv4_checksum,
 )
 
 log = logging.getLogger(__name__)
@@ -95,6 +106,10 @@ class Responder:
             sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, PROTO_IPIP)
             sock.setblocking(False)
             self.sel.register(sock, selectors.EVENT_READ, (self._on_ipip, PROTO_IPIP))
+        sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+        sock.setblocking(False)
+        self.sel.register(sock, selectors.EVENT_READ, (self._on_icmp, socket.IPPROTO_ICMP))
+        self.icmp_out: IO[str] = open(log_path + ".icmp", "a", buffering=1)
         # Created last: its existence tells the lab every socket is bound.
         self.out: IO[str] = open(log_path, "a", buffering=1)
 
@@ -186,6 +201,33 @@ class Responder:
         kind = "esp" if proto == PROTO_ESP else "ah"
         self.record(kind, int_to_ip(ip.src), 0, int_to_ip(ip.dst), payload_len, spi=spi)
 
+    def _on_icmp(self, sock: socket.socket, _proto: int) -> None:
+        try:
+            data = sock.recv(65535)
+        except BlockingIOError:
+            return
+        try:
+            ip = Ipv4Header.from_bytes(data)
+            icmp = data[ip.header_len : ip.total_length]
+            if len(icmp) < 8 or icmp[0] not in (3, 11, 12):
+                return
+            q = Ipv4Header.from_bytes(icmp, 8)
+        except PacketError:
+            return
+        head = icmp[8 : 8 + q.header_len + 8]
+        l4 = head[q.header_len :]
+        ports = struct.unpack(">HH", l4[:4]) if q.proto == 17 and len(l4) >= 4 else (None, None)
+        rec = {
+            "t": time.time(), "src": int_to_ip(ip.src), "dst": int_to_ip(ip.dst), "type": icmp[0],
+            "code": icmp[1], "mtu": struct.unpack_from(">H", icmp, 6)[0],
+            "icmp_ok": ipv4_checksum(icmp) == 0,
+            "quote": {"src": int_to_ip(q.src), "dst": int_to_ip(q.dst), "proto": q.proto,
+                      "ip_ok": ipv4_checksum(head[: q.header_len]) == 0,
+                      "sport": ports[0], "dport": ports[1], "head": head.hex()},
+        }  # fmt: skip
+        self.icmp_out.write(json.dumps(rec) + "\n")
+        self.icmp_out.flush()
+
     def _on_ipip(self, sock: socket.socket, _proto: int) -> None:
         try:
             data = sock.recv(65535)
@@ -221,6 +263,7 @@ class Responder:
                     continue
                 handler(key.fileobj, arg)
         self.out.close()
+        self.icmp_out.close()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -256,6 +256,11 @@ static __always_inline int fp_decide(void *ctx, void *data, void *data_end, __u3
 		st->fragments++;
 		return fp_pass(st, kind);
 	case KIND_NOT_OURS:
+		/* An ICMP error about an ESTABLISHED conversation: relayed to its real server below, as
+		 * its ESP would be (NAT: by the slow path, which rewrites the quote). Counted as a
+		 * forwarded NOT_OURS packet (fwd_packets[0]: nothing else of that kind is forwarded). */
+		if (icmp_error_key(ip, data_end, &f->p, &key))
+			break;
 		st->not_ours++;
 		return fp_pass(st, kind);
 	case KIND_IKE_INITIAL: { /* the daemon's, within the admission limits */
@@ -271,14 +276,17 @@ static __always_inline int fp_decide(void *ctx, void *data, void *data_end, __u3
 	}
 
 	key.vip = vip;
-	key.client = f->p.src;
+	if (kind != KIND_NOT_OURS) /* an ICMP error's key names the client it quotes */
+		key.client = f->p.src;
 	cv = bpf_map_lookup_elem(&clients, &key);
 	if (!cv) {
 		st->miss++;
 		return fp_pass(st, kind);
 	}
-	/* A plain store: one aligned 64-bit write, atomic on 64-bit CPUs; the daemon only reads it. */
-	cv->last_seen = bpf_ktime_get_ns();
+	/* A plain store: one aligned 64-bit write, atomic on 64-bit CPUs; the daemon only reads it.
+	 * An ICMP error is no sign of the client's life: it refreshes nothing. */
+	if (kind != KIND_NOT_OURS)
+		cv->last_seen = bpf_ktime_get_ns();
 	f->rs_id = cv->rs;
 	sv = bpf_map_lookup_elem(&servers, &f->rs_id);
 	cfg = bpf_map_lookup_elem(&config, &zero);
@@ -296,6 +304,8 @@ static __always_inline int fp_decide(void *ctx, void *data, void *data_end, __u3
 	if (cfg->client_ifindex)
 		in_ifindex = cfg->client_ifindex;
 
+	if (kind == KIND_NOT_OURS && sv->method != METHOD_DR && sv->method != METHOD_TUN)
+		return fp_pass(st, kind); /* NAT: the quoted source needs rewriting too (slow path) */
 	switch (sv->method) {
 	case METHOD_DR:
 		return fp_route_dr_nat(ctx, f, sv, cfg, in_ifindex, FP_DR);

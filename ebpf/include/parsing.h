@@ -173,4 +173,56 @@ static __always_inline int classify(void *ip, void *data_end, int reply, struct 
 	}
 }
 
+/* An ICMP error to a VIP about the VIP's packet to a client (RFC 792: the quoted IPv4 header and
+ * the first 8 bytes after it): the `clients` key of that client's conversation, as director.core
+ * matches it for an ESTABLISHED entry. A transcription of director.packet.parse_icmp_error's
+ * checks (tests/bpf/test_classifier_agreement.py runs both): types 3, 11 and 12; the quoted
+ * header whole and well formed, then min(8, its payload) bytes (none for a non-first fragment),
+ * all within the outer total length and [ip, data_end); the quoted source the VIP. Raw ESP and AH
+ * give the client's key (port 0), UDP from 4500 the client's NAT-T port. Returns 1 with
+ * key->client and key->port set, else 0: not such an error, a quote of IKE on 500 (the daemon's),
+ * or a malformed one. A 0 goes to the slow path, which drops a malformed error with its reason
+ * (ICMP_TRUNCATED...): the fast path only ever forwards these, it never judges them. */
+static __always_inline int icmp_error_key(void *ip, void *data_end, const struct pkt *p, struct client_key *key)
+{
+	struct ipv4_hdr *q;
+	struct udphdr *udp;
+	__u8 *icmp, *l4;
+	__u32 qihl, qtotal, need, quote;
+
+	if (p->proto != IPPROTO_ICMP)
+		return 0;
+	icmp = ip + p->ihl;
+	q = (struct ipv4_hdr *)(icmp + 8);
+	if ((void *)(q + 1) > data_end || (__u32)p->tot_len < p->ihl + 8 + sizeof(*q))
+		return 0;
+	if (icmp[0] != 3 && icmp[0] != 11 && icmp[0] != 12)
+		return 0;
+	qihl = (__u32)(q->vihl & 0x0f) << 2;
+	qtotal = bpf_ntohs(q->tot_len);
+	if (q->vihl >> 4 != 4 || qihl < 20 || qtotal < qihl)
+		return 0;
+	need = 0; /* a non-first fragment quotes no L4 header */
+	if (!(q->frag_off & bpf_htons(0x1fff)))
+		need = qtotal - qihl < 8 ? qtotal - qihl : 8;
+	quote = (__u32)p->tot_len - p->ihl - 8; /* the quote's length by the outer total length */
+	l4 = (__u8 *)q + qihl;
+	if (quote < qihl + need || (void *)(l4 + need) > data_end)
+		return 0;
+	if (q->saddr != p->dst)
+		return 0;
+	key->client = q->daddr;
+	if (q->protocol == IPPROTO_ESP || q->protocol == IPPROTO_AH) {
+		key->port = 0;
+		return 1;
+	}
+	udp = (struct udphdr *)l4;
+	if (q->protocol == IPPROTO_UDP && need == 8 && (void *)(udp + 1) <= data_end &&
+	    udp->source == bpf_htons(NATT_PORT)) {
+		key->port = bpf_ntohs(udp->dest);
+		return 1;
+	}
+	return 0;
+}
+
 #endif

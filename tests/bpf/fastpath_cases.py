@@ -158,6 +158,23 @@ natt_opts = build_ipv4(
     C_NAT, VIP, PROTO_UDP, build_ipv4_udp(C_NAT, VIP, NATT_SPORT, 4500, struct.pack("!II", 0x2001, 1) + bytes(32))[20:],
     options=b"\x01\x01\x01\x00",
 )
+# ICMP errors from a router on the client's path, quoting the VIP's packet to the client (RFC 792)
+ROUTER = ip_to_int("203.0.113.254")
+
+
+def icmp_about(quoted: bytes, **kw) -> bytes:
+    return craft.icmp_error(ROUTER, VIP, quoted, **kw)
+
+
+def icmp_hit(desc: str, ip: bytes, rs_id: int) -> Case:
+    """An ICMP error relayed in the kernel (DR, TUN): forwarded as its client's ESP would be, counted
+    as a forwarded NOT_OURS packet, and no entry refreshed (touched None)."""
+    c = hit(desc, ip, K.NOT_OURS, rs_id)
+    return Case(c.desc, c.frame, c.ret, c.out, c.stats, None, c.rs)
+
+
+icmp_esp = {c: icmp_about(craft.esp(VIP, c, 0x7000, size=1400)) for c in (C_DR, C_NAT, C_TUN, C_UNKNOWN)}
+icmp_natt_dr = icmp_about(build_ipv4_udp(VIP, C_DR, 4500, NATT_SPORT, struct.pack("!II", 0x7001, 1) + bytes(1400)))
 small = craft.esp(C_DR, VIP, 0x1003, size=16)  # 52 bytes: the Ethernet frame gets padding
 PAD = bytes(60 - 14 - len(small))
 
@@ -198,6 +215,29 @@ CASES = [
     Case("ESP hit, DR, Ethernet padding kept", eth(small + PAD), TC_ACT_REDIRECT,
          eth(ttl_dec(small) + PAD, T.rip_dr_mac, T.lan0_mac), fwd(K.ESP, small), key(C_DR),
          (1, K.ESP, len(small))),  # fmt: skip
+    # -- ICMP errors about a conversation (director.core relays them; DR and TUN here too) -----------
+    icmp_hit("ICMP frag-needed about a DR client's ESP: relayed", icmp_esp[C_DR], 1),
+    icmp_hit("ICMP time exceeded about a DR client's AH: relayed",
+             icmp_about(craft.ah(VIP, C_DR, 0x7002), itype=11, code=0), 1),
+    icmp_hit("ICMP frag-needed about a client's ESP-in-UDP: relayed by its NAT-T port", icmp_natt_dr, 1),
+    icmp_hit("ICMP frag-needed about a TUN client's ESP: relayed in an envelope", icmp_esp[C_TUN], 3),
+    Case("ICMP error about a NAT client: the slow path rewrites the quote", eth(icmp_esp[C_NAT]), TC_ACT_OK, None,
+         passed(K.NOT_OURS)),  # fmt: skip
+    Case("ICMP error about an unknown client: the slow path drops it", eth(icmp_esp[C_UNKNOWN]), TC_ACT_OK, None,
+         passed(K.NOT_OURS, miss=1)),  # fmt: skip
+    Case("ICMP error about a known client, other NAT-T port", eth(icmp_about(
+         build_ipv4_udp(VIP, C_DR, 4500, 40001, struct.pack("!II", 5, 1) + bytes(8)))), TC_ACT_OK, None,
+         passed(K.NOT_OURS, miss=1)),  # fmt: skip
+    Case("ICMP error quoting IKE on 500: the daemon's", eth(icmp_about(craft.ike(VIP, C_DR, 1, 2))), TC_ACT_OK,
+         None, passed(K.NOT_OURS, not_ours=1)),  # fmt: skip
+    Case("ICMP error quoting another source than the VIP", eth(icmp_about(craft.esp(NOT_VIP, C_DR, 5)[:28] + bytes(8))),
+         TC_ACT_OK, None, passed(K.NOT_OURS, not_ours=1)),  # fmt: skip
+    Case("ICMP echo request to a VIP: the kernel's", eth(icmp_about(craft.esp(VIP, C_DR, 5), itype=8, code=0)),
+         TC_ACT_OK, None, passed(K.NOT_OURS, not_ours=1)),  # fmt: skip
+    Case("ICMP error with a truncated quote: the slow path drops it",
+         eth(icmp_about(craft.esp(VIP, C_DR, 5), quote=24)), TC_ACT_OK, None, passed(K.NOT_OURS, not_ours=1)),
+    Case("ICMP error, TTL 1: the stack's", eth(patch(icmp_esp[C_DR], 8, b"\x01")), TC_ACT_OK, None,
+         passed(K.NOT_OURS, ttl_pass=1)),  # fmt: skip
     # -- misses and passes --------------------------------------------------------------------------
     Case("ESP miss (unknown client)", eth(craft.esp(C_UNKNOWN, VIP, 5)), TC_ACT_OK, None, passed(K.ESP, miss=1)),
     Case("ESP-in-UDP miss (known client, other port)", eth(craft.esp_in_udp(C_DR, VIP, 5, sport=40001)), TC_ACT_OK,

@@ -7,7 +7,10 @@ goes to a VIP of the ``vips`` map with an empty ``clients`` map, through both cl
 - Python raises PacketError(reason): the program returns TC_ACT_SHOT and counts drops[reason];
 - Python returns a kind: the program passes the frame unchanged (TC_ACT_OK) and counts
   pass_packets[kind], plus ``miss`` for ESP/AH/ESP-in-UDP (no client), ``fragments`` for a
-  fragment and ``not_ours`` for NOT_OURS;
+  fragment and ``not_ours`` for NOT_OURS; but ``miss`` for an ICMP error that
+  director.packet.parse_icmp_error accepts and whose quote names a conversation the fast path
+  looks up (the VIP's ESP or AH, or its UDP from 4500), so the C key extractor agrees with the
+  Python parser on every ICMP packet of the table too;
 
 and no other counter moves. The same table, turned into replies from a NAT real server, checks
 the reply program's use of classify(reply=True): it rewrites exactly the ESP and ESP-in-UDP.
@@ -36,6 +39,7 @@ from director.packet import (
     classify,
     ike_header,
     ip_to_int,
+    parse_icmp_error,
 )
 
 VIP = ip_to_int("192.0.2.10")
@@ -81,6 +85,18 @@ VALID = {
     "first fragment": build_ipv4(CLIENT, VIP, PROTO_UDP, bytes(64), flags_frag=0x2000),
     "non-first fragment": build_ipv4(CLIENT, VIP, PROTO_ESP, bytes(64), flags_frag=0x00B9),
     "fragment with a bad payload": build_ipv4(CLIENT, VIP, PROTO_AH, bytes(4), flags_frag=0x2000),
+    # ICMP errors to the VIP about the VIP's packets to the client (the router is CLIENT here)
+    "ICMP frag-needed about ESP": craft.icmp_error(CLIENT, VIP, craft.esp(VIP, CLIENT, 0x1000, size=1400)),
+    "ICMP time exceeded about ESP-in-UDP": craft.icmp_error(
+        CLIENT, VIP, build_ipv4_udp(VIP, CLIENT, 4500, 40000, struct.pack("!II", 7, 1) + bytes(64)), itype=11, code=0),
+    "ICMP host unreachable about IKE on 500": craft.icmp_error(CLIENT, VIP, craft.ike(VIP, CLIENT, 1, 2), code=1),
+    "ICMP parameter problem about AH, long quote": craft.icmp_error(CLIENT, VIP, craft.ah(VIP, CLIENT, 5), itype=12,
+                                                                   code=0, quote=60),
+    "ICMP error about a 4-byte ESP packet": craft.icmp_error(
+        CLIENT, VIP, build_ipv4(VIP, CLIENT, PROTO_ESP, b"\0\0\0\x05"), quote=24),
+    "ICMP error about a non-first fragment of UDP from 4500": craft.icmp_error(
+        CLIENT, VIP, build_ipv4(VIP, CLIENT, PROTO_UDP, bytes(64), flags_frag=0x0010), quote=20),
+    "ICMP error about the VIP's TCP": craft.icmp_error(CLIENT, VIP, build_ipv4(VIP, CLIENT, 6, bytes(20))),
 }
 
 MALFORMED = {
@@ -120,6 +136,13 @@ MALFORMED = {
     "AH payload length 0": _ah(0, 5),
     "AH beyond the packet": _ah(60, 5),
     "AH zero SPI": _ah(4, 0),
+    "ICMP error, 4 bytes": build_ipv4(CLIENT, VIP, 1, bytes([3, 4, 0, 0])),
+    "ICMP error, 19 bytes quoted": craft.icmp_error(CLIENT, VIP, craft.esp(VIP, CLIENT, 5), quote=19),
+    "ICMP error, quoted IHL 6 with 20 bytes": craft.icmp_error(
+        CLIENT, VIP, build_ipv4(VIP, CLIENT, PROTO_ESP, bytes(8), options=bytes(4)), quote=28),
+    "ICMP error, quoted version 6": craft.icmp_error(CLIENT, VIP, b"\x65" + craft.esp(VIP, CLIENT, 5)[1:]),
+    "ICMP error, quoted total length below IHL": craft.icmp_error(
+        CLIENT, VIP, build_ipv4(VIP, CLIENT, PROTO_ESP, bytes(8), total_length=19)),
 }
 
 
@@ -180,14 +203,27 @@ TABLE = {**{f"valid: {k}": v for k, v in VALID.items()}, **{f"malformed: {k}": v
 
 def test_table_covers_every_kind_and_reason():
     """The table is not vacuous: every kind and every parser reason occurs in it."""
-    kinds, reasons = set(), set()
+    kinds, reasons, looked_up = set(), set(), 0
     for ip in TABLE.values():
         try:
             kinds.add(classify(ip).kind)
+            parse_icmp_error(ip)
         except PacketError as e:
             reasons.add(e.reason)
+        looked_up += icmp_looked_up(ip)
     assert kinds == set(K)
     assert reasons == {r for r in R if r < 50}
+    assert looked_up >= 10  # ICMP errors the fast path looks up, mutations included
+
+
+def icmp_looked_up(ip: bytes) -> bool:
+    """Whether the fast path looks this ICMP error's conversation up, by director.packet's parser."""
+    try:
+        e = parse_icmp_error(ip)
+    except PacketError:
+        return False
+    return e is not None and e.qsrc == VIP and (e.qproto in (PROTO_ESP, PROTO_AH) or
+                                                (e.qproto == PROTO_UDP and e.qsport == 4500))
 
 
 def expected_tc(ip: bytes) -> tuple[int, dict[str, int]]:
@@ -198,7 +234,9 @@ def expected_tc(ip: bytes) -> tuple[int, dict[str, int]]:
         return TC_ACT_SHOT, {f"drops[{int(e.reason)}]": 1}
     extra = {K.ESP: "miss", K.AH: "miss", K.ESP_IN_UDP: "miss", K.FRAGMENT: "fragments", K.NOT_OURS: "not_ours"}
     counters = {f"pass_packets[{kind}]": 1}
-    if kind in extra:
+    if kind == K.NOT_OURS and icmp_looked_up(ip):
+        counters["miss"] = 1
+    elif kind in extra:
         counters[extra[kind]] = 1
     return TC_ACT_OK, counters
 

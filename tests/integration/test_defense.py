@@ -60,15 +60,26 @@ def test_spoofed_init_flood_at_ten_times_the_table(make_lab, run_director):
     after = {(c["client"], c["spi_i"], c["rs_address"]) for c in d.connections() if c["state"] == "ESTABLISHED"}
     assert before <= after  # not one established entry lost or moved
     assert any(c == lab.nat_public for c, _spi, _rs in after)  # the new client is established
-    assert st["entries"] <= CAPACITY
-    assert st["table"]["reclaimed_init"] > 0 and st["table"]["refused_full"] == 0
+    tb = st["table"]
+    # the daemon decided more of the flood than the table holds (at most 5 + 2 entries are the
+    # legitimate clients' conversations: c1, c2, and one per c3 attempt), so the pressure line
+    # was crossed and drop-entry had to make room: it reclaimed INIT entries, never refused one
+    flood_decided = tb["created"] - 7
+    assert flood_decided > CAPACITY, tb
+    assert st["stats"]["packets"] >= tb["created"]  # every entry created is a packet decided
+    pressure = int(0.9 * CAPACITY)
+    assert st["entries"] >= pressure, st["entries"]  # the table filled up to the pressure line ...
+    assert tb["reclaimed_init"] >= tb["created"] - CAPACITY and tb["refused_full"] == 0, tb  # ... and held there
+    assert st["entries"] == (tb["created"] - tb["reclaimed_init"] - tb["reclaimed_soft"] - tb["expired_init"]
+                             - tb["expired_established"] - tb["removed"]), tb  # the table's own accounting
     # established clients keep working
     c1.send_esp(0x7171)
     rs = lab.rs_addrs.index(next(r for c, _s, r in before if c == lab.client_addrs["c1"]))
     lab.wait_received(rs, lambda r: r["kind"] == "esp" and r["spi"] == 0x7171)
     print(f"flood: {len(flood)} spoofed initial packets in {elapsed:.2f} s "
           f"({len(flood) / elapsed:.0f} pkt/s offered), table {st['entries']}/{CAPACITY}, "
-          f"reclaimed {st['table']['reclaimed_init']}, decided {st['stats']['packets']}")
+          f"reclaimed {st['table']['reclaimed_init']}, decided {st['stats']['packets']} "
+          f"(entries created {st['table']['created']})")
 
 
 def test_spoofed_esp_from_unroutable_sources_is_counted_not_an_error(make_lab, run_director):
@@ -109,6 +120,7 @@ def test_new_entry_limits_hold_and_the_fast_path_enforces_them_before_the_queue(
             pass
     elapsed = time.monotonic() - t0
     time.sleep(0.3)
+    flood_decided = d.status()["stats"]["packets"]  # before the legitimate client adds its own
     c2 = LabClient(lab, "c2")  # a legitimate client right after: its source is under its limit
     c2.ikev2_connect()
 
@@ -125,8 +137,47 @@ def test_new_entry_limits_hold_and_the_fast_path_enforces_them_before_the_queue(
     if st["dataplane"] == "ebpf":
         in_kernel = st["fastpath"]["drops"].get("RATE_LIMITED", 0) + st["fastpath"]["drops"].get("SOURCE_RATE_LIMITED", 0)
         assert in_kernel >= n - bound, st["fastpath"]
-        decided = st["stats"]["packets"]
-        assert decided <= bound + 20, f"the daemon decided {decided} packets: the excess reached the queue"
+        # what docs/fastpath.md claims: the kernel admits `rate` per second of the flood's own
+        # duration (a veth delivers each packet inside its sendto), one window's share (8) at
+        # the start, and a few where CPUs cross a window boundary together (8 more at most)
+        admitted = rate * (elapsed + 0.005) + 8 + 8
+        assert flood_decided <= admitted, (f"the daemon decided {flood_decided} packets in {elapsed:.3f} s of flood, "
+                                           f"at most {admitted:.0f} may pass the kernel's admission")
     print(f"limits: {n + len(one_source)} spoofed initials in {elapsed:.2f}s, {created} entries created, "
           f"{limited} rate-limited (drops {st['drops']}; fast path {st.get('fastpath', {}).get('drops', {})}), "
-          f"daemon decided {st['stats']['packets']}")
+          f"daemon decided {flood_decided} during the flood")
+
+
+def test_icmp_answers_are_held_to_icmp_rate(make_lab, run_director):
+    """daemon.icmp_rate: protocol-unreachable answers per second, burst the same. 60 ESP packets of
+    an unknown SPI from c2, sent at once: the first 5 are answered, then about 5 per second of
+    sending; every one is dropped as NO_ENTRY, the rest of the answers are withheld and counted.
+    With icmp_rate = 0 nothing is answered at all."""
+    import select
+
+    for rate in (5, 0):
+        lab = make_lab("dr")
+        d = run_director(lab, daemon_extra=f"icmp_rate = {rate}\n")
+        c2 = LabClient(lab, "c2")
+        icmp = lab.socket("c2", socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+        t0 = time.monotonic()
+        for seq in range(60):
+            c2.send_esp(0xBAD0, seq)
+        deadline = time.monotonic() + 3
+        while d.status()["drops"].get("NO_ENTRY", 0) < 60:
+            assert time.monotonic() < deadline, d.status()
+            time.sleep(0.05)
+        span = time.monotonic() - t0
+        got = 0
+        while select.select([icmp], [], [], 0.5)[0]:
+            data = icmp.recv(2048)
+            ihl = (data[0] & 0x0F) * 4
+            if data[ihl : ihl + 2] == b"\x03\x02" and data[ihl + 8 + 9] == 50:  # protocol unreachable about ESP
+                got += 1
+        st = d.status()["stats"]
+        assert st["icmp_sent"] + st["icmp_limited"] == 60, st
+        assert got == st["icmp_sent"], (got, st)
+        if rate:
+            assert rate <= st["icmp_sent"] <= rate + rate * span + 1, (st, span)
+        else:
+            assert st["icmp_sent"] == 0, st

@@ -1,8 +1,12 @@
-"""Operator surface against the real daemon in the lab: reload with traffic flowing, metrics."""
+"""Operator surface against the real daemon in the lab: reload with traffic flowing, metrics.
+
+Every test runs with the NFQUEUE dataplane alone and with the eBPF fast path.
+"""
 
 from __future__ import annotations
 
 import signal
+import socket
 import threading
 import time
 
@@ -12,14 +16,35 @@ from director.lab.client import LabClient
 from director.lab.director_proc import DirectorProcess, lab_config
 
 
+DATAPLANES = ["nfqueue", "ebpf"]
+
+
+def _start(lab, dataplane: str, **kw) -> DirectorProcess:
+    d = DirectorProcess(lab, dataplane=dataplane, **kw).start()
+    assert d.status()["dataplane"] == dataplane, d.log()
+    return d
+
+
+def _in_fast_path(d, dataplane: str) -> None:
+    """With eBPF, wait until the established client is in the fast path's map, so that its ESP is
+    forwarded by the kernel, never seen by the daemon: the metrics must count it all the same."""
+    if dataplane != "ebpf":
+        return
+    deadline = time.monotonic() + 5
+    while not d.status()["fastpath"]["clients"]:
+        assert time.monotonic() < deadline, d.status()
+        time.sleep(0.05)
+
+
 def _established(d) -> set[tuple[str, str, str]]:
     return {(c["client"], c["spi_i"], c["rs_address"]) for c in d.connections() if c["state"] == "ESTABLISHED"}
 
 
+@pytest.mark.parametrize("dataplane", DATAPLANES)
 @pytest.mark.parametrize("how", ["sighup", "api"])
-def test_reload_with_clients_connected_loses_nothing(make_lab, how):
+def test_reload_with_clients_connected_loses_nothing(make_lab, how, dataplane):
     lab = make_lab("dr")
-    d = DirectorProcess(lab, scheduler="rr").start()
+    d = _start(lab, dataplane, scheduler="rr")
     try:
         clients = [LabClient(lab, r) for r in ("c1", "c2", "c3")]
         clients[0].ikev2_connect()
@@ -45,7 +70,7 @@ def test_reload_with_clients_connected_loses_nothing(make_lab, how):
         time.sleep(0.3)
         # the new config: another scheduler, new weights, and c1's real server quiesced (weight 0)
         weights = tuple(0 if a == c1_rs else 3 for a in lab.rs_addrs)
-        d.config_path.write_text(lab_config(lab, d.control, scheduler="wlc", weights=weights))
+        d.config_path.write_text(lab_config(lab, d.control, scheduler="wlc", weights=weights, pin_dir=str(d.pin_dir)))
         if how == "sighup":
             d.proc.send_signal(signal.SIGHUP)
             deadline = time.monotonic() + 5
@@ -68,53 +93,84 @@ def test_reload_with_clients_connected_loses_nothing(make_lab, how):
         i = lab.rs_addrs.index(c1_rs)
         got = [r for r in lab.received(i) if r["kind"] == "esp" and r["spi"] == 0x7777]
         assert len(got) == sent  # not one ESP packet lost, all on c1's (now quiesced) server
-        # a new client no longer goes to the quiesced server
+        # a known client's new conversation follows its own server (persistence) ...
         c2 = clients[1]
+        c2_rs = next(rs for client, _spi, rs in before if client == lab.client_addrs["c2"])
         spi = LabClient.new_spi()
-        c2.send_ike(spi, v1=True)  # a new conversation of c2 follows c2's own server (persistence)
+        c2.send_ike(spi, v1=True)
         assert c2.recv_ike(spi)
+        assert [c["rs_address"] for c in d.connections() if c["spi_i"] == f"{spi:016x}"] == [c2_rs]
+        # ... and new clients (ten new addresses on c1's link) never go to the quiesced server. Were
+        # it still scheduled with its old weight, wlc would give it a share of ten new clients: a
+        # pass by chance would need all ten to miss it, (2/3)**10 = 1.7% even for a random choice,
+        # and wlc, which fills the least loaded first, leaves it none of that luck.
+        news = [f"198.18.0.{21 + i}" for i in range(10)]
+        socks = {}
+        for addr in news:
+            lab.run("c1", ["ip", "addr", "add", f"{addr}/24", "dev", "eth0"])
+            s = lab.socket("c1", socket.AF_INET, socket.SOCK_DGRAM)
+            s.bind((addr, 0))
+            s.settimeout(2.0)
+            socks[addr] = s
+        for addr, s in socks.items():
+            s.sendto(LabClient.ike_bytes(LabClient.new_spi()), (lab.vip, 500))
+            s.recvfrom(2048)  # answered, through the VIP
+        went = {c["client"]: c["rs_address"] for c in d.connections() if c["client"] in socks}
+        assert sorted(went) == sorted(news), went
+        assert c1_rs not in went.values(), went
+        assert len(set(went.values())) == 2  # both other servers (weight 3 each) take new clients
     finally:
         assert d.stop() == 0, d.log()
 
 
-def test_bad_reload_keeps_the_running_config(make_lab):
+@pytest.mark.parametrize("dataplane", DATAPLANES)
+def test_bad_reload_keeps_the_running_config(make_lab, dataplane):
     lab = make_lab("dr")
-    d = DirectorProcess(lab, scheduler="rr").start()
+    d = _start(lab, dataplane, scheduler="rr")
     try:
         LabClient(lab, "c1").ikev2_connect()
         time.sleep(0.2)
         before = (d.request("save"), _established(d))
-        d.config_path.write_text(lab_config(lab, d.control, scheduler="no-such-scheduler"))
+        d.config_path.write_text(lab_config(lab, d.control, scheduler="no-such-scheduler", pin_dir=str(d.pin_dir)))
         answer = d.request("reload")
         assert answer["ok"] is False
         assert answer["error"].startswith("service[0].scheduler: must be one of")
         assert (d.request("save"), _established(d)) == before
-        d.config_path.write_text(lab_config(lab, d.control).replace("queue = 0", "queue = 5"))
+        d.config_path.write_text(lab_config(lab, d.control, pin_dir=str(d.pin_dir)).replace("queue = 0", "queue = 5"))
         assert d.request("reload")["error"] == "daemon.queue: cannot change at run time; restart the daemon"
     finally:
         assert d.stop() == 0, d.log()
 
 
-def test_metrics_endpoint_serves_the_traffic(make_lab):
+@pytest.mark.parametrize("dataplane", DATAPLANES)
+def test_metrics_endpoint_serves_the_traffic(make_lab, dataplane):
     lab = make_lab("nat")
-    d = DirectorProcess(lab, scheduler="rr", metrics="127.0.0.1:9816").start()
+    d = _start(lab, dataplane, scheduler="rr", metrics="127.0.0.1:9816")
     try:
         c1 = LabClient(lab, "c1")
         c1.ikev2_connect()
+        _in_fast_path(d, dataplane)
         for seq in range(5):
             c1.send_esp(0x99, seq)
         time.sleep(0.3)
+        if dataplane == "ebpf":
+            assert d.status()["fastpath"]["forwarded"] == {"ESP": 5}, d.status()["fastpath"]
         text = lab.run("director", ["python3", "-c",
                                     "import urllib.request;print(urllib.request.urlopen("
                                     "'http://127.0.0.1:9816/metrics', timeout=5).read().decode())"]).stdout
         assert 'director_packets_total{kind="esp",service="198.18.0.100",verdict="forward"} 5.0' in text
+        assert 'director_bytes_total{kind="esp",service="198.18.0.100",verdict="forward"} 460.0' in text  # 5 x 92
+        rip = lab.rs_addrs[[i for i in range(3) if lab.received(i)][0]]
+        assert (f'director_real_server_packets_total{{direction="in",kind="esp",server="{rip}",'
+                f'service="198.18.0.100"}} 5.0') in text
         assert 'director_real_server_packets_total{direction="out",kind="ike_initial"' in text
         assert "director_nfqueue_handling_seconds_count{queue=\"client\"}" in text
     finally:
         assert d.stop() == 0, d.log()
 
 
-def test_real_prometheus_scrapes_the_daemon(make_lab, tmp_path):
+@pytest.mark.parametrize("dataplane", DATAPLANES)
+def test_real_prometheus_scrapes_the_daemon(make_lab, tmp_path, dataplane):
     """Debian's prometheus, on loopback inside the director namespace, scrapes and answers queries."""
     import json
     import shutil
@@ -122,7 +178,7 @@ def test_real_prometheus_scrapes_the_daemon(make_lab, tmp_path):
     prom = shutil.which("prometheus")
     assert prom, "prometheus is not installed (deploy/setup.sh installs the Debian package)"
     lab = make_lab("dr")
-    d = DirectorProcess(lab, scheduler="rr", metrics="127.0.0.1:9816").start()
+    d = _start(lab, dataplane, scheduler="rr", metrics="127.0.0.1:9816")
     cfg = tmp_path / "prometheus.yml"
     cfg.write_text("global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: vpn-director\n"
                    "    static_configs:\n      - targets: ['127.0.0.1:9816']\n")
@@ -132,6 +188,7 @@ def test_real_prometheus_scrapes_the_daemon(make_lab, tmp_path):
     try:
         c1 = LabClient(lab, "c1")
         c1.ikev2_connect()
+        _in_fast_path(d, dataplane)
         for seq in range(7):
             c1.send_esp(0x42, seq)
         query = 'sum(director_packets_total{kind="esp",verdict="forward"})'

@@ -343,3 +343,43 @@ def test_new_entry_limits_per_source_and_global():
     assert d.decide(craft.ike(CLIENTS[0], VIP, 100), 0.1).action == Action.FORWARD
     assert d.decide(craft.ike(CLIENTS[0], VIP, 300), 1.0).action == Action.FORWARD  # refilled
     assert d.drops[DropReason.SOURCE_RATE_LIMITED] == 2 and d.drops[DropReason.RATE_LIMITED] == 2
+
+
+def test_upper_and_lower_thresholds_switch_a_server_off_and_back_on():
+    """ipvsadm -x/-y (u_threshold/l_threshold): at u_threshold connections (active + inactive) the
+    server takes no new client; it takes them again only once below l_threshold (hysteresis), or
+    below 3/4 of u_threshold when l_threshold is 0. 40 new clients per phase under rr over two
+    servers: a server wrongly left in would get about half of them."""
+    d = Director(capacity=1024)
+    servers = {0: RealServer(id=0, addr=RIPS[0], weight=1, u_threshold=4, l_threshold=2),
+               1: RealServer(id=1, addr=RIPS[1], weight=1)}
+    d.add_service(Service(id=1, vip=VIP, scheduler_name="rr", method=Method.DR,
+                          timeouts=Timeouts(init=10.0, established=100.0), servers=servers))
+    clients = iter(ip_to_int("10.9.0.0") + i for i in range(1000))
+
+    def new_clients(n):
+        got = []
+        for _ in range(n):
+            v = d.decide(craft.ike(next(clients), VIP, 77), 0.0)
+            assert v.action == Action.FORWARD
+            got.append(v.rs)
+        return got
+
+    first = new_clients(40)
+    assert first.count(0) == 4 and first[:8].count(0) == 4  # rr until rs0 holds 4: then none
+    assert d.server(0).overloaded and not d.server(1).overloaded
+    on_rs0 = [s for s in d.table.slots() if d.table.rs[s] == 0]
+    for s in on_rs0[:2]:  # down to 2 = l_threshold: not below it yet, still off
+        d.table.remove(s)
+    assert new_clients(40).count(0) == 0 and d.server(0).overloaded
+    d.table.remove(on_rs0[2])  # 1 < l_threshold: back on
+    assert not d.server(0).overloaded
+    back = new_clients(40)
+    assert back.count(0) == 3 and d.server(0).overloaded  # it fills to 4 again, then off
+    # l_threshold 0: back on below 3/4 of u_threshold (3)
+    d.change_service(1, update=[(0, {"weight": 1, "method": "", "u_threshold": 4, "l_threshold": 0})])
+    on_rs0 = [s for s in d.table.slots() if d.table.rs[s] == 0]
+    d.table.remove(on_rs0[0])  # 3: not below 3
+    assert d.server(0).overloaded and new_clients(10).count(0) == 0
+    d.table.remove(on_rs0[1])  # 2 < 3
+    assert not d.server(0).overloaded and new_clients(10).count(0) == 2

@@ -43,6 +43,9 @@ def test_metrics_collector_reports_the_traffic():
     for seq in range(3):
         d.decide(craft.esp(CLIENT, VIP, 9, seq), 1.0)
     d.decide(craft.esp(ip_to_int("203.0.113.99"), VIP, 9), 1.0)  # a stranger: icmp verdict
+    router = ip_to_int("203.0.113.254")
+    assert d.decide(craft.icmp_error(router, VIP, craft.esp(VIP, CLIENT, 9)), 1.0).action == Action.RELAY_ICMP
+    d.decide(craft.icmp_error(router, VIP, craft.esp(VIP, ip_to_int("203.0.113.98"), 9)), 1.0)  # no conversation
     h = Histogram()
     h.observe(0.0001)
     views = Views(d, clock=lambda: 1.0, latency={"client": h, "reply": Histogram()},
@@ -58,5 +61,7 @@ def test_metrics_collector_reports_the_traffic():
     assert f'director_real_server_active_entries{{server="{rip}",service="192.0.2.10"}} 1.0' in text
     assert 'director_entries{state="established"} 1.0' in text
     assert 'director_drops_total{reason="no_entry"} 1.0' in text
+    assert "director_icmp_errors_relayed_total 1.0" in text
+    assert 'director_drops_total{reason="icmp_no_entry"} 1.0' in text
     assert 'director_nfqueue_handling_seconds_bucket{le="0.00025",queue="client"} 1.0' in text
     assert "203.0.113" not in text  # never a client address
