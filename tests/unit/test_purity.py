@@ -14,6 +14,8 @@ PURE = [
     "director/core.py",
     "director/service.py",
     "director/drop_reasons.py",
+    "director/announce.py",
+    "director/spi_label.py",
     *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "director/schedulers").glob("*.py")),
 ]
 FORBIDDEN = {"socket", "os", "subprocess", "netfilterqueue", "iptc", "pyroute2", "scapy", "ctypes", "select", "time"}
