@@ -79,6 +79,7 @@ class EcmpLab(Lab):
         self.ns = {role: f"{self.prefix}-{role}" for role in self.roles}
         self.client_addrs = dict(type(self).client_addrs)
         self._birds: dict[str, subprocess.Popen] = {}
+        self._bird_adapters: dict[str, Bird] = {}
 
     def __repr__(self) -> str:
         return f"EcmpLab(mode={self.mode!r}, directors={self.n}, prefix={self.prefix!r}, up={self._up})"
@@ -206,8 +207,12 @@ class EcmpLab(Lab):
         return self.bird_dir(role) / "vips.conf"
 
     def bird(self, role: str) -> Bird:
-        """The adapter for ``role``'s BIRD (a director's, to announce; the router's, to read)."""
-        return Bird(self.bird_socket(role), self.bird_include(role))
+        """The adapter for ``role``'s BIRD (a director's, to announce; the router's, to read); one
+        per role, so what it applied is remembered across calls (and across BIRD restarts, as
+        the include file is)."""
+        if role not in self._bird_adapters:
+            self._bird_adapters[role] = Bird(self.bird_socket(role), self.bird_include(role))
+        return self._bird_adapters[role]
 
     def _bfd_block(self, ifname: str) -> str:
         return (f'protocol bfd {{\n    interface "{ifname}" {{\n'
@@ -275,6 +280,9 @@ class EcmpLab(Lab):
             if time.monotonic() > deadline:
                 raise LabError(f"bird in {role} did not answer on {sock} within {timeout}s")
             time.sleep(0.02)
+
+    def bird_pid(self, role: str) -> int:
+        return self._birds[role].pid
 
     def stop_bird(self, role: str) -> None:
         proc = self._birds.pop(role, None)

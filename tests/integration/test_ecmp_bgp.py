@@ -1,0 +1,148 @@
+"""Route health injection for real: three directors' BIRDs announce the VIP over eBGP + BFD to a
+BIRD router, which installs one three-way multipath route; a drain, a hung director and a killed
+one each remove exactly their nexthop within the documented bound, and a restart brings it back.
+
+Times are printed (run with ``-s`` to see them) and asserted against docs/scale-out.md's bounds,
+which are loose enough for a loaded 2-core machine and still tell BFD from a hold timer.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+import director.dataplane.bgp as bgp
+from director.lab.ecmp import BFD_INTERVAL_MS, BFD_MULTIPLIER, HOLD_TIME, EcmpLab, bird_exe
+from director.lab.netns import LabError, cleanup, list_labs
+
+from tests.integration.conftest import lab_prerequisites
+
+# Bounds from docs/scale-out.md (section "Bounds")
+WITHDRAW_BOUND = 1.0  # a drain (BGP withdraw) or a dead process (TCP closes): measured in ms
+BFD_BOUND = 1.0  # a hung director: BFD's 3 x 100 ms plus scheduling slack; a hold timer takes 9 s
+REJOIN_BOUND = 30.0  # BGP session re-established and the route back (connect/error timers 1 s)
+
+
+def wait(pred, timeout: float, what: str) -> float:
+    start = time.monotonic()
+    while not pred():
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"{what}: not within {timeout}s")
+        time.sleep(0.01)
+    return time.monotonic() - start
+
+
+@pytest.fixture
+def ecmp():
+    missing = lab_prerequisites("dr")
+    try:
+        bird_exe()
+    except LabError as e:
+        missing.append(str(e))
+    if missing:
+        pytest.fail("ECMP lab prerequisites missing: " + "; ".join(missing), pytrace=False)
+    lab = EcmpLab("dr", directors=3)
+    try:
+        lab.up()
+        yield lab
+    finally:
+        lab.down()
+        if list_labs(lab.prefix).get(lab.prefix):
+            cleanup(lab.prefix)
+
+
+def announce(lab: EcmpLab, role: str, on: bool) -> None:
+    bird = lab.bird(role)
+    bird.apply(bird.plan({lab.vip} if on else set(), {lab.vip}))
+
+
+def test_three_directors_announce_drain_hang_die_and_return(ecmp: EcmpLab):
+    lab = ecmp
+    assert lab.sysctl("router", "net/ipv4/fib_multipath_hash_policy") == "1"
+    everyone = lab.fabric_addrs(lab.director_roles)
+
+    for role in lab.director_roles:
+        announce(lab, role, True)
+    t = lab.wait_nexthops(everyone, REJOIN_BOUND)
+    print(f"\nall three announced: 3-way route after {t:.3f}s")
+    assert lab.bird("router").sessions() == {d: "Established" for d in lab.director_roles}
+    assert lab.bird("d1").sessions() == {"uplink": "Established"}
+    assert lab.bird("d1").announcing() == {lab.vip}
+
+    # drain d2: BGP withdraw; exactly its nexthop leaves
+    t0 = time.monotonic()
+    announce(lab, "d2", False)
+    lab.wait_nexthops(everyone - lab.fabric_addrs(["d2"]), WITHDRAW_BOUND)
+    t = time.monotonic() - t0
+    print(f"drain d2: nexthop gone after {t * 1000:.1f} ms (bound {WITHDRAW_BOUND}s)")
+    assert lab.bird("router").sessions()["d2"] == "Established"  # the session stays: only the route goes
+    announce(lab, "d2", True)
+    t = lab.wait_nexthops(everyone, WITHDRAW_BOUND)
+    print(f"undrain d2: nexthop back after {t * 1000:.1f} ms")
+
+    # d3 hangs (its BIRD stopped, TCP still open): only BFD can tell
+    pid3 = lab.bird_pid("d3")
+    os.kill(pid3, signal.SIGSTOP)
+    try:
+        t = lab.wait_nexthops(everyone - lab.fabric_addrs(["d3"]), BFD_BOUND)
+    finally:
+        os.kill(pid3, signal.SIGCONT)
+    print(f"d3 hung: nexthop gone after {t * 1000:.1f} ms (BFD {BFD_MULTIPLIER} x {BFD_INTERVAL_MS} ms; "
+          f"hold time would be {HOLD_TIME}s; bound {BFD_BOUND}s)")
+    assert t > BFD_INTERVAL_MS / 1000  # it took BFD's detection, not an instant close
+    t = lab.wait_nexthops(everyone, REJOIN_BOUND)
+    print(f"d3 resumed: nexthop back after {t:.3f}s")
+
+    # d1 dies like a box: every process of its namespace SIGKILLed
+    pids = lab.kill_director("d1")
+    assert pids, "d1 had no process to kill"
+    t = lab.wait_nexthops(everyone - lab.fabric_addrs(["d1"]), WITHDRAW_BOUND)
+    print(f"d1 killed ({len(pids)} processes): nexthop gone after {t * 1000:.1f} ms (bound {WITHDRAW_BOUND}s)")
+    assert lab.bird("router").sessions()["d1"] != "Established"
+
+    # d1 restarts: its BIRD reads the include the adapter left (VIP enabled) and re-announces
+    t0 = time.monotonic()
+    lab.start_bird("d1")
+    lab.wait_nexthops(everyone, REJOIN_BOUND)
+    t = time.monotonic() - t0
+    print(f"d1 restarted: nexthop back {t:.3f}s after BIRD started")
+    wait(lambda: lab.bird("router").sessions()["d1"] == "Established", 5, "d1 session Established")
+
+
+def test_a_withdrawn_vip_survives_a_bird_restart_withdrawn(ecmp: EcmpLab):
+    """The include states the desired state: a drained director that restarts stays drained."""
+    lab = ecmp
+    for role in lab.director_roles:
+        announce(lab, role, True)
+    everyone = lab.fabric_addrs(lab.director_roles)
+    lab.wait_nexthops(everyone, REJOIN_BOUND)
+    announce(lab, "d3", False)
+    lab.wait_nexthops(everyone - lab.fabric_addrs(["d3"]), WITHDRAW_BOUND)
+    lab.stop_bird("d3")
+    lab.start_bird("d3")
+    wait(lambda: lab.bird("router").sessions()["d3"] == "Established", REJOIN_BOUND, "d3 session back")
+    time.sleep(1.0)  # routes follow the session's first UPDATE: give it time to arrive if it would
+    assert lab.nexthops() == everyone - lab.fabric_addrs(["d3"])
+
+
+def test_a_refused_change_keeps_the_previous_announcement(ecmp: EcmpLab, monkeypatch):
+    """BIRD refuses a bad include (here: a VIP protocol BIRD cannot parse): the previous include
+    is restored, BIRD keeps announcing, and the adapter's applied state is unchanged."""
+    lab = ecmp
+    bird = lab.bird("d2")
+    bird.apply(bird.plan({lab.vip}, {lab.vip}))
+    lab.wait_nexthops(lab.fabric_addrs(["d2"]) | lab.nexthops(), REJOIN_BOUND)
+    before = lab.bird_include("d2").read_text()
+    real = bgp.render_include
+    broken = "protocol static broken { ipv4; route 1.2.3.4/33 blackhole; }\n"  # /33: BIRD refuses it
+    monkeypatch.setattr(bgp, "render_include", lambda known: real(known) + broken)
+    with pytest.raises(bgp.BirdError, match="configure"):
+        bird.apply(bird.plan({lab.vip}, {lab.vip, "198.18.10.101"}))
+    monkeypatch.undo()
+    assert lab.bird_include("d2").read_text() == before
+    assert bird.applied == {lab.vip: True}
+    assert bird.announcing() == {lab.vip}
+    assert lab.fabric_addrs(["d2"]) <= lab.nexthops()
