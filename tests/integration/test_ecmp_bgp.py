@@ -146,3 +146,61 @@ def test_a_refused_change_keeps_the_previous_announcement(ecmp: EcmpLab, monkeyp
     assert bird.applied == {lab.vip: True}
     assert bird.announcing() == {lab.vip}
     assert lab.fabric_addrs(["d2"]) <= lab.nexthops()
+
+
+def spread(lab: EcmpLab, count: int, port: int = 40000) -> dict[str, int]:
+    """UDP datagrams from c1 to the VIP, one per source port, counted by a socket on the VIP in
+    every director (the VIP is on each director's lo): {director: datagrams received}."""
+    import socket as so
+
+    sinks = {}
+    for role in lab.director_roles:
+        s = lab.socket(role, so.AF_INET, so.SOCK_DGRAM)
+        s.setsockopt(so.SOL_SOCKET, 33, 1 << 22)  # SO_RCVBUFFORCE: all of them may land here (L3)
+        s.bind((lab.vip, port))
+        s.setblocking(False)
+        sinks[role] = s
+    # resolve the neighbours first: a burst into an unresolved neighbour overflows its queue
+    assert lab.ping("c1", lab.router_wan)
+    for role in lab.director_roles:
+        assert lab.ping("router", lab.director_fabric(role))
+    for i in range(count):
+        tx = lab.socket("c1", so.AF_INET, so.SOCK_DGRAM)
+        tx.bind((lab.client_addrs["c1"], 20000 + i))
+        tx.sendto(b"x", (lab.vip, port))
+        tx.close()
+    got = {role: 0 for role in sinks}
+    deadline = time.monotonic() + 2.0
+    while sum(got.values()) < count and time.monotonic() < deadline:
+        for role, s in sinks.items():
+            try:
+                while True:
+                    s.recv(16)
+                    got[role] += 1
+            except BlockingIOError:
+                pass
+        time.sleep(0.01)
+    return got
+
+
+@pytest.mark.parametrize("hash_policy", [1, 0])
+def test_the_router_spreads_flows_over_every_announcing_director(hash_policy):
+    """L4 hashing (policy 1) spreads one client's flows over the three directors by port; L3
+    hashing (policy 0) keeps every packet of one client address on one director."""
+    lab = EcmpLab("dr", directors=3, hash_policy=hash_policy)
+    try:
+        lab.up()
+        for role in lab.director_roles:
+            announce(lab, role, True)
+        lab.wait_nexthops(lab.fabric_addrs(lab.director_roles), REJOIN_BOUND)
+        n = 300
+        got = spread(lab, n)
+        print(f"\nhash policy {hash_policy}: {n} flows from one client -> {got}")
+        assert sum(got.values()) == n, got  # nothing lost
+        if hash_policy == 1:
+            # binomial(300, 1/3): below 50 on one director has probability ~1e-7
+            assert min(got.values()) >= 50, got
+        else:
+            assert sorted(got.values()) == [0, 0, n], got
+    finally:
+        lab.down()
