@@ -105,12 +105,13 @@ class SpiLabels:
             return None
         return self.by_label.get(spi & self.mask)
 
-    def decode_ike(self, spi_i: int, spi_r: int, version: int, flags: int) -> int | None:
+    def decode_ike(self, spi_i: int, spi_r: int, ike_version: int, flags: int) -> int | None:
         """The real server that chose this IKE SA's labelled SPI, or None.
 
-        ``version`` is the header's version byte (0x20 IKEv2, 0x10 IKEv1), ``flags`` its flags.
+        ``ike_version`` is the major version (2 or 1, as ``Classified.ike_version``), ``flags``
+        the header's flags byte.
         """
-        if version >> 4 == 2:
+        if ike_version == 2:
             # The sender is the SA's original initiator: the server responded, its SPI is spi_r.
             # Otherwise the server started this SA: its SPI is spi_i.
             return self.server_of_spi(spi_r if flags & FLAG_INITIATOR else spi_i)

@@ -1,9 +1,9 @@
 // SPDX-License-Identifier: GPL-2.0
 /* test_spi_label: runs include/spi_label.h's decoders on SPIs carried in a test frame, for
- * tests/bpf/test_spi_label.py through BPF_PROG_TEST_RUN; never attached to an interface.
+ * tests/bpf/test_spi_label_bpf.py through BPF_PROG_TEST_RUN; never attached to an interface.
  *
  * Input: 14 bytes of (ignored) Ethernet header, then initiator SPI (8), responder SPI (8),
- * version (1), flags (1), pad (2), ESP SPI (4), in network order as in packets. The config is
+ * IKE major version (1), flags (1), pad (2), ESP SPI (4), in network order as in packets. The config is
  * entry 0 of spi_label_test_cfg. Returns (IKE result << 16) | ESP result; -1 on a short frame.
  */
 #include <linux/bpf.h>
@@ -23,7 +23,7 @@ struct spi_label_probe {
 	__u8 eth[14];
 	__be64 spi_i;
 	__be64 spi_r;
-	__u8 version;
+	__u8 major;
 	__u8 flags;
 	__u8 pad[2];
 	__be32 esp_spi;
@@ -44,7 +44,7 @@ int spi_label_probe(struct __sk_buff *skb)
 	c = bpf_map_lookup_elem(&spi_label_test_cfg, &zero);
 	if (!c)
 		return -1;
-	ike = spi_label_ike(c, bpf_be64_to_cpu(in->spi_i), bpf_be64_to_cpu(in->spi_r), in->version, in->flags);
+	ike = spi_label_ike(c, bpf_be64_to_cpu(in->spi_i), bpf_be64_to_cpu(in->spi_r), in->major, in->flags);
 	esp = spi_label_esp(c, bpf_ntohl(in->esp_spi));
 	return ((__u32)ike << 16) | esp;
 }

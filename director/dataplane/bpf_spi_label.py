@@ -3,7 +3,7 @@ ebpf/include/spi_label.h, packed from a validated :class:`director.spi_label.Spi
 
 Slot i holds one real server: its id, its positioned IKE label and its ESP inbound range
 (``esp_max`` 0 = none). Host order throughout (the C side converts the packet's SPIs).
-tests/bpf/test_spi_label.py checks the layout against the compiled BTF and the C decoders
+tests/bpf/test_spi_label_bpf.py checks the layout against the compiled BTF and the C decoders
 against the Python ones.
 """
 

@@ -48,13 +48,13 @@ static __always_inline __u16 spi_label_of(const struct spi_label_cfg *c, __u64 s
 	return SPI_LABEL_NONE;
 }
 
-/* version: the header's version byte (0x20 IKEv2, 0x10 IKEv1); flags: its flags byte */
+/* major: the IKE major version (2 or 1, the header's version byte >> 4); flags: its flags byte */
 static __always_inline __u16 spi_label_ike(const struct spi_label_cfg *c, __u64 spi_i, __u64 spi_r,
-					   __u8 version, __u8 flags)
+					   __u8 major, __u8 flags)
 {
 	__u16 by_i, by_r;
 
-	if ((version >> 4) == 2)
+	if (major == 2)
 		return spi_label_of(c, (flags & SPI_LABEL_IKE_F_INITIATOR) ? spi_r : spi_i);
 	by_r = spi_label_of(c, spi_r);
 	by_i = spi_label_of(c, spi_i);

@@ -9,11 +9,16 @@ and checked: the server's own IKE SPI carries its label (in the responder field 
 started the IKE SA, in the **initiator** field when the server did), the decoder in
 ``director/spi_label.py`` names the right server from the header fields a director sees, and
 every server inbound ESP SPI (what the client puts on ESP toward the server) is in its range.
-Findings are written up in docs/scale-out.md ("SPI labels").
+The same is checked **on the wire**: a packet socket in each server's namespace records every
+frame from its client (pings run inside each tunnel after every step), and each non-initial IKE
+message and each ESP-in-UDP packet, classified by ``director.packet.classify`` as the director
+would, must decode to its server. Findings are written up in docs/scale-out.md ("SPI labels").
 """
 
 from __future__ import annotations
 
+import socket
+import threading
 import time
 from types import SimpleNamespace
 
@@ -24,7 +29,8 @@ from director.lab.netns import LabError, cleanup, list_labs
 from director.lab.strongswan import (
     Charon, add_protected, client_swanctl, installed_children, responder_swanctl, strongswan_prerequisites,
 )  # fmt: skip
-from director.packet import FLAG_INITIATOR
+from director.packet import FLAG_INITIATOR, Kind, classify, ip_to_int
+from director.lab.strongswan import PROTECTED
 from director.spi_label import ServerLabel, SpiLabels
 from tests.integration.conftest import lab_prerequisites
 
@@ -94,6 +100,36 @@ def peers():
             cleanup(lab.prefix)
 
 
+class Sniffer:
+    """Every IPv4 frame arriving on eth0 of a lab namespace, recorded by a thread (AF_PACKET)."""
+
+    def __init__(self, lab: EcmpLab, role: str) -> None:
+        self.sock = lab.socket(role, socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0800))
+        self.sock.setsockopt(socket.SOL_SOCKET, 33, 1 << 24)  # SO_RCVBUFFORCE
+        self.sock.bind(("eth0", 0))
+        self.sock.settimeout(0.1)
+        self.frames: list[bytes] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                data, addr = self.sock.recvfrom(65535)
+            except (TimeoutError, socket.timeout):
+                continue
+            except OSError:
+                return
+            if addr[2] != socket.PACKET_OUTGOING:
+                self.frames.append(data)
+
+    def close(self) -> list[bytes]:
+        self.stop.set()
+        self.thread.join(timeout=2)
+        return self.frames
+
+
 def server_sas(server: Charon, conn: str) -> list[dict]:
     return [sa for sa in server.list_sas().get(conn, []) if sa.get("state") == "ESTABLISHED" and installed_children(sa)]
 
@@ -102,7 +138,7 @@ def check(step: str, server: Charon, rs: int, conn: str, findings: list) -> dict
     """Every established SA of ``conn`` on the server: label where expected, decoder right, ESP in range."""
     sas = server_sas(server, conn)
     assert sas, f"{step}: no established {conn} SA on rs{rs + 1}"
-    version = 0x20 if conn == "psk" else 0x10
+    version = 2 if conn == "psk" else 1
     for sa in sas:
         spi_i, spi_r = int(sa["initiator-spi"], 16), int(sa["responder-spi"], 16)
         server_started = sa.get("initiator") == "yes"
@@ -120,9 +156,16 @@ def check(step: str, server: Charon, rs: int, conn: str, findings: list) -> dict
     return max(sas, key=lambda sa: int(sa["uniqueid"]))
 
 
+def ping_inside(lab: EcmpLab, clients: dict) -> None:
+    for role, (c, _rs) in clients.items():
+        vip = c.virtual_ip(c.conn)
+        lab.run(role, ["ping", "-n", "-q", "-c", "2", "-i", "0.1", "-W", "1", "-I", vip, PROTECTED], check=False)
+
+
 def test_strongswan_labels_every_server_chosen_spi(peers):
     lab, servers, clients = peers
     findings: list = []
+    sniffers = {rs: Sniffer(lab, lab.rs_roles[rs]) for rs in LABELS}
     for role, (c, rs) in clients.items():
         c.initiate(c.conn)
         c.wait_established(c.conn)
@@ -144,7 +187,9 @@ def test_strongswan_labels_every_server_chosen_spi(peers):
             # the rekeyed SA must be gone or settled before the next step reads "the newest"
             wait_for(lambda c=c: c.wait_established(c.conn), 10, f"{role}: established after {name}")
             check(name, servers[rs], rs, c.conn, findings)
+        ping_inside(lab, clients)
 
+    ping_inside(lab, clients)
     step("client CHILD_SA rekey", lambda c, s, sa: c.rekey(child=c.conn), "child")
     step("server CHILD_SA rekey",
          lambda c, s, sa: s.rekey(child_id=installed_children(sa)[0]["uniqueid"]), "child")  # fmt: skip
@@ -161,3 +206,29 @@ def test_strongswan_labels_every_server_chosen_spi(peers):
     started = {(conn, by) for _, conn, by, _, _ in findings}
     # both directions happened for both versions: the trap (server-started SA) was exercised
     assert started == {("psk", "client"), ("psk", "server"), ("psk1", "client"), ("psk1", "server")}, started
+
+    # On the wire, as a director would see the client's packets
+    client_of = {rs: ip_to_int(lab.client_addrs[role]) for role, (_c, rs) in clients.items()}
+    counts = {}
+    for rs, sniffer in sniffers.items():
+        seen = counts[rs] = {"ike": 0, "ike_server_started": 0, "esp": 0}
+        wrong = []
+        for frame in sniffer.close():
+            pkt = classify(frame[14:])
+            if pkt.src != client_of[rs]:
+                continue
+            if pkt.kind == Kind.IKE:
+                seen["ike"] += 1
+                seen["ike_server_started"] += pkt.ike_version == 2 and not pkt.flags & FLAG_INITIATOR
+                if SPI_LABELS.decode_ike(pkt.spi_i, pkt.spi_r, pkt.ike_version, pkt.flags) != rs:
+                    wrong.append(("ike", hex(pkt.spi_i), hex(pkt.spi_r), pkt.ike_version, hex(pkt.flags)))
+            elif pkt.kind == Kind.ESP_IN_UDP:
+                seen["esp"] += 1
+                if SPI_LABELS.decode_esp(pkt.spi) != rs:
+                    wrong.append(("esp", hex(pkt.spi)))
+        print(f"  on the wire to rs{rs + 1}: {seen}, wrongly decoded: {len(wrong)}")
+        assert wrong == [], wrong[:10]
+        assert seen["ike"] >= 10 and seen["esp"] >= 10, seen
+    # IKEv2 messages from the client inside the SA the server started (I flag clear) were seen and
+    # decoded from the initiator field: the trap, on the wire
+    assert counts[0]["ike_server_started"] > 0, counts

@@ -32,10 +32,10 @@ def test_a_labelled_spi_names_its_server_in_either_field(svc, noise, other, data
     if mine == 0:  # a zero SPI is not an SPI (only possible with label 0 and zero noise)
         return
     # IKEv2: exact whichever side started the SA, whatever the other SPI holds
-    assert sl.decode_ike(other or 1, mine, 0x20, FLAG_INITIATOR) == rs
-    assert sl.decode_ike(mine, other, 0x20, 0) == rs
+    assert sl.decode_ike(other or 1, mine, 2, FLAG_INITIATOR) == rs
+    assert sl.decode_ike(mine, other, 2, 0) == rs
     # IKEv1: either field; never a wrong server, at worst None when the other SPI also decodes
-    for got in (sl.decode_ike(other, mine, 0x10, 0), sl.decode_ike(mine, other, 0x10, 0)):
+    for got in (sl.decode_ike(other, mine, 1, 0), sl.decode_ike(mine, other, 1, 0)):
         assert got in (rs, None)
         if sl.server_of_spi(other) in (None, rs):
             assert got == rs

@@ -9,7 +9,7 @@ from director.service import ConfigError
 from director.spi_label import ServerLabel, SpiLabels, mask_is_contiguous
 
 MASK = 0x00000000FF000000  # the lab's strongswan.conf value: byte 4 of the 8-byte SPI
-V2, V1 = 0x20, 0x10
+V2, V1 = 2, 1
 
 
 def labels() -> SpiLabels:
