@@ -1,6 +1,8 @@
 """Route health injection for real: three directors' BIRDs announce the VIP over eBGP + BFD to a
-BIRD router, which installs one three-way multipath route; a drain, a hung director and a killed
-one each remove exactly their nexthop within the documented bound, and a restart brings it back.
+BIRD router, which installs one three-way multipath route; a drain, a hung director, a killed one
+and one whose link went down each remove exactly their nexthop within the documented bound, and a
+restart (or the link back up) brings it back. The router spreads flows over every announcing
+director (L4 hashing) or keeps a client on one (L3).
 
 Times are printed (run with ``-s`` to see them) and asserted against docs/scale-out.md's bounds,
 which are loose enough for a loaded 2-core machine and still tell BFD from a hold timer.
@@ -110,6 +112,14 @@ def test_three_directors_announce_drain_hang_die_and_return(ecmp: EcmpLab):
     t = time.monotonic() - t0
     print(f"d1 restarted: nexthop back {t:.3f}s after BIRD started")
     wait(lambda: lab.bird("router").sessions()["d1"] == "Established", 5, "d1 session Established")
+
+    # d2's link goes down on its side (the router's port on the switch stays up): BFD again
+    lab.run("d2", ["ip", "link", "set", "eth0", "down"])
+    t = lab.wait_nexthops(everyone - lab.fabric_addrs(["d2"]), BFD_BOUND)
+    print(f"d2 link down: nexthop gone after {t * 1000:.1f} ms (bound {BFD_BOUND}s)")
+    lab.run("d2", ["ip", "link", "set", "eth0", "up"])
+    t = lab.wait_nexthops(everyone, REJOIN_BOUND)
+    print(f"d2 link up: nexthop back after {t:.3f}s")
 
 
 def test_a_withdrawn_vip_survives_a_bird_restart_withdrawn(ecmp: EcmpLab):
