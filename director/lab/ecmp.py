@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -37,7 +38,7 @@ from pathlib import Path
 from pyroute2 import IPRoute
 
 from director.dataplane.bgp import Bird, render_include
-from director.lab.netns import RS_ROLES, Lab, LabError, _write_sysctls, stop_process
+from director.lab.netns import RS_ROLES, Lab, LabError, _write_sysctls, pids_in_netns, stop_process
 
 __all__ = ["EcmpLab", "ROUTER_AS", "DIRECTOR_AS", "BFD_INTERVAL_MS", "BFD_MULTIPLIER", "bird_exe"]
 
@@ -291,12 +292,10 @@ class EcmpLab(Lab):
 
     def kill_director(self, role: str) -> list[int]:
         """SIGKILL every process in ``role``'s namespace, like a box losing power; returns the pids."""
-        from director.lab.netns import pids_in_netns
-
         pids = pids_in_netns([self.ns[role]])
         for pid in pids:
             try:
-                os.kill(pid, 9)
+                os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
         proc = self._birds.pop(role, None)
