@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+import struct
 import time
 
 import pytest
@@ -158,26 +159,45 @@ def test_a_refused_change_keeps_the_previous_announcement(ecmp: EcmpLab, monkeyp
     assert lab.fabric_addrs(["d2"]) <= lab.nexthops()
 
 
-def spread(lab: EcmpLab, count: int, port: int = 40000) -> dict[str, int]:
-    """UDP datagrams from c1 to the VIP, one per source port, counted by a socket on the VIP in
-    every director (the VIP is on each director's lo): {director: datagrams received}."""
+def spread(lab: EcmpLab, traffic: str, count: int) -> dict[str, int]:
+    """``count`` packets from c1 to the VIP, counted by a socket on the VIP in every director (the
+    VIP is on each director's lo): {director: packets received}. ``traffic``:
+
+    - ``udp-ports``: UDP, one source port per packet (like many flows of one client);
+    - ``esp-spis``: raw ESP (IP protocol 50), one SPI per packet;
+    - ``natt-spis``: ESP-in-UDP 4500 -> 4500 (what kernel-libipsec sends), one SPI per packet.
+    """
     import socket as so
 
+    esp = traffic == "esp-spis"
+    port = 4500 if traffic == "natt-spis" else 40000
     sinks = {}
     for role in lab.director_roles:
-        s = lab.socket(role, so.AF_INET, so.SOCK_DGRAM)
+        if esp:
+            s = lab.socket(role, so.AF_INET, so.SOCK_RAW, 50)
+        else:
+            s = lab.socket(role, so.AF_INET, so.SOCK_DGRAM)
+            s.bind((lab.vip, port))
         s.setsockopt(so.SOL_SOCKET, 33, 1 << 22)  # SO_RCVBUFFORCE: all of them may land here (L3)
-        s.bind((lab.vip, port))
         s.setblocking(False)
         sinks[role] = s
     # resolve the neighbours first: a burst into an unresolved neighbour overflows its queue
     assert lab.ping("c1", lab.router_wan)
     for role in lab.director_roles:
         assert lab.ping("router", lab.director_fabric(role))
-    for i in range(count):
-        tx = lab.socket("c1", so.AF_INET, so.SOCK_DGRAM)
-        tx.bind((lab.client_addrs["c1"], 20000 + i))
-        tx.sendto(b"x", (lab.vip, port))
+    if traffic == "udp-ports":
+        for i in range(count):
+            tx = lab.socket("c1", so.AF_INET, so.SOCK_DGRAM)
+            tx.bind((lab.client_addrs["c1"], 20000 + i))
+            tx.sendto(b"x", (lab.vip, port))
+            tx.close()
+    else:
+        tx = lab.socket("c1", so.AF_INET, so.SOCK_RAW, 50) if esp else lab.socket("c1", so.AF_INET, so.SOCK_DGRAM)
+        if not esp:
+            tx.bind((lab.client_addrs["c1"], 4500))
+        for i in range(count):
+            spi = 0x1000 + i * 7919  # distinct, non-zero, spread over the bits
+            tx.sendto(struct.pack("!II", spi, 1) + bytes(16), (lab.vip, port if not esp else 0))
         tx.close()
     got = {role: 0 for role in sinks}
     deadline = time.monotonic() + 2.0
@@ -185,7 +205,7 @@ def spread(lab: EcmpLab, count: int, port: int = 40000) -> dict[str, int]:
         for role, s in sinks.items():
             try:
                 while True:
-                    s.recv(16)
+                    s.recv(2048)
                     got[role] += 1
             except BlockingIOError:
                 pass
@@ -195,8 +215,9 @@ def spread(lab: EcmpLab, count: int, port: int = 40000) -> dict[str, int]:
 
 @pytest.mark.parametrize("hash_policy", [1, 0])
 def test_the_router_spreads_flows_over_every_announcing_director(hash_policy):
-    """L4 hashing (policy 1) spreads one client's flows over the three directors by port; L3
-    hashing (policy 0) keeps every packet of one client address on one director."""
+    """L4 hashing (policy 1) spreads one client's UDP flows by port and its raw ESP by SPI over the
+    three directors, but ESP-in-UDP 4500 -> 4500 stays on one (same ports, whatever the SPI);
+    L3 hashing (policy 0) keeps every packet of one client address on one director."""
     lab = EcmpLab("dr", directors=3, hash_policy=hash_policy)
     try:
         lab.up()
@@ -204,13 +225,14 @@ def test_the_router_spreads_flows_over_every_announcing_director(hash_policy):
             announce(lab, role, True)
         lab.wait_nexthops(lab.fabric_addrs(lab.director_roles), REJOIN_BOUND)
         n = 300
-        got = spread(lab, n)
-        print(f"\nhash policy {hash_policy}: {n} flows from one client -> {got}")
-        assert sum(got.values()) == n, got  # nothing lost
-        if hash_policy == 1:
-            # binomial(300, 1/3): below 50 on one director has probability ~1e-7
-            assert min(got.values()) >= 50, got
-        else:
-            assert sorted(got.values()) == [0, 0, n], got
+        for traffic in ("udp-ports", "esp-spis", "natt-spis"):
+            got = spread(lab, traffic, n)
+            print(f"\nhash policy {hash_policy}, {traffic}: {n} packets from one client -> {got}")
+            assert sum(got.values()) == n, (traffic, got)  # nothing lost
+            if hash_policy == 1 and traffic != "natt-spis":
+                # binomial(300, 1/3): below 50 on one director has probability ~1e-7
+                assert min(got.values()) >= 50, (traffic, got)
+            else:
+                assert sorted(got.values()) == [0, 0, n], (traffic, got)
     finally:
         lab.down()
