@@ -18,8 +18,10 @@ import time
 import pytest
 
 import director.dataplane.bgp as bgp
+from director.announce import DirectorState, ServiceState, Withdrawn
 from director.lab.ecmp import BFD_INTERVAL_MS, BFD_MULTIPLIER, HOLD_TIME, EcmpLab, bird_exe
 from director.lab.netns import LabError, cleanup, list_labs
+from director.route_injection import RouteInjector
 
 from tests.integration.conftest import lab_prerequisites
 
@@ -236,3 +238,26 @@ def test_the_router_spreads_flows_over_every_announcing_director(hash_policy):
                 assert sorted(got.values()) == [0, 0, n], (traffic, got)
     finally:
         lab.down()
+
+
+def test_route_injection_follows_health_drain_and_shutdown(ecmp: EcmpLab):
+    """The decision and the adapter together, against real BIRDs: a director whose service has no
+    healthy server withdraws, one that shuts down withdraws, and health coming back re-announces."""
+    lab = ecmp
+    up = DirectorState(dataplane_up=True)
+    inj = {role: RouteInjector(lab.bird(role)) for role in lab.director_roles}
+    for role in lab.director_roles:
+        inj[role].update(up, [ServiceState(lab.vip, 3)])
+    everyone = lab.fabric_addrs(lab.director_roles)
+    lab.wait_nexthops(everyone, REJOIN_BOUND)
+    assert {r: [s.announced for s in i.status()] for r, i in inj.items()} == {r: [True] for r in inj}
+
+    inj["d1"].update(up, [ServiceState(lab.vip, 0)])  # every real server down, as d1 sees it
+    lab.wait_nexthops(everyone - lab.fabric_addrs(["d1"]), WITHDRAW_BOUND)
+    assert inj["d1"].status()[0].reason == Withdrawn.NO_HEALTHY_SERVER
+    inj["d2"].update(DirectorState(dataplane_up=True, shutting_down=True), [ServiceState(lab.vip, 3)])
+    lab.wait_nexthops(lab.fabric_addrs(["d3"]), WITHDRAW_BOUND)
+    inj["d1"].update(up, [ServiceState(lab.vip, 1)])
+    lab.wait_nexthops(lab.fabric_addrs(["d1", "d3"]), WITHDRAW_BOUND)
+    assert inj["d1"].sessions() == {"uplink": "Established"}
+    assert all(i.error is None for i in inj.values())
