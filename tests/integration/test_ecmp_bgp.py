@@ -261,3 +261,22 @@ def test_route_injection_follows_health_drain_and_shutdown(ecmp: EcmpLab):
     lab.wait_nexthops(lab.fabric_addrs(["d1", "d3"]), WITHDRAW_BOUND)
     assert inj["d1"].sessions() == {"uplink": "Established"}
     assert all(i.error is None for i in inj.values())
+
+
+def test_a_crashed_ecmp_lab_is_cleaned_up_by_prefix():
+    """After a crash (no down()), cleanup(prefix) finds the router and director namespaces too,
+    kills their BIRDs and removes every namespace."""
+    lab = EcmpLab("dr", directors=2)
+    try:
+        lab.up()
+        names = set(lab.ns.values())
+        assert set(list_labs(lab.prefix)[lab.prefix]) == names
+        birds = [lab.bird_pid(r) for r in ("router", "d1", "d2")]
+        removed = cleanup(lab.prefix)
+        assert set(removed) == names
+        assert list_labs(lab.prefix) == {}
+        for pid in birds:
+            wait(lambda pid=pid: not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z",
+                 5, f"bird {pid} gone")  # fmt: skip
+    finally:
+        lab.down()
