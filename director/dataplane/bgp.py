@@ -10,7 +10,8 @@ Each VIP the adapter manages is one static protocol ``vip_<a>_<b>_<c>_<d>`` hold
 kept in a generated include file that BIRD's own config includes (``include "<vips.conf>";``). A
 VIP is announced while its protocol is enabled; the BGP protocol exports static routes only.
 The include always states the desired ``disabled`` flag of every protocol, so a restarted BIRD
-comes back announcing what was last applied.
+comes back announcing what was last applied (and a ``configure`` puts a protocol back to its
+configured state: BIRD compares the new ``disabled`` flag with the running one). IPv4 VIPs only.
 
 Changes follow ``director/reconcile.py``: :meth:`Bird.plan` computes the whole change, and
 :meth:`Bird.apply` writes the include and makes BIRD match it, with ``enable``/``disable``
