@@ -41,7 +41,8 @@ def wait(pred, timeout: float, what: str) -> float:
 
 
 @pytest.fixture
-def ecmp():
+def make_ecmp():
+    """Factory: ``make_ecmp(**kw)`` -> an EcmpLab (not yet up), always torn down after the test."""
     missing = lab_prerequisites("dr")
     try:
         bird_exe()
@@ -49,14 +50,22 @@ def ecmp():
         missing.append(str(e))
     if missing:
         pytest.fail("ECMP lab prerequisites missing: " + "; ".join(missing), pytrace=False)
-    lab = EcmpLab("dr", directors=3)
-    try:
-        lab.up()
-        yield lab
-    finally:
+    labs: list[EcmpLab] = []
+
+    def make(**kw) -> EcmpLab:
+        labs.append(EcmpLab("dr", **kw))
+        return labs[-1]
+
+    yield make
+    for lab in labs:
         lab.down()
         if list_labs(lab.prefix).get(lab.prefix):
             cleanup(lab.prefix)
+
+
+@pytest.fixture
+def ecmp(make_ecmp) -> EcmpLab:
+    return make_ecmp(directors=3).up()
 
 
 def announce(lab: EcmpLab, role: str, on: bool) -> None:
@@ -216,28 +225,24 @@ def spread(lab: EcmpLab, traffic: str, count: int) -> dict[str, int]:
 
 
 @pytest.mark.parametrize("hash_policy", [1, 0])
-def test_the_router_spreads_flows_over_every_announcing_director(hash_policy):
+def test_the_router_spreads_flows_over_every_announcing_director(make_ecmp, hash_policy):
     """L4 hashing (policy 1) spreads one client's UDP flows by port and its raw ESP by SPI over the
     three directors, but ESP-in-UDP 4500 -> 4500 stays on one (same ports, whatever the SPI);
     L3 hashing (policy 0) keeps every packet of one client address on one director."""
-    lab = EcmpLab("dr", directors=3, hash_policy=hash_policy)
-    try:
-        lab.up()
-        for role in lab.director_roles:
-            announce(lab, role, True)
-        lab.wait_nexthops(lab.fabric_addrs(lab.director_roles), REJOIN_BOUND)
-        n = 300
-        for traffic in ("udp-ports", "esp-spis", "natt-spis"):
-            got = spread(lab, traffic, n)
-            print(f"\nhash policy {hash_policy}, {traffic}: {n} packets from one client -> {got}")
-            assert sum(got.values()) == n, (traffic, got)  # nothing lost
-            if hash_policy == 1 and traffic != "natt-spis":
-                # binomial(300, 1/3): below 50 on one director has probability ~1e-7
-                assert min(got.values()) >= 50, (traffic, got)
-            else:
-                assert sorted(got.values()) == [0, 0, n], (traffic, got)
-    finally:
-        lab.down()
+    lab = make_ecmp(directors=3, hash_policy=hash_policy).up()
+    for role in lab.director_roles:
+        announce(lab, role, True)
+    lab.wait_nexthops(lab.fabric_addrs(lab.director_roles), REJOIN_BOUND)
+    n = 300
+    for traffic in ("udp-ports", "esp-spis", "natt-spis"):
+        got = spread(lab, traffic, n)
+        print(f"\nhash policy {hash_policy}, {traffic}: {n} packets from one client -> {got}")
+        assert sum(got.values()) == n, (traffic, got)  # nothing lost
+        if hash_policy == 1 and traffic != "natt-spis":
+            # binomial(300, 1/3): below 50 on one director has probability ~1e-7
+            assert min(got.values()) >= 50, (traffic, got)
+        else:
+            assert sorted(got.values()) == [0, 0, n], (traffic, got)
 
 
 def test_route_injection_follows_health_drain_and_shutdown(ecmp: EcmpLab):
@@ -263,20 +268,16 @@ def test_route_injection_follows_health_drain_and_shutdown(ecmp: EcmpLab):
     assert all(i.error is None for i in inj.values())
 
 
-def test_a_crashed_ecmp_lab_is_cleaned_up_by_prefix():
+def test_a_crashed_ecmp_lab_is_cleaned_up_by_prefix(make_ecmp):
     """After a crash (no down()), cleanup(prefix) finds the router and director namespaces too,
     kills their BIRDs and removes every namespace."""
-    lab = EcmpLab("dr", directors=2)
-    try:
-        lab.up()
-        names = set(lab.ns.values())
-        assert set(list_labs(lab.prefix)[lab.prefix]) == names
-        birds = [lab.bird_pid(r) for r in ("router", "d1", "d2")]
-        removed = cleanup(lab.prefix)
-        assert set(removed) == names
-        assert list_labs(lab.prefix) == {}
-        for pid in birds:
-            wait(lambda pid=pid: not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z",
-                 5, f"bird {pid} gone")  # fmt: skip
-    finally:
-        lab.down()
+    lab = make_ecmp(directors=2).up()
+    names = set(lab.ns.values())
+    assert set(list_labs(lab.prefix)[lab.prefix]) == names
+    birds = [lab.bird_pid(r) for r in ("router", "d1", "d2")]
+    removed = cleanup(lab.prefix)
+    assert set(removed) == names
+    assert list_labs(lab.prefix) == {}
+    for pid in birds:
+        wait(lambda pid=pid: not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z",
+             5, f"bird {pid} gone")  # fmt: skip
