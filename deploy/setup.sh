@@ -15,6 +15,7 @@ APT_PACKAGES=(
   strongswan-charon strongswan-swanctl strongswan-pki
   libstrongswan-standard-plugins libstrongswan-extra-plugins libcharon-extra-plugins
   iperf3 iputils-ping
+  bird2
 )
 
 log() { printf 'setup: %s\n' "$*"; }
@@ -45,6 +46,8 @@ if [ ${#missing[@]} -gt 0 ]; then
 else
   log "Debian packages present"
 fi
+# bird2's postinst enables its system unit; the lab runs one BIRD per namespace, never that one.
+if [ -e /lib/systemd/system/bird.service ]; then systemctl disable bird.service >/dev/null 2>&1 || rm -f /etc/systemd/system/multi-user.target.wants/bird.service; fi
 
 # python-iptables drives libiptc, i.e. the legacy tables only.
 for t in iptables ip6tables; do

@@ -59,6 +59,7 @@ ROLES = ("sw", "c1", "c2", "nat", "c3", "director", "gw", *RS_ROLES)
 DIRECTOR2 = "director2"  # the optional second (backup) director: Lab(mode, directors=2)
 NETNS_DIR = "/run/netns"
 DEFAULT_PREFIX_RE = re.compile(r"^vdl[0-9a-f]{6}$")
+ECMP_ROLE_RE = re.compile(r"router|d[1-8]")  # director/lab/ecmp.py's extra roles
 
 REPO = Path(__file__).resolve().parents[2]
 DECAP_OBJ = object_dir() / "rs_decap.o"  # the same lookup as the fast path's objects
@@ -214,7 +215,7 @@ def list_labs(prefix: str | None = None) -> dict[str, list[str]]:
     labs: dict[str, list[str]] = {}
     for name in names:
         head, sep, role = name.rpartition("-")
-        if not sep or (role not in ROLES and role != DIRECTOR2):
+        if not sep or (role not in ROLES and role != DIRECTOR2 and not ECMP_ROLE_RE.fullmatch(role)):
             continue
         if (prefix is not None and head == prefix) or (prefix is None and DEFAULT_PREFIX_RE.match(head)):
             labs.setdefault(head, []).append(name)

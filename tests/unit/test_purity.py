@@ -23,6 +23,8 @@ PURE = sorted([
     "director/sync.py",
     "director/counters.py",
     "director/views.py",
+    "director/announce.py",
+    "director/spi_label.py",
     *(str(p.relative_to(ROOT)) for p in (ROOT / "director/schedulers").glob("*.py")),
     *(str(p.relative_to(ROOT)) for p in (ROOT / "director/forwarding").glob("*.py")),
 ])
