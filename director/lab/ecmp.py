@@ -40,13 +40,14 @@ from pyroute2 import IPRoute
 from director.dataplane.bgp import Bird, render_include
 from director.lab.netns import RS_ROLES, Lab, LabError, _write_sysctls, pids_in_netns, stop_process
 
-__all__ = ["EcmpLab", "ROUTER_AS", "DIRECTOR_AS", "BFD_INTERVAL_MS", "BFD_MULTIPLIER", "bird_exe"]
+__all__ = ["EcmpLab", "NAT_PUBLIC", "ROUTER_AS", "DIRECTOR_AS", "BFD_INTERVAL_MS", "BFD_MULTIPLIER", "bird_exe"]
 
 ROUTER_AS = 65000
 DIRECTOR_AS = 65001
 BFD_INTERVAL_MS = 100  # BFD tx/rx interval on both ends of every session
 BFD_MULTIPLIER = 3  # a session is down after 3 missed intervals: 300 ms
 HOLD_TIME = 9  # BGP hold time (s): the bound without BFD for a silent director (BIRD's default: 240)
+NAT_PUBLIC = "198.18.0.13"  # the masquerading NAT's address on the wan (add_nat_clients)
 
 
 def bird_exe() -> str:
@@ -337,3 +338,52 @@ class EcmpLab(Lab):
 
     def fabric_addrs(self, roles) -> set[str]:
         return {self.director_fabric(r) for r in roles}
+
+    # -- clients behind a NAT ---------------------------------------------------------------------
+
+    nat_public = NAT_PUBLIC
+
+    def add_nat_clients(self, n: int) -> list[str]:
+        """``n`` client namespaces n1, n2, ... behind one masquerading NAT (namespace ``nat``, wan
+        address 198.18.0.13): client ``nk`` is 198.19.k.2 on its own veth leg to the NAT's
+        ``ethk`` (198.19.k.1), so every one of them reaches the VIP from 198.18.0.13, on ports the
+        NAT picks (the first keeps 500/4500, the others are remapped). Registered with the lab
+        (``ns``, ``client_addrs``): ``down()`` removes them. Returns the client roles."""
+        if not 1 <= n <= 8:
+            raise ValueError(f"n must be 1..8, not {n!r}")
+        if "nat" in self.ns:
+            raise LabError("the NAT clients are already added")
+        self.add_namespace("nat")
+        roles = [f"n{k}" for k in range(1, n + 1)]
+        for role in roles:
+            self.add_namespace(role)
+        with IPRoute(netns=self.ns["sw"], flags=0) as sw:
+            sw.link("add", ifname="nat-eth0", kind="veth", mtu=1500,
+                    peer={"ifname": "eth0", "net_ns_fd": self.ns["nat"], "mtu": 1500})  # fmt: skip
+            idx = sw.link_lookup(ifname="nat-eth0")[0]
+            sw.link("set", index=idx, master=sw.link_lookup(ifname="wan")[0], state="up")
+        with IPRoute(netns=self.ns["nat"], flags=0) as nat:
+            for k, role in enumerate(roles, 1):
+                nat.link("add", ifname=f"eth{k}", kind="veth", mtu=1500,
+                         peer={"ifname": "eth0", "net_ns_fd": self.ns[role], "mtu": 1500})  # fmt: skip
+            for link in nat.get_links():
+                nat.link("set", index=link["index"], state="up")
+            nat.addr("add", index=nat.link_lookup(ifname="eth0")[0], address=NAT_PUBLIC, prefixlen=24)
+            for k in range(1, n + 1):
+                nat.addr("add", index=nat.link_lookup(ifname=f"eth{k}")[0], address=f"198.19.{k}.1", prefixlen=24)
+            nat.route("add", dst="0.0.0.0/0", gateway=self.router_wan)
+        for k, role in enumerate(roles, 1):
+            with IPRoute(netns=self.ns[role], flags=0) as ipr:
+                for link in ipr.get_links():
+                    ipr.link("set", index=link["index"], state="up")
+                ipr.addr("add", index=ipr.link_lookup(ifname="eth0")[0], address=f"198.19.{k}.2", prefixlen=24)
+                ipr.route("add", dst="0.0.0.0/0", gateway=f"198.19.{k}.1")
+            _write_sysctls(self.ns[role], {"net/ipv4/conf/eth0/rp_filter": 0})
+            self.client_addrs[role] = f"198.19.{k}.2"
+        _write_sysctls(self.ns["nat"], {"net/ipv4/ip_forward": 1})
+        self.run("nat", ["iptables", "-w", "-t", "nat", "-A", "POSTROUTING", "-o", "eth0", "-j", "MASQUERADE"])
+        return roles
+
+    def seen_as(self, role: str) -> str:
+        """A client's address as the directors see it (the NAT's for the clients behind it)."""
+        return NAT_PUBLIC if role.startswith("n") and role in self.client_addrs else self.client_addrs[role]

@@ -1,0 +1,222 @@
+"""Scale-out with real peers: strongSwan clients through a BIRD ECMP router and three directors.
+
+The lab (``director/lab/ecmp.py``): a BIRD router merging the three directors' BGP routes for the
+VIP into one multipath route, three directors each running the real daemon (``mh``, DR, the
+NFQUEUE dataplane) and its own BIRD announcing the VIP over eBGP + BFD, and three strongSwan
+responders on the real servers. Six strongSwan clients: IKEv2 and IKEv1 from their own addresses
+(c1, c2, c4, c5) and from behind one masquerading NAT (n1, n2: both seen as 198.18.0.13, on ports
+the NAT picks).
+
+The router hashes by L3 here (``fib_multipath_hash_policy = 0``): every packet of one client
+address reaches one director, so each director sees whole conversations and ``mh`` alone keeps
+them right while the director set is stable. L4 hashing (a client's UDP 500, UDP 4500 and ESP on
+different directors) and the loss of a director need shared state or SPI labels in the daemon;
+see docs/scale-out.md ("Measured").
+
+Only DR: the lab's NAT mode sends every real server's replies through d1 (docs/scale-out.md), and
+its TUN mode needs one decapsulator per real server that these tests would add nothing to. One
+dataplane (NFQUEUE; ``VPN_DIRECTOR_DATAPLANE=ebpf`` runs the same tests on the fast path): three
+daemons and six charons already take most of a minute per test on a 2-core machine.
+
+Times are printed (``-s``).
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from director.lab.director_proc import DirectorProcess
+from director.lab.ecmp import EcmpLab, bird_exe
+from director.lab.netns import LabError, cleanup, list_labs
+from director.lab.strongswan import Peers, add_clients, lost_echoes, sa_key, strongswan_prerequisites, PROTECTED
+
+from tests.integration.conftest import lab_prerequisites
+
+# client role -> strongSwan connection kind (psk: IKEv2, psk1: IKEv1 main mode)
+KINDS = {"c1": "psk", "c2": "psk1", "c4": "psk", "c5": "psk1", "n1": "psk", "n2": "psk1"}
+ROUTE_BOUND = 30.0  # BGP sessions up and the three-way route installed (docs/scale-out.md, "Bounds")
+MOVE_BOUND = 30.0  # a moved client re-established: DPD (1 s, 3 retransmits) then a new IKE SA
+
+
+def wait_for(pred, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while True:
+        got = pred()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout}s")
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def scaleout():
+    """The lab up, three daemons announcing the VIP, three responders, six connected clients."""
+    missing = lab_prerequisites("dr") + strongswan_prerequisites()
+    try:
+        bird_exe()
+    except LabError as e:
+        missing.append(str(e))
+    if missing:
+        pytest.fail("scale-out lab prerequisites missing: " + "; ".join(missing), pytrace=False)
+    lab = EcmpLab("dr", directors=3, hash_policy=0)
+    peers = None
+    try:
+        lab.up()
+        add_clients(lab, 2)  # c4, c5 on the wan
+        lab.add_nat_clients(2)  # n1, n2 behind the NAT
+        directors = {}
+        for role in lab.director_roles:
+            directors[role] = DirectorProcess(lab, role, role=role, scheduler="mh").start()
+        for role in lab.director_roles:
+            bird = lab.bird(role)
+            bird.apply(bird.plan({lab.vip}, {lab.vip}))
+        t = lab.wait_nexthops(lab.fabric_addrs(lab.director_roles), ROUTE_BOUND)
+        print(f"\nthree-way route to the VIP after {t:.2f}s")
+        peers = Peers(lab)
+        peers.start_servers()
+        for role, kind in KINDS.items():
+            peers.client(role, kind)
+        peers.start_clients()
+        t0 = time.monotonic()
+        peers.connect(timeout=30)
+        print(f"six clients established in {time.monotonic() - t0:.2f}s")
+        yield lab, directors, peers
+    finally:
+        if peers is not None:
+            try:
+                peers.stop()
+            except Exception as e:  # teardown goes on: lab.down() kills what is left
+                print(f"stopping peers: {e}")
+        lab.down()
+        if list_labs(lab.prefix).get(lab.prefix):
+            cleanup(lab.prefix)
+
+
+def sa_keys(peers: Peers) -> dict[str, tuple]:
+    """Each client's established IKE SA and its installed CHILD_SAs' SPIs, as the client sees them."""
+    keys = {}
+    for role, c in peers.clients.items():
+        sas = c.established(c.conn)
+        assert len(sas) == 1, f"{role}: {len(sas)} established SAs"
+        keys[role] = sa_key(sas[0])
+    return keys
+
+
+def servers_of(peers: Peers) -> dict[str, int]:
+    got = {role: peers.server_of(role) for role in peers.clients}
+    assert None not in got.values(), got
+    return got
+
+
+def ping_all(peers: Peers, count: int = 3) -> dict[str, tuple[int, int]]:
+    return {role: peers.ping(role, count=count, interval=0.1) for role in peers.clients}
+
+
+def start_pings(lab: EcmpLab, peers: Peers, interval: float = 0.05) -> dict:
+    """A ping inside every client's tunnel, every ``interval`` s, until stopped (for lost_echoes)."""
+    procs = {}
+    for role, c in peers.clients.items():
+        vip = c.virtual_ip(c.conn)
+        procs[role] = lab.popen(role, ["ping", "-n", "-i", str(interval), "-W", "1", "-I", vip, PROTECTED],
+                                stdout=-1, stderr=-1, text=True)  # fmt: skip
+    return procs
+
+
+def stop_pings(procs: dict, interval: float = 0.05) -> dict[str, tuple[int, float]]:
+    """{client: (echoes lost, longest silence in s)} (the longest run of lost echoes x interval)."""
+    import signal
+
+    out = {}
+    for role, p in procs.items():
+        p.send_signal(signal.SIGINT)
+        text, _ = p.communicate(timeout=5)
+        sent, lost = lost_echoes(text)
+        longest = run = 0
+        prev = None
+        for seq in lost:
+            run = run + 1 if prev == seq - 1 else 1
+            longest = max(longest, run)
+            prev = seq
+        out[role] = (len(lost), longest * interval)
+        assert sent > 10, f"{role}: ping sent only {sent}: {text[-300:]}"
+    return out
+
+
+def test_six_clients_spread_over_three_directors_and_pass_traffic(scaleout):
+    """Every client established (IKEv1 and IKEv2, two behind the NAT) and pings inside its tunnel;
+    each director holds the whole conversation of the clients the router sends it, on the real
+    server that holds the client's SA, and no client's conversation is on two directors."""
+    lab, directors, peers = scaleout
+    for role, (sent, got) in ping_all(peers).items():
+        assert got == sent, f"{role}: {got}/{sent} echoes inside the tunnel"
+    rs_of = servers_of(peers)
+    held: dict[str, list[str]] = {}  # client address as seen -> directors holding it
+    for d, proc in directors.items():
+        for e in proc.connections():
+            if e["state"] == "ESTABLISHED":
+                held.setdefault(e["client"], [])
+                if d not in held[e["client"]]:
+                    held[e["client"]].append(d)
+                # the director's choice is the server holding the client's SA
+                owners = {lab.rs_addrs[rs_of[r]] for r in peers.clients if lab.seen_as(r) == e["client"]}
+                assert e["rs_address"] in owners, (d, e, owners)
+    print(f"clients per director: {held}; real server per client: {rs_of}")
+    assert set(held) == {lab.seen_as(r) for r in peers.clients}, held
+    assert all(len(ds) == 1 for ds in held.values()), f"a client on several directors (L3 hashing): {held}"
+    # the NAT's two clients share one public address, one director, and (mh: by address) one server
+    assert rs_of["n1"] == rs_of["n2"]
+
+
+def test_a_real_server_removed_moves_only_its_clients_and_one_added_moves_none(scaleout):
+    lab, directors, peers = scaleout
+    before = sa_keys(peers)
+    rs_of = servers_of(peers)
+    busiest = max(set(rs_of.values()), key=lambda rs: sum(1 for v in rs_of.values() if v == rs))
+    moved = {r for r, rs in rs_of.items() if rs == busiest}
+    stay = set(peers.clients) - moved
+    addr = lab.rs_addrs[busiest]
+    print(f"removing rs{busiest + 1} ({addr}) from every director: its clients {sorted(moved)}")
+
+    pings = start_pings(lab, peers)
+    t0 = time.monotonic()
+    for proc in directors.values():
+        assert proc.request("del-server", vip=lab.vip, address=addr)["ok"]
+
+    def moved_back() -> bool:
+        for r in moved:
+            c = peers.clients[r]
+            sas = c.established(c.conn)
+            if len(sas) != 1 or sa_key(sas[0]) == before[r] or not sas[0].get("child-sas"):
+                return False
+        return True
+
+    wait_for(moved_back, MOVE_BOUND, f"{sorted(moved)} re-established elsewhere")
+    print(f"moved clients re-established after {time.monotonic() - t0:.2f}s")
+    time.sleep(2.0)  # a full DPD period with the pings running: a broken stayer would show
+    lost = stop_pings(pings)
+    print(f"lost echoes / longest silence: {lost}")
+    after = sa_keys(peers)
+    for r in stay:
+        assert after[r] == before[r], f"{r} was not on rs{busiest + 1} but its SA changed"
+        assert lost[r][0] == 0, f"{r} lost {lost[r][0]} echoes though its server stayed"
+    rs_now = servers_of(peers)
+    for r in moved:
+        assert rs_now[r] != busiest, (r, rs_now)
+    for r in stay:
+        assert rs_now[r] == rs_of[r], (r, rs_of, rs_now)
+    for role, (sent, got) in ping_all(peers).items():
+        assert got == sent, f"{role}: {got}/{sent} echoes after the removal"
+
+    # the server comes back: mh's table changes for new conversations only
+    before = sa_keys(peers)
+    pings = start_pings(lab, peers)
+    for proc in directors.values():
+        assert proc.request("add-server", vip=lab.vip, server={"address": addr, "weight": 1})["ok"]
+    time.sleep(3.0)  # three DPD periods: a client whose packets went elsewhere would restart
+    lost = stop_pings(pings)
+    print(f"after adding rs{busiest + 1} back: lost echoes / longest silence: {lost}")
+    assert sa_keys(peers) == before
+    assert all(n == 0 for n, _ in lost.values()), lost
