@@ -65,7 +65,8 @@ def scaleout():
     peers = None
     try:
         lab.up()
-        add_clients(lab, 2)  # c4, c5 on the wan
+        for role in add_clients(lab, 2):  # c4, c5 on the wan; the VIP is behind the router
+            lab.run(role, ["ip", "route", "add", "default", "via", lab.router_wan])
         lab.add_nat_clients(2)  # n1, n2 behind the NAT
         directors = {}
         for role in lab.director_roles:
@@ -106,8 +107,17 @@ def sa_keys(peers: Peers) -> dict[str, tuple]:
 
 
 def servers_of(peers: Peers) -> dict[str, int]:
-    got = {role: peers.server_of(role) for role in peers.clients}
-    assert None not in got.values(), got
+    """The real server holding each client's current IKE SA (same SPIs on both ends): a server
+    that lost a client may still list the client's old SA until it times out."""
+    got = {}
+    for role, c in peers.clients.items():
+        sas = c.established(c.conn)
+        assert len(sas) == 1, f"{role}: {len(sas)} established SAs"
+        spis = (sas[0]["initiator-spi"], sas[0]["responder-spi"])
+        holders = [i for i, s in enumerate(peers.servers)
+                   if any((sa["initiator-spi"], sa["responder-spi"]) == spis for sa in s.established())]
+        assert len(holders) == 1, f"{role}: SA {spis} held by servers {holders}"
+        got[role] = holders[0]
     return got
 
 
