@@ -52,8 +52,12 @@ def wait_for(pred, timeout: float, what: str):
 
 
 @pytest.fixture
-def scaleout():
-    """The lab up, three daemons announcing the VIP, three responders, six connected clients."""
+def make_scaleout():
+    """Factory: ``make_scaleout(hash_policy=0, directors=3, running=3, extra=None)`` builds the lab,
+    starts a daemon in the first ``running`` directors (each with ``extra(lab, role)`` appended to
+    its [daemon] table), makes them announce the VIP (by the lab's BIRD adapter, or by the daemon
+    itself when ``extra`` gives it a [daemon.bgp] table: ``daemon_bgp=True``), starts three
+    responders and six connected clients; returns (lab, directors, peers). Always torn down."""
     missing = lab_prerequisites("dr") + strongswan_prerequisites()
     try:
         bird_exe()
@@ -61,22 +65,26 @@ def scaleout():
         missing.append(str(e))
     if missing:
         pytest.fail("scale-out lab prerequisites missing: " + "; ".join(missing), pytrace=False)
-    lab = EcmpLab("dr", directors=3, hash_policy=0)
-    peers = None
-    try:
+    made = []
+
+    def make(hash_policy: int = 0, directors: int = 3, running: int = 3, extra=None, daemon_bgp: bool = False):
+        lab = EcmpLab("dr", directors=directors, hash_policy=hash_policy)
+        made.append([lab, None])
         lab.up()
         for role in add_clients(lab, 2):  # c4, c5 on the wan; the VIP is behind the router
             lab.run(role, ["ip", "route", "add", "default", "via", lab.router_wan])
         lab.add_nat_clients(2)  # n1, n2 behind the NAT
-        directors = {}
-        for role in lab.director_roles:
-            directors[role] = DirectorProcess(lab, role, role=role, scheduler="mh").start()
-        for role in lab.director_roles:
-            bird = lab.bird(role)
-            bird.apply(bird.plan({lab.vip}, {lab.vip}))
-        t = lab.wait_nexthops(lab.fabric_addrs(lab.director_roles), ROUTE_BOUND)
-        print(f"\nthree-way route to the VIP after {t:.2f}s")
+        procs = {}
+        for role in lab.director_roles[:running]:
+            procs[role] = start_director(lab, role, extra)
+        if not daemon_bgp:
+            for role in lab.director_roles[:running]:
+                bird = lab.bird(role)
+                bird.apply(bird.plan({lab.vip}, {lab.vip}))
+        t = lab.wait_nexthops(lab.fabric_addrs(lab.director_roles[:running]), ROUTE_BOUND)
+        print(f"\n{running}-way route to the VIP after {t:.2f}s")
         peers = Peers(lab)
+        made[-1][1] = peers
         peers.start_servers()
         for role, kind in KINDS.items():
             peers.client(role, kind)
@@ -84,8 +92,10 @@ def scaleout():
         t0 = time.monotonic()
         peers.connect(timeout=30)
         print(f"six clients established in {time.monotonic() - t0:.2f}s")
-        yield lab, directors, peers
-    finally:
+        return lab, procs, peers
+
+    yield make
+    for lab, peers in made:
         if peers is not None:
             try:
                 peers.stop()
@@ -94,6 +104,17 @@ def scaleout():
         lab.down()
         if list_labs(lab.prefix).get(lab.prefix):
             cleanup(lab.prefix)
+
+
+def start_director(lab: EcmpLab, role: str, extra=None) -> DirectorProcess:
+    kw = {"daemon_extra": extra(lab, role)} if extra else {}
+    return DirectorProcess(lab, role, role=role, scheduler="mh", **kw).start()
+
+
+@pytest.fixture
+def scaleout(make_scaleout):
+    """Three daemons (L3 hashing) announcing the VIP, three responders, six connected clients."""
+    return make_scaleout()
 
 
 def sa_keys(peers: Peers) -> dict[str, tuple]:
