@@ -7,7 +7,7 @@ Not a test: it prints fractions and passes or fails nothing.
 
 Per mechanism, one ECMP lab (``director/lab/ecmp.py``: a BIRD router with L4 multipath hashing,
 four director namespaces each with its own BIRD, three real servers, DR) and four daemons (the
-real ``vpn-director run``, NFQUEUE dataplane), d1-d3 announcing the VIP, d4 silent:
+real ``vpn-director run``, NFQUEUE dataplane) in d1-d3, announcing the VIP; d4 is spare:
 
 1. ``--conversations`` crafted conversations from c1's namespace, each from its own source
    (address in 100.64.0.0/16, port): IKE_SA_INIT then IKE_AUTH (responder SPI set) behind the
@@ -20,7 +20,8 @@ real ``vpn-director run``, NFQUEUE dataplane), d1-d3 announcing the VIP, d4 sile
    route has only d1 and d2, one more ESP packet per conversation. **Broken**: not delivered to
    its owner (dropped, or delivered to another server).
 3. **join**: a second set of ``--conversations`` conversations is established (same way) on the
-   two remaining directors, then d4 announces the VIP; once the route has d1, d2 and d4, one more
+   two remaining directors, then d4's daemon starts (with ``shared``: and gets the others' table,
+   waited for up to 10 s) and d4 announces the VIP; once the route has d1, d2 and d4, one more
    ESP packet per conversation of the second set. Broken by the join: not delivered to its owner.
    (A separate set: the first set's survivors of the leave are exactly the flows the router's
    hash did not move, and would hide what a join moves.)
@@ -31,9 +32,11 @@ flows change director (1/3 from the dead one, 1/6 between the survivors), and 2 
 too. A director without the conversation's entry drops its ESP (ICMP unreachable).
 
 Mechanisms (``--mechanisms``): ``rr`` (round robin, nothing shared: the naive baseline) and ``mh``
-(Maglev hashing alone: the same choice on every director for a NEW conversation). ``shared``
-(``mh`` plus N-peer table sync) and ``labels`` (SPI labels) need daemon settings that do not
-exist yet; asking for them stops with a one-line message naming the missing setting.
+(Maglev hashing alone: the same choice on every director for a NEW conversation), ``shared``
+(``mh`` plus N-peer table sync: ``[daemon.sync]`` with every other director in ``peers`` and role
+``all``; d4 is a peer from the start and gets the others' entries when it starts). ``labels`` (SPI
+labels) is not written yet. A mechanism the daemon's config does not accept stops the bench with
+a one-line message naming the missing setting.
 
 ``--plot``: while the leave and the join happen, ``WATCH`` of the conversations also send an ESP
 packet every ``WATCH_INTERVAL`` s; each delivery is recorded at the real servers and drawn per
@@ -71,17 +74,44 @@ BURST = 200  # packets sent back to back, then PACE s
 PACE = 0.01
 ROUTE_BOUND = 30.0
 
+SYNC_KEY = "5ca1e0075ca1e0075ca1e0075ca1e007"
+
 MECHANISMS = {
     "rr": {"scheduler": "rr"},
     "mh": {"scheduler": "mh"},
-    # Not yet in the daemon: the setting each would need.
-    "shared": None,  # [daemon.sync] peers = [...] (N-peer table sync)
-    "labels": None,  # per service: spi_label = { mask, servers = {...} } (SPI labels in the core)
+    "shared": {"scheduler": "mh", "sync": True},  # mh + [daemon.sync] peers = [...], role "all"
+    "labels": None,  # per service: spi_label = {...} (SPI label steering in the core): not written yet
 }
 MISSING = {
-    "shared": "daemon.sync.peers (N-peer table sync) is not in this daemon",
-    "labels": "service.spi_label (SPI label steering) is not in this daemon",
+    "shared": "[daemon.sync] peers = [...] with role \"all\" (N-peer table sync) is not in this daemon",
+    "labels": "SPI label steering in the daemon (service.spi_label) is not in this daemon",
 }
+
+
+def sync_table(lab: EcmpLab, role: str) -> str:
+    """[daemon.sync] for N-peer shared state: every other director, on the LAN side."""
+    me = lab.director_lan_addr(role)
+    others = ", ".join(f'"{lab.director_lan_addr(r)}"' for r in lab.director_roles if r != role)
+    return (f'\n[daemon.sync]\npeers = [{others}]\nbind = "{me}"\nkey = "{SYNC_KEY}"\nrole = "all"\n'
+            f'state_file = "{lab._tmp() / f"sync-{role}.json"}"\n')
+
+
+def supported(name: str) -> bool:
+    """Whether this daemon's config accepts what mechanism ``name`` needs."""
+    if MECHANISMS[name] is None:
+        return False
+    if not MECHANISMS[name].get("sync"):
+        return True
+    from director.config import ConfigErrors, from_dict
+
+    raw = {"daemon": {"sync": {"peers": ["192.0.2.2", "192.0.2.3"], "bind": "192.0.2.1", "key": SYNC_KEY,
+                               "role": "all", "state_file": "/tmp/x.json"}},
+           "service": [{"vip": "192.0.2.10", "server": [{"address": "192.0.2.20"}]}]}  # fmt: skip
+    try:
+        from_dict(raw)
+    except (ConfigErrors, ValueError, TypeError, KeyError):
+        return False
+    return True
 
 
 def conv_source(i: int) -> tuple[int, int]:
@@ -185,8 +215,11 @@ def run_mechanism(name: str, n: int, plot: bool) -> dict:
     result: dict = {"mechanism": name, "conversations": n}
     try:
         lab.up()
-        directors = {r: DirectorProcess(lab, r, role=r, scheduler=cfg["scheduler"], init_timeout=60.0).start()
-                     for r in lab.director_roles}  # fmt: skip
+        def start(r: str) -> DirectorProcess:
+            extra = {"daemon_extra": sync_table(lab, r)} if cfg.get("sync") else {}
+            return DirectorProcess(lab, r, role=r, scheduler=cfg["scheduler"], init_timeout=60.0, **extra).start()
+
+        directors = {r: start(r) for r in ("d1", "d2", "d3")}
         for r in ("d1", "d2", "d3"):
             b = lab.bird(r)
             b.apply(b.plan({lab.vip}, {lab.vip}))
@@ -204,6 +237,7 @@ def run_mechanism(name: str, n: int, plot: bool) -> dict:
         result["established"] = len(owner)
         result["spread_over_servers"] = [sum(1 for v in owner.values() if v == k) for k in range(3)]
         per_dir = {r: p.status() for r, p in directors.items()}
+        per_dir["d4"] = {"entries": 0}  # not started yet
         result["entries_per_director"] = {r: s["entries"] for r, s in per_dir.items()}
 
         watched = sorted(owner)[:WATCH]
@@ -246,6 +280,14 @@ def run_mechanism(name: str, n: int, plot: bool) -> dict:
         owner2 = {i: min(rs) for i, rs in got.items() if len(rs) == 1 and i >= n}
         result["established_second"] = len(owner2)
         t_events["join"] = time.monotonic()
+        directors["d4"] = start("d4")
+        if cfg.get("sync"):  # announce once the snapshot is in (bounded)
+            want = directors["d1"].status()["entries"]
+            deadline = time.monotonic() + 10.0
+            while directors["d4"].status()["entries"] < want and time.monotonic() < deadline:
+                time.sleep(0.05)
+            result["d4_snapshot_s"] = time.monotonic() - t_events["join"]
+            result["d4_entries_at_announce"] = (directors["d4"].status()["entries"], want)
         b = lab.bird("d4")
         b.apply(b.plan({lab.vip}, {lab.vip}))
         lab.wait_nexthops(lab.fabric_addrs(["d1", "d2", "d4"]), ROUTE_BOUND)
@@ -326,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         if m not in MECHANISMS:
             print(f"--mechanisms: unknown mechanism {m!r} (one of {', '.join(MECHANISMS)})", file=sys.stderr)
             return 2
-        if MECHANISMS[m] is None:
+        if not supported(m):
             print(f"--mechanisms: {m}: {MISSING[m]}", file=sys.stderr)
             return 2
     if not 1 <= a.conversations <= 30000:
