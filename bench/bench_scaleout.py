@@ -343,14 +343,15 @@ def draw(results: list[dict], path: Path) -> None:
             labelled = name in ("leave", "join")
             ax.axvline(t, color="0.2" if labelled else "0.6", lw=0.8, ls="--" if labelled else ":")
             if labelled:
-                text = "d3 killed" if name == "leave" else "d4 announces"
+                text = "d3 killed" if name == "leave" else "d4 starts"
                 ax.text(t, len(rows) + 0.3, f" {text}", fontsize=8, ha="left", va="bottom")
         ax.set_ylim(-1, len(rows) + 2)
         ax.set_ylabel(f"{r['mechanism']}: client")
         ax.set_yticks([])
         ax.legend(loc="lower right", fontsize=7)
     axes[-1, 0].set_xlabel("seconds (gaps: ESP dropped)")
-    fig.suptitle("ESP delivery of 24 clients established on d1-d3 (L4 ECMP): d3 killed, then d4 joins")
+    fig.suptitle("ESP delivery of 24 clients established on d1-d3 (L4 ECMP): d3 killed, then d4 joins\n"
+                 "(dotted: the router's route changed)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     print(f"wrote {path}")
