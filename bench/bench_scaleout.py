@@ -34,8 +34,11 @@ too. A director without the conversation's entry drops its ESP (ICMP unreachable
 Mechanisms (``--mechanisms``): ``rr`` (round robin, nothing shared: the naive baseline) and ``mh``
 (Maglev hashing alone: the same choice on every director for a NEW conversation), ``shared``
 (``mh`` plus N-peer table sync: ``[daemon.sync]`` with every other director in ``peers`` and role
-``all``; d4 is a peer from the start and gets the others' entries when it starts). ``labels`` (SPI
-labels) is not written yet. A mechanism the daemon's config does not accept stops the bench with
+``all``; d4 is a peer from the start and gets the others' entries when it starts), ``labels``
+(``mh`` plus SPI labels: the service's ``spi_label.mask`` is byte 4 of the IKE SPI, real server k
+has label 0x41 + k and ESP SPIs ``label << 24`` .. ``| 0xFFFFFF``; the crafted IKE_AUTH carries
+the label of the server its IKE_SA_INIT reached, in the responder SPI, and the ESP SPI lies in
+that server's range, as a labelled strongSwan chooses them). A mechanism the daemon's config does not accept stops the bench with
 a one-line message naming the missing setting.
 
 ``--plot``: while the leave and the join happen, ``WATCH`` of the conversations also send an ESP
@@ -67,7 +70,9 @@ from director.lab.ecmp import EcmpLab  # noqa: E402
 from director.lab.netns import cleanup, list_labs  # noqa: E402
 from director.packet import ip_to_int  # noqa: E402
 
-SPI_BASE = 0x10000  # ESP SPI of conversation i: SPI_BASE + i
+SPI_BASE = 0x01000000  # ESP SPI of conversation i: SPI_BASE | i (labels: the server's label byte | i)
+LABEL_MASK = 0x00000000FF000000  # SPI labels: byte 4 of the IKE SPI, as in docs/operations.md
+LABELS = (0x41, 0x42, 0x43)  # real server k's label byte; its ESP SPIs are label << 24 .. | 0xFFFFFF
 WATCH = 24  # conversations drawn in the plot
 WATCH_INTERVAL = 0.02  # s between two ESP packets of a watched conversation
 BURST = 200  # packets sent back to back, then PACE s
@@ -80,11 +85,12 @@ MECHANISMS = {
     "rr": {"scheduler": "rr"},
     "mh": {"scheduler": "mh"},
     "shared": {"scheduler": "mh", "sync": True},  # mh + [daemon.sync] peers = [...], role "all"
-    "labels": None,  # per service: spi_label = {...} (SPI label steering in the core): not written yet
+    "labels": {"scheduler": "mh", "labels": True},  # service spi_label.mask, each server's label and ESP range
 }
 MISSING = {
     "shared": "[daemon.sync] peers = [...] with role \"all\" (N-peer table sync) is not in this daemon",
-    "labels": "SPI label steering in the daemon (service.spi_label) is not in this daemon",
+    "labels": "SPI label steering (service spi_label.mask, server spi_label/esp_spi_min/esp_spi_max) is not in "
+              "this daemon",
 }
 
 
@@ -96,17 +102,34 @@ def sync_table(lab: EcmpLab, role: str) -> str:
             f'state_file = "{lab._tmp() / f"sync-{role}.json"}"\n')
 
 
+def label_config(text: str, lab: EcmpLab) -> str:
+    """The lab's daemon config with SPI labels: the service's mask, each server's label and range."""
+    text = text.replace("\n[[service.server]]", f'\nspi_label = {{ mask = "{LABEL_MASK:#018x}" }}\n\n[[service.server]]', 1)
+    for k, addr in enumerate(lab.rs_addrs):
+        b = LABELS[k]
+        text = text.replace(f'address = "{addr}"\n',
+                            f'address = "{addr}"\nspi_label = "{b << 24:#018x}"\n'
+                            f"esp_spi_min = {b << 24}\nesp_spi_max = {(b << 24) | 0xFFFFFF}\n")  # fmt: skip
+    return text
+
+
 def supported(name: str) -> bool:
     """Whether this daemon's config accepts what mechanism ``name`` needs."""
-    if MECHANISMS[name] is None:
+    cfg = MECHANISMS[name]
+    if cfg is None:
         return False
-    if not MECHANISMS[name].get("sync"):
+    if not cfg.get("sync") and not cfg.get("labels"):
         return True
     from director.config import ConfigErrors, from_dict
 
-    raw = {"daemon": {"sync": {"peers": ["192.0.2.2", "192.0.2.3"], "bind": "192.0.2.1", "key": SYNC_KEY,
-                               "role": "all", "state_file": "/tmp/x.json"}},
-           "service": [{"vip": "192.0.2.10", "server": [{"address": "192.0.2.20"}]}]}  # fmt: skip
+    raw = {"daemon": {}, "service": [{"vip": "192.0.2.10", "server": [{"address": "192.0.2.20"}]}]}
+    if cfg.get("sync"):
+        raw["daemon"]["sync"] = {"peers": ["192.0.2.2", "192.0.2.3"], "bind": "192.0.2.1", "key": SYNC_KEY,
+                                 "role": "all", "state_file": "/tmp/x.json"}  # fmt: skip
+    if cfg.get("labels"):
+        raw["service"][0]["spi_label"] = {"mask": f"{LABEL_MASK:#018x}"}
+        raw["service"][0]["server"][0].update({"spi_label": f"{0x41 << 24:#018x}", "esp_spi_min": 0x41 << 24,
+                                               "esp_spi_max": (0x41 << 24) | 0xFFFFFF})  # fmt: skip
     try:
         from_dict(raw)
     except (ConfigErrors, ValueError, TypeError, KeyError):
@@ -130,7 +153,8 @@ class Sinks:
             s.bind((lab.vip, 4500))
             s.setblocking(False)
             self.socks.append(s)
-        self.log: list[tuple[float, int, int]] = []
+        self.log: list[tuple[float, int, int]] = []  # ESP: (time, conversation, rs)
+        self.ike: list[tuple[int, int]] = []  # IKE: (initiator SPI, rs)
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -144,7 +168,9 @@ class Sinks:
                         data = s.recv(2048)
                         idle = False
                         if len(data) >= 8 and data[:4] != b"\x00\x00\x00\x00":  # ESP, not IKE
-                            self.log.append((time.monotonic(), struct.unpack_from(">I", data)[0], rs))
+                            self.log.append((time.monotonic(), struct.unpack_from(">I", data)[0] & 0xFFFFFF, rs))
+                        elif len(data) >= 12:
+                            self.ike.append((struct.unpack_from(">Q", data, 4)[0], rs))
                 except BlockingIOError:
                     pass
             if idle:
@@ -167,6 +193,7 @@ class Sender:
         self.vip = ip_to_int(lab.vip)
         self.vip_s = lab.vip
         self.lock = threading.Lock()
+        self.spi_of: dict[int, int] = {}  # conversation -> its ESP SPI (labels: in its server's range)
 
     def send(self, pkts: list[bytes]) -> None:
         for k, p in enumerate(pkts):
@@ -175,17 +202,28 @@ class Sender:
             if k % BURST == BURST - 1:
                 time.sleep(PACE)
 
-    def handshake(self, convs: range) -> None:
+    def handshake(self, convs: range, sinks: Sinks, labels: bool = False) -> None:
+        """IKE_SA_INIT, then IKE_AUTH (responder SPI set: the entry turns ESTABLISHED). With
+        ``labels``, the responder SPI and the ESP SPI carry the label of the server the
+        IKE_SA_INIT reached, as a labelled strongSwan would choose them."""
+        mark = len(sinks.ike)
         pkts = []
         for i in convs:
             src, sport = conv_source(i)
             pkts.append(craft.ike(src, self.vip, 0x5000_0000_0000 + i, 0, sport=sport, natt=True))
         self.send(pkts)
         time.sleep(0.3)
+        reached = dict(sinks.ike[mark:]) if labels else {}
         pkts = []
         for i in convs:
             src, sport = conv_source(i)
-            pkts.append(craft.ike(src, self.vip, 0x5000_0000_0000 + i, 0x6000_0000_0000 + i, sport=sport, natt=True))
+            spi_r = 0x6000_0000_0000 + i
+            self.spi_of[i] = SPI_BASE | i
+            rs = reached.get(0x5000_0000_0000 + i)
+            if rs is not None:
+                spi_r = (0x6000 << 48) | (i << 32) | (LABELS[rs] << 24) | 0x1234
+                self.spi_of[i] = (LABELS[rs] << 24) | i
+            pkts.append(craft.ike(src, self.vip, 0x5000_0000_0000 + i, spi_r, sport=sport, natt=True))
         self.send(pkts)
         time.sleep(0.3)
 
@@ -193,7 +231,7 @@ class Sender:
         pkts = []
         for i in convs:
             src, sport = conv_source(i)
-            pkts.append(craft.esp_in_udp(src, self.vip, SPI_BASE + i, seq, sport=sport, size=32))
+            pkts.append(craft.esp_in_udp(src, self.vip, self.spi_of[i], seq, sport=sport, size=32))
         self.send(pkts)
 
 
@@ -204,8 +242,8 @@ def collect(sinks: Sinks, mark: int, want: int, timeout: float = 3.0) -> dict[in
         time.sleep(0.05)
     time.sleep(0.3)  # stragglers
     got: dict[int, set[int]] = {}
-    for _, spi, rs in sinks.since(mark):
-        got.setdefault(spi - SPI_BASE, set()).add(rs)
+    for _, conv, rs in sinks.since(mark):
+        got.setdefault(conv, set()).add(rs)
     return got
 
 
@@ -217,7 +255,10 @@ def run_mechanism(name: str, n: int, plot: bool) -> dict:
         lab.up()
         def start(r: str) -> DirectorProcess:
             extra = {"daemon_extra": sync_table(lab, r)} if cfg.get("sync") else {}
-            return DirectorProcess(lab, r, role=r, scheduler=cfg["scheduler"], init_timeout=60.0, **extra).start()
+            p = DirectorProcess(lab, r, role=r, scheduler=cfg["scheduler"], init_timeout=60.0, **extra)
+            if cfg.get("labels"):
+                p.config_path.write_text(label_config(p.config_path.read_text(), lab))
+            return p.start()
 
         directors = {r: start(r) for r in ("d1", "d2", "d3")}
         for r in ("d1", "d2", "d3"):
@@ -228,7 +269,7 @@ def run_mechanism(name: str, n: int, plot: bool) -> dict:
         sinks = Sinks(lab)
         sender = Sender(lab)
         every = range(n)
-        sender.handshake(every)
+        sender.handshake(every, sinks, bool(cfg.get("labels")))
 
         m = sinks.mark()
         sender.esp_round(every, 1)
@@ -273,7 +314,7 @@ def run_mechanism(name: str, n: int, plot: bool) -> dict:
 
         # join: a second set established on d1 and d2, then d4 announces
         second = range(n, 2 * n)
-        sender.handshake(second)
+        sender.handshake(second, sinks, bool(cfg.get("labels")))
         m = sinks.mark()
         sender.esp_round(second, 1)
         got = collect(sinks, m, n)
@@ -308,8 +349,7 @@ def run_mechanism(name: str, n: int, plot: bool) -> dict:
                 "t0": t_watch0,
                 "events": {k: v - t_watch0 for k, v in t_events.items()},
                 "owner": {i: owner[i] for i in watched},
-                "deliveries": [(t - t_watch0, spi - SPI_BASE, rs) for t, spi, rs in sinks.since(watch_mark)
-                               if spi - SPI_BASE in set(watched)],
+                "deliveries": [(t - t_watch0, c, rs) for t, c, rs in sinks.since(watch_mark) if c in set(watched)],
             }
         sinks.close()
         for r, p in directors.items():
