@@ -181,7 +181,7 @@ class ReplayWindow:
 
     def __init__(self, floor: int = -1) -> None:
         self.epoch = floor
-        self.top = 0 if floor < 0 else 1 << 64  # a closed epoch: every sequence number is too old
+        self.top = 0 if floor < 0 else (1 << 64) + WINDOW  # a closed epoch: every 64-bit sequence number is too old
         self.bits = 0  # bit i: top - i was seen
 
     def check(self, epoch: int, seq: int) -> bool:
