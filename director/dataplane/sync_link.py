@@ -152,6 +152,7 @@ class SyncLink:
         key = parse_key(cfg.key)
         self.peers = [(p, cfg.port) for p in cfg.peers]
         self.peer = self.peers[0]
+        self._peer_addrs = frozenset(cfg.peers)
         bind = cfg.bind
         if not bind:
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
@@ -254,9 +255,9 @@ class SyncLink:
                 return
             except OSError:  # e.g. ICMP port unreachable of an earlier send
                 continue
-            peer = (addr[0], self.cfg.port)
-            if peer not in self.peers:  # the kernel filter already keeps strangers out; never HMAC one
+            if addr[0] not in self._peer_addrs:  # the kernel filter already keeps strangers out
                 continue
+            peer = (addr[0], self.cfg.port)  # a snapshot goes to the peer's sync port
             if self.role == "all":  # learned entries are not re-sent (no echo between peers)
                 self.sender.enabled = False
                 try:
