@@ -496,3 +496,39 @@ def test_config_peers_forms_and_errors():
         with pytest.raises(config.ConfigErrors) as e:
             parse(table)
         assert [x.split(":")[0] for x in e.value.errors] == [field], (table, e.value.errors)
+
+
+def test_per_peer_sync_state_in_prometheus():
+    """The link's status (per peer: last datagram age, rejected by cause) as metric families."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from director.metrics import Collector, Histogram
+    from director.views import Views
+
+    rx = Receiver(director(), KEY, own_id=2)
+    tx = Sender(director(), KEY, sender_id=1, epoch=1000)
+    good = tx.request()
+    assert rx.handle(good, 10.0, peer="198.51.100.2") == Outcome.REQUEST
+    rx.handle(good, 11.0, peer="198.51.100.2")  # a replay
+    rx.handle(b"x" * 80, 12.0, peer="198.51.100.3")  # a forgery
+
+    class Link:
+        def status(self):
+            rows = [{"peer": p, "last_age": round(13.0 - ps["last"], 3),
+                     **{k: v for k, v in ps.items() if k != "last"}} for p, ps in rx.peers.items()]
+            return {**rx.stats, "sent": 0, "dropped_kernel": 4, "peers": rows}
+
+    views = Views(director(), clock=lambda: 13.0, latency={"client": Histogram(), "reply": Histogram()},
+                  stats={"icmp_sent": 0, "icmp_limited": 0, "icmp_suppressed": 0, "internal_errors": 0,
+                         "slow_iterations": 0})
+    views.sync = Link()
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(Collector(views))
+    text = generate_latest(reg).decode()
+    assert 'director_sync_peer_last_datagram_age_seconds{peer="198.51.100.2"} 2.0' in text
+    assert 'director_sync_peer_last_datagram_age_seconds{peer="198.51.100.3"} 1.0' in text
+    assert 'director_sync_peer_rejected_total{cause="replay",peer="198.51.100.2"} 1.0' in text
+    assert 'director_sync_peer_rejected_total{cause="mac",peer="198.51.100.3"} 1.0' in text
+    assert 'director_sync_peer_rejected_total{cause="mac",peer="198.51.100.2"} 0.0' in text
+    assert 'director_sync_peer_accepted_total{peer="198.51.100.2"} 1.0' in text
+    assert "director_sync_dropped_kernel_total 4.0" in text
