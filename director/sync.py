@@ -321,6 +321,7 @@ class Outcome(IntEnum):
     APPLIED = 1
     REQUEST = 2  # the peer asks for a snapshot
     SNAPSHOT_DONE = 3  # a complete snapshot was applied (and stale local entries removed)
+    STALE = 4  # rejected: an epoch closed by a restart (its sender should send a snapshot, a new epoch)
 
 
 @dataclass
@@ -389,7 +390,7 @@ class Receiver:
         old_epoch = w.epoch
         if not w.check(msg.epoch, msg.seq):
             self._count(peer, "rejected_replay")
-            return Outcome.REJECTED
+            return Outcome.STALE if msg.epoch == w.epoch and w.top > 1 << 64 else Outcome.REJECTED
         if w.epoch != old_epoch and self.on_epoch is not None:
             self.on_epoch(msg.sender, w.epoch)
         if peer is not None:
@@ -449,7 +450,6 @@ class Receiver:
                 self.stats["refused_full"] += 1
                 return False
         elif self.merge and not self._takes(r, s):
-            self.stats["conflicts_kept"] += 1
             if snap is not None:
                 snap.keys.add((svc.id, r.client, r.spi_i))
             return True
@@ -486,6 +486,5 @@ class Receiver:
             take = r.state == State.ESTABLISHED
         else:
             take = r.rs_addr < local_rs
-        if take:
-            self.stats["conflicts_taken"] += 1
+        self.stats["conflicts_taken" if take else "conflicts_kept"] += 1
         return take

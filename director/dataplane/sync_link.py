@@ -183,6 +183,7 @@ class SyncLink:
         self._next_role = self._next_request = 0.0
         self._next_snapshot = 0.0
         self._want_snapshot: set[tuple[str, int]] = set()
+        self._stale_request: dict[tuple[str, int], float] = {}
         log.info("sync.started bind=%s:%d peers=%s role=%s", bind, cfg.port, ",".join(cfg.peers), cfg.role)
 
     def fileno(self) -> int:
@@ -272,6 +273,12 @@ class SyncLink:
                     self._snapshot(now)
                 else:
                     self.stats["snapshots_deferred"] += 1
+            elif outcome == Outcome.STALE and now >= self._stale_request.get(peer, 0.0):
+                # that sender's epoch was closed by our restart: ask it for a snapshot (a new
+                # epoch), whatever our synced state (role all: one peer's snapshot does not
+                # reopen another's epoch); at most once a second per peer
+                self._stale_request[peer] = now + self.REQUEST_EVERY
+                self._send([self.sender.request()], [peer])
             elif outcome == Outcome.SNAPSHOT_DONE:
                 self.synced = True
                 log.info("sync.snapshot_applied entries=%d", len(self.director.table))

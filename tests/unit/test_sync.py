@@ -330,10 +330,10 @@ def test_restarted_receiver_refuses_a_captured_datagram():
     assert Receiver(director(), KEY, own_id=2).handle(captured[0], 2.0) == Outcome.APPLIED
     # with them, the capture is refused (counted), and the sender's next snapshot epoch is accepted
     again = Receiver(director(), KEY, own_id=2, floors=persisted)
-    assert again.handle(captured[0], 2.0) == Outcome.REJECTED
+    assert again.handle(captured[0], 2.0) == Outcome.STALE  # refused (the link asks the sender for a snapshot)
     assert again.stats["rejected_replay"] == 1 and again.stats["applied"] == 0
     active.table.create(1, CLIENTS[1], 500, 0xBB, 1, 0.0)
-    assert again.handle(tx.flush(3.0)[0], 3.0) == Outcome.REJECTED  # same epoch: its window is gone
+    assert again.handle(tx.flush(3.0)[0], 3.0) == Outcome.STALE  # same epoch: its window is gone
     parts = tx.snapshot(4.0, 2000)
     assert [again.handle(p, 4.0) for p in parts][-1] == Outcome.SNAPSHOT_DONE
     assert view(again.d) == view(active)
@@ -532,3 +532,18 @@ def test_per_peer_sync_state_in_prometheus():
     assert 'director_sync_peer_rejected_total{cause="mac",peer="198.51.100.2"} 0.0' in text
     assert 'director_sync_peer_accepted_total{peer="198.51.100.2"} 1.0' in text
     assert "director_sync_dropped_kernel_total 4.0" in text
+
+
+def test_closed_epoch_is_reported_stale_so_the_link_asks_that_sender():
+    """After a restart, a sender's current epoch is closed: its datagrams are refused as STALE (the
+    link then asks that sender for a snapshot); an older epoch is a plain rejection."""
+    a = director()
+    tx = Sender(a, KEY, sender_id=1, epoch=1000)
+    tx.attach()
+    rx = Receiver(director(), KEY, own_id=2, floors={1: 1000})
+    a.table.create(1, CLIENTS[0], 500, 0xAA, 0, 0.0)
+    assert rx.handle(tx.flush(0.0)[0], 0.0) == Outcome.STALE
+    old = sync.encode(KEY, Message(MsgType.CHANGES, 1, 999, 1))
+    assert rx.handle(old, 0.0) == Outcome.REJECTED
+    assert [rx.handle(p, 1.0) for p in tx.snapshot(1.0, 1001)][-1] == Outcome.SNAPSHOT_DONE
+    assert rx.stats["rejected_replay"] == 2
