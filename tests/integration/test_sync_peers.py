@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+from director.cli import execute, parse, socket_caller
 from director.lab.client import LabClient
 from director.lab.director_proc import DirectorProcess
 from director.lab.ecmp import EcmpLab, bird_exe
@@ -144,5 +145,11 @@ def test_three_directors_share_state(ecmp: EcmpLab, dataplane: str):
     # every HMAC failure is counted: 5 (the peer's), not 205 (the stranger's were never checked)
     assert after["rejected_mac"] == before["rejected_mac"] + 5, (before, after)
     assert d2_rows()["last_age"] is not None and d2_rows()["last_age"] < 5.0
+    # vpnadm -L --sync shows both peers, each heard from
+    shown = execute(parse(["-L", "--sync", "--socket", str(d1.control)]), socket_caller(str(d1.control)))
+    rows = {line.split()[0]: line.split() for line in shown.splitlines()[3:]}
+    assert set(rows) == {lab.director_lan_addr("d2"), lab.director_lan_addr("d3")}, shown
+    assert all(r[1] != "never" for r in rows.values()), shown
+    assert rows[lab.director_lan_addr("d2")][4] == str(after["peers"][0]["rejected_mac"]), shown
     for d in ds.values():
         assert "Traceback" not in d.log()

@@ -547,3 +547,26 @@ def test_closed_epoch_is_reported_stale_so_the_link_asks_that_sender():
     assert rx.handle(old, 0.0) == Outcome.REJECTED
     assert [rx.handle(p, 1.0) for p in tx.snapshot(1.0, 1001)][-1] == Outcome.SNAPSHOT_DONE
     assert rx.stats["rejected_replay"] == 2
+
+
+def test_vpnadm_list_sync():
+    from director.cli import Refused, UsageError, execute, parse
+
+    st = {"role": "all", "synced": True, "bind": "198.18.1.1:8514", "epoch": 7, "sent": 3, "records_sent": 5,
+          "snapshots_sent": 1, "received": 9, "applied": 4, "dropped_kernel": 200, "send_errors": 2,
+          "peers": [{"peer": "198.18.1.2", "last_age": 0.25, "received": 8, "accepted": 6, "rejected_mac": 1,
+                     "rejected_replay": 1, "malformed": 0},
+                    {"peer": "198.18.1.3", "last_age": None, "received": 0, "accepted": 0, "rejected_mac": 0,
+                     "rejected_replay": 0, "malformed": 0}]}
+    out = execute(parse(["-L", "--sync"]), lambda cmd, **kw: {"sync": st})
+    lines = out.splitlines()
+    assert lines[0] == "Table sync: role all, synced, bind 198.18.1.1:8514, epoch 7"
+    assert "dropped by the kernel 200" in lines[1]
+    assert lines[3].split() == ["198.18.1.2", "0.2s", "8", "6", "1", "1", "0"]
+    assert lines[4].split() == ["198.18.1.3", "never", "0", "0", "0", "0", "0"]
+    with pytest.raises(Refused, match="sync: not configured"):
+        execute(parse(["-L", "--sync"]), lambda cmd, **kw: {})
+    with pytest.raises(UsageError):
+        execute(parse(["-L", "--sync", "-V", "192.0.2.10"]), lambda cmd, **kw: {"sync": st})
+    with pytest.raises(UsageError):
+        parse(["-L", "--sync", "--stats"])
