@@ -126,6 +126,8 @@ OPTIONS = (
     Opt("timeout", ("--timeout",), help="each service's INIT and ESTABLISHED timeouts"),
     Opt("exact", ("-X", "--exact"), help="exact numbers (no K, M, G, T)"),
     Opt("json", ("--json",), help="the daemon's answer as JSON, for scripts"),
+    Opt("sync", ("--sync",), help="the table sync: role, and per peer the last datagram's age and the "
+        "datagrams rejected by cause"),
     Opt("numeric", ("-n", "--numeric"), help="accepted for ipvsadm habits: addresses are always numeric"),
 )
 OPT = {o.key: o for o in OPTIONS}
@@ -152,7 +154,8 @@ COMMANDS_V_OPTIONS: dict[str, dict[str, str]] = {
     "-e": {"vip": REQ, "real-server": REQ, **_SERVER},
     "-d": {"vip": REQ, "real-server": REQ},
     "-L": {"vip": ANY, "numeric": ANY, "exact": ANY,
-           "stats": "format", "rate": "format", "thresholds": "format", "timeout": "format", "json": "format"},
+           "stats": "format", "rate": "format", "thresholds": "format", "timeout": "format", "json": "format",
+           "sync": "format"},
     "-L -c": {"connection": REQ, "client": ANY, "server": ANY, "numeric": ANY, "json": ANY},
     "-Z": {"vip": ANY},
     "--set": {},
@@ -571,6 +574,24 @@ def format_connections(conns: list[dict], vips: dict[int, str]) -> str:
     return "".join(line.rstrip() + "\n" for line in out)
 
 
+def format_sync(st: dict | None) -> str:
+    """-L --sync: the table sync's state, one line per configured peer."""
+    if st is None:
+        raise Refused("sync: not configured (no [daemon.sync] table)")
+    out = [f"Table sync: role {st['role'] or '-'}, {'synced' if st['synced'] else 'not synced'}, "
+           f"bind {st.get('bind', '-')}, epoch {st.get('epoch', '-')}",
+           f"sent {st['sent']} (records {st['records_sent']}, snapshots {st['snapshots_sent']}), "
+           f"received {st['received']}, applied {st['applied']}, dropped by the kernel {st.get('dropped_kernel', 0)}, "
+           f"send errors {st['send_errors']}"]
+    row = "%-15s %9s %9s %9s %8s %8s %9s"
+    out.append(row % ("Peer", "LastSeen", "Received", "Accepted", "BadMAC", "Replay", "Malformed"))
+    for p in st.get("peers", []):
+        age = "never" if p["last_age"] is None else f"{p['last_age']:.1f}s"
+        out.append(row % (p["peer"], age, p["received"], p["accepted"], p["rejected_mac"], p["rejected_replay"],
+                          p["malformed"]))
+    return "".join(line.rstrip() + "\n" for line in out)
+
+
 # -- running one invocation -----------------------------------------------------------------------
 Call = Callable[..., Any]  # call(cmd, **arguments) -> result; raises Refused / Unreachable
 
@@ -625,6 +646,10 @@ def execute(inv: Invocation, call: Call, stdin=None) -> str:
         return "".join(line + "\n" for line in save_lines(call("save")))
     elif c == "-R":
         call("restore", services=parse_restore((stdin or sys.stdin).read()))
+    elif c == "-L" and "sync" in a:
+        if "vip" in a:
+            raise UsageError("illegal option combination: -L --sync with -V (the sync covers every service)")
+        return format_sync(call("status").get("sync"))
     elif c == "-L":
         services = call("services")
         if "vip" in a:

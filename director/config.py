@@ -71,17 +71,27 @@ class ServiceConfig:
 
 
 # -- failover sync ([daemon.sync], director/sync.py) -------------------------------------------
-SYNC_ROLES = ("auto", "master", "backup")
+SYNC_ROLES = ("auto", "master", "backup", "all")
+SYNC_MAX_PEERS = 64  # the kernel source filter (dataplane/sync_link.py) is one compare per peer
+SYNC_STATE_FILE = "/var/lib/vpn-director/sync-state.json"
 
 
 @dataclass(frozen=True, slots=True)
 class SyncConfig:
-    """The table sync to the other director; role auto: whoever holds the VIP (VRRP master) sends."""
+    """The table sync to the other directors. Role auto: whoever holds the VIP (VRRP master) sends;
+    role all: every director sends its own changes to every peer and applies theirs (scale-out)."""
 
-    peer: str
+    peers: tuple[str, ...]
     key: str  # hex or base64, at least 16 bytes
     port: int = 8514
     role: str = "auto"
+    bind: str = ""  # "" = the source address toward the first peer
+    state_file: str = SYNC_STATE_FILE  # replay floors and this sender's epoch, across restarts
+
+    @property
+    def peer(self) -> str:
+        """The first (for a failover pair: the only) peer."""
+        return self.peers[0]
 
 
 def _sync(c: "_Checker", v: Any) -> "SyncConfig | None":
@@ -90,10 +100,27 @@ def _sync(c: "_Checker", v: Any) -> "SyncConfig | None":
     if not isinstance(v, dict):
         c.err("daemon.sync", "must be a table")
         return None
-    c.unknown("daemon.sync", v, {"peer", "port", "key", "role"})
-    if "peer" not in v:
-        c.err("daemon.sync.peer", "missing")
-    peer = c.ipv4("daemon.sync.peer", v.get("peer", "0.0.0.0")) if "peer" in v else "0.0.0.0"
+    # peer = "x": the older one-peer spelling of peers = ["x"], still accepted (not in the schema
+    # the example config shows, which uses peers)
+    c.unknown("daemon.sync", {k: x for k, x in v.items() if k != "peer"},
+              {"peers", "port", "key", "role", "bind", "state_file"})
+    peers: list[str] = []
+    if "peer" in v and "peers" in v:
+        c.err("daemon.sync.peers", "give either peer (one) or peers (a list), not both")
+    elif "peer" in v:
+        peers = [c.ipv4("daemon.sync.peer", v["peer"])]
+    elif "peers" in v:
+        raw = v["peers"]
+        if not isinstance(raw, (list, tuple)) or not raw:
+            c.err("daemon.sync.peers", f"must be a non-empty list of IPv4 addresses, got {raw!r}")
+        elif len(raw) > SYNC_MAX_PEERS:
+            c.err("daemon.sync.peers", f"at most {SYNC_MAX_PEERS} peers, got {len(raw)}")
+        else:
+            peers = [c.ipv4(f"daemon.sync.peers[{i}]", p) for i, p in enumerate(raw)]
+            if len(set(peers)) != len(peers):
+                c.err("daemon.sync.peers", "lists an address twice")
+    else:
+        c.err("daemon.sync.peers", "missing (peers = [...], or peer = \"...\" for a failover pair)")
     key = v.get("key")
     if key is None:
         c.err("daemon.sync.key", "missing (a shared secret, hex or base64, at least 16 bytes)")
@@ -105,9 +132,19 @@ def _sync(c: "_Checker", v: Any) -> "SyncConfig | None":
             parse_key(key if isinstance(key, str) else "")
         except ValueError as e:
             c.err("daemon.sync.key", str(e))
-    return SyncConfig(peer=peer, key=key if isinstance(key, str) else "",
+    role = c.str_("daemon.sync.role", v.get("role", "auto"), SYNC_ROLES)
+    if role in ("auto", "master", "backup") and len(peers) > 1:
+        c.err("daemon.sync.role", f"{role} is for a failover pair (one peer); {len(peers)} peers need role all")
+    bind = c.ipv4("daemon.sync.bind", v["bind"]) if "bind" in v else ""
+    if bind and bind in peers:
+        c.err("daemon.sync.bind", f"{bind} is also listed as a peer")
+    state_file = v.get("state_file", SYNC_STATE_FILE)
+    if not isinstance(state_file, str) or not state_file.startswith("/"):
+        c.err("daemon.sync.state_file", f"must be an absolute path, got {state_file!r}")
+        state_file = SYNC_STATE_FILE
+    return SyncConfig(peers=tuple(peers), key=key if isinstance(key, str) else "",
                       port=c.int_("daemon.sync.port", v.get("port", 8514), 1, 65535),
-                      role=c.str_("daemon.sync.role", v.get("role", "auto"), SYNC_ROLES))
+                      role=role, bind=bind, state_file=state_file)
 # -- end failover sync ------------------------------------------------------------------------------
 
 
@@ -446,11 +483,16 @@ def server_to_dict(r: ServerConfig) -> dict:
     return out
 
 
+def _sync_to_dict(s: SyncConfig) -> dict:
+    out = {"peers": list(s.peers), "key": s.key, "port": s.port, "role": s.role, "state_file": s.state_file}
+    return out | ({"bind": s.bind} if s.bind else {})
+
+
 def to_dict(cfg: Config) -> dict:
     """The whole config as the dict ``from_dict`` takes (round trip: equal Config)."""
     d = cfg.daemon
     return {
         "daemon": {k: getattr(d, k) for k in DaemonConfig.__dataclass_fields__ if k != "sync"}
-        | ({"sync": {k: getattr(d.sync, k) for k in SyncConfig.__dataclass_fields__}} if d.sync else {}),
+        | ({"sync": _sync_to_dict(d.sync)} if d.sync else {}),
         "service": [service_to_dict(s) for s in cfg.services],
     }

@@ -163,14 +163,39 @@ class Collector:
             lat.add_metric([name], h.cumulative(), sum_value=h.total)
         yield lat
         st_sync = vw.sync_status()
-        if st_sync is not None:  # failover sync counters (docs/metrics.md)
-            for k in ("sent", "received", "applied", "rejected_mac", "rejected_replay", "ignored"):
-                yield CounterMetricFamily(f"director_sync_{k}", f"Failover sync: records/datagrams {k}",
-                                          value=st_sync.get(k, 0))
+        if st_sync is not None:  # table sync (docs/metrics.md)
+            yield from _sync_families(st_sync)
         yield GaugeMetricFamily("director_services", "Configured virtual services", value=len(d.services))
         info = GaugeMetricFamily("director_build_info", "Build information", labels=["version"])
         info.add_metric([__version__], 1)
         yield info
+
+
+def _sync_families(st: dict):
+    """The table sync's families: totals, the kernel's drops of strangers, and per peer the last
+    datagram's age and the datagrams rejected by cause."""
+    for k in ("sent", "received", "applied", "rejected_mac", "rejected_replay", "ignored"):
+        yield CounterMetricFamily(f"director_sync_{k}", f"Table sync: records/datagrams {k}", value=st.get(k, 0))
+    yield CounterMetricFamily("director_sync_dropped_kernel", "Table sync: datagrams the kernel dropped before "
+                              "the socket (not from a configured peer, or a full queue)",
+                              value=st.get("dropped_kernel", 0))
+    age = GaugeMetricFamily("director_sync_peer_last_datagram_age_seconds",
+                            "Table sync: seconds since the last datagram from the peer (absent: none yet)",
+                            labels=["peer"])
+    rej = CounterMetricFamily("director_sync_peer_rejected", "Table sync: the peer's datagrams rejected, by cause",
+                              labels=["peer", "cause"])
+    acc = CounterMetricFamily("director_sync_peer_accepted", "Table sync: the peer's datagrams accepted",
+                              labels=["peer"])
+    for p in st.get("peers", ()):
+        if p["last_age"] is not None:
+            age.add_metric([p["peer"]], p["last_age"])
+        for cause in ("mac", "replay"):
+            rej.add_metric([p["peer"], cause], p[f"rejected_{cause}"])
+        rej.add_metric([p["peer"], "malformed"], p["malformed"])
+        acc.add_metric([p["peer"]], p["accepted"])
+    yield age
+    yield rej
+    yield acc
 
 
 def serve(views: "Views", address: str):
