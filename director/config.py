@@ -68,6 +68,7 @@ class ServiceConfig:
     soft_grace: float = 0.0
     health: tuple[tuple[str, Any], ...] = ()  # () = no health checks; else HealthConfig fields
     servers: tuple[ServerConfig, ...] = ()
+    drain: bool = False  # route health injection: withdraw this VIP's BGP route ([daemon.bgp])
 
 
 # -- failover sync ([daemon.sync], director/sync.py) -------------------------------------------
@@ -111,6 +112,41 @@ def _sync(c: "_Checker", v: Any) -> "SyncConfig | None":
 # -- end failover sync ------------------------------------------------------------------------------
 
 
+# -- route health injection ([daemon.bgp], director/route_injection.py) ----------------------------
+@dataclass(frozen=True, slots=True)
+class BgpConfig:
+    """The local BIRD that announces this director's VIPs (docs/scale-out.md)."""
+
+    socket: str  # BIRD's control socket
+    include: str  # the file BIRD's config includes; the director writes one static protocol per VIP there
+    drain: bool = False  # withdraw every VIP of this director
+    shutdown_wait: float = 1.0  # seconds between the withdraw at shutdown and taking the dataplane down
+
+
+def _bgp(c: "_Checker", v: Any) -> "BgpConfig | None":
+    if v is None:
+        return None
+    if not isinstance(v, dict):
+        c.err("daemon.bgp", "must be a table")
+        return None
+    c.unknown("daemon.bgp", v, {"socket", "include", "drain", "shutdown_wait"})
+    paths = {}
+    for k in ("socket", "include"):
+        if k not in v:
+            c.err(f"daemon.bgp.{k}", "missing")
+            paths[k] = ""
+        else:
+            paths[k] = c.str_(f"daemon.bgp.{k}", v[k])
+            if paths[k] and not paths[k].startswith("/"):
+                c.err(f"daemon.bgp.{k}", f"must be an absolute path, got {paths[k]!r}")
+    wait = c.num("daemon.bgp.shutdown_wait", v.get("shutdown_wait", 1.0), positive=False)
+    if wait > 60:
+        c.err("daemon.bgp.shutdown_wait", f"must be at most 60 seconds, got {wait:g}")
+    return BgpConfig(socket=paths["socket"], include=paths["include"],
+                     drain=c.bool_("daemon.bgp.drain", v.get("drain", False)), shutdown_wait=wait)
+# -- end route health injection -------------------------------------------------------------------
+
+
 FASTPATH_HOOKS = ("tc", "xdp")  # director.dataplane.ebpf.HOOKS (kept here: config imports no adapter)
 
 
@@ -131,6 +167,7 @@ class DaemonConfig:
     fastpath_hook: str = "tc"  # where the eBPF fast path runs on client_interface: "tc" or "xdp" (native)
     fastpath_fib: str = "main"  # the fast path's route lookups: "main" table directly, or "rules" (ip rules)
     sync: SyncConfig | None = None  # failover: [daemon.sync] (None: a lone director)
+    bgp: BgpConfig | None = None  # scale-out: [daemon.bgp] (None: no route health injection)
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,7 +179,7 @@ class Config:
 _DAEMON_KEYS = set(DaemonConfig.__dataclass_fields__)
 _SERVICE_KEYS = {
     "vip", "scheduler", "scheduler_options", "method", "affinity", "ah", "timeouts",
-    "retransmit_threshold", "soft_expiry", "health", "server",
+    "retransmit_threshold", "soft_expiry", "health", "server", "drain",
 }
 _HEALTH_KEYS = {"interval", "timeout", "rise", "fall", "expire_on_down", "icmp"}
 _SERVER_KEYS = {"address", "weight", "method", "u_threshold", "l_threshold"}
@@ -273,6 +310,7 @@ def from_dict(raw: dict) -> Config:
         fastpath_hook=c.str_("daemon.fastpath_hook", d.get("fastpath_hook", base.fastpath_hook), FASTPATH_HOOKS),
         fastpath_fib=c.str_("daemon.fastpath_fib", d.get("fastpath_fib", base.fastpath_fib), ("main", "rules")),
         sync=_sync(c, d.get("sync")),
+        bgp=_bgp(c, d.get("bgp")),
     )
     services = []
     raw_services = raw.get("service", [])
@@ -411,6 +449,7 @@ def _service(c: _Checker, p: str, s: Any, vips: dict[str, int], addresses: dict[
         soft_grace=soft_grace,
         health=health,
         servers=tuple(servers),
+        drain=c.bool_(f"{p}.drain", s.get("drain", False)),
     )
 
 
@@ -431,6 +470,8 @@ def service_to_dict(s: ServiceConfig) -> dict:
         out["soft_expiry"] = {"limit": s.soft_limit, "grace": s.soft_grace}
     if s.health:
         out["health"] = dict(s.health)
+    if s.drain:
+        out["drain"] = True
     out["server"] = [server_to_dict(r) for r in s.servers]
     return out
 
@@ -450,7 +491,8 @@ def to_dict(cfg: Config) -> dict:
     """The whole config as the dict ``from_dict`` takes (round trip: equal Config)."""
     d = cfg.daemon
     return {
-        "daemon": {k: getattr(d, k) for k in DaemonConfig.__dataclass_fields__ if k != "sync"}
-        | ({"sync": {k: getattr(d.sync, k) for k in SyncConfig.__dataclass_fields__}} if d.sync else {}),
+        "daemon": {k: getattr(d, k) for k in DaemonConfig.__dataclass_fields__ if k not in ("sync", "bgp")}
+        | ({"sync": {k: getattr(d.sync, k) for k in SyncConfig.__dataclass_fields__}} if d.sync else {})
+        | ({"bgp": {k: getattr(d.bgp, k) for k in BgpConfig.__dataclass_fields__}} if d.bgp else {}),
         "service": [service_to_dict(s) for s in cfg.services],
     }

@@ -167,6 +167,21 @@ class Collector:
             for k in ("sent", "received", "applied", "rejected_mac", "rejected_replay", "ignored"):
                 yield CounterMetricFamily(f"director_sync_{k}", f"Failover sync: records/datagrams {k}",
                                           value=st_sync.get(k, 0))
+        ann = vw.announcements()
+        if ann is not None:  # route health injection (docs/metrics.md)
+            vip_up = GaugeMetricFamily("director_vip_announced",
+                                       "1 while this director's BGP speaker announces the VIP", labels=["service"])
+            for vip, a in sorted(ann["vips"].items()):
+                vip_up.add_metric([vip], 1 if a["announced"] else 0)
+            yield vip_up
+            sess = GaugeMetricFamily("director_bgp_session_up", "1 while the BGP session to the peer is Established",
+                                     labels=["peer"])
+            for peer, state in sorted(ann["sessions"].items()):
+                sess.add_metric([peer], 1 if state == "Established" else 0)
+            yield sess
+            yield GaugeMetricFamily("director_route_injection_error",
+                                    "1 while the BGP speaker refuses or cannot be reached (the last announcement stays)",
+                                    value=1 if ann["error"] else 0)
         yield GaugeMetricFamily("director_services", "Configured virtual services", value=len(d.services))
         info = GaugeMetricFamily("director_build_info", "Build information", labels=["version"])
         info.add_metric([__version__], 1)
