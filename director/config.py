@@ -144,6 +144,20 @@ def _bgp(c: "_Checker", v: Any) -> "BgpConfig | None":
         c.err("daemon.bgp.shutdown_wait", f"must be at most 60 seconds, got {wait:g}")
     return BgpConfig(socket=paths["socket"], include=paths["include"],
                      drain=c.bool_("daemon.bgp.drain", v.get("drain", False)), shutdown_wait=wait)
+
+
+CONSISTENT_SCHEDULERS = ("mh", "sh", "dh")  # the choice is a function of the packet and the config alone
+
+
+def consistency_warnings(cfg: "Config") -> list[str]:
+    """With [daemon.bgp] several directors share each VIP: a service whose scheduler depends on
+    the director's own history (rr, wlc, ...) sends one new conversation to different real servers
+    on different directors. Not an error (SPI labels or shared state can cover it): a warning."""
+    if cfg.daemon.bgp is None:
+        return []
+    return [f"service[{i}].scheduler: {s.scheduler!r} is not the same on every director; with [daemon.bgp] use "
+            f"mh (or sh, dh) so every director picks the same real server for a new conversation"
+            for i, s in enumerate(cfg.services) if s.scheduler not in CONSISTENT_SCHEDULERS]  # fmt: skip
 # -- end route health injection -------------------------------------------------------------------
 
 

@@ -126,6 +126,8 @@ class Daemon:
         if d.metrics:
             self._metrics = metrics.serve(self.views, d.metrics)
         self._dataplane_up = True
+        for line in config_mod.consistency_warnings(self.cfg):
+            log.warning("config.warning %s", line)
         if d.bgp is not None:  # route health injection: announce only now that packets are forwarded
             from director.dataplane.bgp import Bird
             from director.route_injection import RouteInjector
