@@ -60,13 +60,13 @@ def lab():
             cleanup(lab.prefix)
 
 
-def start_daemons(lab: EcmpLab, scheduler: str = "mh") -> dict[str, DirectorProcess]:
+def start_daemons(lab: EcmpLab, scheduler: str = "mh", health: bool = True) -> dict[str, DirectorProcess]:
     out = {}
     for role in lab.director_roles:
         bgp = (f'[daemon.bgp]\nsocket = "{lab.bird_socket(role)}"\ninclude = "{lab.bird_include(role)}"\n'
                f"shutdown_wait = {SHUTDOWN_WAIT}\n")  # fmt: skip
         d = DirectorProcess(lab, name=f"director-{role}", role=role, scheduler=scheduler,
-                            extra_service=HEALTH, daemon_extra=bgp)
+                            extra_service=HEALTH if health else "", daemon_extra=bgp)
         lab.daemons.append(d)
         out[role] = d.start()
     return out
@@ -141,3 +141,62 @@ def test_the_daemons_announce_drain_withdraw_on_failure_and_at_shutdown(lab: Ecm
     assert exited_at >= SHUTDOWN_WAIT  # it waited for the routers before taking the dataplane down
     assert lab.bird("router").sessions()["d1"] == "Established"
     assert lab.nexthops() == everyone - lab.fabric_addrs(["d1"])
+
+
+def mac(lab: EcmpLab, role: str, ifname: str) -> bytes:
+    return bytes.fromhex(lab.run(role, ["cat", f"/sys/class/net/{ifname}/address"]).stdout.strip().replace(":", ""))
+
+
+def send_direct(lab: EcmpLab, role: str, packets: list[bytes]) -> None:
+    """Frames from the router's fabric port straight to ``role``'s eth0, whatever ECMP would pick."""
+    import socket as so
+
+    s = lab.socket("router", so.AF_PACKET, so.SOCK_RAW, so.htons(0x0800))
+    s.bind(("eth1", 0))
+    header = mac(lab, role, "eth0") + mac(lab, "router", "eth1") + b"\x08\x00"
+    for p in packets:
+        s.send(header + p)
+    s.close()
+
+
+N_CONVERSATIONS = 60
+
+
+@pytest.mark.parametrize("scheduler, same", [("mh", True), ("rr", False)])
+def test_every_director_picks_the_same_server_for_a_new_conversation_with_mh(lab: EcmpLab, scheduler, same):
+    """60 new conversations (distinct clients), sent to each of d1, d2 and d3 directly, in a
+    different order on each: with mh every director picks the same real server for each client;
+    with rr the choice follows each director's own history, so the tables differ (the test can
+    fail). The tables are read with vpnadm -L -c --json."""
+    import random
+
+    from director.lab import craft
+    from director.packet import ip_to_int
+
+    ds = start_daemons(lab, scheduler=scheduler, health=False)  # no probes: every server stays up
+    vip = ip_to_int(lab.vip)
+    conversations = [(ip_to_int("198.18.0.100") + n, 0xC0FFEE00 + n) for n in range(N_CONVERSATIONS)]
+    tables = {}
+    for k, (role, d) in enumerate(ds.items()):
+        order = list(conversations)
+        random.Random(k).shuffle(order)
+        send_direct(lab, role, [craft.ike(c, vip, spi) for c, spi in order])
+        deadline = time.monotonic() + 10
+        while True:
+            conns = json.loads(vpnadm(d, "-L", "-c", "--json"))
+            if len(conns) >= N_CONVERSATIONS or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        tables[role] = {(c["client"], c["spi_i"]): c["rs_address"] for c in conns}
+        assert len(tables[role]) == N_CONVERSATIONS, (role, len(tables[role]), d.log()[-2000:])
+    spread = {}
+    for rs in tables["d1"].values():
+        spread[rs] = spread.get(rs, 0) + 1
+    print(f"\n{scheduler}: d1's choices per real server {spread}")
+    assert len(spread) == 3  # every server chosen: the agreement is not "all to one"
+    agree = sum(tables["d1"][k] == tables["d2"][k] == tables["d3"][k] for k in tables["d1"])
+    print(f"{scheduler}: {agree} of {N_CONVERSATIONS} conversations on the same real server on all three")
+    if same:
+        assert tables["d1"] == tables["d2"] == tables["d3"]
+    else:
+        assert agree < N_CONVERSATIONS
