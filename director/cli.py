@@ -80,6 +80,10 @@ COMMANDS = (
     Cmd("-d", ("-d", "--delete-server"), "delete a real server"),
     Cmd("-L", ("-L", "-l", "--list"), "list the table (-c: the connection table)"),
     Cmd("-Z", ("-Z", "--zero"), "zero the counters of one service or of all"),
+    Cmd("--drain", ("--drain",), "withdraw a VIP's BGP route (-V), or every VIP of this director; "
+        "clients already here keep being forwarded (ipvsadm has no such command: -e -w 0 quiesces one "
+        "real server, this quiesces the director for the routers)"),
+    Cmd("--undrain", ("--undrain",), "announce again what --drain withdrew (the VIP, or the director)"),
     Cmd("--set", ("--set",), "set every service's timeouts in seconds, 0 = unchanged (ipvsadm's third "
         "value, if given, must be 0: nothing here uses it)", ("INIT", "ESTABLISHED")),
 )
@@ -110,6 +114,8 @@ OPTIONS = (
         f"(default {DEFAULTS.retransmit_threshold})"),
     Opt("soft-limit", ("--soft-limit",), "int", "N", "soft expiry: entries above which idle ones are reclaimed"),
     Opt("soft-grace", ("--soft-grace",), "num", "SECONDS", "soft expiry: idle time before reclaiming"),
+    Opt("drained", ("--drained",), help="-A: the service starts drained (its VIP not announced; what -S prints "
+        "for a service drained with --drain -V)"),
     Opt("real-server", ("-r", "--real-server"), "str", "RIP", "the real server's address"),
     Opt("gatewaying", ("-g", "--gatewaying"), help="this real server by direct routing (dr)"),
     Opt("ipip", ("-i", "--ipip"), help="this real server by IP-in-IP tunnel (tun)"),
@@ -126,6 +132,8 @@ OPTIONS = (
     Opt("timeout", ("--timeout",), help="each service's INIT and ESTABLISHED timeouts"),
     Opt("exact", ("-X", "--exact"), help="exact numbers (no K, M, G, T)"),
     Opt("json", ("--json",), help="the daemon's answer as JSON, for scripts"),
+    Opt("sync", ("--sync",), help="the table sync: role, and per peer the last datagram's age and the "
+        "datagrams rejected by cause"),
     Opt("numeric", ("-n", "--numeric"), help="accepted for ipvsadm habits: addresses are always numeric"),
 )
 OPT = {o.key: o for o in OPTIONS}
@@ -142,7 +150,7 @@ _SERVER = {
     "weight": ANY, "u-threshold": ANY, "l-threshold": ANY,
 }  # fmt: skip
 COMMANDS_V_OPTIONS: dict[str, dict[str, str]] = {
-    "-A": {"vip": REQ, **_SERVICE},
+    "-A": {"vip": REQ, **_SERVICE, "drained": ANY},
     "-E": {"vip": REQ, **_SERVICE},
     "-D": {"vip": REQ},
     "-C": {},
@@ -152,9 +160,12 @@ COMMANDS_V_OPTIONS: dict[str, dict[str, str]] = {
     "-e": {"vip": REQ, "real-server": REQ, **_SERVER},
     "-d": {"vip": REQ, "real-server": REQ},
     "-L": {"vip": ANY, "numeric": ANY, "exact": ANY,
-           "stats": "format", "rate": "format", "thresholds": "format", "timeout": "format", "json": "format"},
+           "stats": "format", "rate": "format", "thresholds": "format", "timeout": "format", "json": "format",
+           "sync": "format"},
     "-L -c": {"connection": REQ, "client": ANY, "server": ANY, "numeric": ANY, "json": ANY},
     "-Z": {"vip": ANY},
+    "--drain": {"vip": ANY},
+    "--undrain": {"vip": ANY},
     "--set": {},
 }  # fmt: skip
 
@@ -378,6 +389,8 @@ def service_settings(a: dict[str, Any]) -> dict[str, Any]:
         out["affinity"] = "ip"
     if "ah" in a or "no-ah" in a:
         out["ah"] = "ah" in a
+    if "drained" in a:
+        out["drain"] = True
     timeouts = {k: a[o] for k, o in (("init", "init-timeout"), ("established", "persistent")) if o in a}
     if timeouts:
         out["timeouts"] = timeouts
@@ -448,7 +461,7 @@ def _scalar_text(v: Any) -> str:
 
 
 _SAVE_SERVICE_KEYS = {"vip", "scheduler", "scheduler_options", "method", "affinity", "ah", "timeouts",
-                      "retransmit_threshold", "soft_expiry", "server"}
+                      "retransmit_threshold", "soft_expiry", "server", "drain"}
 _SAVE_SERVER_KEYS = {"address", "weight", "method", "u_threshold", "l_threshold"}
 
 
@@ -479,6 +492,8 @@ def save_lines(services: list[dict]) -> Iterator[str]:
         soft = s.get("soft_expiry") or {}
         if soft.get("limit"):
             parts += ["--soft-limit", str(soft["limit"]), "--soft-grace", _secs(soft.get("grace", 0))]
+        if s.get("drain"):
+            parts.append("--drained")
         yield " ".join(shlex.quote(p) for p in parts)
         for r in s.get("server", []):
             parts = ["-a", "-V", vip, "-r", r["address"]]
@@ -540,6 +555,9 @@ def format_services(services: list[dict], fmt: str = "", exact: bool = False) ->
             out.append("%-33s %8s %12s" % (name, _secs(t["init"]), _secs(t["established"])))
             continue
         flags = f" affinity {s['affinity']} {_secs(s['timeouts']['established'])}"
+        ann = s.get("announcement")  # route health injection: announced, or withdrawn and why
+        if ann is not None:
+            flags += " announced" if ann["announced"] else f" withdrawn({ann['reason'] or 'pending'})"
         out.append(f"{name} {s['scheduler']}{flags}{'' if s['ah'] else ' no-ah'}")
         for r in s["servers"]:
             if fmt == "thresholds":
@@ -550,6 +568,9 @@ def format_services(services: list[dict], fmt: str = "", exact: bool = False) ->
                 line = "  -> %-28s %-7s %-6d %-10d %-10d" % (r["address"], forward, r["weight"],
                                                              r["active"], r["inactive"])
                 out.append(line + ("" if r.get("up", True) else " down"))  # marked down by health checks
+    sessions = next((s["bgp_sessions"] for s in services if "bgp_sessions" in s), None)
+    if sessions is not None and not fmt:
+        out.append("BGP sessions: " + (", ".join(f"{p} {st}" for p, st in sorted(sessions.items())) or "none"))
     return "".join(line.rstrip() + "\n" for line in out)
 
 
@@ -568,6 +589,24 @@ def format_connections(conns: list[dict], vips: dict[int, str]) -> str:
         out.append(row % ("IPSEC", _expire(c["expires_in"]), c["state"], f"{c['client']}:{c['port']}",
                           vips.get(c["svc"], "?"), c["rs_address"] or "-", c["spi_i"], c["spi_r"],
                           "yes" if c["natt"] else "no"))
+    return "".join(line.rstrip() + "\n" for line in out)
+
+
+def format_sync(st: dict | None) -> str:
+    """-L --sync: the table sync's state, one line per configured peer."""
+    if st is None:
+        raise Refused("sync: not configured (no [daemon.sync] table)")
+    out = [f"Table sync: role {st['role'] or '-'}, {'synced' if st['synced'] else 'not synced'}, "
+           f"bind {st.get('bind', '-')}, epoch {st.get('epoch', '-')}",
+           f"sent {st['sent']} (records {st['records_sent']}, snapshots {st['snapshots_sent']}), "
+           f"received {st['received']}, applied {st['applied']}, dropped by the kernel {st.get('dropped_kernel', 0)}, "
+           f"send errors {st['send_errors']}"]
+    row = "%-15s %9s %9s %9s %8s %8s %9s"
+    out.append(row % ("Peer", "LastSeen", "Received", "Accepted", "BadMAC", "Replay", "Malformed"))
+    for p in st.get("peers", []):
+        age = "never" if p["last_age"] is None else f"{p['last_age']:.1f}s"
+        out.append(row % (p["peer"], age, p["received"], p["accepted"], p["rejected_mac"], p["rejected_replay"],
+                          p["malformed"]))
     return "".join(line.rstrip() + "\n" for line in out)
 
 
@@ -617,6 +656,8 @@ def execute(inv: Invocation, call: Call, stdin=None) -> str:
         call("del-server", vip=a["vip"], address=a["real-server"])
     elif c == "-Z":
         call("zero", **({"vip": a["vip"]} if "vip" in a else {}))
+    elif c in ("--drain", "--undrain"):
+        return str(call(c[2:], **({"vip": a["vip"]} if "vip" in a else {}))) + "\n"
     elif c == "--set":
         values = {k: v for k, v in zip(("init", "established"), inv.values) if v != 0}
         if values:  # 0 0 = nothing to change, as ipvsadm
@@ -625,6 +666,10 @@ def execute(inv: Invocation, call: Call, stdin=None) -> str:
         return "".join(line + "\n" for line in save_lines(call("save")))
     elif c == "-R":
         call("restore", services=parse_restore((stdin or sys.stdin).read()))
+    elif c == "-L" and "sync" in a:
+        if "vip" in a:
+            raise UsageError("illegal option combination: -L --sync with -V (the sync covers every service)")
+        return format_sync(call("status").get("sync"))
     elif c == "-L":
         services = call("services")
         if "vip" in a:

@@ -51,6 +51,9 @@ class ServerConfig:
     method: Method | None = None  # None: the service's method
     u_threshold: int = 0
     l_threshold: int = 0
+    spi_label: int | None = None  # SPI labels: this server's label, positioned under the service's mask
+    esp_spi_min: int | None = None  # ... and its inbound ESP SPI range (strongswan.conf spi_min/spi_max)
+    esp_spi_max: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,20 +71,32 @@ class ServiceConfig:
     soft_grace: float = 0.0
     health: tuple[tuple[str, Any], ...] = ()  # () = no health checks; else HealthConfig fields
     servers: tuple[ServerConfig, ...] = ()
+    drain: bool = False  # route health injection: withdraw this VIP's BGP route ([daemon.bgp])
+    spi_label_mask: int = 0  # SPI labels: the IKE SPI bits naming the real server (0 = no labels)
 
 
 # -- failover sync ([daemon.sync], director/sync.py) -------------------------------------------
-SYNC_ROLES = ("auto", "master", "backup")
+SYNC_ROLES = ("auto", "master", "backup", "all")
+SYNC_MAX_PEERS = 64  # the kernel source filter (dataplane/sync_link.py) is one compare per peer
+SYNC_STATE_FILE = "/var/lib/vpn-director/sync-state.json"
 
 
 @dataclass(frozen=True, slots=True)
 class SyncConfig:
-    """The table sync to the other director; role auto: whoever holds the VIP (VRRP master) sends."""
+    """The table sync to the other directors. Role auto: whoever holds the VIP (VRRP master) sends;
+    role all: every director sends its own changes to every peer and applies theirs (scale-out)."""
 
-    peer: str
+    peers: tuple[str, ...]
     key: str  # hex or base64, at least 16 bytes
     port: int = 8514
     role: str = "auto"
+    bind: str = ""  # "" = the source address toward the first peer
+    state_file: str = SYNC_STATE_FILE  # replay floors and this sender's epoch, across restarts
+
+    @property
+    def peer(self) -> str:
+        """The first (for a failover pair: the only) peer."""
+        return self.peers[0]
 
 
 def _sync(c: "_Checker", v: Any) -> "SyncConfig | None":
@@ -90,10 +105,27 @@ def _sync(c: "_Checker", v: Any) -> "SyncConfig | None":
     if not isinstance(v, dict):
         c.err("daemon.sync", "must be a table")
         return None
-    c.unknown("daemon.sync", v, {"peer", "port", "key", "role"})
-    if "peer" not in v:
-        c.err("daemon.sync.peer", "missing")
-    peer = c.ipv4("daemon.sync.peer", v.get("peer", "0.0.0.0")) if "peer" in v else "0.0.0.0"
+    # peer = "x": the older one-peer spelling of peers = ["x"], still accepted (not in the schema
+    # the example config shows, which uses peers)
+    c.unknown("daemon.sync", {k: x for k, x in v.items() if k != "peer"},
+              {"peers", "port", "key", "role", "bind", "state_file"})
+    peers: list[str] = []
+    if "peer" in v and "peers" in v:
+        c.err("daemon.sync.peers", "give either peer (one) or peers (a list), not both")
+    elif "peer" in v:
+        peers = [c.ipv4("daemon.sync.peer", v["peer"])]
+    elif "peers" in v:
+        raw = v["peers"]
+        if not isinstance(raw, (list, tuple)) or not raw:
+            c.err("daemon.sync.peers", f"must be a non-empty list of IPv4 addresses, got {raw!r}")
+        elif len(raw) > SYNC_MAX_PEERS:
+            c.err("daemon.sync.peers", f"at most {SYNC_MAX_PEERS} peers, got {len(raw)}")
+        else:
+            peers = [c.ipv4(f"daemon.sync.peers[{i}]", p) for i, p in enumerate(raw)]
+            if len(set(peers)) != len(peers):
+                c.err("daemon.sync.peers", "lists an address twice")
+    else:
+        c.err("daemon.sync.peers", "missing (peers = [...], or peer = \"...\" for a failover pair)")
     key = v.get("key")
     if key is None:
         c.err("daemon.sync.key", "missing (a shared secret, hex or base64, at least 16 bytes)")
@@ -105,10 +137,69 @@ def _sync(c: "_Checker", v: Any) -> "SyncConfig | None":
             parse_key(key if isinstance(key, str) else "")
         except ValueError as e:
             c.err("daemon.sync.key", str(e))
-    return SyncConfig(peer=peer, key=key if isinstance(key, str) else "",
+    role = c.str_("daemon.sync.role", v.get("role", "auto"), SYNC_ROLES)
+    if role in ("auto", "master", "backup") and len(peers) > 1:
+        c.err("daemon.sync.role", f"{role} is for a failover pair (one peer); {len(peers)} peers need role all")
+    bind = c.ipv4("daemon.sync.bind", v["bind"]) if "bind" in v else ""
+    if bind and bind in peers:
+        c.err("daemon.sync.bind", f"{bind} is also listed as a peer")
+    state_file = v.get("state_file", SYNC_STATE_FILE)
+    if not isinstance(state_file, str) or not state_file.startswith("/"):
+        c.err("daemon.sync.state_file", f"must be an absolute path, got {state_file!r}")
+        state_file = SYNC_STATE_FILE
+    return SyncConfig(peers=tuple(peers), key=key if isinstance(key, str) else "",
                       port=c.int_("daemon.sync.port", v.get("port", 8514), 1, 65535),
-                      role=c.str_("daemon.sync.role", v.get("role", "auto"), SYNC_ROLES))
+                      role=role, bind=bind, state_file=state_file)
 # -- end failover sync ------------------------------------------------------------------------------
+
+
+# -- route health injection ([daemon.bgp], director/route_injection.py) ----------------------------
+@dataclass(frozen=True, slots=True)
+class BgpConfig:
+    """The local BIRD that announces this director's VIPs (docs/scale-out.md)."""
+
+    socket: str  # BIRD's control socket
+    include: str  # the file BIRD's config includes; the director writes one static protocol per VIP there
+    drain: bool = False  # withdraw every VIP of this director
+    shutdown_wait: float = 1.0  # seconds between the withdraw at shutdown and taking the dataplane down
+
+
+def _bgp(c: "_Checker", v: Any) -> "BgpConfig | None":
+    if v is None:
+        return None
+    if not isinstance(v, dict):
+        c.err("daemon.bgp", "must be a table")
+        return None
+    c.unknown("daemon.bgp", v, {"socket", "include", "drain", "shutdown_wait"})
+    paths = {}
+    for k in ("socket", "include"):
+        if k not in v:
+            c.err(f"daemon.bgp.{k}", "missing")
+            paths[k] = ""
+        else:
+            paths[k] = c.str_(f"daemon.bgp.{k}", v[k])
+            if paths[k] and not paths[k].startswith("/"):
+                c.err(f"daemon.bgp.{k}", f"must be an absolute path, got {paths[k]!r}")
+    wait = c.num("daemon.bgp.shutdown_wait", v.get("shutdown_wait", 1.0), positive=False)
+    if wait > 60:
+        c.err("daemon.bgp.shutdown_wait", f"must be at most 60 seconds, got {wait:g}")
+    return BgpConfig(socket=paths["socket"], include=paths["include"],
+                     drain=c.bool_("daemon.bgp.drain", v.get("drain", False)), shutdown_wait=wait)
+
+
+CONSISTENT_SCHEDULERS = ("mh", "sh", "dh")  # the choice is a function of the packet and the config alone
+
+
+def consistency_warnings(cfg: "Config") -> list[str]:
+    """With [daemon.bgp] several directors share each VIP: a service whose scheduler depends on
+    the director's own history (rr, wlc, ...) sends one new conversation to different real servers
+    on different directors. Not an error (SPI labels or shared state can cover it): a warning."""
+    if cfg.daemon.bgp is None:
+        return []
+    return [f"service[{i}].scheduler: {s.scheduler!r} is not the same on every director; with [daemon.bgp] use "
+            f"mh (or sh, dh) so every director picks the same real server for a new conversation"
+            for i, s in enumerate(cfg.services) if s.scheduler not in CONSISTENT_SCHEDULERS]  # fmt: skip
+# -- end route health injection -------------------------------------------------------------------
 
 
 FASTPATH_HOOKS = ("tc", "xdp")  # director.dataplane.ebpf.HOOKS (kept here: config imports no adapter)
@@ -131,6 +222,7 @@ class DaemonConfig:
     fastpath_hook: str = "tc"  # where the eBPF fast path runs on client_interface: "tc" or "xdp" (native)
     fastpath_fib: str = "main"  # the fast path's route lookups: "main" table directly, or "rules" (ip rules)
     sync: SyncConfig | None = None  # failover: [daemon.sync] (None: a lone director)
+    bgp: BgpConfig | None = None  # scale-out: [daemon.bgp] (None: no route health injection)
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,10 +234,11 @@ class Config:
 _DAEMON_KEYS = set(DaemonConfig.__dataclass_fields__)
 _SERVICE_KEYS = {
     "vip", "scheduler", "scheduler_options", "method", "affinity", "ah", "timeouts",
-    "retransmit_threshold", "soft_expiry", "health", "server",
+    "retransmit_threshold", "soft_expiry", "health", "server", "drain", "spi_label",
 }
 _HEALTH_KEYS = {"interval", "timeout", "rise", "fall", "expire_on_down", "icmp"}
-_SERVER_KEYS = {"address", "weight", "method", "u_threshold", "l_threshold"}
+_SERVER_KEYS = {"address", "weight", "method", "u_threshold", "l_threshold", "spi_label", "esp_spi_min",
+                "esp_spi_max"}
 
 
 # The largest number any setting takes (seconds, rates per second): 1e9 s is 31 years, 1e9 per second
@@ -203,6 +296,13 @@ class _Checker:
         if choices and v not in choices:
             self.err(path, f"must be one of {', '.join(choices)}, got {v!r}")
         return v
+
+    def hex64(self, path: str, v: Any) -> int:
+        """A 64-bit value written as a "0x..." string (TOML integers stop at 2**63 - 1)."""
+        if not isinstance(v, str) or not re.fullmatch(r"0[xX][0-9a-fA-F]{1,16}", v.replace("_", "")):
+            self.err(path, f'must be a hex string of at most 64 bits like "0x0100000000000000", got {v!r}')
+            return 0
+        return int(v.replace("_", ""), 16)
 
     def method(self, path: str, v: Any) -> Method:
         """dr, tun or nat, parsed here once (an error leaves DR, which nothing will apply)."""
@@ -273,6 +373,7 @@ def from_dict(raw: dict) -> Config:
         fastpath_hook=c.str_("daemon.fastpath_hook", d.get("fastpath_hook", base.fastpath_hook), FASTPATH_HOOKS),
         fastpath_fib=c.str_("daemon.fastpath_fib", d.get("fastpath_fib", base.fastpath_fib), ("main", "rules")),
         sync=_sync(c, d.get("sync")),
+        bgp=_bgp(c, d.get("bgp")),
     )
     services = []
     raw_services = raw.get("service", [])
@@ -390,10 +491,13 @@ def _service(c: _Checker, p: str, s: Any, vips: dict[str, int], addresses: dict[
         lo = c.int_(f"{q}.l_threshold", r.get("l_threshold", 0), 0, 50_000_000)
         if u and lo > u:
             c.err(f"{q}.l_threshold", f"must be <= u_threshold ({u}), got {lo}")
+        label = c.hex64(f"{q}.spi_label", r["spi_label"]) if "spi_label" in r else None
+        esp = [c.int_(f"{q}.{k}", r[k], 0, 0xFFFFFFFF) if k in r else None for k in ("esp_spi_min", "esp_spi_max")]
         servers.append(
-            ServerConfig(addr, c.int_(f"{q}.weight", r.get("weight", 1), 0, 65535), rs_method, u, lo)
+            ServerConfig(addr, c.int_(f"{q}.weight", r.get("weight", 1), 0, 65535), rs_method, u, lo, label, *esp)
         )
         server_paths.append(q)
+    mask = _spi_labels(c, p, s.get("spi_label"), servers, server_paths)
     nat = ah_across_nat(ah, method, (r.method for r in servers))
     if nat is not None:
         c.err(f"{p}.ah" if nat < 0 else f"{server_paths[nat]}.method", AH_ACROSS_NAT)
@@ -411,7 +515,44 @@ def _service(c: _Checker, p: str, s: Any, vips: dict[str, int], addresses: dict[
         soft_grace=soft_grace,
         health=health,
         servers=tuple(servers),
+        drain=c.bool_(f"{p}.drain", s.get("drain", False)),
+        spi_label_mask=mask,
     )
+
+
+def _spi_labels(c: _Checker, p: str, v: Any, servers: list[ServerConfig], paths: list[str]) -> int:
+    """``spi_label = { mask = "0x..." }``: every server then has a label (all or none), checked by
+    SpiLabels.build as the core will build it; returns the mask (0: no labels)."""
+    from director.service import ConfigError
+    from director.spi_label import ServerLabel, SpiLabels
+
+    mask = 0
+    if v is not None:
+        if not isinstance(v, dict):
+            c.err(f"{p}.spi_label", "must be a table like { mask = \"0xff00000000000000\" }")
+        else:
+            c.unknown(f"{p}.spi_label", v, {"mask"})
+            if "mask" not in v:
+                c.err(f"{p}.spi_label.mask", "missing")
+            else:
+                mask = c.hex64(f"{p}.spi_label.mask", v["mask"])
+    labelled = {j: r for j, r in enumerate(servers)
+                if r.spi_label is not None or r.esp_spi_min is not None or r.esp_spi_max is not None}  # fmt: skip
+    if not mask:
+        for j in labelled:
+            c.err(f"{paths[j]}.spi_label", f"the service has no spi_label.mask ({p}.spi_label)")
+        return 0
+    for j, r in enumerate(servers):
+        if r.spi_label is None:
+            c.err(f"{paths[j]}.spi_label", "missing: with spi_label.mask set every real server needs its label")
+    try:
+        SpiLabels.build(mask, {j: ServerLabel(r.spi_label, r.esp_spi_min, r.esp_spi_max)
+                               for j, r in enumerate(servers) if r.spi_label is not None},
+                        where=f"{p}.spi_label", server_path=lambda j: paths[j],
+                        fields=("spi_label", "esp_spi_min", "esp_spi_max"))  # fmt: skip
+    except ConfigError as e:
+        c.errors.extend(str(e).split("; "))
+    return mask
 
 
 def service_to_dict(s: ServiceConfig) -> dict:
@@ -431,6 +572,10 @@ def service_to_dict(s: ServiceConfig) -> dict:
         out["soft_expiry"] = {"limit": s.soft_limit, "grace": s.soft_grace}
     if s.health:
         out["health"] = dict(s.health)
+    if s.drain:
+        out["drain"] = True
+    if s.spi_label_mask:
+        out["spi_label"] = {"mask": f"{s.spi_label_mask:#018x}"}
     out["server"] = [server_to_dict(r) for r in s.servers]
     return out
 
@@ -443,14 +588,25 @@ def server_to_dict(r: ServerConfig) -> dict:
         out["u_threshold"] = r.u_threshold
     if r.l_threshold:
         out["l_threshold"] = r.l_threshold
+    if r.spi_label is not None:
+        out["spi_label"] = f"{r.spi_label:#018x}"
+    for k in ("esp_spi_min", "esp_spi_max"):
+        if getattr(r, k) is not None:
+            out[k] = getattr(r, k)
     return out
+
+
+def _sync_to_dict(s: SyncConfig) -> dict:
+    out = {"peers": list(s.peers), "key": s.key, "port": s.port, "role": s.role, "state_file": s.state_file}
+    return out | ({"bind": s.bind} if s.bind else {})
 
 
 def to_dict(cfg: Config) -> dict:
     """The whole config as the dict ``from_dict`` takes (round trip: equal Config)."""
     d = cfg.daemon
     return {
-        "daemon": {k: getattr(d, k) for k in DaemonConfig.__dataclass_fields__ if k != "sync"}
-        | ({"sync": {k: getattr(d.sync, k) for k in SyncConfig.__dataclass_fields__}} if d.sync else {}),
+        "daemon": {k: getattr(d, k) for k in DaemonConfig.__dataclass_fields__ if k not in ("sync", "bgp")}
+        | ({"sync": _sync_to_dict(d.sync)} if d.sync else {})
+        | ({"bgp": {k: getattr(d.bgp, k) for k in BgpConfig.__dataclass_fields__}} if d.bgp else {}),
         "service": [service_to_dict(s) for s in cfg.services],
     }

@@ -16,6 +16,9 @@ the reconciler; on any error nothing changes. Commands and their arguments:
     restore      {services: [service, ...]}         replaces all services at once
 Read-only commands (answered by the daemon): status, services, connections {client?, server?},
 save, zero {vip?}, reload.
+Route health injection (answered by the daemon): drain {vip?}, undrain {vip?}: with a VIP, the
+service's ``drain`` setting (an edit of the desired config, so ``save`` keeps it); without, the
+whole director until the next drain/undrain or restart (the start value is ``[daemon.bgp] drain``).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ MUTATIONS = frozenset({
     "set-timeouts", "restore",
 })
 _EDITABLE_SERVICE = {"scheduler", "scheduler_options", "method", "affinity", "ah", "timeouts",
-                     "retransmit_threshold", "soft_expiry", "health"}
+                     "retransmit_threshold", "soft_expiry", "health", "drain"}
 _EDITABLE_SERVER = {"weight", "method", "u_threshold", "l_threshold"}
 
 

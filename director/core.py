@@ -32,11 +32,12 @@ from director.isakmp_state import Event, State
 from director.packet import PROTO_AH, PROTO_ESP, PROTO_UDP, Kind, PacketError, classify, parse_icmp_error
 from director.schedulers import RealServer
 from director.service import ConfigError, Method, Service
+from director.spi_label import ServerLabel, SpiLabels
 
 
 _SERVICE_FIELDS = frozenset({
     "scheduler_name", "scheduler_options", "method", "affinity", "ah", "timeouts",
-    "retransmit_threshold", "soft_limit", "soft_grace", "health",
+    "retransmit_threshold", "soft_limit", "soft_grace", "health", "spi_label",
 })
 
 
@@ -220,11 +221,13 @@ class Director:
             "adopted": 0,
             "replies": 0,
             "icmp_relayed": 0,
+            "label_steered": 0,  # conversations with no entry here sent where their SPI label says
         }
         self.stuck_by_rs: dict[int, int] = {}
         self.svc_counters: dict[int, array] = {}
         self.rs_counters: dict[int, array] = {}
         self._rs_method: dict[int, Method] = {}  # each real server's effective method, kept current
+        self._labels: dict[int, SpiLabels] = {}  # SPI label decoders by service id (services with labels)
 
     # -- configuration -----------------------------------------------------------------------
     def add_service(self, svc: Service) -> None:
@@ -241,6 +244,17 @@ class Director:
         self.table.set_soft_expiry(svc.id, svc.soft_limit, svc.soft_grace)
         for rs in svc.servers.values():
             self._index_server(svc, rs)
+        self._build_labels(svc)
+
+    def _build_labels(self, svc: Service) -> None:
+        """The service's SPI label decoder, by real server id (the config validated the labels)."""
+        self._labels.pop(svc.id, None)
+        if not svc.spi_label:
+            return
+        mask, servers = svc.spi_label
+        ids = {rs.addr: rs.id for rs in svc.servers.values()}
+        self._labels[svc.id] = SpiLabels.build(mask, {ids[a]: ServerLabel(label, lo, hi)
+                                                      for a, label, lo, hi in servers if a in ids})  # fmt: skip
 
     def remove_service(self, svc_id: int) -> int:
         """Remove a service, its real servers and its entries (a scan: operator action only)."""
@@ -249,6 +263,7 @@ class Director:
             self.remove_server(svc_id, rs_id)
         del self.services[svc_id]
         del self._by_vip[svc.vip]
+        self._labels.pop(svc_id, None)
         del self.svc_counters[svc_id]
         t = self.table
         doomed = [s for s in t.slots() if t.svc_of(s) == svc_id]
@@ -294,6 +309,7 @@ class Director:
         self.table.set_timeouts(svc.id, svc.timeouts)
         self.table.set_soft_expiry(svc.id, svc.soft_limit, svc.soft_grace)
         self._reindex_nat(svc)
+        self._build_labels(svc)
         svc.refresh_scheduler()
 
     def _reindex_nat(self, svc: Service) -> None:
@@ -472,6 +488,8 @@ class Director:
                 return self._drop(kind, DropReason.NO_ENTRY, svc, icmp=True)
             s, _ = self.table.established_of_client(svc.id, c.src)
             if s < 0:
+                if kind == _K_ESP and svc.id in self._labels:
+                    return self._label_esp(svc, c, now)
                 return self._drop(kind, DropReason.NO_ENTRY, svc, icmp=True)
             return self._forward_entry(svc, kind, s, now)
         if kind == _K_IKE_INITIAL:
@@ -483,6 +501,8 @@ class Director:
             if s < 0:
                 if saw_init:
                     return self._drop(kind, DropReason.ENTRY_NOT_ESTABLISHED, svc)
+                if svc.id in self._labels:
+                    return self._label_esp(svc, c, now)
                 return self._drop(kind, DropReason.NO_ENTRY, svc, icmp=True)
             return self._forward_entry(svc, kind, s, now)
         # NAT-keepalive: keeps the NAT mapping, not the entry; follows the client's real server
@@ -572,10 +592,17 @@ class Director:
         t = self.table
         s = t.lookup(svc.id, c.src, c.spi_i)
         if s < 0:
-            a = self._affinity_slot(svc, c)
-            rs = self._servers.get(t.rs_of(a)) if a >= 0 else None
-            if rs is None or not rs.up:
-                return self._drop(_K_IKE, DropReason.UNKNOWN_IKE_SA, svc)
+            rs = None
+            labels = self._labels.get(svc.id)
+            if labels is not None:  # the SPI the real server chose names it: it holds this IKE SA
+                rs = self._labelled(svc, labels.decode_ike(c.spi_i, c.spi_r, c.ike_version, c.flags))
+            stat = "label_steered"
+            if rs is None:
+                a = self._affinity_slot(svc, c)
+                rs = self._servers.get(t.rs_of(a)) if a >= 0 else None
+                stat = "adopted"
+                if rs is None or not rs.up:
+                    return self._drop(_K_IKE, DropReason.UNKNOWN_IKE_SA, svc)
             refused = self._refuse_new(c.src, now)
             if refused:
                 return self._drop(_K_IKE, refused, svc)
@@ -584,7 +611,7 @@ class Director:
             except TableFull:
                 return self._drop(_K_IKE, DropReason.TABLE_FULL, svc)
             t.establish(s, c.spi_r, now)
-            self.stats["adopted"] += 1
+            self.stats[stat] += 1
             self.rs_counters[rs.id][RS_CONNS] += 1
             return self._forward(svc, _K_IKE, rs)
         rs = self._servers.get(t.rs_of(s))
@@ -597,6 +624,41 @@ class Director:
         t.establish(s, c.spi_r, now)  # refreshes an ESTABLISHED entry too
         self._follow_port(t, s, c, now)
         return self._forward(svc, _K_IKE, rs)
+
+    def _labelled(self, svc: Service, rs_id: int | None) -> RealServer | None:
+        """The service's real server a label named (None: no label, or a server gone since).
+        Its health does not matter: it holds the SA, no other server could take the packet."""
+        return svc.servers.get(rs_id) if rs_id is not None else None
+
+    def _label_esp(self, svc: Service, c, now: float) -> Verdict:
+        """ESP (or ESP-in-UDP) with no entry: the real server whose inbound SPI range holds the
+        SPI gets it, and an ESTABLISHED entry is made so what follows behaves as if the director
+        had seen the IKE exchange (counters, persistence, the fast path's map)."""
+        kind = c.kind
+        rs = self._labelled(svc, self._labels[svc.id].decode_esp(c.spi))
+        if rs is None:
+            return self._drop(kind, DropReason.NO_ENTRY, svc, icmp=True)
+        refused = self._refuse_new(c.src, now)
+        if refused:
+            return self._drop(kind, refused, svc)
+        t = self.table
+        s = t.lookup(svc.id, c.src, 0)  # keyed by cookie 0: the director never saw the IKE SPIs
+        if s >= 0:  # an earlier label-steered entry of this client (another NAT-T port, or a server change)
+            if t.rs_of(s) != rs.id:
+                t.move(s, rs.id)
+            self._follow_port(t, s, c, now)
+            if kind == _K_ESP_IN_UDP:
+                t.mark_natt(s)
+            t.establish(s, 0, now)
+            return self._forward(svc, kind, rs)
+        try:
+            s = t.create(svc.id, c.src, c.sport, 0, rs.id, now, natt=kind == _K_ESP_IN_UDP)
+        except TableFull:
+            return self._drop(kind, DropReason.TABLE_FULL, svc)
+        t.establish(s, 0, now)
+        self.stats["label_steered"] += 1
+        self.rs_counters[rs.id][RS_CONNS] += 1
+        return self._forward(svc, kind, rs)
 
     def _refuse_new(self, source: int, now: float) -> DropReason | None:
         """Per-source limit first (a spoofer's excess costs nobody else), then the global one;

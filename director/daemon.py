@@ -24,6 +24,7 @@ from typing import Callable
 
 from director import config as config_mod
 from director import metrics, reconcile
+from director.announce import DirectorState, ServiceState
 from director.control import MUTATIONS, RequestError, addr_arg, mutate
 from director.control_server import ControlServer
 from director.core import Director
@@ -41,7 +42,8 @@ log = logging.getLogger(__name__)
 TICK = 1.0
 PROBE_TICK = 0.1  # the loop wakes at least this often while health checks run
 DATAPLANES = ("auto", "ebpf", "nfqueue")
-SLOW_ITERATION = 0.25  # a loop iteration longer than this is logged (rate limited)
+SLOW_ITERATION = 0.25
+BIRD_TIMEOUT = 1.0  # seconds the loop waits for BIRD's answer (a hung BIRD slows the tick, no more)  # a loop iteration longer than this is logged (rate limited)
 
 
 class Daemon:
@@ -85,6 +87,10 @@ class Daemon:
         self._lan_index = 0
         self._last_slow_log = 0.0
         self._sync: SyncLink | None = None  # failover sync ([daemon.sync])
+        # route health injection ([daemon.bgp]): made in start, after the dataplane is up
+        self.injector = None
+        self._drained = d.bgp.drain if d.bgp is not None else False  # the whole director (vpnadm --drain)
+        self._dataplane_up = False
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -119,6 +125,16 @@ class Daemon:
             self._sync = self.views.sync = SyncLink(self.director, d.sync, ipr=self._ipr, ifindex=client_index)
         if d.metrics:
             self._metrics = metrics.serve(self.views, d.metrics)
+        self._dataplane_up = True
+        for line in config_mod.consistency_warnings(self.cfg):
+            log.warning("config.warning %s", line)
+        if d.bgp is not None:  # route health injection: announce only now that packets are forwarded
+            from director.dataplane.bgp import Bird
+            from director.route_injection import RouteInjector
+
+            self.injector = self.views.injector = RouteInjector(Bird(d.bgp.socket, d.bgp.include, timeout=BIRD_TIMEOUT))
+            self.announce()
+            self.injector.sessions()
         k = self.kernel.state
         log.info("daemon.started dataplane=%s services=%d dr=%d nat=%d queue=%d metrics=%s", self.dataplane,
                  len(self.director.services), len(k.dr_servers), len(k.nat_servers), d.queue, d.metrics or "off")
@@ -155,6 +171,13 @@ class Daemon:
         from director.dataplane import iptables, routing
 
         self.notify("STOPPING=1")
+        if self.injector is not None:  # withdraw first, give the routers time to move the traffic
+            self.announce(shutting_down=True)
+            if self.injector.error is None:
+                time.sleep(self.cfg.daemon.bgp.shutdown_wait)
+            else:
+                log.warning("route_injection.shutdown_withdraw_failed %s", self.injector.error)
+        self._dataplane_up = False
         if self._metrics is not None:
             self._metrics.shutdown()
             self._metrics.server_close()
@@ -204,8 +227,19 @@ class Daemon:
         self.desired = new
         if self.prober is not None:
             self.prober.sync(self.director, self.clock())
+        self.announce()
         log.info("config.applied %s services=%d", plan.summary(), len(self.director.services))
         return plan
+
+    def announce(self, shutting_down: bool = False) -> None:
+        """Route health injection: announce each VIP the director can serve, withdraw the others
+        (director/announce.py decides; the injector applies changes only and retries failures)."""
+        if self.injector is None:
+            return
+        drained = {s.vip for s in self.desired.services if s.drain}
+        services = [ServiceState(int_to_ip(svc.vip), sum(1 for rs in svc.servers.values() if rs.up and rs.weight > 0),
+                                 int_to_ip(svc.vip) in drained) for svc in self.director.services.values()]  # fmt: skip
+        self.injector.update(DirectorState(self._dataplane_up, self._drained, shutting_down), services)
 
     def _apply_kernel(self) -> None:
         """Rules, DR routes and the fast path's service maps equal the running services."""
@@ -244,6 +278,8 @@ class Daemon:
             self.stats["health_flips"] += 1
             log.warning("server.%s rs=%s service=%s expired_entries=%d", "up" if up else "down",
                         int_to_ip(rs.addr), int_to_ip(svc.vip), expired)
+        if flips:
+            self.announce()
 
     # -- control requests (protocol: director/control.py; the socket side: director/control_server.py) --
     def _handlers(self) -> dict:
@@ -260,7 +296,27 @@ class Daemon:
             "save": lambda req: config_mod.to_dict(self.desired)["service"],
             "zero": self._zero,
             "reload": lambda req: self.reload().summary(),
+            "drain": lambda req: self._drain(req, True),
+            "undrain": lambda req: self._drain(req, False),
         }
+
+    def _drain(self, req: dict, on: bool) -> str:
+        """vpnadm --drain/--undrain: one VIP (its service's ``drain`` setting) or the whole director."""
+        if self.injector is None:
+            raise RequestError("drain: no [daemon.bgp] in the config: this director announces no route")
+        if req.get("vip") is not None:
+            vip = addr_arg(req, "vip")
+            self.apply_config(mutate(self.desired, {"cmd": "edit-service", "vip": vip, "changes": {"drain": on}}))
+            what = vip
+        else:
+            self._drained = on
+            self.announce()
+            what = "director"
+        log.info("route_injection.%s %s", "drain" if on else "undrain", what)
+        if self.injector.error is not None:
+            raise RequestError(f"{what}: {'drained' if on else 'undrained'}, but BIRD refused: {self.injector.error}")
+        shown = ", ".join(f"{s.vip} {'announced' if s.announced else 'withdrawn'}" for s in self.injector.status())
+        return f"{what} {'drained' if on else 'undrained'}: {shown or 'no VIP'}"
 
     def _mutate(self, req: dict) -> str:
         plan = self.apply_config(mutate(self.desired, req))
@@ -318,6 +374,9 @@ class Daemon:
                         self.director.expire(t0)
                     self.views.tick(t0)
                     ctl.expire(t0)
+                    if self.injector is not None:  # retries a refused change; session states for views
+                        self.announce()
+                        self.injector.sessions()
                     next_tick = t0 + TICK
                 if prober is not None and prober.targets:
                     self._apply_health(prober.tick(self.director, t0))

@@ -95,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "check":
             cfg = config_mod.load(args.config)
             reconcile.validate(cfg)  # what run checks: limits, services, schedulers and options
+            for line in config_mod.consistency_warnings(cfg):
+                print(f"vpn-director: warning: {line}", file=sys.stderr)
             print(f"{args.config}: ok ({len(cfg.services)} services)")
             return 0
         if args.command == "reload":

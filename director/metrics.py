@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 KINDS = [k for k in Kind if k not in (Kind.NOT_OURS, Kind.FRAGMENT)]
 VERDICTS = {Action.FORWARD: "forward", Action.DROP: "drop", Action.ICMP_UNREACH: "icmp_unreachable"}
-OUTCOMES = ("scheduled", "persisted", "adopted", "rescheduled_dead", "rescheduled_stuck")
+OUTCOMES = ("scheduled", "persisted", "adopted", "rescheduled_dead", "rescheduled_stuck", "label_steered")
 LATENCY_BUCKETS = (25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 100e-3)
 
 
@@ -163,14 +163,54 @@ class Collector:
             lat.add_metric([name], h.cumulative(), sum_value=h.total)
         yield lat
         st_sync = vw.sync_status()
-        if st_sync is not None:  # failover sync counters (docs/metrics.md)
-            for k in ("sent", "received", "applied", "rejected_mac", "rejected_replay", "ignored"):
-                yield CounterMetricFamily(f"director_sync_{k}", f"Failover sync: records/datagrams {k}",
-                                          value=st_sync.get(k, 0))
+        if st_sync is not None:  # table sync (docs/metrics.md)
+            yield from _sync_families(st_sync)
+        ann = vw.announcements()
+        if ann is not None:  # route health injection (docs/metrics.md)
+            vip_up = GaugeMetricFamily("director_vip_announced",
+                                       "1 while this director's BGP speaker announces the VIP", labels=["service"])
+            for vip, a in sorted(ann["vips"].items()):
+                vip_up.add_metric([vip], 1 if a["announced"] else 0)
+            yield vip_up
+            sess = GaugeMetricFamily("director_bgp_session_up", "1 while the BGP session to the peer is Established",
+                                     labels=["peer"])
+            for peer, state in sorted(ann["sessions"].items()):
+                sess.add_metric([peer], 1 if state == "Established" else 0)
+            yield sess
+            yield GaugeMetricFamily("director_route_injection_error",
+                                    "1 while the BGP speaker refuses or cannot be reached (the last announcement stays)",
+                                    value=1 if ann["error"] else 0)
         yield GaugeMetricFamily("director_services", "Configured virtual services", value=len(d.services))
         info = GaugeMetricFamily("director_build_info", "Build information", labels=["version"])
         info.add_metric([__version__], 1)
         yield info
+
+
+def _sync_families(st: dict):
+    """The table sync's families: totals, the kernel's drops of strangers, and per peer the last
+    datagram's age and the datagrams rejected by cause."""
+    for k in ("sent", "received", "applied", "rejected_mac", "rejected_replay", "ignored"):
+        yield CounterMetricFamily(f"director_sync_{k}", f"Table sync: records/datagrams {k}", value=st.get(k, 0))
+    yield CounterMetricFamily("director_sync_dropped_kernel", "Table sync: datagrams the kernel dropped before "
+                              "the socket (not from a configured peer, or a full queue)",
+                              value=st.get("dropped_kernel", 0))
+    age = GaugeMetricFamily("director_sync_peer_last_datagram_age_seconds",
+                            "Table sync: seconds since the last datagram from the peer (absent: none yet)",
+                            labels=["peer"])
+    rej = CounterMetricFamily("director_sync_peer_rejected", "Table sync: the peer's datagrams rejected, by cause",
+                              labels=["peer", "cause"])
+    acc = CounterMetricFamily("director_sync_peer_accepted", "Table sync: the peer's datagrams accepted",
+                              labels=["peer"])
+    for p in st.get("peers", ()):
+        if p["last_age"] is not None:
+            age.add_metric([p["peer"]], p["last_age"])
+        for cause in ("mac", "replay"):
+            rej.add_metric([p["peer"], cause], p[f"rejected_{cause}"])
+        rej.add_metric([p["peer"], "malformed"], p["malformed"])
+        acc.add_metric([p["peer"]], p["accepted"])
+    yield age
+    yield rej
+    yield acc
 
 
 def serve(views: "Views", address: str):

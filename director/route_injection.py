@@ -46,6 +46,7 @@ class RouteInjector:
         self.decision: Announcement | None = None
         self.applied: tuple[frozenset[str], frozenset[str]] | None = None  # (announced, known)
         self.error: str | None = None
+        self.session_states: dict[str, str] = {}  # as last read by sessions()
 
     def update(self, director: DirectorState, services: list[ServiceState]) -> Announcement:
         """Decide and, if that changes what the speaker runs, apply; returns the decision."""
@@ -84,7 +85,8 @@ class RouteInjector:
     def sessions(self) -> dict[str, str]:
         """BGP session states by peer (empty, with ``error`` set, when the speaker cannot say)."""
         try:
-            return self.speaker.sessions()
+            self.session_states = self.speaker.sessions()
         except (BirdError, OSError) as e:
             self.error = str(e)
-            return {}
+            self.session_states = {}
+        return self.session_states

@@ -41,6 +41,8 @@ class Service:
     soft_grace: float = 0.0
     scheduler_options: dict = field(default_factory=dict)
     health: HealthConfig | None = None  # None: no probes (servers stay up unless marked)
+    # SPI labels (director/spi_label.py): (mask, ((server address, label, esp_min, esp_max), ...)) or ()
+    spi_label: tuple = ()
     servers: dict[int, RealServer] = field(default_factory=dict)
     scheduler: Scheduler = field(init=False)
 

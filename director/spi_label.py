@@ -23,7 +23,7 @@ random SPI of an unlabelled server could carry another server's label.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from director.packet import FLAG_INITIATOR
@@ -63,10 +63,14 @@ class SpiLabels:
     esp_ranges: tuple[tuple[int, int, int], ...]  # (min, max, server id), sorted by min
 
     @classmethod
-    def build(cls, mask: int, servers: Mapping[int, ServerLabel], where: str = "spi_label") -> SpiLabels:
+    def build(cls, mask: int, servers: Mapping[int, ServerLabel], where: str = "spi_label",
+              server_path: Callable[[int], str] | None = None,
+              fields: tuple[str, str, str] = ("label", "esp_min", "esp_max")) -> SpiLabels:  # fmt: skip
         """Validate and build; ``servers`` maps real server id to its label. Raises ConfigError
-        naming every bad field (``where`` prefixes the paths)."""
+        naming every bad field (``where`` prefixes the paths; ``server_path(rs)`` and ``fields``
+        name a server's fields as the caller's config spells them)."""
         errors: list[str] = []
+        f_label, f_min, f_max = fields
         if not isinstance(mask, int) or not 0 < mask <= _U64:
             errors.append(f"{where}.mask: must be a non-zero 64-bit value, not {mask!r}")
         elif not mask_is_contiguous(mask):
@@ -74,25 +78,26 @@ class SpiLabels:
         by_label: dict[int, int] = {}
         ranges: list[tuple[int, int, int]] = []
         for rs, sl in sorted(servers.items()):
-            path = f"{where}.servers[{rs}]"
+            path = server_path(rs) if server_path is not None else f"{where}.servers[{rs}]"
             if not isinstance(sl.label, int) or sl.label < 0 or (isinstance(mask, int) and sl.label & ~mask):
-                errors.append(f"{path}.label: {sl.label!r} has bits outside the mask")
+                errors.append(f"{path}.{f_label}: {sl.label:#x} has bits outside the mask" if isinstance(sl.label, int) else f"{path}.{f_label}: {sl.label!r} is not a label")
             elif sl.label in by_label:
-                errors.append(f"{path}.label: {sl.label:#x} is already real server {by_label[sl.label]}'s")
+                errors.append(f"{path}.{f_label}: {sl.label:#x} is already real server {by_label[sl.label]}'s")
             else:
                 by_label[sl.label] = rs
             if (sl.esp_min is None) != (sl.esp_max is None):
-                errors.append(f"{path}: esp_min and esp_max go together")
+                errors.append(f"{path}: {f_min} and {f_max} go together")
             elif sl.esp_min is not None:
                 if not (ESP_SPI_MIN <= sl.esp_min <= sl.esp_max <= _U32):
                     errors.append(f"{path}: ESP range {sl.esp_min:#x}-{sl.esp_max:#x} must satisfy "
-                                  f"{ESP_SPI_MIN:#x} <= esp_min <= esp_max <= 0xffffffff")  # fmt: skip
+                                  f"{ESP_SPI_MIN:#x} <= {f_min} <= {f_max} <= 0xffffffff")  # fmt: skip
                 else:
                     ranges.append((sl.esp_min, sl.esp_max, rs))
         ranges.sort()
         for (lo1, hi1, a), (lo2, _hi2, b) in zip(ranges, ranges[1:]):
             if lo2 <= hi1:
-                errors.append(f"{where}.servers[{b}]: ESP range overlaps real server {a}'s ({lo1:#x}-{hi1:#x})")
+                path = server_path(b) if server_path is not None else f"{where}.servers[{b}]"
+                errors.append(f"{path}: ESP range overlaps real server {a}'s ({lo1:#x}-{hi1:#x})")
         if errors:
             raise ConfigError("; ".join(errors))
         return cls(mask, by_label, tuple(ranges))

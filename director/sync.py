@@ -170,13 +170,18 @@ def decode(data: bytes) -> Message:
 
 
 class ReplayWindow:
-    """Per sender: the newest epoch and a sliding window of sequence numbers in it."""
+    """Per sender: the newest epoch and a sliding window of sequence numbers in it.
+
+    ``floor``: the newest epoch accepted from this sender before a restart (persisted by the
+    link). Its window was lost with the process, so nothing of that epoch or older is accepted
+    any more: only a newer epoch (the sender's next snapshot, or its restart) opens the window.
+    """
 
     __slots__ = ("epoch", "top", "bits")
 
-    def __init__(self) -> None:
-        self.epoch = -1
-        self.top = 0
+    def __init__(self, floor: int = -1) -> None:
+        self.epoch = floor
+        self.top = 0 if floor < 0 else (1 << 64) + WINDOW  # a closed epoch: every 64-bit sequence number is too old
         self.bits = 0  # bit i: top - i was seen
 
     def check(self, epoch: int, seq: int) -> bool:
@@ -207,13 +212,16 @@ class Sender(TableListener):
     Also frames this director's REQUEST messages (a backup's epoch and sequence live here too).
     """
 
-    def __init__(self, director, key: bytes, sender_id: int, epoch: int) -> None:
+    def __init__(self, director, key: bytes, sender_id: int, epoch: int, *, send_expiry: bool = True) -> None:
         self.d = director
         self.key = key
         self.id = sender_id & 0xFFFFFFFF
         self.epoch = epoch
         self.seq = 0
         self.enabled = True
+        # False (role all): an entry idle here may be busy on another director (the router sends
+        # its packets there), so each director expires entries on its own clock and tells no one
+        self.send_expiry = send_expiry
         self._upserts: dict[int, tuple[int, int, int, RecKind]] = {}  # slot -> (svc, client, spi_i, kind)
         self._removals: list[Record] = []
         self.stats = {"sent": 0, "records_sent": 0, "snapshots_sent": 0}
@@ -241,6 +249,8 @@ class Sender(TableListener):
         if not self.enabled:
             return
         self._upserts.pop(s, None)
+        if event == Event.EXPIRE and not self.send_expiry:
+            return
         v = self.d.table.view(s)
         svc = self.d.services.get(v.svc)
         if svc is None:
@@ -287,12 +297,14 @@ class Sender(TableListener):
         return [self._frame(MsgType.CHANGES, records[i:i + MAX_RECORDS])
                 for i in range(0, len(records), MAX_RECORDS)]
 
-    def snapshot(self, now: float, epoch: int | None = None) -> list[bytes]:
+    def snapshot(self, now: float, epoch: int | None = None, *, keep_pending: bool = False) -> list[bytes]:
         """The whole table (a scan) in a fresh epoch, parts numbered 1..n, the last flagged END.
-        Pending changes are included by construction and dropped."""
+        Pending changes are included by construction and dropped, unless ``keep_pending`` (role
+        all: the snapshot goes to the one peer that asked, the others still need the changes)."""
         self.epoch = max(self.epoch + 1, epoch or 0)
         self.seq = 0
-        self.clear()
+        if not keep_pending:
+            self.clear()
         records = self._records(now, ((s, RecKind.SNAP) for s in self.d.table.slots()))
         chunks = [records[i:i + MAX_RECORDS] for i in range(0, len(records), MAX_RECORDS)] or [[]]
         self.stats["snapshots_sent"] += 1
@@ -309,6 +321,7 @@ class Outcome(IntEnum):
     APPLIED = 1
     REQUEST = 2  # the peer asks for a snapshot
     SNAPSHOT_DONE = 3  # a complete snapshot was applied (and stale local entries removed)
+    STALE = 4  # rejected: an epoch closed by a restart (its sender should send a snapshot, a new epoch)
 
 
 @dataclass
@@ -319,35 +332,69 @@ class _Snap:
     keys: set = field(default_factory=set)
 
 
-class Receiver:
-    """The backup side: authenticates, checks replay, applies records to a Director's table."""
+PEER_COUNTERS = ("received", "accepted", "rejected_mac", "rejected_replay", "malformed")
 
-    def __init__(self, director, key: bytes, own_id: int | None = None) -> None:
+
+class Receiver:
+    """The receiving side: authenticates, checks replay, applies records to a Director's table.
+
+    ``floors``: per sender id, the newest epoch accepted before a restart (see ReplayWindow).
+    ``on_epoch(sender, epoch)`` is called when a sender's new epoch is first accepted, before its
+    records are applied: the link persists it there. ``merge`` (role all): records from several
+    peers meet, a snapshot only adds (it never removes local entries) and a conflict between a
+    record and the local entry resolves by ``wins`` (the same answer on every director).
+    ``handle``'s ``peer`` (the source address) keys per-peer counters and the last arrival time.
+    """
+
+    def __init__(self, director, key: bytes, own_id: int | None = None, *, floors: dict[int, int] | None = None,
+                 on_epoch=None, merge: bool = False) -> None:
         self.d = director
         self.key = key
         self.own_id = own_id
+        self.floors = dict(floors or {})
+        self.on_epoch = on_epoch
+        self.merge = merge
         self.windows: dict[int, ReplayWindow] = {}
         self._snap: dict[int, _Snap] = {}
         self.stats = {"received": 0, "applied": 0, "rejected_mac": 0, "rejected_replay": 0,
-                      "malformed": 0, "ignored": 0, "refused_full": 0, "snapshots": 0, "requests": 0}
+                      "malformed": 0, "ignored": 0, "refused_full": 0, "snapshots": 0, "requests": 0,
+                      "conflicts_kept": 0, "conflicts_taken": 0}
+        self.peers: dict[object, dict] = {}  # peer -> PEER_COUNTERS and "last" (arrival time)
 
-    def handle(self, data: bytes, now: float) -> Outcome:
-        self.stats["received"] += 1
+    def _count(self, peer, key: str) -> None:
+        self.stats[key] += 1
+        if peer is not None:
+            self.peers[peer][key] += 1
+
+    def handle(self, data: bytes, now: float, peer=None) -> Outcome:
+        if peer is not None:
+            ps = self.peers.get(peer)
+            if ps is None:
+                ps = self.peers[peer] = dict.fromkeys(PEER_COUNTERS, 0) | {"last": None}
+            ps["last"] = now
+        self._count(peer, "received")
         if not authenticate(self.key, data):
-            self.stats["rejected_mac"] += 1
+            self._count(peer, "rejected_mac")
             return Outcome.REJECTED
         try:
             msg = decode(data)
         except SyncError:
-            self.stats["malformed"] += 1
+            self._count(peer, "malformed")
             return Outcome.REJECTED
         if msg.sender == self.own_id:  # our own message reflected back
-            self.stats["rejected_replay"] += 1
+            self._count(peer, "rejected_replay")
             return Outcome.REJECTED
-        w = self.windows.setdefault(msg.sender, ReplayWindow())
+        w = self.windows.get(msg.sender)
+        if w is None:
+            w = self.windows[msg.sender] = ReplayWindow(self.floors.get(msg.sender, -1))
+        old_epoch = w.epoch
         if not w.check(msg.epoch, msg.seq):
-            self.stats["rejected_replay"] += 1
-            return Outcome.REJECTED
+            self._count(peer, "rejected_replay")
+            return Outcome.STALE if msg.epoch == w.epoch and w.top > 1 << 64 else Outcome.REJECTED
+        if w.epoch != old_epoch and self.on_epoch is not None:
+            self.on_epoch(msg.sender, w.epoch)
+        if peer is not None:
+            self.peers[peer]["accepted"] += 1
         if msg.type == MsgType.REQUEST:
             self.stats["requests"] += 1
             return Outcome.REQUEST
@@ -368,12 +415,16 @@ class Receiver:
         return Outcome.APPLIED
 
     def _finish(self, snap: _Snap) -> None:
-        """Every part arrived: local entries the snapshot did not name are stale (removed)."""
+        """Every part arrived: local entries the snapshot did not name are stale (removed); not
+        when merging (role all), where the local table also holds this director's own entries and
+        other peers' that the snapshot's sender may not have yet."""
+        self.stats["snapshots"] += 1
+        if self.merge:
+            return
         t = self.d.table
         stale = [s for s in t.slots() if t.conversation(s) not in snap.keys]
         for s in stale:
             t.remove(s)
-        self.stats["snapshots"] += 1
 
     def apply(self, r: Record, now: float, snap: _Snap | None = None) -> bool:
         """One record to the table; False when ignored (unknown service or server, table full)."""
@@ -398,6 +449,10 @@ class Receiver:
             except TableFull:
                 self.stats["refused_full"] += 1
                 return False
+        elif self.merge and not self._takes(r, s):
+            if snap is not None:
+                snap.keys.add((svc.id, r.client, r.spi_i))
+            return True
         else:
             t.move(s, rs.id)  # nothing happens if it is there already
             t.set_port(s, r.cport)  # likewise
@@ -414,3 +469,22 @@ class Receiver:
             snap.keys.add((svc.id, r.client, r.spi_i))
         self.stats["applied"] += 1
         return True
+
+    def _takes(self, r: Record, s: int) -> bool:
+        """Role all: whether a record replaces the local entry ``s`` of the same conversation.
+        A record never downgrades: ESTABLISHED beats INIT; in the same state the lower real-server
+        address wins, so directors that scheduled one conversation differently (a race of the
+        client's first packets over two directors) all converge on the same server, whatever the
+        order the records arrive in."""
+        t = self.d.table
+        local_state = t.state_of(s)
+        local = self.d.entry_record(s)
+        local_rs = local[2] if local is not None else 0
+        if local_rs == r.rs_addr:
+            return r.state >= local_state  # the same server: an update (established, port, deadline)
+        if r.state != local_state:
+            take = r.state == State.ESTABLISHED
+        else:
+            take = r.rs_addr < local_rs
+        self.stats["conflicts_taken" if take else "conflicts_kept"] += 1
+        return take

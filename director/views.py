@@ -82,6 +82,7 @@ class Views:
         self.fastpath: FastPathView | None = None
         self.prober: Any = None  # .view(rs_id) -> dict (director.dataplane.prober.Prober)
         self.sync: Any = None  # .status() -> dict (director.dataplane.sync_link.SyncLink)
+        self.injector: Any = None  # route health injection (director.route_injection.RouteInjector)
         self.counters = Counters(director)
         self.rates = Rates(clock())
         self.lock = threading.Lock()
@@ -126,7 +127,28 @@ class Views:
                 "rates": {k: sum(r["rates"][k] for r in servers) for k in RATE_KEYS},
                 "servers": servers,
             })
+        ann = self.announcements()
+        if ann is not None:  # route health injection
+            for s in out:
+                s["announcement"] = ann["vips"].get(s["vip"])
+                s["bgp_sessions"] = ann["sessions"]
         return out
+
+    # -- route health injection -----------------------------------------------------------------
+    def announcements(self) -> dict | None:
+        """Each VIP's announcement (wanted, as BIRD runs it, why withdrawn) and the BGP sessions'
+        states as last read; None without [daemon.bgp]."""
+        inj = self.injector
+        if inj is None:
+            return None
+        return {
+            "vips": {v.vip: {"announced": v.announced, "wanted": v.wanted,
+                             "reason": v.reason.name.lower() if v.reason is not None else None}
+                     for v in inj.status()},  # fmt: skip
+            "sessions": dict(inj.session_states),
+            "error": inj.error,
+        }
+    # -- end route health injection -------------------------------------------------------------
 
     def status(self) -> dict:
         d = self.director
@@ -153,6 +175,8 @@ class Views:
         }
         if self.sync is not None:  # failover sync
             out["sync"] = self.sync.status()
+        if self.injector is not None:  # route health injection
+            out["bgp"] = self.announcements()
         if self.fastpath is not None:
             fp = self.fastpath
             st = fp.dp_stats()

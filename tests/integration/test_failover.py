@@ -24,8 +24,9 @@ KEY = "5ec7e75ec7e75ec7e75ec7e75ec7e75e"
 MAX_GAP = 3.0
 
 
-def sync_conf(peer: str) -> str:
-    return f'sync = {{ peer = "{peer}", key = "{KEY}", role = "auto" }}'
+def sync_conf(lab, peer: str, name: str) -> str:
+    state = lab._tmp() / f"{name}-sync-state.json"  # per lab and director: never the system's path
+    return f'sync = {{ peer = "{peer}", key = "{KEY}", role = "auto", state_file = "{state}" }}'
 
 
 @pytest.fixture
@@ -175,9 +176,9 @@ def test_active_dies_backup_keeps_every_client(failover_lab, mode, dataplane):
 
 def start_pair(lab, dataplane):
     """Both directors with the sync, keepalived on both; returns (active, backup, active's keepalived)."""
-    d1 = DirectorProcess(lab, "director", dataplane=dataplane, daemon_extra=sync_conf(lab.director2_lan)).start()
+    d1 = DirectorProcess(lab, "director", dataplane=dataplane, daemon_extra=sync_conf(lab, lab.director2_lan, "director")).start()
     d2 = DirectorProcess(lab, "director2", role=DIRECTOR2, dataplane=dataplane,
-                         daemon_extra=sync_conf(lab.director_lan)).start()  # fmt: skip
+                         daemon_extra=sync_conf(lab, lab.director_lan, DIRECTOR2)).start()  # fmt: skip
     ka1 = lab.start_keepalived("director", priority=150)
     wait_for(lambda: lab.holds_vip("director"), what="director to become VRRP master")
     lab.start_keepalived(DIRECTOR2, priority=100)

@@ -54,7 +54,7 @@ SYSTEM_PYTHON = "/usr/bin/python3"  # Debian's python3 (+ python3-venv), outside
 APPLIED = {
     "Type", "ExecStartPre", "ExecStart", "ExecReload", "TimeoutStartSec", "TimeoutStopSec", "Environment",
     "User", "CapabilityBoundingSet", "AmbientCapabilities", "NoNewPrivileges", "ProtectSystem",
-    "RuntimeDirectory", "RuntimeDirectoryMode", "ReadWritePaths", "ProtectHome", "PrivateTmp", "UMask",
+    "RuntimeDirectory", "RuntimeDirectoryMode", "StateDirectory", "StateDirectoryMode", "ReadWritePaths", "ProtectHome", "PrivateTmp", "UMask",
     "ProtectKernelModules", "ProtectKernelTunables", "ProtectKernelLogs", "ProtectControlGroups",
     "PrivateDevices", "MemoryDenyWriteExecute", "ProtectHostname",
 }
@@ -63,7 +63,8 @@ NOT_APPLIED = {
     "RestrictAddressFamilies", "RestrictNamespaces", "RestrictRealtime", "RestrictSUIDSGID",  # seccomp
     "LockPersonality", "SystemCallArchitectures", "ProtectClock",  # seccomp
 }
-UNIT_DIRS = ("/opt/vpn-director", "/etc/vpn-director", "/run/vpn-director", "/sys/fs/bpf/vpn-director")
+UNIT_DIRS = ("/opt/vpn-director", "/etc/vpn-director", "/run/vpn-director", "/var/lib/vpn-director",
+             "/sys/fs/bpf/vpn-director")
 CAP_BITS = {"CAP_NET_ADMIN": 12, "CAP_NET_RAW": 13, "CAP_SYS_ADMIN": 21, "CAP_PERFMON": 38, "CAP_BPF": 39}
 
 
@@ -132,6 +133,7 @@ def exec_line(value: str, mapper: Mapper) -> tuple[set[str], list[str]]:
 
 def sandbox_spec(svc: dict[str, list[str]], mapper: Mapper, argv: list[str], env: dict[str, str]) -> str:
     runtime = [mapper("/run/" + d) for d in words(svc, "RuntimeDirectory")]
+    runtime += [mapper("/var/lib/" + d) for d in words(svc, "StateDirectory")]
     return json.dumps({
         "argv": argv,
         "user": one(svc, "User"),
@@ -273,6 +275,8 @@ def test_unit_runs_the_fast_path_from_a_built_wheel(make_lab, tmp_path):
         # What systemd prepares: the runtime directory; what the operator installs: the config.
         for d in words(svc, "RuntimeDirectory"):
             Path(mapper("/run/" + d)).mkdir(mode=int(one(svc, "RuntimeDirectoryMode", "0755"), 8), parents=True)
+        for d in words(svc, "StateDirectory"):
+            Path(mapper("/var/lib/" + d)).mkdir(mode=int(one(svc, "StateDirectoryMode", "0755"), 8), parents=True)
         etc = Path(mapper("/etc/vpn-director"))
         etc.mkdir(parents=True)
         control = mapper("/run/vpn-director/control.sock")

@@ -58,6 +58,10 @@ LEGAL = [
     (["-Z", "-V", VIP], "-Z"),
     (["--set", "20", "7200"], "--set"),
     (["--set", "0", "7200", "0"], "--set"),
+    (["--drain"], "--drain"),
+    (["--drain", "-V", VIP], "--drain"),
+    (["--undrain", "-V", VIP], "--undrain"),
+    (["-A", "-V", VIP, "--drained"], "-A"),
     ([], "-L"),  # ipvsadm lists without arguments
     (["--socket", "/tmp/x.sock"], "-L"),
 ]
@@ -88,6 +92,9 @@ ILLEGAL = [
     (["-L", "-c", "--stats"], "illegal option combination: -L -c with --stats"),
     (["-Z", "-V", VIP, "-r", RIP1], "illegal option combination: -Z with -r"),
     (["--set", "1", "2", "-V", VIP], "illegal option combination: --set with -V"),
+    (["--drain", "-V", VIP, "-r", RIP1], "illegal option combination: --drain with -r"),
+    (["--undrain", "--json"], "illegal option combination: --undrain with --json"),
+    (["-E", "-V", VIP, "--drained"], "illegal option combination: -E with --drained"),
     (["-A", "-D", "-V", VIP], "multiple commands specified"),
     (["-A", "-V", VIP, "-s", "rr", "-s", "wlc"], "multiple -s options specified"),
     (["-n"], "no command given"),
@@ -396,3 +403,37 @@ def test_listing_flags_a_server_marked_down():
     lines = format_services([svc]).splitlines()
     assert lines[-2].split()[-1] == "0" and not lines[-2].endswith("down")
     assert lines[-1].endswith(" down")
+
+
+# -- route health injection: drain and the announcement in -L -------------------------------------
+def test_drain_and_undrain_send_the_vip_or_nothing():
+    reqs, out = run(["--drain", "-V", VIP], drain="192.0.2.10 drained: 192.0.2.10 withdrawn")
+    assert reqs == [("drain", {"vip": VIP})]
+    assert out == "192.0.2.10 drained: 192.0.2.10 withdrawn\n"
+    reqs, _ = run(["--undrain"])
+    assert reqs == [("undrain", {})]
+
+
+def test_a_drained_service_round_trips_through_save_and_restore():
+    cfg = from_dict({"service": [{"vip": VIP, "drain": True, "server": [{"address": RIP1}]},
+                                 {"vip": VIP2, "server": []}]})
+    lines = list(cli.save_lines(to_dict(cfg)["service"]))
+    assert lines[0].endswith("--drained") and "--drained" not in lines[2]
+    restored = cli.parse_restore("\n".join(lines))
+    assert from_dict({"service": restored}).services == cfg.services
+
+
+def test_the_listing_shows_each_vips_announcement_and_the_bgp_sessions():
+    cfg = from_dict({"service": [{"vip": VIP, "server": [{"address": RIP1}]}, {"vip": VIP2, "server": []}]})
+    services = []
+    for s, ann in zip(to_dict(cfg)["service"], ({"announced": True, "wanted": True, "reason": None},
+                                                 {"announced": False, "wanted": False, "reason": "no_healthy_server"})):
+        services.append({"vip": s["vip"], "scheduler": "wlc", "affinity": "ip", "ah": True,
+                         "timeouts": s["timeouts"], "servers": [], "announcement": ann,
+                         "bgp_sessions": {"uplink": "Established", "backup": "Active"}})
+    text = cli.format_services(services)
+    assert f"IPSEC  {VIP} wlc affinity ip 16200 announced\n" in text
+    assert f"IPSEC  {VIP2} wlc affinity ip 16200 withdrawn(no_healthy_server)\n" in text
+    assert text.endswith("BGP sessions: backup Active, uplink Established\n")
+    plain = [{k: v for k, v in s.items() if k not in ("announcement", "bgp_sessions")} for s in services]
+    assert "BGP" not in cli.format_services(plain) and "announced" not in cli.format_services(plain)

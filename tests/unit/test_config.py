@@ -91,3 +91,46 @@ def test_config_errors_list_every_problem_at_once():
         "service[0].vip: not an IPv4 address: 'x'",
         "service[0].server[0].address: missing",
     ]
+
+
+BGP = '[daemon.bgp]\nsocket = "/run/bird/bird.ctl"\ninclude = "/etc/bird/vips.conf"\n'
+
+
+def test_bgp_settings_are_checked_and_named():
+    cfg = parse(BGP + "drain = true\nshutdown_wait = 2.5\n" + SERVICE.replace('"rr"', '"rr"\ndrain = true'))
+    assert (cfg.daemon.bgp.drain, cfg.daemon.bgp.shutdown_wait, cfg.services[0].drain) == (True, 2.5, True)
+    assert parse(BGP + SERVICE).daemon.bgp.shutdown_wait == 1.0
+    with pytest.raises(ConfigErrors) as e:
+        parse('[daemon.bgp]\nsocket = "bird.ctl"\ndrain = "yes"\nshutdown_wait = 61\nport = 179\n'
+              + SERVICE.replace('"rr"', '"rr"\ndrain = 1'))
+    assert e.value.errors == [
+        "daemon.bgp.port: unknown setting",
+        "daemon.bgp.socket: must be an absolute path, got 'bird.ctl'",
+        "daemon.bgp.include: missing",
+        "daemon.bgp.shutdown_wait: must be at most 60 seconds, got 61",
+        "daemon.bgp.drain: must be true or false, got 'yes'",
+        "service[0].drain: must be true or false, got 1",
+    ]
+
+
+def test_a_bgp_config_round_trips_and_drain_is_editable():
+    from director.config import from_dict, to_dict
+
+    cfg = parse(BGP + SERVICE)
+    assert from_dict(to_dict(cfg)) == cfg
+    drained = mutate(cfg, {"cmd": "edit-service", "vip": "192.0.2.10", "changes": {"drain": True}})
+    assert drained.services[0].drain and from_dict(to_dict(drained)) == drained
+    with pytest.raises(RequestError, match="service.drain: must be true or false"):
+        mutate(cfg, {"cmd": "edit-service", "vip": "192.0.2.10", "changes": {"drain": "on"}})
+
+
+def test_check_warns_when_a_multi_director_service_does_not_choose_consistently(tmp_path, capsys):
+    path = tmp_path / "director.toml"
+    path.write_text(BGP + SERVICE + SERVICE.replace("192.0.2.10", "192.0.2.20").replace('"rr"', '"mh"'))
+    assert main.main(["check", "--config", str(path)]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["vpn-director: warning: service[0].scheduler: 'rr' is not the same on every director; with "
+                   "[daemon.bgp] use mh (or sh, dh) so every director picks the same real server for a new conversation"]
+    path.write_text(SERVICE)  # a lone director: no warning
+    assert main.main(["check", "--config", str(path)]) == 0
+    assert capsys.readouterr().err == ""

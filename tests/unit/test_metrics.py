@@ -65,3 +65,35 @@ def test_metrics_collector_reports_the_traffic():
     assert 'director_drops_total{reason="icmp_no_entry"} 1.0' in text
     assert 'director_nfqueue_handling_seconds_bucket{le="0.00025",queue="client"} 1.0' in text
     assert "203.0.113" not in text  # never a client address
+
+
+def test_route_health_injection_gauges():
+    """With [daemon.bgp]: one gauge per VIP (announced or not) and per BGP session, and the error flag."""
+    from director.announce import DirectorState, ServiceState
+    from director.route_injection import RouteInjector
+
+    class Speaker:
+        def plan(self, announce, known):
+            return announce
+
+        def apply(self, plan):
+            pass
+
+        def sessions(self):
+            return {"uplink": "Established", "spare": "Active"}
+
+    d = running()
+    views = Views(d, clock=lambda: 1.0, latency={"client": Histogram(), "reply": Histogram()},
+                  stats={"icmp_sent": 0, "icmp_limited": 0, "icmp_suppressed": 0, "internal_errors": 0, "slow_iterations": 0})
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(Collector(views))
+    assert "director_vip_announced" not in generate_latest(reg).decode()  # no [daemon.bgp]: no family
+    inj = views.injector = RouteInjector(Speaker())
+    inj.update(DirectorState(dataplane_up=True), [ServiceState("192.0.2.10", 2), ServiceState("192.0.2.20", 0)])
+    inj.sessions()
+    text = generate_latest(reg).decode()
+    assert 'director_vip_announced{service="192.0.2.10"} 1.0' in text
+    assert 'director_vip_announced{service="192.0.2.20"} 0.0' in text
+    assert 'director_bgp_session_up{peer="uplink"} 1.0' in text
+    assert 'director_bgp_session_up{peer="spare"} 0.0' in text
+    assert "director_route_injection_error 0.0" in text

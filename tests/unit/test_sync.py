@@ -1,6 +1,7 @@
 """The failover sync protocol (director/sync.py): framing, MAC, replay window, snapshot, apply."""
 
 import ast
+import struct
 from pathlib import Path
 
 import pytest
@@ -270,3 +271,302 @@ def test_the_sender_is_one_table_listener_among_others_and_detaches():
     for dgram in tx.flush(0.0):
         rx.handle(dgram, 0.0)
     assert view(b) == {(VIP, CLIENTS[3], 500, 0xA4, State.ESTABLISHED, RIPS[0])}
+
+
+# -- golden vectors: the wire format, byte for byte (a change of format must change these) --------
+GOLDEN_KEY = bytes(range(32))
+GOLDEN_RECORDS = {
+    "r1": Record(RecKind.ESTABLISH, State.ESTABLISHED, VIP, ip_to_int("203.0.113.7"), 4500, ip_to_int("198.51.100.2"),
+                 0x0102030405060708, 0x1112131415161718, 12.5, natt=True),
+    "r2": Record(RecKind.EXPIRE, State.INIT, VIP, ip_to_int("203.0.113.8"), 500, ip_to_int("198.51.100.3"),
+                 0xA1A2A3A4A5A6A7A8),
+    "r3": Record(RecKind.SNAP, State.INIT, VIP, ip_to_int("203.0.113.9"), 500, ip_to_int("198.51.100.1"),
+                 0xB1B2B3B4B5B6B7B8, 0, 9.75),
+}
+GOLDEN = [
+    (Message(MsgType.CHANGES, ip_to_int("198.51.100.21"), 1733356800000000, 5, 0,
+             (GOLDEN_RECORDS["r1"], GOLDEN_RECORDS["r2"])),
+     # header: "VS", version 1, type 1, sender 198.51.100.21, epoch, sequence 5, flags 0, 2 records, pad
+     "5653" "01" "01" "c6336415" "0006287a94554000" "0000000000000005" "00" "02" "0000"
+     # r1: ESTABLISH, ESTABLISHED, NAT-T, pad, VIP, client, port 4500, pad, server, SPIs, 12500 ms
+     "02" "02" "01" "00" "c000020a" "cb007107" "1194" "0000" "c6336402" "0102030405060708" "1112131415161718"
+     "000030d4"
+     # r2: EXPIRE, INIT, no flags, pad, VIP, client, port 500, pad, server, SPI, no responder SPI, 0 ms
+     "05" "01" "00" "00" "c000020a" "cb007108" "01f4" "0000" "c6336403" "a1a2a3a4a5a6a7a8" "0000000000000000"
+     "00000000"
+     # HMAC-SHA256 over all of the above
+     "7fa2d0c506ab5d10b8658441b59b9d75ff82d990ce2a93563c1f7b5ab5a46dd6"),
+    (Message(MsgType.SNAPSHOT, ip_to_int("198.51.100.21"), 1733356800000001, 2, sync.FLAG_END,
+             (GOLDEN_RECORDS["r3"],)),
+     "5653" "01" "02" "c6336415" "0006287a94554001" "0000000000000002" "01" "01" "0000"
+     "06" "01" "00" "00" "c000020a" "cb007109" "01f4" "0000" "c6336401" "b1b2b3b4b5b6b7b8" "0000000000000000"
+     "00002616"
+     "c5d5dc9790b7d24aa732cd01e2228b2c41fdf5db721007d4a2eae402d6f1e282"),
+    (Message(MsgType.REQUEST, ip_to_int("198.51.100.22"), 1733356800000002, 1),
+     "5653" "01" "03" "c6336416" "0006287a94554002" "0000000000000001" "00" "00" "0000"
+     "413113a495ffccfc570122433df123fd4a7140fcb7a440a531d5fdecda710d58"),
+]
+
+
+@pytest.mark.parametrize("msg, hexbytes", GOLDEN, ids=["changes", "snapshot-part", "request"])
+def test_golden_vectors_both_ways(msg, hexbytes):
+    wire = bytes.fromhex(hexbytes)
+    assert sync.encode(GOLDEN_KEY, msg) == wire  # pack -> the committed bytes
+    assert sync.authenticate(GOLDEN_KEY, wire)
+    assert sync.decode(wire) == msg  # the committed bytes -> parse
+    assert not sync.authenticate(bytes(32), wire)  # the MAC depends on the key
+
+
+# -- replay across a receiver restart ------------------------------------------------------------
+def test_restarted_receiver_refuses_a_captured_datagram():
+    active, backup, tx, rx = pair()
+    persisted: dict[int, int] = {}
+    rx = Receiver(backup, KEY, own_id=2, on_epoch=lambda s, e: persisted.__setitem__(s, e))
+    active.table.create(1, CLIENTS[0], 500, 0xAA, 0, 0.0)
+    captured = tx.flush(0.0)
+    assert len(captured) == 1 and rx.handle(captured[0], 1.0) == Outcome.APPLIED
+    assert persisted == {1: 1000}
+    # without persisted floors a restarted receiver accepts the capture again (the defect)
+    assert Receiver(director(), KEY, own_id=2).handle(captured[0], 2.0) == Outcome.APPLIED
+    # with them, the capture is refused (counted), and the sender's next snapshot epoch is accepted
+    again = Receiver(director(), KEY, own_id=2, floors=persisted)
+    assert again.handle(captured[0], 2.0) == Outcome.STALE  # refused (the link asks the sender for a snapshot)
+    assert again.stats["rejected_replay"] == 1 and again.stats["applied"] == 0
+    active.table.create(1, CLIENTS[1], 500, 0xBB, 1, 0.0)
+    assert again.handle(tx.flush(3.0)[0], 3.0) == Outcome.STALE  # same epoch: its window is gone
+    parts = tx.snapshot(4.0, 2000)
+    assert [again.handle(p, 4.0) for p in parts][-1] == Outcome.SNAPSHOT_DONE
+    assert view(again.d) == view(active)
+
+
+def test_floor_closes_its_epoch_and_older_ones():
+    w = ReplayWindow(floor=50)
+    assert not w.check(50, 1) and not w.check(50, 2**64 - 1) and not w.check(49, 10)
+    assert w.check(51, 1) and w.check(51, 2) and not w.check(51, 1)
+
+
+# -- a sender whose clock steps back -------------------------------------------------------------
+def test_sender_epochs_climb_when_the_clock_steps_back(tmp_path, monkeypatch):
+    from director.dataplane import sync_link
+
+    path = str(tmp_path / "state.json")
+    clock = [5_000_000_000_000]  # ns
+    monkeypatch.setattr(sync_link.time, "time_ns", lambda: clock[0])
+    st = sync_link.SyncState(path)
+    first = st.next_epoch()
+    assert first == 5_000_000_000
+    clock[0] -= 3600 * 10**9  # the clock steps back an hour; the daemon restarts
+    st2 = sync_link.SyncState(path)
+    second = st2.next_epoch()
+    assert second == first + 1
+    # the receiver that saw `first` (and persisted it as a floor) accepts the new epoch
+    rx = Receiver(director(), KEY, own_id=2, floors={1: first})
+    tx = Sender(director(), KEY, 1, epoch=second)
+    assert rx.handle(tx.request(), 0.0) == Outcome.REQUEST
+
+
+def test_state_file_round_trip_and_atomic(tmp_path):
+    from director.dataplane import sync_link
+
+    path = tmp_path / "sub" / "state.json"
+    st = sync_link.SyncState(str(path))
+    st.accepted(7, 100)
+    st.accepted(7, 90)  # older: no write, no change
+    assert st.writes == 1 and sync_link.SyncState(str(path)).floors == {7: 100}
+    assert not (tmp_path / "sub" / "state.json.tmp").exists()
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="daemon.sync.state_file"):
+        sync_link.SyncState(str(path))
+
+
+# -- the kernel source filter (its program; tests/integration/test_sync_peers.py runs it) ---------
+def test_source_filter_program():
+    from director.dataplane.sync_link import source_filter
+
+    peers = [ip_to_int("198.51.100.2"), ip_to_int("198.51.100.3")]
+    prog = source_filter(peers)
+    ins = [struct.unpack_from("HBBI", prog, i) for i in range(0, len(prog), 8)]
+    assert ins[0] == (0x20, 0, 0, (-0x100000 + 12) & 0xFFFFFFFF)  # the IPv4 source word
+    assert ins[1] == (0x15, 2, 0, peers[0]) and ins[2] == (0x15, 1, 0, peers[1])  # both jump to accept
+    assert ins[3] == (0x06, 0, 0, 0) and ins[4] == (0x06, 0, 0, 0xFFFFFFFF)
+    with pytest.raises(ValueError):
+        source_filter([])
+
+
+# -- role all: N peers -----------------------------------------------------------------------------
+def trio():
+    """Three directors, numbered differently, each with a merging receiver and an enabled sender."""
+    ds = [director(), director(rs_ids=(7, 5, 9), svc_id=4), director(rs_ids=(3, 2, 1), svc_id=2)]
+    txs = [Sender(d, KEY, sender_id=i + 1, epoch=1000, send_expiry=False) for i, d in enumerate(ds)]
+    for t in txs:
+        t.attach()
+    rxs = [Receiver(d, KEY, own_id=i + 1, merge=True) for i, d in enumerate(ds)]
+    return ds, txs, rxs
+
+
+def deliver(frm, ds, txs, rxs, now):
+    """frm's pending changes to every other director, their senders muted while applying (the link)."""
+    out = txs[frm].flush(now)
+    for i in range(len(ds)):
+        if i != frm:
+            txs[i].enabled = False
+            for dg in out:
+                rxs[i].handle(dg, now, peer=f"p{frm}")
+            txs[i].enabled = True
+    return out
+
+
+def test_all_replicates_to_every_peer_without_echo():
+    ds, txs, rxs = trio()
+    ds[0].table.create(1, CLIENTS[0], 500, 0xAA, 0, 0.0)
+    assert len(deliver(0, ds, txs, rxs, 0.0)) == 1
+    assert view(ds[1]) == view(ds[2]) == view(ds[0]) and len(view(ds[0])) == 1
+    assert txs[1].pending == txs[2].pending == 0  # what they learned is not sent on
+    assert rxs[1].peers["p0"]["accepted"] == 1 and rxs[1].peers["p0"]["last"] == 0.0
+
+
+def test_all_does_not_send_local_expiry():
+    ds, txs, rxs = trio()
+    ds[0].table.create(1, CLIENTS[0], 500, 0xAA, 0, 0.0)
+    deliver(0, ds, txs, rxs, 0.0)
+    ds[1].expire(1000.0)  # idle on director 2 (its packets went to director 1)
+    assert len(ds[1].table) == 0 and txs[1].pending == 0
+    assert len(ds[0].table) == 1
+
+
+def test_all_conflicts_converge_whatever_the_order():
+    """Two directors scheduled one conversation on different servers: both converge on the same
+    one; an ESTABLISHED record beats an INIT entry, and is never downgraded by an INIT record."""
+    for order in ((0, 1), (1, 0)):
+        ds, txs, rxs = trio()
+        ds[0].table.create(1, CLIENTS[0], 500, 0xAA, 2, 0.0)  # server RIPS[2]
+        ds[1].table.create(4, CLIENTS[0], 500, 0xAA, 7, 0.0)  # server RIPS[0]
+        for frm in order:
+            deliver(frm, ds, txs, rxs, 0.0)
+        assert view(ds[0]) == view(ds[1]) == view(ds[2])
+        assert {e[5] for e in view(ds[0])} == {RIPS[0]}  # the lower address, on every director
+    # director 3 establishes it (on RIPS[1]): ESTABLISHED beats INIT everywhere
+    s2 = ds[2].table.lookup(2, CLIENTS[0], 0xAA)
+    ds[2].table.move(s2, 2)  # its id 2 is RIPS[1]
+    ds[2].table.establish(s2, 0xBB, 1.0)
+    deliver(2, ds, txs, rxs, 1.0)
+    assert view(ds[0]) == view(ds[1]) == view(ds[2])
+    assert {(e[4], e[5]) for e in view(ds[0])} == {(State.ESTABLISHED, RIPS[1])}
+    # a late INIT record for another server does not undo it
+    late = sync.encode(KEY, Message(MsgType.CHANGES, 1, 1000, 99, 0, (
+        Record(RecKind.CREATE, State.INIT, VIP, CLIENTS[0], 500, RIPS[0], 0xAA),)))
+    rxs[1].handle(late, 2.0)
+    assert {(e[4], e[5]) for e in view(ds[1])} == {(State.ESTABLISHED, RIPS[1])}
+    assert rxs[1].stats["conflicts_kept"] >= 1
+
+
+def test_all_snapshot_adds_and_keeps_local_entries():
+    ds, txs, rxs = trio()
+    ds[0].table.create(1, CLIENTS[0], 500, 0xAA, 0, 0.0)
+    ds[2].table.create(2, CLIENTS[1], 500, 0xBB, 3, 0.0)  # director 3's own, not yet known to 1
+    parts = txs[0].snapshot(0.0, 2000, keep_pending=True)
+    assert txs[0].pending == 1  # the others still get the change
+    assert [rxs[2].handle(p, 0.0) for p in parts][-1] == Outcome.SNAPSHOT_DONE
+    assert {e[1] for e in view(ds[2])} == {CLIENTS[0], CLIENTS[1]}
+
+
+def test_config_peers_forms_and_errors():
+    from director import config
+
+    base = 'key = "' + "00" * 16 + '"'
+
+    def parse(sync_table):
+        return config.parse(f"[daemon.sync]\n{base}\n{sync_table}\n[[service]]\nvip = \"192.0.2.10\"\n"
+                            "[[service.server]]\naddress = \"198.51.100.1\"\n")
+
+    one = parse('peer = "198.51.100.2"').daemon.sync
+    assert one.peers == ("198.51.100.2",) and one.peer == "198.51.100.2" and one.bind == ""
+    assert one.state_file == "/var/lib/vpn-director/sync-state.json"
+    many = parse('peers = ["198.51.100.2", "198.51.100.3"]\nrole = "all"\nbind = "198.51.100.1"').daemon.sync
+    assert many.peers == ("198.51.100.2", "198.51.100.3") and many.bind == "198.51.100.1"
+    assert config.from_dict(config.to_dict(config.Config(daemon=config.DaemonConfig(sync=many)))).daemon.sync == many
+    for table, field in [('peer = "198.51.100.2"\npeers = ["198.51.100.3"]', "daemon.sync.peers"),
+                         ('peers = ["198.51.100.2", "198.51.100.3"]', "daemon.sync.role"),
+                         ('peers = []', "daemon.sync.peers"),
+                         ('peers = ["198.51.100.2", "198.51.100.2"]\nrole = "all"', "daemon.sync.peers"),
+                         ('peers = ["nope"]\nrole = "all"', "daemon.sync.peers[0]"),
+                         ('peer = "198.51.100.2"\nbind = "198.51.100.2"', "daemon.sync.bind"),
+                         ('peer = "198.51.100.2"\nstate_file = "relative.json"', "daemon.sync.state_file"),
+                         ("", "daemon.sync.peers")]:
+        with pytest.raises(config.ConfigErrors) as e:
+            parse(table)
+        assert [x.split(":")[0] for x in e.value.errors] == [field], (table, e.value.errors)
+
+
+def test_per_peer_sync_state_in_prometheus():
+    """The link's status (per peer: last datagram age, rejected by cause) as metric families."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from director.metrics import Collector, Histogram
+    from director.views import Views
+
+    rx = Receiver(director(), KEY, own_id=2)
+    tx = Sender(director(), KEY, sender_id=1, epoch=1000)
+    good = tx.request()
+    assert rx.handle(good, 10.0, peer="198.51.100.2") == Outcome.REQUEST
+    rx.handle(good, 11.0, peer="198.51.100.2")  # a replay
+    rx.handle(b"x" * 80, 12.0, peer="198.51.100.3")  # a forgery
+
+    class Link:
+        def status(self):
+            rows = [{"peer": p, "last_age": round(13.0 - ps["last"], 3),
+                     **{k: v for k, v in ps.items() if k != "last"}} for p, ps in rx.peers.items()]
+            return {**rx.stats, "sent": 0, "dropped_kernel": 4, "peers": rows}
+
+    views = Views(director(), clock=lambda: 13.0, latency={"client": Histogram(), "reply": Histogram()},
+                  stats={"icmp_sent": 0, "icmp_limited": 0, "icmp_suppressed": 0, "internal_errors": 0,
+                         "slow_iterations": 0})
+    views.sync = Link()
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(Collector(views))
+    text = generate_latest(reg).decode()
+    assert 'director_sync_peer_last_datagram_age_seconds{peer="198.51.100.2"} 2.0' in text
+    assert 'director_sync_peer_last_datagram_age_seconds{peer="198.51.100.3"} 1.0' in text
+    assert 'director_sync_peer_rejected_total{cause="replay",peer="198.51.100.2"} 1.0' in text
+    assert 'director_sync_peer_rejected_total{cause="mac",peer="198.51.100.3"} 1.0' in text
+    assert 'director_sync_peer_rejected_total{cause="mac",peer="198.51.100.2"} 0.0' in text
+    assert 'director_sync_peer_accepted_total{peer="198.51.100.2"} 1.0' in text
+    assert "director_sync_dropped_kernel_total 4.0" in text
+
+
+def test_closed_epoch_is_reported_stale_so_the_link_asks_that_sender():
+    """After a restart, a sender's current epoch is closed: its datagrams are refused as STALE (the
+    link then asks that sender for a snapshot); an older epoch is a plain rejection."""
+    a = director()
+    tx = Sender(a, KEY, sender_id=1, epoch=1000)
+    tx.attach()
+    rx = Receiver(director(), KEY, own_id=2, floors={1: 1000})
+    a.table.create(1, CLIENTS[0], 500, 0xAA, 0, 0.0)
+    assert rx.handle(tx.flush(0.0)[0], 0.0) == Outcome.STALE
+    old = sync.encode(KEY, Message(MsgType.CHANGES, 1, 999, 1))
+    assert rx.handle(old, 0.0) == Outcome.REJECTED
+    assert [rx.handle(p, 1.0) for p in tx.snapshot(1.0, 1001)][-1] == Outcome.SNAPSHOT_DONE
+    assert rx.stats["rejected_replay"] == 2
+
+
+def test_vpnadm_list_sync():
+    from director.cli import Refused, UsageError, execute, parse
+
+    st = {"role": "all", "synced": True, "bind": "198.18.1.1:8514", "epoch": 7, "sent": 3, "records_sent": 5,
+          "snapshots_sent": 1, "received": 9, "applied": 4, "dropped_kernel": 200, "send_errors": 2,
+          "peers": [{"peer": "198.18.1.2", "last_age": 0.25, "received": 8, "accepted": 6, "rejected_mac": 1,
+                     "rejected_replay": 1, "malformed": 0},
+                    {"peer": "198.18.1.3", "last_age": None, "received": 0, "accepted": 0, "rejected_mac": 0,
+                     "rejected_replay": 0, "malformed": 0}]}
+    out = execute(parse(["-L", "--sync"]), lambda cmd, **kw: {"sync": st})
+    lines = out.splitlines()
+    assert lines[0] == "Table sync: role all, synced, bind 198.18.1.1:8514, epoch 7"
+    assert "dropped by the kernel 200" in lines[1]
+    assert lines[3].split() == ["198.18.1.2", "0.2s", "8", "6", "1", "1", "0"]
+    assert lines[4].split() == ["198.18.1.3", "never", "0", "0", "0", "0", "0"]
+    with pytest.raises(Refused, match="sync: not configured"):
+        execute(parse(["-L", "--sync"]), lambda cmd, **kw: {})
+    with pytest.raises(UsageError):
+        execute(parse(["-L", "--sync", "-V", "192.0.2.10"]), lambda cmd, **kw: {"sync": st})
+    with pytest.raises(UsageError):
+        parse(["-L", "--sync", "--stats"])
