@@ -38,8 +38,8 @@ Mechanisms (``--mechanisms``): ``rr`` (round robin, nothing shared: the naive ba
 (``mh`` plus SPI labels: the service's ``spi_label.mask`` is byte 4 of the IKE SPI, real server k
 has label 0x41 + k and ESP SPIs ``label << 24`` .. ``| 0xFFFFFF``; the crafted IKE_AUTH carries
 the label of the server its IKE_SA_INIT reached, in the responder SPI, and the ESP SPI lies in
-that server's range, as a labelled strongSwan chooses them). A mechanism the daemon's config does not accept stops the bench with
-a one-line message naming the missing setting.
+that server's range, as a labelled strongSwan chooses them). A mechanism the daemon's config does
+not accept stops the bench with a one-line message naming the missing setting.
 
 ``--plot``: while the leave and the join happen, ``WATCH`` of the conversations also send an ESP
 packet every ``WATCH_INTERVAL`` s; each delivery is recorded at the real servers and drawn per
@@ -104,7 +104,8 @@ def sync_table(lab: EcmpLab, role: str) -> str:
 
 def label_config(text: str, lab: EcmpLab) -> str:
     """The lab's daemon config with SPI labels: the service's mask, each server's label and range."""
-    text = text.replace("\n[[service.server]]", f'\nspi_label = {{ mask = "{LABEL_MASK:#018x}" }}\n\n[[service.server]]', 1)
+    mask = f'\nspi_label = {{ mask = "{LABEL_MASK:#018x}" }}\n'
+    text = text.replace("\n[[service.server]]", mask + "\n[[service.server]]", 1)
     for k, addr in enumerate(lab.rs_addrs):
         b = LABELS[k]
         text = text.replace(f'address = "{addr}"\n',
@@ -340,7 +341,8 @@ def run_mechanism(name: str, n: int, plot: bool) -> dict:
         after_join = collect(sinks, m, len(owner2))
         ok_join = {i for i in owner2 if after_join.get(i) == {owner2[i]}}
         result["broken_by_join"] = 1 - len(ok_join) / max(1, len(owner2))
-        result["misdelivered_after_join"] = sum(1 for i in owner2 if after_join.get(i) and owner2[i] not in after_join[i])
+        result["misdelivered_after_join"] = sum(1 for i in owner2
+                                                if after_join.get(i) and owner2[i] not in after_join[i])
 
         if plot:
             stop_watch.set()
@@ -423,7 +425,8 @@ def main(argv: list[str] | None = None) -> int:
         results.append(r)
         est = f"{r['established']},{r['established_second']}"
         print(f"{m:<10} {r['conversations']:>13} {est:>11} {r['broken_by_leave']:>16.3f} "
-              f"{r['broken_by_join']:>15.3f}   servers {r['spread_over_servers']} entries {r['entries_per_director']}")  # fmt: skip
+              f"{r['broken_by_join']:>15.3f}   servers {r['spread_over_servers']} "
+              f"entries {r['entries_per_director']}")  # fmt: skip
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=1))
     if a.plot:

@@ -773,11 +773,12 @@ def start_decap(lab: Lab, timeout: float = 5.0) -> list[subprocess.Popen]:
     return [p for _, p, _ in procs]
 
 
-def start_responders(lab: Lab, *, pki: Pki | None = None, options: str = "",
+def start_responders(lab: Lab, *, pki: Pki | None = None, options: str | Callable[[int], str] = "",
                      ike_proposals: str = "default") -> list[Charon]:  # fmt: skip
     """Real servers: PROTECTED on lo, TUN-mode decapsulators, one loaded charon per rs (parallel).
 
-    ``options``: extra charon settings (e.g. ``cookie_threshold = 1``); ``ike_proposals``: theirs.
+    ``options``: extra charon settings (e.g. ``cookie_threshold = 1``), or a function of the real
+    server's index giving each its own (e.g. its SPI label); ``ike_proposals``: theirs.
     """
     add_protected(lab)
     if lab.mode == "tun":
@@ -786,7 +787,7 @@ def start_responders(lab: Lab, *, pki: Pki | None = None, options: str = "",
     for i, role in enumerate(lab.rs_roles):
         files = pki.files_for("server") if pki else {}
         conf = responder_swanctl(lab, i, pki=pki, ike_proposals=ike_proposals)
-        servers.append(Charon(lab, role, conf, files=files, options=options))
+        servers.append(Charon(lab, role, conf, files=files, options=options(i) if callable(options) else options))
     for s in servers:
         s.start(wait=False)
     parallel([lambda s=s: (s.wait_ready(), s.load()) for s in servers])
