@@ -557,7 +557,7 @@ class Director:
                 rs = None
                 self.stats["rescheduled_dead"] += 1
         if rs is None:
-            rs = svc.scheduler.pick(c.src, c.dst)
+            rs = svc.scheduler.pick(c.src, c.dst, c.sport)
             if rs is None:
                 return self._drop(_K_IKE_INITIAL, DropReason.NO_REAL_SERVER, svc)
             self.stats["scheduled"] += 1
@@ -621,7 +621,7 @@ class Director:
         return self.table.client_head(svc.id, c.src)
 
     def _reschedule(self, svc: Service, c, s: int, stat: str, exclude: int = NO_RS) -> RealServer | None:
-        rs = svc.scheduler.pick(c.src, c.dst)
+        rs = svc.scheduler.pick(c.src, c.dst, c.sport)
         if rs is None or rs.id == exclude:
             others = [r for r in svc.servers.values() if r.available and r.id != exclude]
             rs = min(others, key=lambda r: (r.active * 256 + r.inactive) / r.weight, default=None)

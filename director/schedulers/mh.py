@@ -5,19 +5,37 @@ Section 3.4 of the paper: each server gets a permutation of the M slots, permuta
 prime, so every permutation visits every slot). Servers take turns, each claiming its next
 preferred slot that is still empty, until the table is full. A server of weight w takes w turns
 per round (weights divided by their gcd first), so slot shares follow weights to within one
-round. Only available servers are in the table: the service calls update() when
-up/overloaded/weight change, and Maglev's minimal disruption keeps the clients of the other
-servers where they were. A client maps to slot mix64(client) mod M.
+round. A client maps to slot mix64(key) mod M, the key being the client address (with ``port``:
+the address and its UDP source port).
+
+The table holds every server with weight > 0, whether it is up or not: it depends on membership
+and weights alone (config), never on health, overload or on what a director has seen, so every
+director with the same config builds the same table, and a server going down or coming back moves
+no client of another server. Options, as IPVS's scheduler flags:
+
+- ``fallback`` (``mh-fallback``; default true here, as ``sh`` and ``dh``): a client whose slot
+  belongs to a server that is down or over ``-x`` goes to the first available server walking
+  forward from that slot, so the dead server's clients spread over the others in proportion to
+  their slots. ``fallback = false`` is plain IPVS ``mh``: no server for those clients.
+- ``port`` (``mh-port``; default false): hash the client's UDP source port too, so many clients
+  behind one NAT address (each with its own NAT-T port) spread over the servers instead of all
+  landing on one. Meant for ``affinity = "ip-port"``: with ``ip`` affinity a client's later
+  conversations follow its first one anyway.
+
+A quiesced server (weight 0) leaves the table, like a removed one; Maglev's minimal disruption
+moves its slots to the servers next in each slot's preference and about 1% of the others' (see
+tests/property/test_maglev_props.py), so its keys never meet "no server". IPVS keeps a quiesced
+server in the table under its last non-zero weight instead; that weight is history (what this
+director saw), not config, and two directors that saw different histories would disagree.
 
 Deterministic across processes and machines, so active and backup directors build the same
 table: h1 and h2 are blake2b of the 4-byte address with distinct personalisations, and servers
-take turns in address order, not list order. If a server in the table has become unavailable
-without an update(), pick walks forward to the next slot whose server is available.
+take turns in address order, not list order.
 """
 
 from __future__ import annotations
 
-from director.schedulers.base import RealServer, Scheduler, check_int_option, register
+from director.schedulers.base import RealServer, Scheduler, check_bool_option, check_int_option, register
 from director.schedulers.hashing import (
     SEED_MH,
     mix64,
@@ -85,39 +103,42 @@ def populate(members: list[RealServer], size: int) -> list[int]:
 class MaglevScheduler(Scheduler):
     name = "mh"
 
-    def __init__(self, *, table_size: int = DEFAULT_TABLE_SIZE) -> None:
+    def __init__(self, *, table_size: int = DEFAULT_TABLE_SIZE, fallback: bool = True, port: bool = False) -> None:
         super().__init__()
         size = check_int_option(self.name, "table_size", table_size, 2)
         if not is_prime(size):
             raise ValueError(f"scheduler 'mh': option 'table_size' must be prime, got {size}")
         self.table_size = size
+        self.fallback = check_bool_option(self.name, "fallback", fallback)
+        self.port = check_bool_option(self.name, "port", port)
         self._members: tuple[RealServer, ...] = ()
         self._key: tuple[tuple[int, int, int], ...] | None = None
         self._table: list[int] = []
         self._slots: list[RealServer] = []
 
     def _rebuild(self) -> None:
-        members = tuple(server_order([s for s in self._servers if s.available]))
+        members = tuple(server_order([s for s in self._servers if s.weight > 0]))
         key = tuple((s.addr, s.id, s.weight) for s in members)
         if key == self._key and all(a is b for a, b in zip(members, self._members)):
-            return  # same set and weights (e.g. an overload flag that went and came back)
+            return  # same set and weights: an up/down or overload change keeps the table
         self._key = key
         self._members = members
         self._table = populate(list(members), self.table_size) if members else []
         self._slots = [members[i] for i in self._table]
 
-    def slot(self, client: int) -> int:
-        return mix64(client, SEED_MH) % self.table_size
+    def slot(self, client: int, port: int = 0) -> int:
+        """The client's slot; ``port`` counts only with the ``port`` option (0 is the address alone)."""
+        return mix64(client ^ (port << 32) if self.port else client, SEED_MH) % self.table_size
 
-    def pick(self, client: int, vip: int) -> RealServer | None:
+    def pick(self, client: int, vip: int, port: int = 0) -> RealServer | None:
         if not self._slots:
             return None
-        b = self.slot(client)
+        b = self.slot(client, port)
         server = self._slots[b]
         if server.available:
             return server
-        return walk_forward(self._slots, b, self._members)
+        return walk_forward(self._slots, b, self._members) if self.fallback else None
 
     def table_ids(self) -> list[int]:
-        """The table as real-server ids, one per slot (empty when no server is available)."""
+        """The table as real-server ids, one per slot (empty when no server has weight)."""
         return [s.id for s in self._slots]
