@@ -14,9 +14,14 @@ director with the same config builds the same table, and a server going down or 
 no client of another server. Options, as IPVS's scheduler flags:
 
 - ``fallback`` (``mh-fallback``; default true here, as ``sh`` and ``dh``): a client whose slot
-  belongs to a server that is down or over ``-x`` goes to the first available server walking
-  forward from that slot, so the dead server's clients spread over the others in proportion to
-  their slots. ``fallback = false`` is plain IPVS ``mh``: no server for those clients.
+  belongs to a server that is down or over ``-x`` probes further slots, each drawn by hashing
+  the key with the probe number (as ip_vs_mh_get_fallback does), and goes to the first available
+  server met; after ``FALLBACK_PROBES`` misses (most of the table unavailable) it walks forward
+  from the last probe, which always ends. Probes are independent of the table's layout, so the
+  dead server's clients spread over the others in proportion to their slots (walking forward from
+  the slot itself would not: Maglev's fill order makes neighbouring slots' owners correlated,
+  30% off in a 10-server table). ``fallback = false`` is plain IPVS ``mh``: no server for those
+  clients.
 - ``port`` (``mh-port``; default false): hash the client's UDP source port too, so many clients
   behind one NAT address (each with its own NAT-T port) spread over the servers instead of all
   landing on one. Meant for ``affinity = "ip-port"``: with ``ip`` affinity a client's later
@@ -45,6 +50,7 @@ from director.schedulers.hashing import (
     walk_forward,
 )
 
+FALLBACK_PROBES = 32  # rehashed probes before walking forward (0.9^32 = 3% when 90% of slots are down)
 DEFAULT_TABLE_SIZE = 65537  # the paper's M for small N; the table should be >= 100 x servers
 
 
@@ -126,18 +132,35 @@ class MaglevScheduler(Scheduler):
         self._table = populate(list(members), self.table_size) if members else []
         self._slots = [members[i] for i in self._table]
 
+    def _hash_key(self, client: int, port: int) -> int:
+        return client ^ (port << 32) if self.port else client  # < 2**48: probe numbers go above
+
     def slot(self, client: int, port: int = 0) -> int:
         """The client's slot; ``port`` counts only with the ``port`` option (0 is the address alone)."""
-        return mix64(client ^ (port << 32) if self.port else client, SEED_MH) % self.table_size
+        return mix64(self._hash_key(client, port), SEED_MH) % self.table_size
+
+    def fallback_slots(self, client: int, port: int = 0) -> list[int]:
+        """The slots a client probes after its own (``fallback``), in order."""
+        key = self._hash_key(client, port)
+        return [mix64(key ^ (k << 48), SEED_MH) % self.table_size for k in range(1, FALLBACK_PROBES + 1)]
 
     def pick(self, client: int, vip: int, port: int = 0) -> RealServer | None:
-        if not self._slots:
+        slots = self._slots
+        if not slots:
             return None
-        b = self.slot(client, port)
-        server = self._slots[b]
-        if server.available:
-            return server
-        return walk_forward(self._slots, b, self._members) if self.fallback else None
+        key = self._hash_key(client, port)
+        size = self.table_size
+        server = slots[mix64(key, SEED_MH) % size]
+        if server.available or not self.fallback:
+            return server if server.available else None
+        if not any(s.available for s in self._members):
+            return None
+        b = 0
+        for k in range(1, FALLBACK_PROBES + 1):
+            b = mix64(key ^ (k << 48), SEED_MH) % size
+            if slots[b].available:
+                return slots[b]
+        return walk_forward(slots, b, self._members)
 
     def table_ids(self) -> list[int]:
         """The table as real-server ids, one per slot (empty when no server has weight)."""
