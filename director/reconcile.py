@@ -64,6 +64,7 @@ def _service_fields(s: ServiceConfig) -> dict:
         "retransmit_threshold": s.retransmit_threshold,
         "soft_limit": s.soft_limit,
         "soft_grace": s.soft_grace,
+        "expire_quiescent": s.expire_quiescent,
         "health": HealthConfig(**dict(s.health)) if s.health else None,
     }
 
