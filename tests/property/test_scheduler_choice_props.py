@@ -197,3 +197,29 @@ def test_mh_fallback_spreads_a_down_servers_clients_by_weight():
     # ~14,000 moved keys: sd of a 1/3 share is 0.4%; 4% absolute covers that and the slot
     # adjacency of a 65537-slot table (measured within 1%)
     assert abs(moved[1] / total - 1 / 3) <= 0.04 and abs(moved[2] / total - 2 / 3) <= 0.04, moved
+
+
+@settings(max_examples=100, deadline=None)
+@given(weights=st.lists(st.integers(0, 8), min_size=1, max_size=6), down=st.integers(-1, 5))
+def test_ovf_fills_each_server_to_its_weight_plus_one_heaviest_first(weights, down):
+    # Every pick becomes an ESTABLISHED conversation and none ends: ovf gives each available
+    # server weight + 1 conversations (it takes one more at active == weight, as ip_vs_ovf),
+    # heaviest first (ties: list order), then has no server.
+    srv = _servers(*weights)
+    if 0 <= down < len(srv):
+        srv[down].up = False
+    s = make_scheduler("ovf")
+    s.update(srv)
+    order = []
+    for _ in range(sum(weights) + len(weights) + 1):
+        r = s.pick(0, 0)
+        if r is None:
+            break
+        r.active += 1
+        order.append(r.id)
+    avail = [r for r in srv if r.available]
+    expect = []
+    for r in sorted(avail, key=lambda r: -r.weight):  # sorted() is stable: ties keep list order
+        expect += [r.id] * (r.weight + 1)
+    assert order == expect
+    assert s.pick(0, 0) is None
