@@ -70,7 +70,7 @@ PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   log "creating .venv with $($PY --version)"
   "$PY" -m venv .venv
-  .venv/bin/python -m pip install -q --upgrade pip >/dev/null
+  .venv/bin/python -m pip install -q --upgrade pip > .venv/pip-install.log 2>&1 || { cat .venv/pip-install.log >&2; exit 1; }
 fi
 # The editable install follows the source tree by itself (new modules included); it is redone
 # only when the packaging metadata (dependencies, console scripts) changed since the last one.
@@ -78,7 +78,13 @@ stamp=.venv/.vpn-director-installed
 want=$(sha256sum pyproject.toml setup.py | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   log "installing the director (editable) and test tools into .venv"
-  .venv/bin/python -m pip install -q -e '.[test]'
+  # pip's own chatter (setuptools' editable-install notice, the local index's warnings) goes to a
+  # log shown only when the install fails: one line per step.
+  if ! .venv/bin/python -m pip install -q -e '.[test]' > .venv/pip-install.log 2>&1; then
+    cat .venv/pip-install.log >&2
+    echo "setup: pip install failed (log above, kept in .venv/pip-install.log)" >&2
+    exit 1
+  fi
   echo "$want" > "$stamp"
 else
   log "director (editable) and test tools already in .venv"

@@ -66,6 +66,7 @@ _MAPS = ("vips", "clients", "servers", "nat_replies", "config", "stats", "rs_sta
 HOOKS = ("tc", "xdp")  # where the client-side program runs (daemon.fastpath_hook)
 _CLIENT_PROG = {"tc": ("director_tc.o", "director_tc"), "xdp": ("director_xdp.o", "director_xdp")}
 XDP_PROG_NAME = "director_xdp"  # how our XDP program is told from anyone else's (bpf_prog_info.name)
+XDP_PROG_PIN = "director_xdp_prog"  # our attached XDP program, pinned: known as ours by id, no CAP_SYS_ADMIN
 XDP_FLAGS_DRV_MODE = 1 << 2  # linux/if_link.h: native (driver) XDP only, never the generic fallback
 XDP_ACT_NDO_XMIT = 1 << 2  # netdev genl xdp-features: the device transmits redirected XDP frames
 
@@ -168,7 +169,7 @@ class FastPath:
                                           "(source tree) or reinstall the package (clang at build time)")
         tx_ports = []
         if self.hook == "xdp":
-            tx_ports = _xdp_preflight(ipr, self.client_ifindex, self.lan_ifindex)
+            tx_ports = _xdp_preflight(ipr, self.client_ifindex, self.lan_ifindex, self.pin_dir)
         ensure_bpffs()
         self.pin_dir.mkdir(mode=0o700, exist_ok=True)
         self.ncpus = libbpf.num_possible_cpus()
@@ -207,11 +208,12 @@ class FastPath:
                 except FastPathUnavailable:
                     self.close()
                     raise
+                _pin_xdp(fd, self.pin_dir)
                 _detach(ipr, ifindex)  # our tc program of an earlier run with fastpath_hook = "tc"
             else:
                 _attach(ipr, ifindex, fd, name)
                 if ifindex == self.client_ifindex and name == client_prog:
-                    _detach_xdp(ipr, ifindex)  # ours of an earlier run with fastpath_hook = "xdp"
+                    _detach_xdp(ipr, ifindex, self.pin_dir)  # ours of an earlier run with fastpath_hook = "xdp"
         log.info("fastpath.started hook=%s pin=%s adopted=%d cpus=%d", self.hook, self.pin_dir, adopted, self.ncpus)
         return adopted
 
@@ -262,7 +264,7 @@ class FastPath:
         """Detach our programs (tc filters, XDP) and unpin the maps: the namespace as before the fast path."""
         for ifindex in ifindexes:
             _detach(ipr, ifindex)
-            _detach_xdp(ipr, ifindex)
+            _detach_xdp(ipr, ifindex, pin_dir)
         shutil.rmtree(pin_dir, ignore_errors=True)
 
     # -- the projection -----------------------------------------------------------------------------
@@ -436,7 +438,7 @@ def _ifname(ipr: IPRoute, ifindex: int) -> str:
     return ipr.get_links(ifindex)[0].get_attr("IFLA_IFNAME")
 
 
-def _xdp_preflight(ipr: IPRoute, client_ifindex: int, lan_ifindex: int) -> list[int]:
+def _xdp_preflight(ipr: IPRoute, client_ifindex: int, lan_ifindex: int, pin_dir: Path) -> list[int]:
     """Refuse XDP where it would lose packets; return the egress interfaces it may redirect to.
 
     The real servers are behind the LAN interface: it must transmit XDP frames, or every
@@ -458,7 +460,7 @@ def _xdp_preflight(ipr: IPRoute, client_ifindex: int, lan_ifindex: int) -> list[
         raise FastPathUnavailable(f"fastpath_hook xdp: {lan_name} (server_interface) cannot transmit "
                                   f"XDP-redirected frames, they would be dropped silently; {hint}; "
                                   'or use fastpath_hook = "tc"')
-    other = _xdp_prog_name(ipr, client_ifindex)
+    other = _xdp_prog_name(ipr, client_ifindex, pin_dir)
     if other not in (None, XDP_PROG_NAME):
         raise FastPathUnavailable(f"fastpath_hook xdp: {client_name} already runs XDP program {other!r}, not ours; "
                                   "remove it or use the tc hook")
@@ -481,11 +483,39 @@ def _xdp_prog_id(ipr: IPRoute, ifindex: int) -> int:
     return xdp.get_attr("IFLA_XDP_DRV_PROG_ID") or (xdp.get_attr("IFLA_XDP_PROG_ID") or 0)
 
 
-def _xdp_prog_name(ipr: IPRoute, ifindex: int) -> str | None:
-    """The name of the XDP program on the interface (None: none; "?" if it cannot be read)."""
+def _pinned_xdp_id(pin_dir: Path | None) -> int:
+    """The id of the XDP program an earlier run of ours attached and pinned (0: none)."""
+    if pin_dir is None or not (pin_dir / XDP_PROG_PIN).exists():
+        return 0
+    try:
+        fd = libbpf.obj_get(pin_dir / XDP_PROG_PIN)
+    except OSError:
+        return 0
+    try:
+        return libbpf.prog_id(fd)
+    except OSError:
+        return 0
+    finally:
+        libbpf.close_fd(fd)
+
+
+def _pin_xdp(fd: int, pin_dir: Path) -> None:
+    """Pin the XDP program just attached, so the next run knows it as ours by its id: reading the
+    name of an attached program by id (BPF_PROG_GET_FD_BY_ID) needs CAP_SYS_ADMIN, which the unit
+    does not grant; opening our own pin needs only CAP_BPF."""
+    path = pin_dir / XDP_PROG_PIN
+    path.unlink(missing_ok=True)
+    libbpf.obj_pin(fd, path)
+
+
+def _xdp_prog_name(ipr: IPRoute, ifindex: int, pin_dir: Path | None = None) -> str | None:
+    """The name of the XDP program on the interface (None: none; "?" if it cannot be read). Ours
+    is recognised by the id of our pinned program first, then (with CAP_SYS_ADMIN) by its name."""
     prog_id = _xdp_prog_id(ipr, ifindex)
     if not prog_id:
         return None
+    if prog_id == _pinned_xdp_id(pin_dir):
+        return XDP_PROG_NAME
     name = libbpf.prog_name_by_id(prog_id)
     return "?" if name is None else name
 
@@ -501,12 +531,14 @@ def _attach_xdp(ipr: IPRoute, ifindex: int, fd: int) -> None:
                                   'attached); use fastpath_hook = "tc"') from None
 
 
-def _detach_xdp(ipr: IPRoute, ifindex: int) -> None:
-    """Remove the native XDP program if it is ours (an operator's own XDP program stays)."""
-    if _xdp_prog_name(ipr, ifindex) != XDP_PROG_NAME:
+def _detach_xdp(ipr: IPRoute, ifindex: int, pin_dir: Path | None = None) -> None:
+    """Remove the native XDP program if it is ours (an operator's own XDP program stays), and its pin."""
+    if _xdp_prog_name(ipr, ifindex, pin_dir) != XDP_PROG_NAME:
         return
     try:
         ipr.link("set", index=ifindex, xdp={"attrs": [("IFLA_XDP_FD", -1), ("IFLA_XDP_FLAGS", XDP_FLAGS_DRV_MODE)]})
     except NetlinkError as e:
         if e.code not in (errno.ENOENT, errno.ENODEV):
             raise
+    if pin_dir is not None:
+        (pin_dir / XDP_PROG_PIN).unlink(missing_ok=True)

@@ -401,7 +401,8 @@ def close_fd(fd: int) -> None:
 
 _prog_get_fd_by_id = _fn("bpf_prog_get_fd_by_id", _c_int, _c_uint32)
 _obj_get_info_by_fd = _fn("bpf_obj_get_info_by_fd", _c_int, _c_int, _c_void_p, ctypes.POINTER(_c_uint32))
-_PROG_INFO_NAME = slice(64, 80)  # struct bpf_prog_info (linux/bpf.h): char name[16] at offset 64
+_PROG_INFO_ID = slice(4, 8)  # struct bpf_prog_info (linux/bpf.h): __u32 type, then __u32 id
+_PROG_INFO_NAME = slice(64, 80)  # char name[16] at offset 64
 
 
 def prog_name_by_id(prog_id: int) -> str | None:
@@ -418,6 +419,15 @@ def prog_name_by_id(prog_id: int) -> str | None:
         return info.raw[_PROG_INFO_NAME].split(b"\0", 1)[0].decode(errors="replace")
     finally:
         os.close(fd)
+
+
+def prog_id(fd: int) -> int:
+    """The id of a program we hold an fd of (``bpf_prog_info.id``). Unlike opening a program by its
+    id, this needs no CAP_SYS_ADMIN: the fd is our own (from a load or a pin)."""
+    info = ctypes.create_string_buffer(80)
+    size = _c_uint32(len(info))
+    _check("bpf_obj_get_info_by_fd", _obj_get_info_by_fd(fd, info, ctypes.byref(size)))
+    return int.from_bytes(info.raw[_PROG_INFO_ID], "little")
 
 
 def num_possible_cpus() -> int:

@@ -43,11 +43,14 @@ class DirectorProcess:
     """The daemon as a child process in the lab; ``request`` talks to its control socket."""
 
     def __init__(self, lab: Lab, name: str = "director", *, dataplane: str | None = None,
-                 role: str = "director", **config_kw) -> None:
+                 role: str = "director", capabilities: list[str] | None = None, **config_kw) -> None:
         """``dataplane``: auto, ebpf or nfqueue; default $VPN_DIRECTOR_DATAPLANE, else nfqueue.
-        ``role``: the lab namespace to run in ("director2": the second director of a failover lab)."""
+        ``role``: the lab namespace to run in ("director2": the second director of a failover lab).
+        ``capabilities``: run with only these (e.g. ["CAP_BPF", ...]) as the capability bounding set,
+        as a systemd unit's CapabilityBoundingSet= would; default: root's full set."""
         self.lab = lab
         self.role = role
+        self.capabilities = capabilities
         self.dataplane = dataplane or os.environ.get("VPN_DIRECTOR_DATAPLANE", "nfqueue")
         config_kw.setdefault("pin_dir", f"/sys/fs/bpf/{lab.prefix}-{name}")
         self.pin_dir = Path(config_kw["pin_dir"])
@@ -63,8 +66,8 @@ class DirectorProcess:
         try:
             self.proc = self.lab.popen(
                 self.role,
-                [sys.executable, "-m", "director.main", "run", "--config", str(self.config_path),
-                 "--dataplane", self.dataplane],
+                [*self._setpriv(), sys.executable, "-m", "director.main", "run", "--config",
+                 str(self.config_path), "--dataplane", self.dataplane],
                 stdout=log, stderr=log, cwd=str(REPO),
                 nsenter=True,  # `ip netns exec` remounts /sys: the eBPF pins would vanish with the process
             )
@@ -82,6 +85,12 @@ class DirectorProcess:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"vpn-director did not answer on {self.control}:\n{self.log()}")
             time.sleep(0.05)
+
+    def _setpriv(self) -> list[str]:
+        if self.capabilities is None:
+            return []
+        keep = ",".join(["-all", *(f"+{c.lower().removeprefix('cap_')}" for c in self.capabilities)])
+        return ["setpriv", f"--bounding-set={keep}", f"--inh-caps={keep}", "--"]
 
     def request(self, cmd: str, **kw) -> dict:
         return control_request(str(self.control), {"cmd": cmd, **kw})

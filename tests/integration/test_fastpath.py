@@ -8,9 +8,11 @@ import subprocess
 import struct
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
+from director.dataplane.ebpf import object_dir
 from director.lab.client import LabClient
 from director.lab.director_proc import DirectorProcess
 
@@ -285,3 +287,41 @@ def test_pinned_maps_of_another_layout_are_replaced_and_forwarding_goes_on(make_
         assert d.status()["stats"]["packets"] == before  # forwarded in the kernel, with the new maps
     finally:
         assert d.stop() == 0, d.log()
+
+
+def unit_capabilities() -> list[str]:
+    """The capability bounding set the shipped systemd unit grants (its CapabilityBoundingSet= line)."""
+    unit = Path(__file__).resolve().parents[2] / "deploy" / "vpn-director.service"
+    for line in unit.read_text().splitlines():
+        if line.startswith("CapabilityBoundingSet="):
+            return line.split("=", 1)[1].split()
+    raise AssertionError(f"{unit}: no CapabilityBoundingSet= line")
+
+
+def test_xdp_restart_under_the_units_capabilities_recognises_its_own_program(make_lab):
+    """Without CAP_SYS_ADMIN an attached program cannot be opened by its id to read its name, so a
+    restarted daemon used to take its own XDP program for someone else's and refuse to start. It
+    now knows it by the id of the program it pinned; a stranger's XDP program is still refused."""
+    caps = unit_capabilities()
+    assert "CAP_SYS_ADMIN" not in caps  # what this test is about
+    lab = make_lab("dr")
+    xdp_lab(lab)
+    pins = f"/sys/fs/bpf/{lab.prefix}-director"
+    runs = [DirectorProcess(lab, f"dxdp{i}", dataplane="ebpf", daemon_extra=XDP, pin_dir=pins, capabilities=caps)
+            for i in range(2)]
+    d = runs[0].start()
+    try:
+        assert client_hooks(lab) == ("director_xdp", False)
+        assert d.stop() == 0, d.log()
+        d = runs[1].start()  # refused before: "already runs XDP program '?', not ours"
+        assert client_hooks(lab) == ("director_xdp", False)
+        assert_esp_stays_in_the_kernel(lab, d)
+    finally:
+        assert d.stop() == 0, d.log()
+    # a foreign XDP program (ours loaded by hand, but not the pinned one) stays refused
+    lab.run("director", ["ip", "link", "set", "dev", "eth0", "xdp", "off"])
+    obj = object_dir() / "director_xdp.o"
+    lab.run("director", ["ip", "link", "set", "dev", "eth0", "xdpdrv", "obj", str(obj), "sec", "xdp"])
+    stranger = DirectorProcess(lab, "dxdp2", dataplane="ebpf", daemon_extra=XDP, pin_dir=pins, capabilities=caps)
+    with pytest.raises(RuntimeError, match="already runs XDP program"):
+        stranger.start()

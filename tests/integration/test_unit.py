@@ -44,7 +44,7 @@ from pathlib import Path
 
 from test_fastpath import assert_esp_stays_in_the_kernel
 
-from director.control import control_request
+from director.control_client import control_request
 from director.lab.director_proc import lab_config
 from director.lab.netns import REPO
 
