@@ -143,7 +143,8 @@ OPT = {o.key: o for o in OPTIONS}
 # -- the one table: which options go with which command -------------------------------------------
 REQ, ANY = "+", " "  # required, optional; any other value names a group of which at most one is given
 _SERVICE = {
-    "scheduler": ANY, "scheduler-option": ANY, "sched-flags": ANY, "method": ANY, "affinity": "affinity", "netmask": "affinity",
+    "scheduler": ANY, "scheduler-option": ANY, "sched-flags": ANY, "method": ANY,
+    "affinity": "affinity", "netmask": "affinity",
     "persistent": ANY, "init-timeout": ANY, "ah": "ah", "no-ah": "ah", "retransmit-threshold": ANY,
     "soft-limit": ANY, "soft-grace": ANY, "expire-quiescent": "quiescent", "no-expire-quiescent": "quiescent",
 }  # fmt: skip
@@ -572,7 +573,8 @@ def format_services(services: list[dict], fmt: str = "", exact: bool = False) ->
             out.append("%-33s %8s %12s" % (name, _secs(t["init"]), _secs(t["established"])))
             continue
         sched = s["scheduler"]
-        on = [f for f, (sc, opt) in SCHED_FLAGS.items() if sc == sched and (s.get("scheduler_options") or {}).get(opt) is True]
+        opts = s.get("scheduler_options") or {}
+        on = [f for f, (sc, opt) in SCHED_FLAGS.items() if sc == sched and opts.get(opt) is True]
         if on:  # as ipvsadm -L: "mh (mh-fallback,mh-port)"
             sched += f" ({','.join(on)})"
         flags = f" affinity {s['affinity']} {_secs(s['timeouts']['established'])}"
