@@ -1,11 +1,11 @@
 """Weighted random two choices (IPVS ``twos``): two servers drawn at random in proportion to their
 weights; the one with the lower connection overhead per weight (``wlc``'s measure) takes the client.
 
-Mitzenmacher's power of two choices: one random draw spreads by weight but lets queues grow by
-chance; comparing two draws keeps the load within a small constant of the mean, while needing no
-global least-loaded search and giving a burst of new clients to several servers instead of all to
-the one that was least loaded a moment ago (what ``wlc`` does between count updates). On a tie the
-first draw stays. Draws are independent (both may be the same server).
+Mitzenmacher's power of two choices: one random draw spreads by weight but lets a server's load
+drift by chance; comparing two draws keeps every server's load per weight close to the mean, with
+two looks instead of a search over every server, and without ``wlc``'s determinism (every
+director that sees the same counts picks the same least-loaded server). On a tie the first draw
+stays. Draws are independent (both may be the same server).
 
 The draws are uniform over [0, total weight): ip_vs_twos draws over [0, total] and so gives its
 first server one extra share in total + 1, which is a large bias for small weights (weights 1:1:1

@@ -133,8 +133,8 @@ def _servers(*weights):
 def test_twos_without_load_spreads_as_the_weights():
     # With every server equally loaded (here: none), the first draw always stays, so each pick is
     # one weighted draw: a share p over 100,000 picks has a binomial sd of sqrt(p(1-p)/N) <= 0.16%;
-    # 1% absolute is more than 6 sd, and a draw biased like ip_vs_twos's (first server +1 share in
-    # total + 1: +5.6 points for 1:2:3:4 weights... here 1/11 vs 1/10) would fail it.
+    # 1% absolute is more than 6 sd, and a draw biased like ip_vs_twos's (over [0, total]: the
+    # first server gets 2 of 11 values for 1:2:3:4, 18.2% instead of 10%) would fail it.
     srv = _servers(1, 2, 3, 4)
     s = TwoChoicesScheduler(random.Random(20261204))
     s.update(srv)
