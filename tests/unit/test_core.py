@@ -183,6 +183,7 @@ def test_quiescent_expiry_schedules_a_clients_next_conversation_afresh(affinity)
     assert s != NO_SLOT and d.table.rs_of(s) == rs and d.table.state_of(s) == State.ESTABLISHED
     # the new conversation becomes the client's live state; later ones follow it (persisted)
     d.decide(craft.ike(CLIENTS[0], VIP, 3, 4), 1.3)
+    assert d.decide(craft.esp(CLIENTS[0], VIP, 9), 1.35).rs == v.rs  # ESP follows the newest ESTABLISHED
     assert d.decide(craft.ike(CLIENTS[0], VIP, 7), 1.4).rs == v.rs
     assert d.stats["rescheduled_quiesced"] == 1
     assert d.decide(craft.ike(CLIENTS[1], VIP, 8), 1.5).rs == other  # persisted, not quiesced
