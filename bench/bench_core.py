@@ -17,6 +17,9 @@ Sections:
      1M against a small table, expiry per expired entry, and an ``expire()`` with nothing due.
   c' for comparison only (not our code): a naive dict-of-slotted-objects table: bytes/entry, and
      its lookups interleaved with ours.
+  s  ``scheduler.pick`` alone for each of the twelve schedulers, 3 and 10 real servers with
+     active/inactive counts set, distinct clients and source ports; and mh with one of 10 servers
+     down (its clients' fallback probes) next to mh with all up.
 
 Timing: every measurement runs ``--repeats`` times; the table shows the best (least disturbed by
 noisy neighbours) and the median, and rates and ratios use the best. The garbage collector stays
@@ -47,7 +50,7 @@ from director.core import Action, Director, Verdict  # noqa: E402
 from director.isakmp_state import State  # noqa: E402
 from director.lab import craft  # noqa: E402
 from director.packet import INFORMATIONAL, Kind, PacketError, classify, ip_to_int  # noqa: E402
-from director.schedulers import RealServer  # noqa: E402
+from director.schedulers import SCHEDULERS, RealServer, make_scheduler  # noqa: E402
 from director.service import Method, Service  # noqa: E402
 
 VIP = ip_to_int("192.0.2.10")
@@ -296,6 +299,11 @@ def loop_enum(K, pkts):
 def loop_pick(pick, clients):
     for c in clients:
         pick(c, VIP)
+
+
+def loop_pick_port(pick, clients):
+    for c in clients:
+        pick(c, VIP, c & 0xFFFF)
 
 
 def _noop(*_a):
@@ -1017,13 +1025,48 @@ def section_c_naive(rep: Report, lay: Layout, ours: float, timing: tuple[float, 
 # -- main ------------------------------------------------------------------------------------------
 
 
+def section_s(rep: Report, z: dict, repeats: int, rng: random.Random) -> None:
+    """Each scheduler's pick alone: the part of a new entry that the scheduler costs."""
+    n = z["clients"] * 20
+    clients = [CLIENT_BASE + i for i in range(n)]
+    rep.out()
+    rep.out(f"s. scheduler.pick alone, {n:,} distinct clients (ns per pick; ratio against wlc)")
+
+    def servers(k: int) -> list[RealServer]:
+        out = []
+        for i in range(k):
+            rs = RealServer(id=i, addr=RIPS[0] + i, weight=1 + i % 3)
+            rs.active, rs.inactive = rng.randrange(1000), rng.randrange(100)
+            out.append(rs)
+        return out
+
+    for k in (3, 10):
+        srv = servers(k)
+        specs: dict[str, Spec] = {}
+        for name in sorted(SCHEDULERS):
+            sch = make_scheduler(name, **({"table_size": 65537} if name == "mh" else {}))
+            sch.update(srv)
+            specs[name] = (loop_pick_port, n, lambda r, sch=sch: (sch.pick, clients))
+        down = [RealServer(id=i, addr=r.addr, weight=r.weight) for i, r in enumerate(srv)]
+        sch = make_scheduler("mh")
+        sch.update(down)
+        down[0].up = False  # its clients (about 1/k of them) probe further slots
+        specs["mh, one server down"] = (loop_pick_port, n, lambda r, sch=sch: (sch.pick, clients))
+        sch_port = make_scheduler("mh", port=True)
+        sch_port.update(srv)
+        specs["mh, port"] = (loop_pick_port, n, lambda r, sch=sch_port: (sch.pick, clients))
+        got = measure_many(specs, repeats)
+        for name, t in got.items():
+            rep.rate(f"s.pick.{k}.{name}", f"{name} ({k} servers)", t, "pick", got["wlc"], "wlc")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="sizes ~10x smaller (a smoke run, ~20 s)")
     ap.add_argument("--json", metavar="PATH", help="also write every number to this JSON file")
     ap.add_argument("--repeats", type=int, help="repeats per measurement (default 5, quick 3)")
     ap.add_argument("--no-naive", action="store_true", help="skip c' (the naive-table comparison)")
-    ap.add_argument("--sections", default="abc", help="which sections to run (default abc)")
+    ap.add_argument("--sections", default="abcs", help="which sections to run (default abcs)")
     ap.add_argument("--seed", type=int, default=20240601)
     ap.add_argument("--rss-probe", metavar="N,K,SEED", help=argparse.SUPPRESS)  # internal: section c
     args = ap.parse_args(argv)
@@ -1053,6 +1096,7 @@ def main(argv: list[str] | None = None) -> int:
         ("a", lambda: section_a(rep, z, repeats, rng)),
         ("b", lambda: section_b(rep, z, repeats, rng)),
         ("c", lambda: section_c(rep, z, repeats, rng, naive=not args.no_naive, seed=args.seed)),
+        ("s", lambda: section_s(rep, z, repeats, rng)),
     ):
         if key in args.sections:
             s0 = time.perf_counter()

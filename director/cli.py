@@ -29,6 +29,8 @@ PROG = "vpnadm"
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 DEFAULT_SOCKET = DaemonConfig().control_socket
 DEFAULTS = ServiceConfig(vip="0.0.0.0")  # the daemon's defaults, to leave them out of -S lines
+# ipvsadm's -b scheduler flags: flag -> (scheduler, the boolean option it turns on)
+SCHED_FLAGS = {"sh-fallback": ("sh", "fallback"), "mh-fallback": ("mh", "fallback"), "mh-port": ("mh", "port")}
 
 
 class UsageError(Exception):
@@ -94,9 +96,12 @@ OPTIONS = (
         "ipvsadm's -t/-u/-f do not apply)"),
     Opt("scheduler", ("-s", "--scheduler"), "str", "SCHED",
         f"one of {', '.join(sorted(SCHEDULERS))} (default {DEFAULTS.scheduler}); with -E it resets the "
-        "scheduler's options unless --scheduler-option is given"),
+        "scheduler's options unless --scheduler-option or -b is given"),
     Opt("scheduler-option", ("--scheduler-option",), "kv", "KEY=VALUE",
         "a scheduler option, e.g. table_size=251 (repeatable; numbers and true/false are typed)"),
+    Opt("sched-flags", ("-b", "--sched-flags"), "str", "FLAG[,FLAG]",
+        "ipvsadm's scheduler flags: " + ", ".join(f"{f} (= --scheduler-option {o}=true)"
+                                                  for f, (_, o) in SCHED_FLAGS.items())),
     Opt("method", ("--method",), "str", "dr|tun|nat", f"the service's forwarding method (default {DEFAULTS.method.label})"),
     Opt("affinity", ("--affinity",), "str", "ip|ip-port",
         f"a client keeps its real server per address, or per address and NAT-T port (default {DEFAULTS.affinity})"),
@@ -116,6 +121,11 @@ OPTIONS = (
     Opt("soft-grace", ("--soft-grace",), "num", "SECONDS", "soft expiry: idle time before reclaiming"),
     Opt("drained", ("--drained",), help="-A: the service starts drained (its VIP not announced; what -S prints "
         "for a service drained with --drain -V)"),
+    Opt("expire-quiescent", ("--expire-quiescent",),
+        help="a client whose live state is on a quiesced (weight 0) server gets its next new conversation "
+             "scheduled afresh (IPVS's expire_quiescent_template, per service)"),
+    Opt("no-expire-quiescent", ("--no-expire-quiescent",),
+        help="such a client keeps following its live state to the quiesced server (the default)"),
     Opt("real-server", ("-r", "--real-server"), "str", "RIP", "the real server's address"),
     Opt("gatewaying", ("-g", "--gatewaying"), help="this real server by direct routing (dr)"),
     Opt("ipip", ("-i", "--ipip"), help="this real server by IP-in-IP tunnel (tun)"),
@@ -141,9 +151,10 @@ OPT = {o.key: o for o in OPTIONS}
 # -- the one table: which options go with which command -------------------------------------------
 REQ, ANY = "+", " "  # required, optional; any other value names a group of which at most one is given
 _SERVICE = {
-    "scheduler": ANY, "scheduler-option": ANY, "method": ANY, "affinity": "affinity", "netmask": "affinity",
+    "scheduler": ANY, "scheduler-option": ANY, "sched-flags": ANY, "method": ANY,
+    "affinity": "affinity", "netmask": "affinity",
     "persistent": ANY, "init-timeout": ANY, "ah": "ah", "no-ah": "ah", "retransmit-threshold": ANY,
-    "soft-limit": ANY, "soft-grace": ANY,
+    "soft-limit": ANY, "soft-grace": ANY, "expire-quiescent": "quiescent", "no-expire-quiescent": "quiescent",
 }  # fmt: skip
 _SERVER = {
     "gatewaying": "forward", "ipip": "forward", "masquerading": "forward",
@@ -381,6 +392,21 @@ def service_settings(a: dict[str, Any]) -> dict[str, Any]:
                       ("retransmit-threshold", "retransmit_threshold")):
         if key in a:
             out[name] = a[key]
+    if "sched-flags" in a:
+        opts = dict(out.get("scheduler_options", {}))
+        for flag in a["sched-flags"].split(","):
+            if flag not in SCHED_FLAGS:
+                raise UsageError(f"-b {a['sched-flags']}: unknown scheduler flag {flag!r} "
+                                 f"(known: {', '.join(SCHED_FLAGS)})")
+            sched, opt = SCHED_FLAGS[flag]
+            if "scheduler" in a and a["scheduler"] != sched:
+                raise UsageError(f"-b {flag}: a flag of the {sched} scheduler, not of {a['scheduler']}")
+            if opts.get(opt, True) is not True:
+                raise UsageError(f"-b {flag} and --scheduler-option {opt}={_scalar_text(opts[opt])} disagree")
+            opts[opt] = True
+        out["scheduler_options"] = opts
+    if "expire-quiescent" in a or "no-expire-quiescent" in a:
+        out["expire_quiescent"] = "expire-quiescent" in a
     if "netmask" in a:
         if a["netmask"] != "255.255.255.255":
             raise UsageError(f"-M {a['netmask']}: only 255.255.255.255 is supported: an IPsec client keeps "
@@ -461,7 +487,7 @@ def _scalar_text(v: Any) -> str:
 
 
 _SAVE_SERVICE_KEYS = {"vip", "scheduler", "scheduler_options", "method", "affinity", "ah", "timeouts",
-                      "retransmit_threshold", "soft_expiry", "server", "drain"}
+                      "retransmit_threshold", "soft_expiry", "expire_quiescent", "server", "drain"}
 _SAVE_SERVER_KEYS = {"address", "weight", "method", "u_threshold", "l_threshold"}
 
 
@@ -474,8 +500,13 @@ def save_lines(services: list[dict]) -> Iterator[str]:
             raise Refused(f"save: {PROG} has no option for the daemon's setting {unknown[0]!r}; upgrade {PROG}")
         vip = s["vip"]
         parts = ["-A", "-V", vip, "-s", s["scheduler"]]
+        flags = [f for f, (sched, opt) in SCHED_FLAGS.items()
+                 if sched == s["scheduler"] and (s.get("scheduler_options") or {}).get(opt) is True]
+        if flags:  # as ipvsadm -S prints them
+            parts += ["-b", ",".join(flags)]
         for k, v in sorted((s.get("scheduler_options") or {}).items()):
-            parts += ["--scheduler-option", f"{k}={_scalar_text(v)}"]
+            if (s["scheduler"], k) not in SCHED_FLAGS.values() or v is not True:
+                parts += ["--scheduler-option", f"{k}={_scalar_text(v)}"]
         if s.get("method", DEFAULTS.method.label) != DEFAULTS.method.label:
             parts += ["--method", s["method"]]
         if s.get("affinity", DEFAULTS.affinity) != DEFAULTS.affinity:
@@ -494,6 +525,8 @@ def save_lines(services: list[dict]) -> Iterator[str]:
             parts += ["--soft-limit", str(soft["limit"]), "--soft-grace", _secs(soft.get("grace", 0))]
         if s.get("drain"):
             parts.append("--drained")
+        if s.get("expire_quiescent"):
+            parts.append("--expire-quiescent")
         yield " ".join(shlex.quote(p) for p in parts)
         for r in s.get("server", []):
             parts = ["-a", "-V", vip, "-r", r["address"]]
@@ -554,11 +587,18 @@ def format_services(services: list[dict], fmt: str = "", exact: bool = False) ->
             t = s["timeouts"]
             out.append("%-33s %8s %12s" % (name, _secs(t["init"]), _secs(t["established"])))
             continue
+        sched = s["scheduler"]
+        opts = s.get("scheduler_options") or {}
+        on = [f for f, (sc, opt) in SCHED_FLAGS.items() if sc == sched and opts.get(opt) is True]
+        if on:  # as ipvsadm -L: "mh (mh-fallback,mh-port)"
+            sched += f" ({','.join(on)})"
         flags = f" affinity {s['affinity']} {_secs(s['timeouts']['established'])}"
+        if s.get("expire_quiescent"):
+            flags += " expire-quiescent"
         ann = s.get("announcement")  # route health injection: announced, or withdrawn and why
         if ann is not None:
             flags += " announced" if ann["announced"] else f" withdrawn({ann['reason'] or 'pending'})"
-        out.append(f"{name} {s['scheduler']}{flags}{'' if s['ah'] else ' no-ah'}")
+        out.append(f"{name} {sched}{flags}{'' if s['ah'] else ' no-ah'}")
         for r in s["servers"]:
             if fmt == "thresholds":
                 out.append("  -> %-28s %-10d %-10d %-10d %-10d" % (r["address"], r["u_threshold"], r["l_threshold"],

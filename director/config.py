@@ -69,6 +69,7 @@ class ServiceConfig:
     retransmit_threshold: int = 3
     soft_limit: int = 0
     soft_grace: float = 0.0
+    expire_quiescent: bool = False  # IPVS's expire_quiescent_template, per service
     health: tuple[tuple[str, Any], ...] = ()  # () = no health checks; else HealthConfig fields
     servers: tuple[ServerConfig, ...] = ()
     drain: bool = False  # route health injection: withdraw this VIP's BGP route ([daemon.bgp])
@@ -235,6 +236,7 @@ _DAEMON_KEYS = set(DaemonConfig.__dataclass_fields__)
 _SERVICE_KEYS = {
     "vip", "scheduler", "scheduler_options", "method", "affinity", "ah", "timeouts",
     "retransmit_threshold", "soft_expiry", "health", "server", "drain", "spi_label",
+    "expire_quiescent",
 }
 _HEALTH_KEYS = {"interval", "timeout", "rise", "fall", "expire_on_down", "icmp"}
 _SERVER_KEYS = {"address", "weight", "method", "u_threshold", "l_threshold", "spi_label", "esp_spi_min",
@@ -513,6 +515,7 @@ def _service(c: _Checker, p: str, s: Any, vips: dict[str, int], addresses: dict[
         retransmit_threshold=c.int_(f"{p}.retransmit_threshold", s.get("retransmit_threshold", 3), 0, 255),
         soft_limit=soft_limit,
         soft_grace=soft_grace,
+        expire_quiescent=c.bool_(f"{p}.expire_quiescent", s.get("expire_quiescent", False)),
         health=health,
         servers=tuple(servers),
         drain=c.bool_(f"{p}.drain", s.get("drain", False)),
@@ -570,6 +573,8 @@ def service_to_dict(s: ServiceConfig) -> dict:
         out["scheduler_options"] = dict(s.scheduler_options)
     if s.soft_limit:
         out["soft_expiry"] = {"limit": s.soft_limit, "grace": s.soft_grace}
+    if s.expire_quiescent:
+        out["expire_quiescent"] = True
     if s.health:
         out["health"] = dict(s.health)
     if s.drain:

@@ -35,7 +35,8 @@ MUTATIONS = frozenset({
     "set-timeouts", "restore",
 })
 _EDITABLE_SERVICE = {"scheduler", "scheduler_options", "method", "affinity", "ah", "timeouts",
-                     "retransmit_threshold", "soft_expiry", "health", "drain"}
+                     "retransmit_threshold", "soft_expiry", "health", "drain",
+                     "expire_quiescent"}
 _EDITABLE_SERVER = {"weight", "method", "u_threshold", "l_threshold"}
 
 

@@ -6,7 +6,7 @@ in this order for a client packet to a VIP:
 - IKE, responder cookie zero (initial): a known conversation keeps its real server (a repeat is
   counted; past the service's threshold with no sign of life the conversation is rescheduled: the
   passive health signal). A new one follows the client's live state if any (implicit persistence,
-  quiesced servers included) or is scheduled.
+  quiesced servers included unless the service sets ``expire_quiescent``) or is scheduled.
 - IKE, responder cookie set: a known conversation is refreshed and turns ESTABLISHED (in NAT mode
   only with the responder cookie the real server sent). An unknown cookie pair follows the client's
   real server and is adopted as ESTABLISHED (an IKEv2 IKE SA rekey changes SPIs), or is dropped.
@@ -37,7 +37,7 @@ from director.spi_label import ServerLabel, SpiLabels
 
 _SERVICE_FIELDS = frozenset({
     "scheduler_name", "scheduler_options", "method", "affinity", "ah", "timeouts",
-    "retransmit_threshold", "soft_limit", "soft_grace", "health", "spi_label",
+    "retransmit_threshold", "soft_limit", "soft_grace", "health", "spi_label", "expire_quiescent",
 })
 
 
@@ -218,6 +218,7 @@ class Director:
             "persisted": 0,
             "rescheduled_dead": 0,
             "rescheduled_stuck": 0,
+            "rescheduled_quiesced": 0,
             "adopted": 0,
             "replies": 0,
             "icmp_relayed": 0,
@@ -572,12 +573,16 @@ class Director:
         if a >= 0:
             rs = self._servers.get(t.rs_of(a))
             if rs is not None and rs.up and self._rs_service.get(rs.id) == svc.id:
-                self.stats["persisted"] += 1
+                if rs.weight == 0 and svc.expire_quiescent:
+                    rs = None  # quiescent expiry: the client's live state no longer binds it
+                    self.stats["rescheduled_quiesced"] += 1
+                else:
+                    self.stats["persisted"] += 1
             else:
                 rs = None
                 self.stats["rescheduled_dead"] += 1
         if rs is None:
-            rs = svc.scheduler.pick(c.src, c.dst)
+            rs = svc.scheduler.pick(c.src, c.dst, c.sport)
             if rs is None:
                 return self._drop(_K_IKE_INITIAL, DropReason.NO_REAL_SERVER, svc)
             self.stats["scheduled"] += 1
@@ -683,7 +688,7 @@ class Director:
         return self.table.client_head(svc.id, c.src)
 
     def _reschedule(self, svc: Service, c, s: int, stat: str, exclude: int = NO_RS) -> RealServer | None:
-        rs = svc.scheduler.pick(c.src, c.dst)
+        rs = svc.scheduler.pick(c.src, c.dst, c.sport)
         if rs is None or rs.id == exclude:
             others = [r for r in svc.servers.values() if r.available and r.id != exclude]
             rs = min(others, key=lambda r: (r.active * 256 + r.inactive) / r.weight, default=None)

@@ -25,7 +25,8 @@ if TYPE_CHECKING:
 
 KINDS = [k for k in Kind if k not in (Kind.NOT_OURS, Kind.FRAGMENT)]
 VERDICTS = {Action.FORWARD: "forward", Action.DROP: "drop", Action.ICMP_UNREACH: "icmp_unreachable"}
-OUTCOMES = ("scheduled", "persisted", "adopted", "rescheduled_dead", "rescheduled_stuck", "label_steered")
+OUTCOMES = ("scheduled", "persisted", "adopted", "rescheduled_dead", "rescheduled_stuck", "label_steered",
+            "rescheduled_quiesced")
 LATENCY_BUCKETS = (25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 100e-3)
 
 

@@ -27,6 +27,9 @@ class Service:
     one real server; ``ip-port`` tells apart many clients behind one NAT by their NAT-T port.
     ``retransmit_threshold`` is the passive health signal: an initial packet repeated this many
     times without an answer reschedules the conversation (0 disables it).
+    ``expire_quiescent`` (IPVS's expire_quiescent_template, per service here): a client whose live
+    state is on a quiesced (weight 0) server has its next new conversation scheduled afresh instead
+    of following that state; its live conversations stay where they are.
     """
 
     id: int
@@ -39,6 +42,7 @@ class Service:
     retransmit_threshold: int = 3
     soft_limit: int = 0
     soft_grace: float = 0.0
+    expire_quiescent: bool = False
     scheduler_options: dict = field(default_factory=dict)
     health: HealthConfig | None = None  # None: no probes (servers stay up unless marked)
     # SPI labels (director/spi_label.py): (mask, ((server address, label, esp_min, esp_max), ...)) or ()

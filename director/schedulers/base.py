@@ -75,8 +75,12 @@ class Scheduler(ABC):
         """Recompute derived state from ``self._servers``; stateless schedulers keep the default."""
 
     @abstractmethod
-    def pick(self, client: int, vip: int) -> RealServer | None:
-        """The real server for a new conversation from ``client`` to ``vip`` (IPv4 as int)."""
+    def pick(self, client: int, vip: int, port: int = 0) -> RealServer | None:
+        """The real server for a new conversation from ``client`` to ``vip`` (IPv4 as int).
+
+        ``port`` is the client's UDP source port (500, or the NAT-T port its NAT chose); only
+        schedulers that hash it (``mh`` with ``port``) read it.
+        """
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r} servers={[s.id for s in self._servers]}>"

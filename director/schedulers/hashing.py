@@ -129,7 +129,7 @@ class BucketHashScheduler(Scheduler):
     def bucket(self, client: int, vip: int) -> int:
         return mix64(self._key(client, vip), self.seed) % self.table_size
 
-    def pick(self, client: int, vip: int) -> RealServer | None:
+    def pick(self, client: int, vip: int, port: int = 0) -> RealServer | None:
         if not self._table:
             return None
         b = self.bucket(client, vip)

@@ -14,7 +14,7 @@ from director.schedulers.wlc import conn_overhead
 class LeastConnectionScheduler(Scheduler):
     name = "lc"
 
-    def pick(self, client: int, vip: int) -> RealServer | None:
+    def pick(self, client: int, vip: int, port: int = 0) -> RealServer | None:
         least: RealServer | None = None
         loh = 0
         for s in self._servers:

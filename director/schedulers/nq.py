@@ -15,7 +15,7 @@ from director.schedulers.wlc import least_weighted
 class NeverQueueScheduler(Scheduler):
     name = "nq"
 
-    def pick(self, client: int, vip: int) -> RealServer | None:
+    def pick(self, client: int, vip: int, port: int = 0) -> RealServer | None:
         for s in self._servers:
             if s.active == 0 and s.available:
                 return s

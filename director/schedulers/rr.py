@@ -29,7 +29,7 @@ class RoundRobinScheduler(Scheduler):
                     break
         self._next = self._next % len(servers) if servers else 0
 
-    def pick(self, client: int, vip: int) -> RealServer | None:
+    def pick(self, client: int, vip: int, port: int = 0) -> RealServer | None:
         servers = self._servers
         n = len(servers)
         for k in range(n):

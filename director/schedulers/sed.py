@@ -18,5 +18,5 @@ def sed_overhead(server: RealServer) -> int:
 class ShortestExpectedDelayScheduler(Scheduler):
     name = "sed"
 
-    def pick(self, client: int, vip: int) -> RealServer | None:
+    def pick(self, client: int, vip: int, port: int = 0) -> RealServer | None:
         return least_weighted(self._servers, sed_overhead)

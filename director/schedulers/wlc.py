@@ -39,5 +39,5 @@ def least_weighted(
 class WeightedLeastConnectionScheduler(Scheduler):
     name = "wlc"
 
-    def pick(self, client: int, vip: int) -> RealServer | None:
+    def pick(self, client: int, vip: int, port: int = 0) -> RealServer | None:
         return least_weighted(self._servers, conn_overhead)

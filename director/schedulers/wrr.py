@@ -27,7 +27,7 @@ class WeightedRoundRobinScheduler(Scheduler):
         # A new weight set starts a new cycle, as IPVS's wrr resets its position on any change.
         self._current = [0] * len(self._servers)
 
-    def pick(self, client: int, vip: int) -> RealServer | None:
+    def pick(self, client: int, vip: int, port: int = 0) -> RealServer | None:
         current = self._current
         best = -1
         total = 0

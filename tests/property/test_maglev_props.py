@@ -97,11 +97,15 @@ def test_remove_then_add_back_restores_the_table_exactly(servers, size, data):
     s = mh(servers, size)
     original = s.table_ids()
     victim = data.draw(st.sampled_from(servers))
-    victim.up = False
+    weight = victim.weight
+    victim.weight = 0  # quiesced: out of the table, like a removed server
     s.update(servers)
     assert victim.id not in s.table_ids()
-    victim.up = True
+    victim.weight = weight
     s.update(list(reversed(servers)))  # order of the list does not matter either
+    assert s.table_ids() == original
+    victim.up = False  # down (or overloaded): the table stays; its clients fall through
+    s.update(servers)
     assert s.table_ids() == original
 
 
@@ -168,6 +172,17 @@ def test_even_shares_and_small_disruption_at_65537():
         after = [s.pick(k, 0).id for k in KEYS]
         moved = sum(a != b for a, b in zip(before, after)) / len(KEYS)
         on_victim = shares[victim] / len(KEYS)
+        assert moved == on_victim, (n, moved, on_victim)  # down: only its own clients move
+        # ... to the others in proportion to their slots (each has 1/(n-1) of the rest): the
+        # moved keys are a few thousand to 33k; 3% absolute is many binomial sd.
+        dest = Counter(a for a, b in zip(after, before) if b == victim)
+        assert victim not in dest
+        for i in range(n - 1):
+            assert abs(dest[i] / sum(dest.values()) - 1 / (n - 1)) <= 0.03, (n, dest)
+        # removed (or quiesced): Maglev rebuilds; a few of the others' clients move too
+        s.update(servers[:victim])
+        after = [s.pick(k, 0).id for k in KEYS]
+        moved = sum(a != b for a, b in zip(before, after)) / len(KEYS)
         assert on_victim <= moved <= 1 / n + 0.02, (n, moved)
         assert moved - on_victim <= 0.01, (n, moved, on_victim)  # measured 0.2%
         servers[victim].up = True

@@ -41,6 +41,11 @@ LEGAL = [
     (["-A", "-V", VIP, "-s", "mh", "--scheduler-option", "table_size=251", "--method", "tun",
       "--affinity", "ip-port", "-p", "600", "--init-timeout", "10", "--no-ah"], "-A"),
     (["--add-service", "--vip", VIP, "-M", "255.255.255.255"], "-A"),
+    (["-A", "-V", VIP, "-s", "mh", "-b", "mh-fallback,mh-port", "--expire-quiescent"], "-A"),
+    (["-E", "-V", VIP, "--sched-flags", "mh-port", "--no-expire-quiescent"], "-E"),
+    (["-A", "-V", VIP, "-s", "fo"], "-A"),
+    (["-A", "-V", VIP, "-s", "ovf"], "-A"),
+    (["-A", "-V", VIP, "-s", "twos"], "-A"),
     (["-E", "-V", VIP, "--ah", "--retransmit-threshold", "0", "--soft-limit", "9", "--soft-grace", "2.5"], "-E"),
     (["-D", "-V", VIP], "-D"),
     (["-C"], "-C"),
@@ -168,6 +173,37 @@ def test_change_commands_send_only_what_was_given():
     assert run(["-Z", "-V", VIP])[0] == [("zero", {"vip": VIP})]
 
 
+def test_scheduler_flags_and_quiescent_expiry_become_settings():
+    assert run(["-A", "-V", VIP, "-s", "mh", "-b", "mh-fallback,mh-port", "--expire-quiescent"])[0] == [
+        ("add-service", {"service": {"vip": VIP, "scheduler": "mh", "expire_quiescent": True,
+                                     "scheduler_options": {"fallback": True, "port": True}}})]
+    assert run(["-A", "-V", VIP, "-s", "mh", "-b", "mh-port", "--scheduler-option", "table_size=251"])[0] == [
+        ("add-service", {"service": {"vip": VIP, "scheduler": "mh",
+                                     "scheduler_options": {"table_size": 251, "port": True}}})]
+    # -E -b states the scheduler's whole option set, as ipvsadm -E -b does
+    assert run(["-E", "-V", VIP, "-b", "mh-port", "--no-expire-quiescent"])[0] == [
+        ("edit-service", {"vip": VIP, "changes": {"scheduler_options": {"port": True},
+                                                  "expire_quiescent": False}})]
+    assert run(["-A", "-V", VIP, "-s", "sh", "-b", "sh-fallback"])[0] == [
+        ("add-service", {"service": {"vip": VIP, "scheduler": "sh", "scheduler_options": {"fallback": True}}})]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["-A", "-V", VIP, "-s", "mh", "-b", "mh-bogus"], "-b mh-bogus: unknown scheduler flag 'mh-bogus' "
+                                                      "(known: sh-fallback, mh-fallback, mh-port)"),
+    (["-A", "-V", VIP, "-s", "wlc", "-b", "mh-port"], "-b mh-port: a flag of the mh scheduler, not of wlc"),
+    (["-A", "-V", VIP, "-s", "mh", "-b", "mh-fallback", "--scheduler-option", "fallback=false"],
+     "-b mh-fallback and --scheduler-option fallback=false disagree"),
+    (["-A", "-V", VIP, "--expire-quiescent", "--no-expire-quiescent"],
+     "conflicting options: --expire-quiescent and --no-expire-quiescent with -A"),
+    (["-a", "-V", VIP, "-r", RIP1, "--expire-quiescent"], "illegal option combination: -a with --expire-quiescent"),
+])
+def test_bad_scheduler_flags_and_quiescent_options(argv, message):
+    with pytest.raises(UsageError) as e:
+        run(argv)
+    assert str(e.value) == message
+
+
 def test_set_zero_means_unchanged():
     assert run(["--set", "20", "7200"])[0] == [("set-timeouts", {"init": 20, "established": 7200})]
     assert run(["--set", "0", "7200", "0"])[0] == [("set-timeouts", {"established": 7200})]
@@ -188,6 +224,15 @@ SAVED = [  # a `save` answer: config.to_dict's service tables
     {"vip": "192.0.2.30", "scheduler": "sh", "method": "dr", "affinity": "ip", "ah": True,
      "timeouts": {"init": 30.0, "established": 16200.0}, "retransmit_threshold": 3,
      "scheduler_options": {"fallback": False}, "server": []},
+    {"vip": "192.0.2.40", "scheduler": "mh", "method": "dr", "affinity": "ip-port", "ah": True,
+     "timeouts": {"init": 30.0, "established": 16200.0}, "retransmit_threshold": 3,
+     "scheduler_options": {"fallback": True, "port": True, "table_size": 251}, "expire_quiescent": True,
+     "server": [{"address": RIP1, "weight": 1}]},
+    {"vip": "192.0.2.41", "scheduler": "mh", "method": "dr", "affinity": "ip", "ah": True,
+     "timeouts": {"init": 30.0, "established": 16200.0}, "retransmit_threshold": 3,
+     "scheduler_options": {"fallback": False, "port": True}, "server": []},
+    {"vip": "192.0.2.42", "scheduler": "twos", "method": "dr", "affinity": "ip", "ah": True,
+     "timeouts": {"init": 30.0, "established": 16200.0}, "retransmit_threshold": 3, "server": []},
 ]
 SAVED_TEXT = f"""\
 -A -V {VIP} -s wlc
@@ -197,6 +242,11 @@ SAVED_TEXT = f"""\
 -p 600 --retransmit-threshold 0 --soft-limit 1000 --soft-grace 5
 -a -V {VIP2} -r {RIP1} -w 3
 -A -V 192.0.2.30 -s sh --scheduler-option fallback=false
+-A -V 192.0.2.40 -s mh -b mh-fallback,mh-port --scheduler-option table_size=251 --affinity ip-port \
+--expire-quiescent
+-a -V 192.0.2.40 -r {RIP1} -w 1
+-A -V 192.0.2.41 -s mh -b mh-port --scheduler-option fallback=false
+-A -V 192.0.2.42 -s twos
 """
 
 
@@ -437,3 +487,11 @@ def test_the_listing_shows_each_vips_announcement_and_the_bgp_sessions():
     assert text.endswith("BGP sessions: backup Active, uplink Established\n")
     plain = [{k: v for k, v in s.items() if k not in ("announcement", "bgp_sessions")} for s in services]
     assert "BGP" not in cli.format_services(plain) and "announced" not in cli.format_services(plain)
+
+
+def test_listing_shows_scheduler_flags_and_quiescent_expiry_as_ipvsadm_shows_flags():
+    svc = {**SERVICES[1], "scheduler": "mh", "scheduler_options": {"port": True, "table_size": 251},
+           "expire_quiescent": True}
+    line = cli.format_services([svc]).splitlines()[3]
+    assert line == f"IPSEC  {VIP2} mh (mh-port) affinity ip-port 600 expire-quiescent no-ah"
+    assert cli.format_services([SERVICES[1]]).splitlines()[3] == f"IPSEC  {VIP2} rr affinity ip-port 600 no-ah"

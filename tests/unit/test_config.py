@@ -134,3 +134,24 @@ def test_check_warns_when_a_multi_director_service_does_not_choose_consistently(
     path.write_text(SERVICE)  # a lone director: no warning
     assert main.main(["check", "--config", str(path)]) == 0
     assert capsys.readouterr().err == ""
+
+
+def test_expire_quiescent_and_mh_options_are_taken_checked_and_reconciled():
+    options = '\nscheduler_options = { port = true, fallback = false }'
+    text = SERVICE.replace('"rr"', '"mh"\nexpire_quiescent = true' + options)
+    cfg = parse(text)
+    assert cfg.services[0].expire_quiescent is True
+    d = reconcile.validate(cfg)
+    svc = next(iter(d.services.values()))
+    assert svc.expire_quiescent is True and (svc.scheduler.port, svc.scheduler.fallback) == (True, False)
+    # a change of the setting alone is a field change of the running service, nothing else
+    p = reconcile.plan(d, parse(SERVICE.replace('"rr"', '"mh"' + options)))
+    assert [c.fields for c in p.change] == [{"expire_quiescent": False}] and p.change[0].scheduler is None
+    with pytest.raises(ConfigErrors) as e:
+        parse(SERVICE.replace('"rr"', '"rr"\nexpire_quiescent = 1'))
+    assert e.value.errors == ["service[0].expire_quiescent: must be true or false, got 1"]
+    bad = mutate(parse(SERVICE), {"cmd": "edit-service", "vip": "192.0.2.10",
+                                  "changes": {"scheduler": "mh", "scheduler_options": {"port": "yes"}}})
+    message = r"service\[0\]\.scheduler: scheduler 'mh': option 'port' must be true or false"
+    with pytest.raises(ValueError, match=message):
+        reconcile.validate(bad)

@@ -159,6 +159,51 @@ def test_quiesced_server_keeps_its_clients_and_gets_no_new_ones():
     assert rs not in others and len(others) == 2
 
 
+def test_quiesced_server_keeps_a_clients_new_conversations_without_quiescent_expiry():
+    d = director("rr")
+    rs = handshake(d, CLIENTS[0], 1, 2)
+    d.set_weight(rs, 0)
+    v = d.decide(craft.ike(CLIENTS[0], VIP, 3), 1.0)  # a new IKE SA of the same client
+    assert v.rs == rs and d.stats["persisted"] == 1 and d.stats["rescheduled_quiesced"] == 0
+
+
+@pytest.mark.parametrize("affinity", ["ip", "ip-port"])
+def test_quiescent_expiry_schedules_a_clients_next_conversation_afresh(affinity):
+    d = director("rr", expire_quiescent=True, affinity=affinity)
+    rs = handshake(d, CLIENTS[0], 1, 2)
+    other = handshake(d, CLIENTS[1], 5, 6)  # on another server: its persistence is untouched
+    d.set_weight(rs, 0)
+    v = d.decide(craft.ike(CLIENTS[0], VIP, 3), 1.0)  # the client's next new conversation
+    assert v.action == Action.FORWARD and v.rs != rs
+    assert d.stats["rescheduled_quiesced"] == 1
+    # the live conversation stays on the quiesced server: IKE, ESP, AH
+    assert d.decide(craft.ike(CLIENTS[0], VIP, 1, 2), 1.1).rs == rs
+    assert d.decide(craft.esp(CLIENTS[0], VIP, 9), 1.2).rs == rs  # the only ESTABLISHED entry so far
+    s = d.table.lookup(1, CLIENTS[0], 1)
+    assert s != NO_SLOT and d.table.rs_of(s) == rs and d.table.state_of(s) == State.ESTABLISHED
+    # the new conversation becomes the client's live state; later ones follow it (persisted)
+    d.decide(craft.ike(CLIENTS[0], VIP, 3, 4), 1.3)
+    assert d.decide(craft.esp(CLIENTS[0], VIP, 9), 1.35).rs == v.rs  # ESP follows the newest ESTABLISHED
+    assert d.decide(craft.ike(CLIENTS[0], VIP, 7), 1.4).rs == v.rs
+    assert d.stats["rescheduled_quiesced"] == 1
+    assert d.decide(craft.ike(CLIENTS[1], VIP, 8), 1.5).rs == other  # persisted, not quiesced
+    # weight back: nothing is expired any more
+    d.set_weight(rs, 1)
+    c = CLIENTS[2]
+    first = handshake(d, c, 11, 12, now=2.0)
+    assert d.decide(craft.ike(c, VIP, 13), 2.1).rs == first
+    assert d.stats["rescheduled_quiesced"] == 1
+
+
+def test_quiescent_expiry_leaves_overloaded_and_healthy_servers_alone():
+    d = director("rr", expire_quiescent=True, weights=(1, 1, 1))
+    rs = handshake(d, CLIENTS[0], 1, 2)
+    srv = d.server(rs)
+    srv.u_threshold, srv.overloaded = 1, True  # overloaded but weight 1: persistence holds (as IPVS)
+    assert d.decide(craft.ike(CLIENTS[0], VIP, 3), 1.0).rs == rs
+    assert d.stats["rescheduled_quiesced"] == 0 and d.stats["persisted"] == 1
+
+
 def test_removed_server_clients_are_rescheduled_on_next_initial_and_counted():
     d = director("rr")
     rs = handshake(d, CLIENTS[0], 1, 2)

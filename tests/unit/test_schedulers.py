@@ -19,7 +19,7 @@ from director.schedulers.hashing import SEED_MH, mix64
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(director.__file__)))
 
-ALL = ["dh", "lc", "mh", "nq", "rr", "sed", "sh", "wlc", "wrr"]
+ALL = ["dh", "fo", "lc", "mh", "nq", "ovf", "rr", "sed", "sh", "twos", "wlc", "wrr"]
 BASE = 0x0A000001  # 10.0.0.1
 VIP = 0xC0000201  # 192.0.2.1
 
@@ -56,7 +56,7 @@ def test_registry_holds_every_scheduler():
 
 
 def test_unknown_scheduler_is_named_with_the_known_ones():
-    known = r"\(known: dh, lc, mh, nq, rr, sed, sh, wlc, wrr\)"
+    known = r"\(known: dh, fo, lc, mh, nq, ovf, rr, sed, sh, twos, wlc, wrr\)"
     with pytest.raises(ValueError, match=r"unknown scheduler 'xyz' " + known):
         make_scheduler("xyz")
 
@@ -65,7 +65,11 @@ def test_unknown_scheduler_is_named_with_the_known_ones():
     "name, options, message",
     [
         ("rr", {"table_size": 7}, r"scheduler 'rr' has no option 'table_size'"),
-        ("mh", {"tablesize": 251}, r"'mh' has no option 'tablesize' \(options: table_size\)"),
+        ("mh", {"tablesize": 251}, r"'mh' has no option 'tablesize' \(options: table_size, fallback, port\)"),
+        ("mh", {"port": 1}, r"'port' must be true or false"),
+        ("mh", {"fallback": "no"}, r"'fallback' must be true or false"),
+        ("twos", {"rng": 1}, r"'twos' has no option 'rng' \(options: none\)"),
+        ("fo", {"fallback": True}, r"'fo' has no option 'fallback'"),
         ("sh", {"bogus": 1}, r"'bogus'"),
         ("mh", {"table_size": 65536}, r"'table_size' must be prime, got 65536"),
         ("mh", {"table_size": 1}, r"'table_size' must be >= 2"),
@@ -83,6 +87,10 @@ def test_bad_option_is_named(name, options, message):
 def test_good_options_are_taken():
     assert make_scheduler("mh", table_size=251).table_size == 251
     assert make_scheduler("sh", table_size=1024, fallback=False).fallback is False
+    m = make_scheduler("mh", fallback=False, port=True)
+    assert (m.fallback, m.port) == (False, True)
+    m = make_scheduler("mh")
+    assert (m.fallback, m.port) == (True, False)
 
 
 def test_register_refuses_a_taken_name():
@@ -137,9 +145,9 @@ def test_only_available_servers_are_picked(name):
 
 @pytest.mark.parametrize("name", ALL)
 def test_weight_zero_gets_no_new_client(name):
-    srv = servers(0, 1)
+    srv = servers(0, 100)
     srv[0].active = 0  # the idle server would win lc/nq/sed if weight were ignored
-    srv[1].active = 50
+    srv[1].active = 50  # within its weight, for ovf
     s = make(name, srv)
     assert {p.id for p in pick_many(s, 1000)} == {1}
 
@@ -391,15 +399,56 @@ def test_mh_table_does_not_depend_on_list_order():
     assert a.table_ids() == b.table_ids()
 
 
-def test_mh_walks_forward_past_a_server_that_went_away_without_update():
+@pytest.mark.parametrize("update", [False, True])
+@pytest.mark.parametrize("why", ["up", "overloaded"])
+def test_mh_fallback_moves_only_the_dead_servers_clients(update, why):
     srv = servers(1, 1, 1)
     s = make("mh", srv, table_size=251)
+    table = s.table_ids()
     ks = keys(3000)
     before = {k: s.pick(k, VIP).id for k in ks}
-    srv[1].up = False
+    setattr(srv[1], why, why != "up")
+    if update:
+        s.update(srv)
+    assert s.table_ids() == table  # health and overload never rebuild the table
     after = {k: s.pick(k, VIP).id for k in ks}
     assert 1 not in after.values()
     assert all(after[k] == before[k] for k in ks if before[k] != 1)
+    # the first probed slot whose server is available: check each moved client by hand
+    for k in ks:
+        if before[k] == 1:
+            assert after[k] == next(table[b] for b in s.fallback_slots(k) if table[b] != 1)
+    assert Counter(after[k] for k in ks if before[k] == 1).keys() == {0, 2}
+
+
+def test_mh_without_fallback_refuses_the_dead_servers_clients_only():
+    srv = servers(1, 1, 1)
+    s = make("mh", srv, table_size=251, fallback=False)
+    ks = keys(3000)
+    before = {k: s.pick(k, VIP).id for k in ks}
+    srv[1].up = False
+    s.update(srv)
+    after = {k: s.pick(k, VIP) for k in ks}
+    assert all((after[k] is None) == (before[k] == 1) for k in ks)
+    assert all(after[k].id == before[k] for k in ks if before[k] != 1)
+    srv[1].up = True
+    s.update(srv)
+    assert {k: s.pick(k, VIP).id for k in ks} == before
+
+
+def test_mh_port_hashes_the_source_port_only_with_the_option():
+    plain = make("mh", servers(1, 1, 1), table_size=251)
+    ported = make("mh", servers(1, 1, 1), table_size=251, port=True)
+    nat = BASE + 77  # one NAT address, many NAT-T ports
+    ports = list(range(1024, 1024 + 600))
+    assert {plain.pick(nat, VIP, p).id for p in ports} == {plain.pick(nat, VIP).id}
+    spread = Counter(ported.pick(nat, VIP, p).id for p in ports)
+    assert all(n > 600 / 3 * 0.7 for n in spread.values()) and len(spread) == 3, spread
+    # port 0 is the address alone: the same slot as without the option
+    assert all(ported.slot(k, 0) == plain.slot(k) for k in keys(500))
+    # deterministic: another instance (another director) agrees on every (address, port)
+    other = make("mh", list(reversed(servers(1, 1, 1))), table_size=251, port=True)
+    assert all(other.pick(nat, VIP, p).id == ported.pick(nat, VIP, p).id for p in ports)
 
 
 def test_mh_excludes_quiesced_servers_from_the_table():
@@ -452,3 +501,103 @@ def test_mh_populates_65537_slots_well_under_a_second():
         best = min(best, time.perf_counter() - t0)
     assert best < 0.5, f"populating 65537 slots took {best:.3f}s"
     assert len(s.table_ids()) == 65537
+
+
+# -- fo, ovf, twos -------------------------------------------------------------------------------
+
+
+def test_fo_takes_the_heaviest_available_and_fails_over_in_weight_order():
+    srv = servers(2, 5, 5, 3)  # 1 and 2 tie at 5: the earlier one wins, as ip_vs_fo (strictly greater)
+    s = make("fo", srv)
+    assert [s.pick(k, VIP).id for k in keys(50)] == [1] * 50  # load plays no part
+    srv[1].active = 1000
+    assert s.pick(BASE, VIP).id == 1
+    srv[1].up = False
+    assert s.pick(BASE, VIP).id == 2
+    srv[2].overloaded = True
+    assert s.pick(BASE, VIP).id == 3
+    srv[3].weight = 0  # quiesced
+    assert s.pick(BASE, VIP).id == 0
+    srv[1].up = True  # back: takes the new clients again
+    assert s.pick(BASE, VIP).id == 1
+
+
+def test_ovf_fills_the_heaviest_to_its_weight_then_overflows():
+    a, b, c = servers(1, 3, 2)
+    s = make("ovf", [a, b, c])
+    seq = []
+    for _ in range(12):
+        rs = s.pick(BASE, VIP)
+        if rs is None:
+            seq.append(None)
+            break
+        seq.append(rs.id)
+        rs.active += 1  # each client turns ESTABLISHED before the next arrives
+    # b (3) is skipped once active > 3, i.e. after its 4th client; then c (2) after 3; then a (1) after 2
+    assert seq == [1, 1, 1, 1, 2, 2, 2, 0, 0, None]
+    b.active = 3  # one of b's clients left: b is the heaviest with room again
+    assert s.pick(BASE, VIP) is b
+
+
+def test_ovf_ignores_init_entries_and_honours_availability():
+    a, b = servers(1, 3)
+    b.inactive = 1000  # IKE_SA_INITs in flight: not counted, as activeconns in IPVS
+    s = make("ovf", [a, b])
+    assert s.pick(BASE, VIP) is b
+    b.up = False
+    assert s.pick(BASE, VIP) is a
+    b.up, b.weight = True, 0
+    assert s.pick(BASE, VIP) is a
+
+
+class Draws:
+    """A random source that returns the given draws in order (and says when it ran out)."""
+
+    def __init__(self, *values: int) -> None:
+        self.values = list(values)
+        self.stops: list[int] = []
+
+    def randrange(self, stop: int) -> int:
+        self.stops.append(stop)
+        v = self.values.pop(0)
+        assert 0 <= v < stop
+        return v
+
+
+def test_twos_draws_by_weight_and_keeps_the_less_loaded_per_weight():
+    from director.schedulers.twos import TwoChoicesScheduler
+
+    a, b, c = servers(1, 2, 3)  # cumulative weights: a [0,1), b [1,3), c [3,6)
+    a.active, b.active, c.active = 1, 1, 3  # overhead/weight: 256, 128, 256
+    draws = Draws(0, 5, 2, 1, 4, 0, 3, 3, 1, 4)
+    s = TwoChoicesScheduler(draws)
+    s.update([a, b, c])
+    got = [s.pick(BASE, VIP).id for _ in range(5)]
+    # (a, c): tie 256*3 = 768 vs 768: the first draw stays -> a
+    # (b, b): b; (c, a): tie -> c; (c, c): c; (b, c): 128 < 256 -> b
+    assert got == [0, 1, 2, 2, 1]
+    assert draws.stops == [6] * 10  # uniform over [0, total weight)
+    c.active = 2  # c: 512/3 = 170.7 < a's 256
+    s.rng = Draws(0, 3)
+    assert s.pick(BASE, VIP) is c
+
+
+def test_twos_draws_only_available_servers():
+    from director.schedulers.twos import TwoChoicesScheduler
+
+    a, b, c, d = servers(4, 1, 0, 2)
+    a.up = False
+    d.overloaded = True
+    draws = Draws(0, 0)
+    s = TwoChoicesScheduler(draws)
+    s.update([a, b, c, d])
+    assert s.pick(BASE, VIP) is b
+    assert draws.stops == [1, 1]  # only b's weight is in the draw
+
+
+def test_twos_default_source_is_private():
+    state = random.getstate()
+    s = make("twos", servers(1, 1, 1))
+    picks = [s.pick(BASE, VIP) for _ in range(100)]
+    assert random.getstate() == state  # the random module's shared state is untouched
+    assert len({p.id for p in picks}) == 3
