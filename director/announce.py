@@ -23,6 +23,7 @@ class Withdrawn(IntEnum):
     DIRECTOR_DRAINED = 3  # the operator drained the whole director
     SERVICE_DRAINED = 4  # the operator drained this VIP
     NO_HEALTHY_SERVER = 5  # every real server of every service on this VIP is down
+    TABLE_SYNCING = 6  # shared state: the peers' snapshot is not in yet (a joining director)
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +45,7 @@ class DirectorState:
     dataplane_up: bool
     drained: bool = False
     shutting_down: bool = False
+    table_synced: bool = True  # shared state: False until a peer's snapshot is applied (bounded wait)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +70,10 @@ def decide(director: DirectorState, services: list[ServiceState]) -> Announcemen
             withdrawn[vip] = Withdrawn.SHUTDOWN
         elif not director.dataplane_up:
             withdrawn[vip] = Withdrawn.DATAPLANE_DOWN
+        elif not director.table_synced:
+            # a joining director announced before its peers' snapshot arrived would take clients
+            # whose conversations it does not know yet
+            withdrawn[vip] = Withdrawn.TABLE_SYNCING
         elif director.drained:
             withdrawn[vip] = Withdrawn.DIRECTOR_DRAINED
         elif any(s.drained for s in group):

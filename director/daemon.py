@@ -239,7 +239,8 @@ class Daemon:
         drained = {s.vip for s in self.desired.services if s.drain}
         services = [ServiceState(int_to_ip(svc.vip), sum(1 for rs in svc.servers.values() if rs.up and rs.weight > 0),
                                  int_to_ip(svc.vip) in drained) for svc in self.director.services.values()]  # fmt: skip
-        self.injector.update(DirectorState(self._dataplane_up, self._drained, shutting_down), services)
+        synced = self._sync is None or self._sync.table_ready(self.clock())
+        self.injector.update(DirectorState(self._dataplane_up, self._drained, shutting_down, synced), services)
 
     def _apply_kernel(self) -> None:
         """Rules, DR routes and the fast path's service maps equal the running services."""

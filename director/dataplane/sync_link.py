@@ -132,6 +132,9 @@ class SyncState:
         self.writes += 1
 
 
+SO_RCVBUFFORCE = 33  # <asm-generic/socket.h>; not exported by Python's socket module
+
+
 class SyncLink:
     """The UDP link to the other directors.
 
@@ -144,6 +147,8 @@ class SyncLink:
 
     ROLE_CHECK = 0.1
     REQUEST_EVERY = 1.0
+    SYNC_WAIT = 10.0  # role all: how long a joining director keeps its VIPs withdrawn waiting for a snapshot
+    RCVBUF = 16 << 20  # a snapshot arrives as one burst per peer (33 entries a datagram): room for ~100k entries
     SNAPSHOT_EVERY = 1.0  # at most one snapshot per second (each one is a new epoch: a state write)
 
     def __init__(self, director: Director, cfg: SyncConfig, *, ipr: IPRoute, ifindex: int) -> None:
@@ -170,6 +175,10 @@ class SyncLink:
             self.sock.close()
             raise
         self.sock.setblocking(False)
+        try:  # beyond net.core.rmem_max: CAP_NET_ADMIN, which the daemon has
+            self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, self.RCVBUF)
+        except OSError:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.RCVBUF)
         d = director
         merge = cfg.role == "all"
         self.sender = Sender(d, key, own, epoch=self.state.next_epoch(), send_expiry=not merge)
@@ -184,6 +193,8 @@ class SyncLink:
         self._next_snapshot = 0.0
         self._want_snapshot: set[tuple[str, int]] = set()
         self._stale_request: dict[tuple[str, int], float] = {}
+        self._requests = 0  # role all: requests go to one peer at a time, in turn
+        self._started: float | None = None
         log.info("sync.started bind=%s:%d peers=%s role=%s", bind, cfg.port, ",".join(cfg.peers), cfg.role)
 
     def fileno(self) -> int:
@@ -234,7 +245,19 @@ class SyncLink:
                 self._send(self.sender.flush(now))
         if self.role in ("backup", "all") and not self.synced and now >= self._next_request:
             self._next_request = now + self.REQUEST_EVERY
-            self._send([self.sender.request()])
+            to = None
+            if self.role == "all":  # every peer holds the shared table: one whole snapshot at a time,
+                # not N bursts at once (they overflowed the receive buffer and never completed)
+                to = [self.peers[self._requests % len(self.peers)]]
+                self._requests += 1
+            self._send([self.sender.request()], to)
+
+    def table_ready(self, now: float) -> bool:
+        """Whether the table may be announced (role all): a peer's snapshot is in, or SYNC_WAIT has
+        passed since the start (peers that are all down must not keep the VIP withdrawn forever)."""
+        if self._started is None:
+            self._started = now
+        return self.role != "all" or self.synced or now - self._started >= self.SYNC_WAIT
 
     def _snapshot(self, now: float) -> None:
         """Answer the pending requests: one snapshot (a new, persisted epoch) to every peer that asked."""

@@ -42,6 +42,10 @@ def test_draining_one_service_withdraws_its_whole_vip_only():
         # shutdown outranks everything, a dead dataplane outranks a drain
         (DirectorState(dataplane_up=False, drained=True, shutting_down=True), Withdrawn.SHUTDOWN),
         (DirectorState(dataplane_up=False, drained=True), Withdrawn.DATAPLANE_DOWN),
+        # a joining director with shared state waits for its peers' snapshot (after the dataplane)
+        (DirectorState(dataplane_up=True, table_synced=False), Withdrawn.TABLE_SYNCING),
+        (DirectorState(dataplane_up=True, drained=True, table_synced=False), Withdrawn.TABLE_SYNCING),
+        (DirectorState(dataplane_up=False, table_synced=False), Withdrawn.DATAPLANE_DOWN),
     ],
 )
 def test_director_wide_conditions_withdraw_every_vip(director, reason):
