@@ -38,6 +38,21 @@ def lab_prerequisites(mode: str) -> list[str]:
 
 
 @pytest.fixture
+def ecmp_prerequisites() -> None:
+    """Fails the test, naming what is missing, unless an ECMP lab (BIRD included) can be built."""
+    from director.lab.ecmp import bird_exe
+    from director.lab.netns import LabError
+
+    missing = lab_prerequisites("dr")
+    try:
+        bird_exe()
+    except LabError as e:
+        missing.append(str(e))
+    if missing:
+        pytest.fail("ECMP lab prerequisites missing: " + "; ".join(missing), pytrace=False)
+
+
+@pytest.fixture
 def make_lab():
     """Factory: ``make_lab(mode, responders=True, silent=())`` -> a started Lab, torn down after."""
     labs: list[Lab] = []

@@ -19,11 +19,10 @@ import pytest
 
 import director.dataplane.bgp as bgp
 from director.announce import DirectorState, ServiceState, Withdrawn
-from director.lab.ecmp import BFD_INTERVAL_MS, BFD_MULTIPLIER, HOLD_TIME, EcmpLab, bird_exe
-from director.lab.netns import LabError, cleanup, list_labs
+from director.lab.ecmp import BFD_INTERVAL_MS, BFD_MULTIPLIER, HOLD_TIME, EcmpLab
+from director.lab.netns import cleanup, list_labs
 from director.route_injection import RouteInjector
 
-from tests.integration.conftest import lab_prerequisites
 
 # Bounds from docs/scale-out.md (section "Bounds")
 WITHDRAW_BOUND = 1.0  # a drain (BGP withdraw) or a dead process (TCP closes): measured in ms
@@ -41,15 +40,8 @@ def wait(pred, timeout: float, what: str) -> float:
 
 
 @pytest.fixture
-def make_ecmp():
+def make_ecmp(ecmp_prerequisites):
     """Factory: ``make_ecmp(**kw)`` -> an EcmpLab (not yet up), always torn down after the test."""
-    missing = lab_prerequisites("dr")
-    try:
-        bird_exe()
-    except LabError as e:
-        missing.append(str(e))
-    if missing:
-        pytest.fail("ECMP lab prerequisites missing: " + "; ".join(missing), pytrace=False)
     labs: list[EcmpLab] = []
 
     def make(**kw) -> EcmpLab:

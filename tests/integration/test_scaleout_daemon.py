@@ -15,10 +15,9 @@ import pytest
 
 from director.cli import execute, parse, socket_caller
 from director.lab.director_proc import DirectorProcess
-from director.lab.ecmp import EcmpLab, bird_exe
-from director.lab.netns import LabError, cleanup, list_labs
+from director.lab.ecmp import EcmpLab
+from director.lab.netns import cleanup, list_labs
 
-from tests.integration.conftest import lab_prerequisites
 
 WITHDRAW_BOUND = 1.0  # docs/scale-out.md "Bounds": a BGP withdraw reaches the router's FIB
 REJOIN_BOUND = 30.0  # a session (re-)established and the route back
@@ -38,14 +37,7 @@ def listing(d: DirectorProcess) -> dict:
 
 
 @pytest.fixture
-def lab():
-    missing = lab_prerequisites("dr")
-    try:
-        bird_exe()
-    except LabError as e:
-        missing.append(str(e))
-    if missing:
-        pytest.fail("ECMP lab prerequisites missing: " + "; ".join(missing), pytrace=False)
+def lab(ecmp_prerequisites):
     lab = EcmpLab("dr", directors=3)
     daemons: list[DirectorProcess] = []
     lab.daemons = daemons

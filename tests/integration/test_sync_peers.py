@@ -17,10 +17,9 @@ import pytest
 from director.cli import execute, parse, socket_caller
 from director.lab.client import LabClient
 from director.lab.director_proc import DirectorProcess
-from director.lab.ecmp import EcmpLab, bird_exe
-from director.lab.netns import LabError, cleanup, list_labs
+from director.lab.ecmp import EcmpLab
+from director.lab.netns import cleanup, list_labs
 
-from tests.integration.conftest import lab_prerequisites
 
 KEY = "5ec7e75ec7e75ec7e75ec7e75ec7e75e"
 PORT = 8514
@@ -39,14 +38,7 @@ def wait_for(pred, timeout: float, what: str) -> float:
 
 
 @pytest.fixture
-def ecmp():
-    missing = lab_prerequisites("dr")
-    try:
-        bird_exe()
-    except LabError as e:
-        missing.append(str(e))
-    if missing:
-        pytest.fail("ECMP lab prerequisites missing: " + "; ".join(missing), pytrace=False)
+def ecmp(ecmp_prerequisites):
     lab = EcmpLab("dr", directors=3)
     try:
         yield lab.up()
