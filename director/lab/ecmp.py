@@ -151,12 +151,7 @@ class EcmpLab(Lab):
                     peer={"ifname": ifname, "net_ns_fd": self.ns[role], "mtu": 1500})  # fmt: skip
             idx = sw.link_lookup(ifname=port)[0]
             sw.link("set", index=idx, master=bridges[br], state="up")
-        for role, ipr in iprs.items():
-            if role == "sw":
-                continue
-            for link in ipr.get_links():
-                if link.get("ifname") != "lo":
-                    ipr.link("set", index=link["index"], state="up")
+        self._links_up(iprs)
 
     def _ecmp_addresses(self) -> list[tuple[str, str, str, int]]:
         addrs = [(c, "eth0", a, 24) for c, a in self.client_addrs.items()]

@@ -392,6 +392,11 @@ class Lab:
         # c3 sits on a point-to-point leg behind the NAT.
         iprs["nat"].link("add", ifname="eth1", kind="veth", mtu=_MTU,
                          peer={"ifname": "eth0", "net_ns_fd": self.ns["c3"], "mtu": _MTU})  # fmt: skip
+        self._links_up(iprs)
+
+    @staticmethod
+    def _links_up(iprs: dict) -> None:
+        """Every link but lo up, in every namespace but the switch (its ports came up when bridged)."""
         for role, ipr in iprs.items():
             if role == "sw":
                 continue
