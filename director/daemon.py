@@ -42,8 +42,8 @@ log = logging.getLogger(__name__)
 TICK = 1.0
 PROBE_TICK = 0.1  # the loop wakes at least this often while health checks run
 DATAPLANES = ("auto", "ebpf", "nfqueue")
-SLOW_ITERATION = 0.25
-BIRD_TIMEOUT = 1.0  # seconds the loop waits for BIRD's answer (a hung BIRD slows the tick, no more)  # a loop iteration longer than this is logged (rate limited)
+SLOW_ITERATION = 0.25  # a loop iteration longer than this is logged (rate limited)
+BIRD_TIMEOUT = 1.0  # seconds the loop waits for BIRD's answer (a hung BIRD slows the tick, no more)
 
 
 class Daemon:
