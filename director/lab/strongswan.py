@@ -440,8 +440,12 @@ swanctl {{
         """IKE SAs by connection name (a list: a connection may have several), parsed from
         ``swanctl --list-sas --pretty``. Every SA is a dict of vici keys (``state``, ``local-host``,
         ``remote-host``, ``initiator-spi``, ``responder-spi``, ``remote-vips``, ...) with its
-        ``child-sas`` as a dict by CHILD_SA name (``<child>-<unique id>``)."""
-        out = self.swanctl("--list-sas", "--noblock", "--pretty")
+        ``child-sas`` as a dict by CHILD_SA name (``<child>-<unique id>``).
+
+        Never with ``--noblock``: charon's enumerator then SKIPS an IKE SA that a worker has
+        checked out at that moment (a DPD, a rekey, any message being processed), so an SA that
+        exists would be missing from the list now and then (docs/lab.md)."""
+        out = self.swanctl("--list-sas", "--pretty")
         sas: dict[str, list[dict]] = {}
         for event in parse_pretty(out):
             for conn, sa in event.items():

@@ -59,7 +59,7 @@ def run_strongswan_demo(mode: str = "dr", *, dataplane: str | None = None, sched
                       f"and protects {PROTECTED}\n")  # fmt: skip
 
             out.write("\n  c1: swanctl --list-sas\n")
-            out.write(_indent(peers.clients["c1"].swanctl("--list-sas", "--noblock")))
+            out.write(_indent(peers.clients["c1"].swanctl("--list-sas")))
             names = {peers.seen_as(role): role for role, _ in CLIENTS}
             out.write("\n  the director's connection table (control socket):\n")
             _director_table(d, names, out)

@@ -97,11 +97,23 @@ def rs_addresses_of(d, client: str) -> set[str]:
     return {c["rs_address"] for c in d.connections() if c["client"] == client}
 
 
-def assert_pings(peers: Peers, roles, count: int = 3) -> None:
+def assert_pings(peers: Peers, roles, count: int = 3, d=None) -> None:
+    """Every client's ``count`` echoes come back. On a loss the message says what the client and
+    the director held then, and what a second ping 2 s later got (which tells a lasting break
+    from a late route); the assertion still fails."""
     roles = list(roles)
     results = dict(zip(roles, parallel([lambda r=r: peers.ping(r, count=count) for r in roles])))
     bad = {r: v for r, v in results.items() if v[1] != v[0]}
-    assert not bad, f"pings through the tunnel lost (sent, received): {bad}"
+    if bad:
+        time.sleep(2.0)
+        lines = []
+        for r in bad:
+            c = peers.clients[r]
+            lines.append(f"--- {r}: SAs {c.established(c.conn)}; server_of={peers.server_of(r)}; "
+                         f"2 s later: {peers.ping(r, count=count)}\n{c.log()[-3000:]}")  # fmt: skip
+        if d is not None:
+            lines.append(f"--- director table:\n{table(d)}\nstats {d.status()['stats']}")
+        raise AssertionError(f"pings through the tunnel lost (sent, received): {bad}\n" + "\n".join(lines))
 
 
 def assert_on_server(d, peers: Peers, role: str, *, in_table: bool = True) -> int:
@@ -445,7 +457,7 @@ def test_dead_real_server_moves_only_its_clients(ipsec, run_director, mode, how)
     for role in moved:
         rs = assert_on_server(d, peers, role)
         assert rs != victim
-    assert_pings(peers, roles)
+    assert_pings(peers, roles, d=d)
     for role in stayed:  # the others never noticed: same IKE SA, same CHILD_SA, same server
         assert sa_key(peers.clients[role].wait_established("psk")) == before[role], role
         assert assert_on_server(d, peers, role) == home[role]
