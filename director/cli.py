@@ -50,7 +50,7 @@ class Unreachable(Exception):
 class Opt:
     key: str  # the column name in COMMANDS_V_OPTIONS
     flags: tuple[str, ...]
-    kind: str = "flag"  # flag | str | int | num (int or decimal seconds) | kv (KEY=VALUE, repeatable)
+    kind: str = "flag"  # flag | str | int | u32 (decimal or 0x hex) | num (int or decimal seconds) | kv (KEY=VALUE, repeatable)
     metavar: str = ""
     help: str = ""
 
@@ -126,6 +126,9 @@ OPTIONS = (
              "scheduled afresh (IPVS's expire_quiescent_template, per service)"),
     Opt("no-expire-quiescent", ("--no-expire-quiescent",),
         help="such a client keeps following its live state to the quiesced server (the default)"),
+    Opt("spi-label-mask", ("--spi-label-mask",), "str", "0xMASK",
+        "SPI labels: the IKE SPI bits that name the real server, 64-bit hex as on the wire (0x0 = no "
+        "labels); every real server then needs --spi-label"),
     Opt("real-server", ("-r", "--real-server"), "str", "RIP", "the real server's address"),
     Opt("gatewaying", ("-g", "--gatewaying"), help="this real server by direct routing (dr)"),
     Opt("ipip", ("-i", "--ipip"), help="this real server by IP-in-IP tunnel (tun)"),
@@ -133,6 +136,12 @@ OPTIONS = (
     Opt("weight", ("-w", "--weight"), "int", "WEIGHT", "capacity of the real server, 0 = quiesced (default 1)"),
     Opt("u-threshold", ("-x", "--u-threshold"), "int", "UPPER", "upper threshold of connections (0 = none)"),
     Opt("l-threshold", ("-y", "--l-threshold"), "int", "LOWER", "lower threshold of connections"),
+    Opt("spi-label", ("--spi-label",), "str", "0xLABEL",
+        "SPI labels: this real server's label, 64-bit hex positioned under the service's mask "
+        "(strongswan.conf's charon.spi_label)"),
+    Opt("esp-spi-min", ("--esp-spi-min",), "u32", "SPI", "SPI labels: the lowest inbound ESP SPI this real "
+        "server chooses (charon.spi_min)"),
+    Opt("esp-spi-max", ("--esp-spi-max",), "u32", "SPI", "SPI labels: the highest (charon.spi_max)"),
     Opt("connection", ("-c", "--connection"), help="list the connection table"),
     Opt("client", ("--client",), "str", "IP", "-L -c: only this client's entries"),
     Opt("server", ("--server",), "str", "RIP", "-L -c: only entries on this real server"),
@@ -155,10 +164,12 @@ _SERVICE = {
     "affinity": "affinity", "netmask": "affinity",
     "persistent": ANY, "init-timeout": ANY, "ah": "ah", "no-ah": "ah", "retransmit-threshold": ANY,
     "soft-limit": ANY, "soft-grace": ANY, "expire-quiescent": "quiescent", "no-expire-quiescent": "quiescent",
+    "spi-label-mask": ANY,
 }  # fmt: skip
 _SERVER = {
     "gatewaying": "forward", "ipip": "forward", "masquerading": "forward",
     "weight": ANY, "u-threshold": ANY, "l-threshold": ANY,
+    "spi-label": ANY, "esp-spi-min": ANY, "esp-spi-max": ANY,
 }  # fmt: skip
 COMMANDS_V_OPTIONS: dict[str, dict[str, str]] = {
     "-A": {"vip": REQ, **_SERVICE, "drained": ANY},
@@ -338,6 +349,14 @@ def _typed(opt: Opt, v: Any) -> Any:
             return int(v, 10)
         except ValueError:
             raise UsageError(f"{opt.name}: not an integer: {v!r}") from None
+    if opt.kind == "u32":
+        try:
+            n = int(v, 0)
+        except ValueError:
+            raise UsageError(f"{opt.name}: not an integer (decimal or 0x hex): {v!r}") from None
+        if not 0 <= n <= 0xFFFFFFFF:
+            raise UsageError(f"{opt.name}: must be 0..0xffffffff, got {v!r}")
+        return n
     if opt.kind == "num":
         return _number(opt.name, v)
     if opt.kind == "kv":
@@ -423,6 +442,8 @@ def service_settings(a: dict[str, Any]) -> dict[str, Any]:
     soft = {k: a[o] for k, o in (("limit", "soft-limit"), ("grace", "soft-grace")) if o in a}
     if soft:
         out["soft_expiry"] = soft
+    if "spi-label-mask" in a:
+        out["spi_label"] = {"mask": a["spi-label-mask"]}
     return out
 
 
@@ -431,7 +452,8 @@ def server_settings(a: dict[str, Any]) -> dict[str, Any]:
     for key, method in _FORWARD.items():
         if key in a:
             out["method"] = method
-    for key, name in (("weight", "weight"), ("u-threshold", "u_threshold"), ("l-threshold", "l_threshold")):
+    for key, name in (("weight", "weight"), ("u-threshold", "u_threshold"), ("l-threshold", "l_threshold"),
+                      ("spi-label", "spi_label"), ("esp-spi-min", "esp_spi_min"), ("esp-spi-max", "esp_spi_max")):
         if key in a:
             out[name] = a[key]
     return out
@@ -487,8 +509,9 @@ def _scalar_text(v: Any) -> str:
 
 
 _SAVE_SERVICE_KEYS = {"vip", "scheduler", "scheduler_options", "method", "affinity", "ah", "timeouts",
-                      "retransmit_threshold", "soft_expiry", "expire_quiescent", "server", "drain"}
-_SAVE_SERVER_KEYS = {"address", "weight", "method", "u_threshold", "l_threshold"}
+                      "retransmit_threshold", "soft_expiry", "expire_quiescent", "server", "drain", "spi_label"}
+_SAVE_SERVER_KEYS = {"address", "weight", "method", "u_threshold", "l_threshold", "spi_label", "esp_spi_min",
+                     "esp_spi_max"}
 
 
 def save_lines(services: list[dict]) -> Iterator[str]:
@@ -527,6 +550,8 @@ def save_lines(services: list[dict]) -> Iterator[str]:
             parts.append("--drained")
         if s.get("expire_quiescent"):
             parts.append("--expire-quiescent")
+        if (s.get("spi_label") or {}).get("mask"):
+            parts += ["--spi-label-mask", s["spi_label"]["mask"]]
         yield " ".join(shlex.quote(p) for p in parts)
         for r in s.get("server", []):
             parts = ["-a", "-V", vip, "-r", r["address"]]
@@ -537,6 +562,11 @@ def save_lines(services: list[dict]) -> Iterator[str]:
                 parts += ["-x", str(r["u_threshold"])]
             if r.get("l_threshold"):
                 parts += ["-y", str(r["l_threshold"])]
+            if r.get("spi_label") is not None:
+                parts += ["--spi-label", r["spi_label"]]
+            for k in ("esp_spi_min", "esp_spi_max"):
+                if r.get(k) is not None:
+                    parts += ["--" + k.replace("_", "-"), f"{r[k]:#010x}"]
             yield " ".join(shlex.quote(p) for p in parts)
 
 

@@ -36,8 +36,8 @@ MUTATIONS = frozenset({
 })
 _EDITABLE_SERVICE = {"scheduler", "scheduler_options", "method", "affinity", "ah", "timeouts",
                      "retransmit_threshold", "soft_expiry", "health", "drain",
-                     "expire_quiescent"}
-_EDITABLE_SERVER = {"weight", "method", "u_threshold", "l_threshold"}
+                     "expire_quiescent", "spi_label"}
+_EDITABLE_SERVER = {"weight", "method", "u_threshold", "l_threshold", "spi_label", "esp_spi_min", "esp_spi_max"}
 
 
 class RequestError(ValueError):

@@ -219,3 +219,43 @@ def test_unreachable_daemon_exits_3_and_help_exits_0(tmp_path):
     assert p.stderr == f"vpnadm: cannot reach vpn-director at {path}: No such file or directory\n"
     p = subprocess.run([sys.executable, "-m", "director.cli", "--help"], capture_output=True, text=True, cwd=str(REPO))
     assert p.returncode == 0 and "vpnadm -a -V ADDRESS -r RIP" in p.stdout and p.stderr == ""
+
+
+def test_spi_labels_set_by_restore_steer_esp_and_edit_by_vpnadm(director):
+    """Labels go on an existing service with -S, an edit, -R (a mask needs every server's label
+    at once); then ESP from a client the director never saw goes to the server whose range holds
+    its SPI, and -e moves a range. A label outside the mask is refused, naming the field."""
+    lab, d = director
+    rs1, rs2, rs3 = lab.rs_addrs
+    labelled = []
+    for line in ok(d, "-S").splitlines():
+        if line.startswith("-A "):
+            line += " --spi-label-mask 0x00000000ff000000"
+        else:
+            n = lab.rs_addrs.index(line.split()[4]) + 1
+            line += f" --spi-label 0x00000000{0x40 + n:02x}000000 --esp-spi-min {0x40 + n:#x}000000" \
+                    f" --esp-spi-max {0x40 + n:#x}ffffff"
+        labelled.append(line + "\n")
+    ok(d, "-R", stdin="".join(labelled))
+    assert ok(d, "-S") == "".join(labelled)
+
+    c1 = LabClient(lab, "c1")
+    c1.send_esp(0x42000010, 1)  # rs2's range (label 0x42)
+    time.sleep(0.3)
+    (entry,) = connections(d)
+    assert (entry[2], entry[3], entry[5]) == ("ESTABLISHED", f"{c1.addr}:0", rs2)  # raw ESP: no port
+    assert d.status()["stats"]["label_steered"] == 1
+
+    ok(d, "-e", "-V", lab.vip, "-r", rs3, "--esp-spi-min", "0x43000000", "--esp-spi-max", "0x4300ffff")
+    assert f"-a -V {lab.vip} -r {rs3} -w 1 --spi-label 0x0000000043000000 --esp-spi-min 0x43000000" \
+           " --esp-spi-max 0x4300ffff\n" in ok(d, "-S")
+    c2 = LabClient(lab, "c2")
+    c2.send_esp(0x43000010, 1)
+    time.sleep(0.3)
+    assert [e[5] for e in connections(d, "--client", c2.addr)] == [rs3]
+
+    before = ok(d, "-S")
+    p = vpnadm(d, "-e", "-V", lab.vip, "-r", rs1, "--spi-label", "0x0000000141000000")
+    assert (p.returncode, p.stdout) == (1, "") and p.stderr.count("\n") == 1
+    assert "spi_label: 0x141000000 has bits outside the mask" in p.stderr, p.stderr
+    assert ok(d, "-S") == before

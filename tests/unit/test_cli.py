@@ -233,6 +233,12 @@ SAVED = [  # a `save` answer: config.to_dict's service tables
      "scheduler_options": {"fallback": False, "port": True}, "server": []},
     {"vip": "192.0.2.42", "scheduler": "twos", "method": "dr", "affinity": "ip", "ah": True,
      "timeouts": {"init": 30.0, "established": 16200.0}, "retransmit_threshold": 3, "server": []},
+    {"vip": "192.0.2.43", "scheduler": "mh", "method": "dr", "affinity": "ip", "ah": True,
+     "timeouts": {"init": 30.0, "established": 16200.0}, "retransmit_threshold": 3,
+     "spi_label": {"mask": "0x00000000ff000000"},
+     "server": [{"address": RIP1, "weight": 1, "spi_label": "0x0000000041000000", "esp_spi_min": 0x41000000,
+                 "esp_spi_max": 0x41FFFFFF},
+                {"address": RIP2, "weight": 1, "spi_label": "0x0000000042000000"}]},
 ]
 SAVED_TEXT = f"""\
 -A -V {VIP} -s wlc
@@ -247,6 +253,9 @@ SAVED_TEXT = f"""\
 -a -V 192.0.2.40 -r {RIP1} -w 1
 -A -V 192.0.2.41 -s mh -b mh-port --scheduler-option fallback=false
 -A -V 192.0.2.42 -s twos
+-A -V 192.0.2.43 -s mh --spi-label-mask 0x00000000ff000000
+-a -V 192.0.2.43 -r {RIP1} -w 1 --spi-label 0x0000000041000000 --esp-spi-min 0x41000000 --esp-spi-max 0x41ffffff
+-a -V 192.0.2.43 -r {RIP2} -w 1 --spi-label 0x0000000042000000
 """
 
 
@@ -289,6 +298,23 @@ def test_restore_input_errors_name_the_line(text, message):
     with pytest.raises(UsageError) as e:
         cli.parse_restore(text)
     assert str(e.value).startswith(message)
+
+
+def test_spi_label_options_build_the_settings_and_reject_bad_numbers():
+    reqs, _ = run(["-A", "-V", VIP, "-s", "mh", "--spi-label-mask", "0xff00000000000000"])
+    assert reqs[0][1]["service"]["spi_label"] == {"mask": "0xff00000000000000"}
+    reqs, _ = run(["-e", "-V", VIP, "-r", RIP1, "--spi-label", "0x4100000000000000", "--esp-spi-min", "1090519040",
+                   "--esp-spi-max", "0x41ffffff"])
+    assert reqs[0][1]["changes"] == {"spi_label": "0x4100000000000000", "esp_spi_min": 0x41000000,
+                                     "esp_spi_max": 0x41FFFFFF}
+    for value, message in (("0x1_0000_0000", "--esp-spi-min: must be 0..0xffffffff, got '0x1_0000_0000'"),
+                           ("-1", "--esp-spi-min: must be 0..0xffffffff, got '-1'"),
+                           ("41x", "--esp-spi-min: not an integer (decimal or 0x hex): '41x'")):
+        with pytest.raises(UsageError) as e:
+            run(["-a", "-V", VIP, "-r", RIP1, "--esp-spi-min", value])
+        assert str(e.value) == message
+    with pytest.raises(UsageError, match="illegal option combination: -A with --spi-label$"):
+        run(["-A", "-V", VIP, "--spi-label", "0x1"])
 
 
 def test_save_refuses_a_setting_it_cannot_spell():
