@@ -4,17 +4,9 @@ import pytest
 
 from director.config import parse, to_dict
 from director.control import RequestError, mutate
+from tests.configs import TWO_SERVERS
 
-BASE = """
-[[service]]
-vip = "192.0.2.10"
-scheduler = "rr"
-timeouts = { init = 10, established = 100 }
-[[service.server]]
-address = "198.51.100.1"
-[[service.server]]
-address = "198.51.100.2"
-"""
+BASE = TWO_SERVERS
 
 
 @pytest.mark.parametrize("req, error", [

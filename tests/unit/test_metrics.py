@@ -9,17 +9,9 @@ from director.lab import craft
 from director.metrics import Collector, Histogram
 from director.packet import ip_to_int
 from director.views import Views
+from tests.configs import TWO_SERVERS
 
-BASE = """
-[[service]]
-vip = "192.0.2.10"
-scheduler = "rr"
-timeouts = { init = 10, established = 100 }
-[[service.server]]
-address = "198.51.100.1"
-[[service.server]]
-address = "198.51.100.2"
-"""
+BASE = TWO_SERVERS
 VIP = ip_to_int("192.0.2.10")
 CLIENT = ip_to_int("203.0.113.5")
 
