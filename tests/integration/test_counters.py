@@ -6,22 +6,15 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-import time
 
 from director.lab.client import LabClient
 from director.lab.director_proc import DirectorProcess
 from director.lab.netns import REPO
+from director.lab.wait import wait_for
 
 N = 300  # ESP packets of each client, forwarded in the kernel
 ESP_LEN = 20 + 8 + 64  # IPv4 header, SPI and sequence, 64 bytes of payload (LabClient.send_esp)
 NATT_LEN = 20 + 8 + 8 + 64  # the same inside UDP 4500
-
-
-def wait_for(pred, timeout=5.0, what=""):
-    deadline = time.monotonic() + timeout
-    while not pred():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def vpnadm(d, *args: str) -> str:

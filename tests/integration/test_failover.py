@@ -19,6 +19,7 @@ import pytest
 from director.lab.client import LabClient
 from director.lab.director_proc import DirectorProcess
 from director.lab.netns import DIRECTOR2, Lab, cleanup, list_labs, pids_in_netns
+from director.lab.wait import wait_for
 
 KEY = "5ec7e75ec7e75ec7e75ec7e75ec7e75e"
 MAX_GAP = 3.0
@@ -54,16 +55,6 @@ def failover_lab(request):
         finally:
             if list_labs(lab.prefix).get(lab.prefix):
                 cleanup(lab.prefix)
-
-
-def wait_for(pred, timeout=5.0, what=""):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def table(d: DirectorProcess) -> set:

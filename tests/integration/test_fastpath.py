@@ -15,6 +15,7 @@ import pytest
 from director.dataplane.ebpf import object_dir
 from director.lab.client import LabClient
 from director.lab.director_proc import DirectorProcess
+from director.lab.wait import wait_for
 
 MODES = ["dr", "tun", "nat"]
 
@@ -27,13 +28,6 @@ def esp_at(lab, spi: int) -> dict[int, int]:
         if n:
             out[i] = n
     return out
-
-
-def wait_for(pred, timeout=3.0, what=""):
-    deadline = time.monotonic() + timeout
-    while not pred():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def assert_esp_stays_in_the_kernel(lab, d) -> None:

@@ -35,6 +35,7 @@ from director.lab.director_proc import DirectorProcess
 from director.lab.ecmp import EcmpLab, bird_exe
 from director.lab.netns import LabError, cleanup, list_labs
 from director.lab.strongswan import Peers, add_clients, lost_echoes, sa_key, strongswan_prerequisites, PROTECTED
+from director.lab.wait import wait_for
 
 from tests.integration.conftest import lab_prerequisites
 
@@ -42,17 +43,6 @@ from tests.integration.conftest import lab_prerequisites
 KINDS = {"c1": "psk", "c2": "psk1", "c4": "psk", "c5": "psk1", "n1": "psk", "n2": "psk1"}
 ROUTE_BOUND = 30.0  # BGP sessions up and the three-way route installed (docs/scale-out.md, "Bounds")
 MOVE_BOUND = 30.0  # a moved client re-established: DPD (1 s, 3 retransmits) then a new IKE SA
-
-
-def wait_for(pred, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        got = pred()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout}s")
-        time.sleep(0.1)
 
 
 @pytest.fixture

@@ -34,6 +34,7 @@ from director.lab.strongswan import (
     sa_key,
     strongswan_prerequisites,
 )
+from director.lab.wait import wait_for
 
 MODES = ["dr", "tun", "nat"]
 NFQUEUE_COPY = 4016  # NetfilterQueue copies at most this many bytes of a packet (docs/architecture.md)
@@ -68,17 +69,6 @@ def ipsec(make_lab, run_director):
 
 
 # -- helpers --------------------------------------------------------------------------------------
-
-
-def wait_for(pred, timeout: float, what: str, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 def table(d) -> list[dict]:
