@@ -504,6 +504,10 @@ class Table:
     def mark_natt(self, s: int) -> None:
         self.flags[s] |= F_NATT
 
+    def is_natt(self, s: int) -> bool:
+        """The conversation has used UDP 4500 (its port is then the NAT-T one its ESP-in-UDP uses)."""
+        return bool(self.flags[s] & F_NATT)
+
     def move(self, s: int, rs: int) -> None:
         """Reschedule the entry to real server ``rs`` (dead server, passive health signal)."""
         old = self.rs[s]

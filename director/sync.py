@@ -358,7 +358,7 @@ class Receiver:
         self._snap: dict[int, _Snap] = {}
         self.stats = {"received": 0, "applied": 0, "rejected_mac": 0, "rejected_replay": 0,
                       "malformed": 0, "ignored": 0, "refused_full": 0, "snapshots": 0, "requests": 0,
-                      "conflicts_kept": 0, "conflicts_taken": 0}
+                      "conflicts_kept": 0, "conflicts_taken": 0, "natt_port_kept": 0}
         self.peers: dict[object, dict] = {}  # peer -> PEER_COUNTERS and "last" (arrival time)
 
     def _count(self, peer, key: str) -> None:
@@ -455,7 +455,14 @@ class Receiver:
             return True
         else:
             t.move(s, rs.id)  # nothing happens if it is there already
-            t.set_port(s, r.cport)  # likewise
+            if r.natt or not t.is_natt(s):
+                t.set_port(s, r.cport)  # nothing happens if it is there already
+            elif r.cport != t.port_of(s):
+                # A record from before the float to 4500 never undoes it: with ECMP the client's
+                # 500 and 4500 flows may reach different directors, and the 500 one's record
+                # (its port 500 mapping) can arrive after this director saw the client on 4500,
+                # where its ESP-in-UDP is looked up by that port.
+                self.stats["natt_port_kept"] += 1
             if r.natt:
                 t.mark_natt(s)
         if r.state == State.ESTABLISHED and t.state_of(s) != State.ESTABLISHED:

@@ -330,5 +330,6 @@ class SyncLink:
                 "rejected_replay": r["rejected_replay"], "ignored": r["ignored"], "malformed": r["malformed"],
                 "snapshots_applied": r["snapshots"], "requests": r["requests"],
                 "conflicts_kept": r["conflicts_kept"], "conflicts_taken": r["conflicts_taken"],
+                "natt_port_kept": r["natt_port_kept"],
                 "dropped_kernel": socket_drops(self.sock), "state_writes": self.state.writes,
                 "peers": self.peer_status(time.monotonic()), **self.stats}

@@ -460,6 +460,34 @@ def test_all_conflicts_converge_whatever_the_order():
     assert rxs[1].stats["conflicts_kept"] >= 1
 
 
+def test_all_a_late_record_from_the_port_500_director_does_not_undo_the_nat_t_port():
+    """ECMP hashes a client's UDP 500 and 4500 flows to different directors. Director 1 sees the
+    IKE_SA_INIT and the client's third message on 500 (CREATE, ESTABLISH with port 500);
+    director 2 learns the INIT entry, then sees the client float to 4500 (NAT-T), where its ESP
+    will come. Director 1's ESTABLISH record, flushed later, must not move director 2's entry
+    back to port 500: its ESP-in-UDP (looked up by client and port 4500) would find nothing."""
+    ds, txs, rxs = trio()
+    s0 = ds[0].table.create(1, CLIENTS[0], 500, 0xAA, 0, 0.0)
+    deliver(0, ds, txs, rxs, 0.0)  # CREATE (INIT, 500) everywhere
+    ds[0].table.establish(s0, 0xBB, 0.1)  # message 3 on director 1; its flush comes later
+    s1 = ds[1].table.lookup(4, CLIENTS[0], 0xAA)
+    ds[1].table.establish(s1, 0xBB, 0.2)  # message 5, on 4500, reaches director 2 first
+    ds[1].table.set_port(s1, 4500, 0.2)
+    ds[1].table.mark_natt(s1)
+    deliver(0, ds, txs, rxs, 0.3)  # director 1's ESTABLISH (port 500) arrives late
+    assert ds[1].table.port_of(s1) == 4500 and rxs[1].stats["natt_port_kept"] == 1
+    assert ds[1].table.established_of_natt(4, CLIENTS[0], 4500)[0] == s1
+    deliver(1, ds, txs, rxs, 0.4)  # and director 2's NAT-T port reaches the others
+    for d, svc in zip(ds, (1, 4, 2)):
+        s = d.table.lookup(svc, CLIENTS[0], 0xAA)
+        assert d.table.port_of(s) == 4500 and d.table.established_of_natt(svc, CLIENTS[0], 4500)[0] == s
+    # a NAT rebinding seen on NAT-T (a record that is NAT-T too) still moves the port
+    late = sync.encode(KEY, Message(MsgType.CHANGES, 1, 1000, 99, 0, (
+        Record(RecKind.PORT, State.ESTABLISHED, VIP, CLIENTS[0], 4501, RIPS[0], 0xAA, 0xBB, 100.0, True),)))
+    rxs[1].handle(late, 0.5)
+    assert ds[1].table.port_of(s1) == 4501
+
+
 def test_all_snapshot_adds_and_keeps_local_entries():
     ds, txs, rxs = trio()
     ds[0].table.create(1, CLIENTS[0], 500, 0xAA, 0, 0.0)
