@@ -192,6 +192,10 @@ def _sync_families(st: dict):
     datagram's age and the datagrams rejected by cause."""
     for k in ("sent", "received", "applied", "rejected_mac", "rejected_replay", "ignored"):
         yield CounterMetricFamily(f"director_sync_{k}", f"Table sync: records/datagrams {k}", value=st.get(k, 0))
+    for k, text in (("conflicts_kept", "records that lost a conflict to the local entry (role all)"),
+                    ("conflicts_taken", "records that won a conflict against the local entry (role all)"),
+                    ("natt_port_kept", "records whose pre-NAT-T port did not replace a NAT-T one (role all)")):
+        yield CounterMetricFamily(f"director_sync_{k}", f"Table sync: {text}", value=st.get(k, 0))
     yield CounterMetricFamily("director_sync_dropped_kernel", "Table sync: datagrams the kernel dropped before "
                               "the socket (not from a configured peer, or a full queue)",
                               value=st.get("dropped_kernel", 0))

@@ -544,7 +544,8 @@ def test_per_peer_sync_state_in_prometheus():
         def status(self):
             rows = [{"peer": p, "last_age": round(13.0 - ps["last"], 3),
                      **{k: v for k, v in ps.items() if k != "last"}} for p, ps in rx.peers.items()]
-            return {**rx.stats, "sent": 0, "dropped_kernel": 4, "peers": rows}
+            return {**rx.stats, "sent": 0, "dropped_kernel": 4, "peers": rows, "conflicts_kept": 5,
+                    "conflicts_taken": 6, "natt_port_kept": 7}
 
     views = Views(director(), clock=lambda: 13.0, latency={"client": Histogram(), "reply": Histogram()},
                   stats={"icmp_sent": 0, "icmp_limited": 0, "icmp_suppressed": 0, "internal_errors": 0,
@@ -560,6 +561,8 @@ def test_per_peer_sync_state_in_prometheus():
     assert 'director_sync_peer_rejected_total{cause="mac",peer="198.51.100.2"} 0.0' in text
     assert 'director_sync_peer_accepted_total{peer="198.51.100.2"} 1.0' in text
     assert "director_sync_dropped_kernel_total 4.0" in text
+    assert "director_sync_conflicts_kept_total 5.0" in text and "director_sync_conflicts_taken_total 6.0" in text
+    assert "director_sync_natt_port_kept_total 7.0" in text
 
 
 def test_closed_epoch_is_reported_stale_so_the_link_asks_that_sender():
