@@ -45,6 +45,7 @@ struct fp {
 	__be32 rip;  /* the real server's address */
 	__u32 rs_id;
 	int kind;
+	int labelled; /* the real server came from the SPI's label, not from `clients` (fp_label) */
 };
 
 static __always_inline int fp_pass(struct dp_stats *st, int kind)
@@ -125,6 +126,60 @@ static __always_inline int fp_admit(__be32 src)
 	return 0;
 }
 
+/* -- SPI labels (docs/fastpath.md, "SPI labels") ------------------------------------------------
+ * A `clients` miss of ESP or ESP-in-UDP to a service with labels: the real server whose inbound
+ * ESP range holds the SPI gets the packet, forwarded as a hit would be, and the client key is
+ * recorded once in label_seen for the daemon, which creates the ESTABLISHED entry (then the
+ * `clients` map has it). Returns 1 with f->rs_id set, else 0 (not labelled: a miss as before). */
+static __always_inline struct label_stats *fp_label_stats(void)
+{
+	__u32 zero = 0;
+
+	return bpf_map_lookup_elem(&label_stats, &zero);
+}
+
+static __always_inline void fp_label_forwarded(void)
+{
+	struct label_stats *ls = fp_label_stats();
+
+	if (ls)
+		ls->forwarded++;
+}
+
+static __always_inline int fp_label(void *ip, void *data_end, const struct vip_val *vv,
+				    const struct client_key *key, struct fp *f)
+{
+	struct label_seen_val rec = {};
+	struct spi_label_cfg *c;
+	struct label_stats *ls;
+	__u32 svc = vv->svc, spi;
+	__u16 rs;
+
+	if (f->kind != KIND_ESP && f->kind != KIND_ESP_IN_UDP)
+		return 0;
+	c = bpf_map_lookup_elem(&spi_labels, &svc);
+	if (!c)
+		return 0; /* a service without labels: one lookup, nothing more */
+	ls = fp_label_stats();
+	spi = esp_spi(ip, data_end, &f->p, f->kind);
+	rs = spi ? spi_label_esp(c, spi) : SPI_LABEL_NONE;
+	if (rs == SPI_LABEL_NONE) {
+		if (ls)
+			ls->unknown++;
+		return 0;
+	}
+	f->rs_id = rs;
+	f->labelled = 1;
+	if (!bpf_map_lookup_elem(&label_seen, key)) {
+		rec.spi = spi;
+		rec.rs = rs;
+		rec.first = bpf_ktime_get_ns();
+		if (!bpf_map_update_elem(&label_seen, key, &rec, BPF_NOEXIST) && ls)
+			ls->recorded++;
+	}
+	return 1;
+}
+
 /* The packet was rewritten and handed to the redirect. */
 static __always_inline void fp_forwarded(const struct fp *f)
 {
@@ -133,6 +188,8 @@ static __always_inline void fp_forwarded(const struct fp *f)
 	f->st->fwd_packets[k]++;
 	f->st->fwd_bytes[k] += f->p.tot_len;
 	count_rs(f->rs_id, f->kind, f->p.tot_len);
+	if (f->labelled)
+		fp_label_forwarded();
 }
 
 /* DR and NAT: the packet is routed toward the real server as ip_forward would, TTL decremented;
@@ -218,6 +275,7 @@ static __always_inline int fp_decide(void *ctx, void *data, void *data_end, __u3
 	if (!st)
 		return FP_PASS;
 	f->st = st;
+	f->labelled = 0;
 	if ((void *)(eth + 1) > data_end || eth->h_proto != bpf_htons(ETH_P_IP)) {
 		st->not_ours++;
 		return FP_PASS;
@@ -279,15 +337,16 @@ static __always_inline int fp_decide(void *ctx, void *data, void *data_end, __u3
 	if (kind != KIND_NOT_OURS) /* an ICMP error's key names the client it quotes */
 		key.client = f->p.src;
 	cv = bpf_map_lookup_elem(&clients, &key);
-	if (!cv) {
+	if (cv) {
+		/* A plain store: one aligned 64-bit write, atomic on 64-bit CPUs; the daemon only reads
+		 * it. An ICMP error is no sign of the client's life: it refreshes nothing. */
+		if (kind != KIND_NOT_OURS)
+			cv->last_seen = bpf_ktime_get_ns();
+		f->rs_id = cv->rs;
+	} else if (!fp_label(ip, data_end, vv, &key, f)) { /* SPI labels: the SPI may name the server */
 		st->miss++;
 		return fp_pass(st, kind);
 	}
-	/* A plain store: one aligned 64-bit write, atomic on 64-bit CPUs; the daemon only reads it.
-	 * An ICMP error is no sign of the client's life: it refreshes nothing. */
-	if (kind != KIND_NOT_OURS)
-		cv->last_seen = bpf_ktime_get_ns();
-	f->rs_id = cv->rs;
 	sv = bpf_map_lookup_elem(&servers, &f->rs_id);
 	cfg = bpf_map_lookup_elem(&config, &zero);
 	if (!sv || !cfg) {
