@@ -46,6 +46,7 @@ struct fp {
 	__u32 rs_id;
 	int kind;
 	int labelled; /* the real server came from the SPI's label, not from `clients` (fp_label) */
+	__u32 spi;    /* labelled: the ESP SPI, host order */
 };
 
 static __always_inline int fp_pass(struct dp_stats *st, int kind)
@@ -128,9 +129,11 @@ static __always_inline int fp_admit(__be32 src)
 
 /* -- SPI labels (docs/fastpath.md, "SPI labels") ------------------------------------------------
  * A `clients` miss of ESP or ESP-in-UDP to a service with labels: the real server whose inbound
- * ESP range holds the SPI gets the packet, forwarded as a hit would be, and the client key is
- * recorded once in label_seen for the daemon, which creates the ESTABLISHED entry (then the
- * `clients` map has it). Returns 1 with f->rs_id set, else 0 (not labelled: a miss as before). */
+ * ESP range holds the SPI gets the packet, forwarded as a hit would be (fp_label: returns 1 with
+ * f->rs_id set, else 0: not labelled, a miss as before). Once forwarded, the client key is
+ * recorded once in label_seen (fp_label_forwarded) for the daemon, which creates the ESTABLISHED
+ * entry; then the `clients` map has it. A labelled packet passed instead (TTL, route, MTU) is
+ * not recorded: the slow path sees it and decides (director.core: _label_esp). */
 static __always_inline struct label_stats *fp_label_stats(void)
 {
 	__u32 zero = 0;
@@ -138,18 +141,25 @@ static __always_inline struct label_stats *fp_label_stats(void)
 	return bpf_map_lookup_elem(&label_stats, &zero);
 }
 
-static __always_inline void fp_label_forwarded(void)
+static __always_inline void fp_label_forwarded(const struct fp *f)
 {
 	struct label_stats *ls = fp_label_stats();
+	struct client_key key = {.vip = f->p.dst, .client = f->p.src};
+	struct label_seen_val rec = {.spi = f->spi, .rs = f->rs_id};
 
+	if (f->kind == KIND_ESP_IN_UDP)
+		key.port = f->p.sport;
 	if (ls)
 		ls->forwarded++;
+	if (bpf_map_lookup_elem(&label_seen, &key))
+		return; /* recorded already, not drained yet */
+	rec.first = bpf_ktime_get_ns();
+	if (!bpf_map_update_elem(&label_seen, &key, &rec, BPF_NOEXIST) && ls)
+		ls->recorded++;
 }
 
-static __always_inline int fp_label(void *ip, void *data_end, const struct vip_val *vv,
-				    const struct client_key *key, struct fp *f)
+static __always_inline int fp_label(void *ip, void *data_end, const struct vip_val *vv, struct fp *f)
 {
-	struct label_seen_val rec = {};
 	struct spi_label_cfg *c;
 	struct label_stats *ls;
 	__u32 svc = vv->svc, spi;
@@ -160,23 +170,17 @@ static __always_inline int fp_label(void *ip, void *data_end, const struct vip_v
 	c = bpf_map_lookup_elem(&spi_labels, &svc);
 	if (!c)
 		return 0; /* a service without labels: one lookup, nothing more */
-	ls = fp_label_stats();
 	spi = esp_spi(ip, data_end, &f->p, f->kind);
 	rs = spi ? spi_label_esp(c, spi) : SPI_LABEL_NONE;
 	if (rs == SPI_LABEL_NONE) {
+		ls = fp_label_stats();
 		if (ls)
 			ls->unknown++;
 		return 0;
 	}
 	f->rs_id = rs;
+	f->spi = spi;
 	f->labelled = 1;
-	if (!bpf_map_lookup_elem(&label_seen, key)) {
-		rec.spi = spi;
-		rec.rs = rs;
-		rec.first = bpf_ktime_get_ns();
-		if (!bpf_map_update_elem(&label_seen, key, &rec, BPF_NOEXIST) && ls)
-			ls->recorded++;
-	}
 	return 1;
 }
 
@@ -189,7 +193,7 @@ static __always_inline void fp_forwarded(const struct fp *f)
 	f->st->fwd_bytes[k] += f->p.tot_len;
 	count_rs(f->rs_id, f->kind, f->p.tot_len);
 	if (f->labelled)
-		fp_label_forwarded();
+		fp_label_forwarded(f);
 }
 
 /* DR and NAT: the packet is routed toward the real server as ip_forward would, TTL decremented;
@@ -343,7 +347,7 @@ static __always_inline int fp_decide(void *ctx, void *data, void *data_end, __u3
 		if (kind != KIND_NOT_OURS)
 			cv->last_seen = bpf_ktime_get_ns();
 		f->rs_id = cv->rs;
-	} else if (!fp_label(ip, data_end, vv, &key, f)) { /* SPI labels: the SPI may name the server */
+	} else if (!fp_label(ip, data_end, vv, f)) { /* SPI labels: the SPI may name the server */
 		st->miss++;
 		return fp_pass(st, kind);
 	}
