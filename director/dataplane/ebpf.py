@@ -401,9 +401,13 @@ class FastPath:
             else:
                 st["label_created"] += 1
         st["label_drained"] += len(keys)
-        ls = self.label_stats()
-        st["label_forwarded"], st["label_unknown"], st["label_recorded"] = ls["forwarded"], ls["unknown"], ls["recorded"]
+        self._refresh_label_stats()
         return len(keys)
+
+    def _refresh_label_stats(self) -> None:
+        ls = self.label_stats()
+        for k in ("forwarded", "unknown", "recorded"):
+            self.stats[f"label_{k}"] = ls[k]
 
     def label_stats(self) -> dict[str, int]:
         """The kernel's label_stats, summed over CPUs."""
@@ -412,7 +416,11 @@ class FastPath:
 
     # -- reading ------------------------------------------------------------------------------------
     def dp_stats(self) -> dict:
+        """The kernel's ``stats``, summed over CPUs; refreshes the kernel's label counters in
+        ``self.stats`` too (label_forwarded, label_unknown, label_recorded), so a reader of both
+        sees them as current as the rest."""
         v = libbpf.map_lookup(self.fd["stats"], bs.u32(0), bs.percpu_size(bs.DP_STATS, self.ncpus))
+        self._refresh_label_stats()
         return bs.unpack_dp_stats(v, self.ncpus) if v else {}
 
     def rs_stats(self) -> dict[int, dict]:
