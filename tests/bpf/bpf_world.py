@@ -233,6 +233,12 @@ class World:
         with self._inside():
             return self.L.prog_test_run(self.prog_fd[prog], frame)
 
+    def run_repeat(self, prog: str, frame: bytes, repeat: int):
+        """``repeat`` runs of ``prog`` on ``frame`` in one call (BPF_PROG_TEST_RUN reruns on the same
+        packet, rewrites included); ``duration`` is the mean ns per run. For bench/bench_spi_label.py."""
+        with self._inside():
+            return self.L.prog_test_run(self.prog_fd[prog], frame, repeat=repeat)
+
     # -- maps ---------------------------------------------------------------------------------------
     def clear(self) -> None:
         """Empty every hash map, zero the stats, the config and the admission limits."""
