@@ -4,7 +4,8 @@ The director has never seen the clients (no IKE exchange through it: as after a 
 when ECMP brings another director's clients here). Their ESP carries SPIs from the real servers'
 labelled ranges: the kernel forwards every packet to the server its SPI names, the queue never
 sees one, and the daemon, draining the kernel's records each tick, makes the ESTABLISHED entries;
-then the ``clients`` map has the keys and later ESP is an ordinary hit. Run at both hooks, one
+then the ``clients`` map has the keys and later ESP is an ordinary hit. The status and the
+Prometheus scrape count all of it. Run at both hooks, one
 forwarding method each (tc with DR, XDP with NAT: the methods' rewrites are covered at both
 hooks by tests/bpf; here what matters is the daemon's side), to keep the suite lean.
 """
@@ -16,6 +17,9 @@ import pytest
 from director.lab.client import LabClient
 from director.lab.director_proc import DirectorProcess
 from tests.integration.test_fastpath import XDP, esp_at, wait_for, xdp_lab
+from tests.integration.test_monitoring import scrape
+
+METRICS = "127.0.0.1:9816"  # inside the lab's director namespace
 
 LABELS = (0x41, 0x42, 0x43)  # real server i: label byte LABELS[i], ESP SPIs LABELS[i] << 24 .. | 0xFFFFFF
 MASK = 0x00000000FF000000
@@ -35,7 +39,7 @@ def test_labelled_esp_of_unseen_clients_is_forwarded_in_the_kernel(make_lab, hoo
     lab = make_lab(mode)
     if hook == "xdp":
         xdp_lab(lab)
-    d = DirectorProcess(lab, dataplane="ebpf", daemon_extra=XDP if hook == "xdp" else "")
+    d = DirectorProcess(lab, dataplane="ebpf", metrics=METRICS, daemon_extra=XDP if hook == "xdp" else "")
     d.config_path.write_text(labelled(d.config_path.read_text(), lab))
     d.start()
     try:
@@ -83,5 +87,9 @@ def test_labelled_esp_of_unseen_clients_is_forwarded_in_the_kernel(make_lab, hoo
         wait_for(lambda: d.status()["stats"]["packets"] == st0["stats"]["packets"] + 1, what="the queue's packet")
         fp = d.status()["fastpath"]
         assert fp["miss"] == 1 and fp["label_unknown"] == 1 and fp["label_forwarded"] == 40
+        text = scrape(lab, METRICS)
+        assert 'director_fastpath_label_packets_total{result="forwarded"} 40.0' in text
+        assert 'director_fastpath_label_packets_total{result="unknown"} 1.0' in text
+        assert 'director_fastpath_label_records_total{outcome="created"} 2.0' in text
     finally:
         assert d.stop() == 0, d.log()
