@@ -2,7 +2,8 @@
  * to do with one frame, up to but not including the rewrite, which each hook does its own way.
  *
  * fp_decide() classifies the frame exactly as director.packet.classify does, looks the client up,
- * refreshes last_seen, and for a hit checks what the forwarding needs (TTL, route and neighbour,
+ * refreshes last_seen (on a miss of a labelled service, the ESP SPI's label may name the real
+ * server instead: fp_label), and for a hit checks what the forwarding needs (TTL, route and neighbour,
  * TUN envelope size) before anything changes. It counts every pass and drop itself; a forwarding
  * verdict is counted by fp_forwarded() once the hook has rewritten and redirected the packet, or
  * by fp_internal_drop() if a rewrite failed halfway. So both hooks keep the stats invariant of
