@@ -1,16 +1,28 @@
-"""Micro-benchmark of SPI label decoding: what naming a real server from an SPI costs, alone.
+"""Micro-benchmark of SPI label decoding: what naming a real server from an SPI costs.
 
-Not a test: it prints numbers. The fast path does not call the decoders yet, so this measures the
-decode in isolation, against baselines in the same run:
+Not a test: it prints numbers, and ratios against baselines measured in the same run.
 
   a  Python (director/spi_label.py): ``decode_ike`` and ``decode_esp`` per call, against a plain
      dict lookup of the SPI (what a table hit costs at least).
-  b  C (ebpf/include/spi_label.h) in the kernel, through BPF_PROG_TEST_RUN of
+  b  C (ebpf/include/spi_label.h) alone in the kernel, through BPF_PROG_TEST_RUN of
      ebpf/build/test_spi_label.o with ``repeat``: ns per run with labels off (the probe's fixed
      cost: frame, map lookup, early return), with 3 labelled servers, and with 16 (every slot
      scanned: the worst case). The difference to "labels off" is the decode's cost.
+  c  The fast path itself (director_tc.o and director_xdp.o, the BPF tests' namespace and maps,
+     tests/bpf/bpf_world.py): ns per packet of raw ESP, DR, forwarded in the kernel, for
+       - a ``clients`` hit (the baseline: what every established client's ESP costs),
+       - a labelled miss: no entry, the SPI's label names the server (3 servers, first slot),
+       - the same with 16 labelled servers, the SPI the last slot's (the worst decode),
+     and passed to the stack (the queue) for
+       - a miss of a service without labels (one ``spi_labels`` lookup more than before labels),
+       - a miss of a labelled service whose SPI is in no server's range.
+     BPF_PROG_TEST_RUN reruns a program on the same packet, rewrites included: each call runs
+     ``--burst`` times (250) on a frame with TTL 255, so every run forwards (the DR rewrite
+     decrements the TTL); ``--calls`` calls, best and median of the per-run means. Ratios are
+     against the hit of the same hook.
 
-    .venv/bin/python bench/bench_spi_label.py [--repeat N]   (root, `make -C ebpf` first)
+    .venv/bin/python bench/bench_spi_label.py [--repeat N] [--calls N] [--only python,c,fastpath]
+    (root, `make -C ebpf` first)
 """
 
 from __future__ import annotations
@@ -24,10 +36,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout, installed or not
+sys.path.insert(0, str(REPO / "tests" / "bpf"))  # section c: the BPF tests' namespace and maps
 
 from director.dataplane import libbpf as L  # noqa: E402
 from director.dataplane.bpf_spi_label import spi_label_cfg  # noqa: E402
-from director.packet import FLAG_INITIATOR  # noqa: E402
+from director.packet import FLAG_INITIATOR, Kind  # noqa: E402
 from director.spi_label import ServerLabel, SpiLabels  # noqa: E402
 
 OBJ = REPO / "ebpf" / "build" / "test_spi_label.o"
@@ -82,14 +95,87 @@ def c_section(repeat: int) -> None:
         obj.close()
 
 
+def fastpath_section(calls: int, burst: int) -> None:
+    import os
+    import statistics
+    import uuid
+
+    from bpf_world import BPFFS, Netns, World, prerequisites
+    from director.dataplane import bpf_structs as S
+    from director.lab import craft
+    from fastpath_cases import C_DR, RS, VIP_LABEL, VIP_NOAH, eth, patch, setup_maps
+
+    missing = prerequisites()
+    if missing:
+        sys.exit("section c needs: " + "; ".join(missing))
+    new_client = 0xCB00714D  # 203.0.113.77: no `clients` entry
+    last_rs = 200  # the 16-server config's last slot (slots are sorted by real server id)
+
+    def frame(client: int, vip: int, spi: int) -> bytes:
+        return eth(patch(craft.esp(client, vip, spi, size=64), 8, b"\xff"))  # TTL 255
+
+    cases = [  # (name, frame, 16 servers?, expected verdict: forwarded or passed)
+        ("clients hit (baseline)", frame(C_DR, VIP_LABEL, 0x42000001), False, True),
+        ("labelled miss, 3 servers", frame(new_client, VIP_LABEL, 0x41000001), False, True),
+        ("labelled miss, 16 servers, last", frame(new_client, VIP_LABEL, 0x4F000001), True, True),
+        ("miss, service without labels", frame(new_client, VIP_NOAH, 0x41000001), False, False),
+        ("miss, labelled, SPI in no range", frame(new_client, VIP_LABEL, 0x7F000001), False, False),
+    ]
+    sixteen = SpiLabels.build(0xFF000000, {
+        **{100 + i: ServerLabel(i << 24, (0x40 | i) << 24, ((0x40 | i) << 24) | 0xFFFFFF) for i in range(15)},
+        last_rs: ServerLabel(15 << 24, 0x4F000000, 0x4FFFFFFF),
+    })  # fmt: skip
+    pin_dir = BPFFS / f"vpnd-bench-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    pin_dir.mkdir()
+    netns = world = None
+    try:
+        netns = Netns()
+        world = World(netns, pin_dir)
+        print(f"c  the fast path (BPF_PROG_TEST_RUN, {calls} calls x {burst} runs), ns per packet: best, median")
+        for hook in ("tc", "xdp"):
+            base = None
+            for name, f, big, forwards in cases:
+                setup_maps(world)
+                if big:
+                    world.put("spi_labels", S.u32(3), spi_label_cfg(sixteen))
+                    world.put("servers", S.u32(last_rs), S.server_val(RS[1][1], S.METHOD_DR))
+                runs = [world.run_repeat(hook, f, burst) for _ in range(calls)]
+                ret = {r.retval for r in runs}
+                fwd = world.stats()[f"fwd_packets[{int(Kind.ESP)}]"]
+                if forwards != (fwd == calls * burst):
+                    sys.exit(f"{hook} {name}: forwarded {fwd} of {calls * burst} (verdicts {ret}); the case is wrong")
+                d = [r.duration for r in runs]
+                best, med = min(d), statistics.median(d)
+                base = base or (best, med)
+                print(f"   {hook:<3} {name:<34} {best:6d} {med:8.0f}   x{best / base[0]:.2f} x{med / base[1]:.2f}")
+    finally:
+        if world is not None:
+            world.close()
+        if netns is not None:
+            netns.close()
+        for pin in pin_dir.iterdir():
+            pin.unlink()
+        pin_dir.rmdir()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeat", type=int, default=1_000_000)
+    ap.add_argument("--repeat", type=int, default=1_000_000, help="section b: runs per measurement")
+    ap.add_argument("--calls", type=int, default=2000, help="section c: calls per case")
+    ap.add_argument("--burst", type=int, default=250, help="section c: runs per call (< 255: TTL)")
+    ap.add_argument("--only", default="python,c,fastpath", help="sections, comma-separated")
     args = ap.parse_args()
-    python_section()
-    if not OBJ.is_file():
-        sys.exit(f"{OBJ} missing: run `make -C ebpf`")
-    c_section(args.repeat)
+    only = set(args.only.split(","))
+    if not 1 <= args.burst <= 253:
+        sys.exit("--burst: 1..253 (every run must find TTL > 1 to forward)")
+    if "python" in only:
+        python_section()
+    if "c" in only:
+        if not OBJ.is_file():
+            sys.exit(f"{OBJ} missing: run `make -C ebpf`")
+        c_section(args.repeat)
+    if "fastpath" in only:
+        fastpath_section(args.calls, args.burst)
 
 
 if __name__ == "__main__":

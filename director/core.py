@@ -640,30 +640,67 @@ class Director:
         SPI gets it, and an ESTABLISHED entry is made so what follows behaves as if the director
         had seen the IKE exchange (counters, persistence, the fast path's map)."""
         kind = c.kind
-        rs = self._labelled(svc, self._labels[svc.id].decode_esp(c.spi))
+        rs = self._label_entry(svc, kind == _K_ESP_IN_UDP, c.src, c.sport, c.spi, now)
+        if isinstance(rs, DropReason):
+            return self._drop(kind, rs, svc, icmp=rs == DropReason.NO_ENTRY)
+        return self._forward(svc, kind, rs)
+
+    def _label_entry(self, svc: Service, natt: bool, src: int, sport: int, spi: int,
+                     now: float) -> RealServer | DropReason:  # fmt: skip
+        """The ESTABLISHED entry of a labelled ESP SPI's conversation (made or moved): its real
+        server, or why not (NO_ENTRY: the SPI names no server of the service; admission; table full)."""
+        rs = self._labelled(svc, self._labels[svc.id].decode_esp(spi))
         if rs is None:
-            return self._drop(kind, DropReason.NO_ENTRY, svc, icmp=True)
-        refused = self._refuse_new(c.src, now)
+            return DropReason.NO_ENTRY
+        refused = self._refuse_new(src, now)
         if refused:
-            return self._drop(kind, refused, svc)
+            return refused
         t = self.table
-        s = t.lookup(svc.id, c.src, 0)  # keyed by cookie 0: the director never saw the IKE SPIs
+        s = t.lookup(svc.id, src, 0)  # keyed by cookie 0: the director never saw the IKE SPIs
         if s >= 0:  # an earlier label-steered entry of this client (another NAT-T port, or a server change)
             if t.rs_of(s) != rs.id:
                 t.move(s, rs.id)
-            self._follow_port(t, s, c, now)
-            if kind == _K_ESP_IN_UDP:
+            if sport != t.port_of(s):
+                t.set_port(s, sport, now)
+            if natt:
                 t.mark_natt(s)
             t.establish(s, 0, now)
-            return self._forward(svc, kind, rs)
+            return rs
         try:
-            s = t.create(svc.id, c.src, c.sport, 0, rs.id, now, natt=kind == _K_ESP_IN_UDP)
+            s = t.create(svc.id, src, sport, 0, rs.id, now, natt=natt)
         except TableFull:
-            return self._drop(kind, DropReason.TABLE_FULL, svc)
+            return DropReason.TABLE_FULL
         t.establish(s, 0, now)
         self.stats["label_steered"] += 1
         self.rs_counters[rs.id][RS_CONNS] += 1
-        return self._forward(svc, kind, rs)
+        return rs
+
+    # -- SPI labels in the eBPF fast path (director/dataplane/ebpf.py) ---------------------------
+    def spi_labels(self, svc_id: int) -> SpiLabels | None:
+        """The service's SPI label decoder (None: the service has no labels)."""
+        return self._labels.get(svc_id)
+
+    def label_forwarded(self, vip: int, client: int, port: int, spi: int, now: float) -> int | DropReason | None:
+        """The fast path forwarded labelled ESP (``port`` 0) or ESP-in-UDP (from ``port``) of a
+        client it had no entry for: make the ESTABLISHED entry, as the slow path does for such a
+        packet (``_label_esp``: the same decode, admission limits and counters; the packet itself
+        was counted by the kernel). Returns the real server id of the entry made or moved, None
+        if the client already has an ESTABLISHED entry (or the service is gone, or has no labels
+        now), or the DropReason that refused it."""
+        svc = self._by_vip.get(vip)
+        if svc is None or svc.id not in self._labels:
+            return None
+        t = self.table
+        if port:
+            s, saw_init = t.established_of_natt(svc.id, client, port)
+            if saw_init:  # an IKE exchange in progress: its entry decides, not the label
+                return None
+        else:
+            s, _ = t.established_of_client(svc.id, client)
+        if s >= 0:
+            return None
+        rs = self._label_entry(svc, bool(port), client, port, spi, now)
+        return rs if isinstance(rs, DropReason) else rs.id
 
     def _refuse_new(self, source: int, now: float) -> DropReason | None:
         """Per-source limit first (a spoofer's excess costs nobody else), then the global one;

@@ -373,6 +373,8 @@ class Daemon:
                     # remove entries there; its own clock would expire entries the active keeps
                     if self._sync is None or self._sync.role != "backup":
                         self.director.expire(t0)
+                    if self.fastpath is not None:  # SPI labels: entries for clients the kernel steered
+                        self.fastpath.drain_labels(t0)
                     self.views.tick(t0)
                     ctl.expire(t0)
                     if self.injector is not None:  # retries a refused change; session states for views

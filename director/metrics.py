@@ -152,6 +152,20 @@ class Collector:
         yield CounterMetricFamily("director_icmp_errors_relayed",
                                   "ICMP errors about a conversation relayed to its real server (unmatched: drops)",
                                   value=d.stats["icmp_relayed"] + in_kernel)
+        if vw.fastpath is not None:  # SPI labels in the fast path (docs/fastpath.md, "SPI labels")
+            fs = vw.fastpath.stats  # its kernel counters refreshed by the dp_stats() read just above
+            lp = CounterMetricFamily("director_fastpath_label_packets",
+                                     "ESP with no clients entry of a labelled service, by the kernel's label decode",
+                                     labels=["result"])  # fmt: skip
+            for r in ("forwarded", "unknown"):
+                lp.add_metric([r], fs.get(f"label_{r}", 0))
+            lr = CounterMetricFamily("director_fastpath_label_records",
+                                     "Clients the kernel forwarded by label: records, and the entries made of them",
+                                     labels=["outcome"])  # fmt: skip
+            for o in ("recorded", "drained", "created", "known", "refused"):
+                lr.add_metric([o], fs.get(f"label_{o}", 0))
+            yield lp
+            yield lr
         yield CounterMetricFamily("director_send_errors", "Answers or envelopes the kernel would not send (no route)",
                                   value=st.get("send_errors", 0))
         yield CounterMetricFamily("director_internal_errors", "Packets whose handling raised",

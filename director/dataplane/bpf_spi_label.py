@@ -2,31 +2,21 @@
 ebpf/include/spi_label.h, packed from a validated :class:`director.spi_label.SpiLabels`.
 
 Slot i holds one real server: its id, its positioned IKE label and its ESP inbound range
-(``esp_max`` 0 = none). Host order throughout (the C side converts the packet's SPIs).
+(``esp_max`` 0 = none). Host order throughout (the C side converts the packet's SPIs). The
+daemon writes one value per labelled service into the ``spi_labels`` map, keyed by service id.
 tests/bpf/test_spi_label_bpf.py checks the layout against the compiled BTF and the C decoders
 against the Python ones.
 """
 
 from __future__ import annotations
 
-from director.dataplane.bpf_structs import _layout
+from director.dataplane.bpf_structs import SPI_LABEL_CFG, SPI_LABEL_SLOTS
 from director.spi_label import SpiLabels
 
 __all__ = ["SLOTS", "SPI_LABEL_CFG", "SPI_LABEL_NONE", "spi_label_cfg"]
 
-SLOTS = 16  # SPI_LABEL_SLOTS
+SLOTS = SPI_LABEL_SLOTS
 SPI_LABEL_NONE = 0xFFFF
-
-SPI_LABEL_CFG = _layout(
-    "spi_label_cfg",
-    ("mask", "Q"),
-    ("label", f"{SLOTS}Q"),
-    ("esp_min", f"{SLOTS}I"),
-    ("esp_max", f"{SLOTS}I"),
-    ("rs", f"{SLOTS}H"),
-    ("n", "H"),
-    ("pad", "6x"),
-)
 
 
 def spi_label_cfg(labels: SpiLabels | None) -> bytes:

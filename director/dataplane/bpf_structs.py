@@ -25,6 +25,8 @@ __all__ = [
     "DP_CONFIG",
     "DP_F_FIB_RULES",
     "DP_STATS",
+    "LABEL_SEEN_VAL",
+    "LABEL_STATS",
     "LAYOUTS",
     "MAPS",
     "METHOD_DR",
@@ -32,6 +34,8 @@ __all__ = [
     "METHOD_TUN",
     "RS_STATS",
     "SERVER_VAL",
+    "SPI_LABEL_CFG",
+    "SPI_LABEL_SLOTS",
     "U32",
     "VIP_F_AH",
     "VIP_VAL",
@@ -55,6 +59,8 @@ __all__ = [
     "unpack_client_val",
     "unpack_dp_config",
     "unpack_dp_stats",
+    "unpack_label_seen",
+    "unpack_label_stats",
     "unpack_rs_stats",
     "unpack_server_val",
     "unpack_u32",
@@ -129,10 +135,24 @@ DP_STATS = _layout(
 RS_STATS = _layout("rs_stats", ("packets", "8Q"), ("bytes", "8Q"))
 ADMIT = _layout("admit", ("per_window", "I"), ("per_source", "I"), ("window_ns", "Q"), ("window", "Q"), ("count", "Q"))
 ADMIT_SRC = _layout("admit_src", ("window", "Q"), ("count", "Q"))
+# SPI labels (ebpf/include/spi_label.h; packed by director.dataplane.bpf_spi_label)
+SPI_LABEL_SLOTS = 16
+SPI_LABEL_CFG = _layout(
+    "spi_label_cfg",
+    ("mask", "Q"),
+    ("label", f"{SPI_LABEL_SLOTS}Q"),
+    ("esp_min", f"{SPI_LABEL_SLOTS}I"),
+    ("esp_max", f"{SPI_LABEL_SLOTS}I"),
+    ("rs", f"{SPI_LABEL_SLOTS}H"),
+    ("n", "H"),
+    ("pad", "6x"),
+)
+LABEL_SEEN_VAL = _layout("label_seen_val", ("spi", "I"), ("rs", "H"), ("pad", "H"), ("first", "Q"))
+LABEL_STATS = _layout("label_stats", ("forwarded", "Q"), ("unknown", "Q"), ("recorded", "Q"))
 
 #: Every struct of docs/fastpath.md, by its C name.
 LAYOUTS = {l.name: l for l in (VIP_VAL, CLIENT_KEY, CLIENT_VAL, SERVER_VAL, DP_CONFIG, DP_STATS, RS_STATS,
-                               ADMIT, ADMIT_SRC)}
+                               ADMIT, ADMIT_SRC, SPI_LABEL_CFG, LABEL_SEEN_VAL, LABEL_STATS)}
 
 U32 = struct.Struct("=I")  # __u32 keys (rs_id, array index) in host order
 _ADDR = struct.Struct("!I")  # an address: network order
@@ -157,6 +177,9 @@ MAPS = {
     "rs_stats": MapSpec(4, RS_STATS.size, True),
     "admit": MapSpec(4, ADMIT.size, False),
     "admit_src": MapSpec(4, ADMIT_SRC.size, False),
+    "spi_labels": MapSpec(4, SPI_LABEL_CFG.size, False),  # key: service id
+    "label_seen": MapSpec(CLIENT_KEY.size, LABEL_SEEN_VAL.size, False),
+    "label_stats": MapSpec(4, LABEL_STATS.size, True),
 }
 
 
@@ -318,6 +341,18 @@ def unpack_dp_stats(b: bytes, ncpus: int) -> dict[str, int | list[int]]:
     Arrays stay lists: {"fwd_packets": [8 by Kind], ..., "miss": n, ..., "drops": [64 by DropReason]}.
     """
     return _unpack_summed(DP_STATS, b, ncpus)
+
+
+def unpack_label_seen(b: bytes) -> tuple[int, int, int]:
+    """(spi, rs, first) of a ``label_seen`` value: the ESP SPI, the real server its label named,
+    the ns (bpf_ktime_get_ns) of the packet that made the record."""
+    spi, rs, _pad, first = LABEL_SEEN_VAL.struct.unpack(b)
+    return spi, rs, first
+
+
+def unpack_label_stats(b: bytes, ncpus: int) -> dict[str, int]:
+    """A ``label_stats`` lookup summed over CPUs: {"forwarded": n, "unknown": n, "recorded": n}."""
+    return _unpack_summed(LABEL_STATS, b, ncpus)  # type: ignore[return-value]
 
 
 def unpack_rs_stats(b: bytes, ncpus: int) -> dict[str, list[int]]:

@@ -34,8 +34,10 @@ from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.generic import GenericNetlinkSocket
 
 from director.core import ClientProjection, Director
+from director.drop_reasons import DropReason
 from director.dataplane import bpf_structs as bs
 from director.dataplane import libbpf
+from director.dataplane.bpf_spi_label import spi_label_cfg
 from director.packet import int_to_ip
 from director.service import Method
 
@@ -62,7 +64,9 @@ PIN_DIR = Path("/sys/fs/bpf/vpn-director")
 FILTER_PRIO = 0xC0DE  # our tc filter's priority on each interface: found and replaced by it
 INGRESS = "ffff:fff2"
 ADOPTED_SPI = 0xADAD_0000_0000_0000  # initiator "cookie" of entries rebuilt from the map (| port)
-_MAPS = ("vips", "clients", "servers", "nat_replies", "config", "stats", "rs_stats", "admit", "admit_src")
+_MAPS = ("vips", "clients", "servers", "nat_replies", "config", "stats", "rs_stats", "admit", "admit_src",
+         "spi_labels", "label_seen", "label_stats")
+LABEL_DRAIN_MAX = 4096  # label_seen records turned into entries per tick, at most (a flood waits its turn)
 HOOKS = ("tc", "xdp")  # where the client-side program runs (daemon.fastpath_hook)
 _CLIENT_PROG = {"tc": ("director_tc.o", "director_tc"), "xdp": ("director_xdp.o", "director_xdp")}
 XDP_PROG_NAME = "director_xdp"  # how our XDP program is told from anyone else's (bpf_prog_info.name)
@@ -154,7 +158,10 @@ class FastPath:
         self.projection: ClientProjection | None = None
         self._objs: list[libbpf.BpfObject] = []
         self.ncpus = 1
-        self.stats = {"map_writes": 0, "map_deletes": 0, "adopted": 0, "pruned": 0}
+        self.stats = {"map_writes": 0, "map_deletes": 0, "adopted": 0, "pruned": 0,
+                      # SPI labels: the kernel's label_stats (as of the last drain) and the drain's
+                      "label_forwarded": 0, "label_unknown": 0, "label_recorded": 0,
+                      "label_drained": 0, "label_created": 0, "label_known": 0, "label_refused": 0}
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def start(self, ipr: IPRoute) -> int:
@@ -277,15 +284,21 @@ class FastPath:
     def sync_services(self) -> None:
         """vips, servers and nat_replies equal the running services; clients of gone ones pruned."""
         d = self.d
-        vips, servers, nat = {}, {}, {}
+        vips, servers, nat, labels = {}, {}, {}, {}
         for svc in d.services.values():
             vips[bs.addr(svc.vip)] = bs.vip_val(svc.id, bs.VIP_F_AH if svc.ah else 0)
+            sl = d.spi_labels(svc.id)
+            if sl is not None:  # SPI labels: the kernel decodes a miss's ESP SPI
+                try:
+                    labels[bs.u32(svc.id)] = spi_label_cfg(sl)
+                except ValueError as e:  # more servers than slots: the slow path decodes them
+                    log.warning("fastpath.spi_label_skipped svc=%d reason=%s", svc.id, e)
             for rs in svc.servers.values():
                 m = svc.method_of(rs)
                 servers[bs.u32(rs.id)] = bs.server_val(rs.addr, int(m))
                 if m == Method.NAT:
                     nat[bs.addr(rs.addr)] = bs.addr(svc.vip)
-        for name, want in (("vips", vips), ("servers", servers), ("nat_replies", nat)):
+        for name, want in (("vips", vips), ("servers", servers), ("nat_replies", nat), ("spi_labels", labels)):
             fd = self.fd[name]
             spec = bs.MAPS[name]
             for k in list(libbpf.map_keys(fd, spec.key_size)):
@@ -355,9 +368,59 @@ class FastPath:
             self.projection.pending.clear()  # what we adopted is what the map already says
         return n
 
+    # -- SPI labels ---------------------------------------------------------------------------------
+    def drain_labels(self, now: float, limit: int = LABEL_DRAIN_MAX) -> int:
+        """Turn the kernel's label_seen records into ESTABLISHED entries (each tick).
+
+        The programs forward labelled ESP of a client with no ``clients`` entry and record its key
+        once; here each record is deleted and handed to the core (``Director.label_forwarded``:
+        admission limits, counters), whose new entry the projection then writes to ``clients``.
+        At most ``limit`` records per call; a client whose entry was refused (admission, table
+        full) is recorded again by its next packet. Returns the records handled."""
+        fd = self.fd.get("label_seen")
+        if fd is None:
+            return 0
+        keys = []
+        for k in libbpf.map_keys(fd, bs.CLIENT_KEY.size):
+            keys.append(k)
+            if len(keys) >= limit:
+                break
+        st = self.stats
+        for k in keys:
+            v = libbpf.map_lookup(fd, k, bs.LABEL_SEEN_VAL.size)
+            libbpf.map_delete(fd, k)
+            if v is None:
+                continue
+            vip, client, port = bs.unpack_client_key(k)
+            spi, _rs, _first = bs.unpack_label_seen(v)
+            r = self.d.label_forwarded(vip, client, port, spi, now)
+            if r is None:
+                st["label_known"] += 1
+            elif isinstance(r, DropReason):
+                st["label_refused"] += 1
+            else:
+                st["label_created"] += 1
+        st["label_drained"] += len(keys)
+        self._refresh_label_stats()
+        return len(keys)
+
+    def _refresh_label_stats(self) -> None:
+        ls = self.label_stats()
+        for k in ("forwarded", "unknown", "recorded"):
+            self.stats[f"label_{k}"] = ls[k]
+
+    def label_stats(self) -> dict[str, int]:
+        """The kernel's label_stats, summed over CPUs."""
+        v = libbpf.map_lookup(self.fd["label_stats"], bs.u32(0), bs.percpu_size(bs.LABEL_STATS, self.ncpus))
+        return bs.unpack_label_stats(v, self.ncpus) if v else {"forwarded": 0, "unknown": 0, "recorded": 0}
+
     # -- reading ------------------------------------------------------------------------------------
     def dp_stats(self) -> dict:
+        """The kernel's ``stats``, summed over CPUs; refreshes the kernel's label counters in
+        ``self.stats`` too (label_forwarded, label_unknown, label_recorded), so a reader of both
+        sees them as current as the rest."""
         v = libbpf.map_lookup(self.fd["stats"], bs.u32(0), bs.percpu_size(bs.DP_STATS, self.ncpus))
+        self._refresh_label_stats()
         return bs.unpack_dp_stats(v, self.ncpus) if v else {}
 
     def rs_stats(self) -> dict[int, dict]:

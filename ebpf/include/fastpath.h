@@ -2,7 +2,8 @@
  * to do with one frame, up to but not including the rewrite, which each hook does its own way.
  *
  * fp_decide() classifies the frame exactly as director.packet.classify does, looks the client up,
- * refreshes last_seen, and for a hit checks what the forwarding needs (TTL, route and neighbour,
+ * refreshes last_seen (on a miss of a labelled service, the ESP SPI's label may name the real
+ * server instead: fp_label), and for a hit checks what the forwarding needs (TTL, route and neighbour,
  * TUN envelope size) before anything changes. It counts every pass and drop itself; a forwarding
  * verdict is counted by fp_forwarded() once the hook has rewritten and redirected the packet, or
  * by fp_internal_drop() if a rewrite failed halfway. So both hooks keep the stats invariant of
@@ -45,6 +46,8 @@ struct fp {
 	__be32 rip;  /* the real server's address */
 	__u32 rs_id;
 	int kind;
+	int labelled; /* the real server came from the SPI's label, not from `clients` (fp_label) */
+	__u32 spi;    /* labelled: the ESP SPI, host order */
 };
 
 static __always_inline int fp_pass(struct dp_stats *st, int kind)
@@ -125,6 +128,63 @@ static __always_inline int fp_admit(__be32 src)
 	return 0;
 }
 
+/* -- SPI labels (docs/fastpath.md, "SPI labels") ------------------------------------------------
+ * A `clients` miss of ESP or ESP-in-UDP to a service with labels: the real server whose inbound
+ * ESP range holds the SPI gets the packet, forwarded as a hit would be (fp_label: returns 1 with
+ * f->rs_id set, else 0: not labelled, a miss as before). Once forwarded, the client key is
+ * recorded once in label_seen (fp_label_forwarded) for the daemon, which creates the ESTABLISHED
+ * entry; then the `clients` map has it. A labelled packet passed instead (TTL, route, MTU) is
+ * not recorded: the slow path sees it and decides (director.core: _label_esp). */
+static __always_inline struct label_stats *fp_label_stats(void)
+{
+	__u32 zero = 0;
+
+	return bpf_map_lookup_elem(&label_stats, &zero);
+}
+
+static __always_inline void fp_label_forwarded(const struct fp *f)
+{
+	struct label_stats *ls = fp_label_stats();
+	struct client_key key = {.vip = f->p.dst, .client = f->p.src};
+	struct label_seen_val rec = {.spi = f->spi, .rs = f->rs_id};
+
+	if (f->kind == KIND_ESP_IN_UDP)
+		key.port = f->p.sport;
+	if (ls)
+		ls->forwarded++;
+	if (bpf_map_lookup_elem(&label_seen, &key))
+		return; /* recorded already, not drained yet */
+	rec.first = bpf_ktime_get_ns();
+	if (!bpf_map_update_elem(&label_seen, &key, &rec, BPF_NOEXIST) && ls)
+		ls->recorded++;
+}
+
+static __always_inline int fp_label(void *ip, void *data_end, const struct vip_val *vv, struct fp *f)
+{
+	struct spi_label_cfg *c;
+	struct label_stats *ls;
+	__u32 svc = vv->svc, spi;
+	__u16 rs;
+
+	if (f->kind != KIND_ESP && f->kind != KIND_ESP_IN_UDP)
+		return 0;
+	c = bpf_map_lookup_elem(&spi_labels, &svc);
+	if (!c)
+		return 0; /* a service without labels: one lookup, nothing more */
+	spi = esp_spi(ip, data_end, &f->p, f->kind);
+	rs = spi ? spi_label_esp(c, spi) : SPI_LABEL_NONE;
+	if (rs == SPI_LABEL_NONE) {
+		ls = fp_label_stats();
+		if (ls)
+			ls->unknown++;
+		return 0;
+	}
+	f->rs_id = rs;
+	f->spi = spi;
+	f->labelled = 1;
+	return 1;
+}
+
 /* The packet was rewritten and handed to the redirect. */
 static __always_inline void fp_forwarded(const struct fp *f)
 {
@@ -133,6 +193,8 @@ static __always_inline void fp_forwarded(const struct fp *f)
 	f->st->fwd_packets[k]++;
 	f->st->fwd_bytes[k] += f->p.tot_len;
 	count_rs(f->rs_id, f->kind, f->p.tot_len);
+	if (f->labelled)
+		fp_label_forwarded(f);
 }
 
 /* DR and NAT: the packet is routed toward the real server as ip_forward would, TTL decremented;
@@ -218,6 +280,7 @@ static __always_inline int fp_decide(void *ctx, void *data, void *data_end, __u3
 	if (!st)
 		return FP_PASS;
 	f->st = st;
+	f->labelled = 0;
 	if ((void *)(eth + 1) > data_end || eth->h_proto != bpf_htons(ETH_P_IP)) {
 		st->not_ours++;
 		return FP_PASS;
@@ -279,15 +342,16 @@ static __always_inline int fp_decide(void *ctx, void *data, void *data_end, __u3
 	if (kind != KIND_NOT_OURS) /* an ICMP error's key names the client it quotes */
 		key.client = f->p.src;
 	cv = bpf_map_lookup_elem(&clients, &key);
-	if (!cv) {
+	if (cv) {
+		/* A plain store: one aligned 64-bit write, atomic on 64-bit CPUs; the daemon only reads
+		 * it. An ICMP error is no sign of the client's life: it refreshes nothing. */
+		if (kind != KIND_NOT_OURS)
+			cv->last_seen = bpf_ktime_get_ns();
+		f->rs_id = cv->rs;
+	} else if (!fp_label(ip, data_end, vv, f)) { /* SPI labels: the SPI may name the server */
 		st->miss++;
 		return fp_pass(st, kind);
 	}
-	/* A plain store: one aligned 64-bit write, atomic on 64-bit CPUs; the daemon only reads it.
-	 * An ICMP error is no sign of the client's life: it refreshes nothing. */
-	if (kind != KIND_NOT_OURS)
-		cv->last_seen = bpf_ktime_get_ns();
-	f->rs_id = cv->rs;
 	sv = bpf_map_lookup_elem(&servers, &f->rs_id);
 	cfg = bpf_map_lookup_elem(&config, &zero);
 	if (!sv || !cfg) {

@@ -8,6 +8,7 @@
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
 #include "structs.h"
+#include "spi_label.h"
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -71,5 +72,28 @@ struct {
 	__type(key, __u32);         /* source address, network order */
 	__type(value, struct admit_src);
 } admit_src SEC(".maps");
+
+/* -- SPI labels (docs/fastpath.md, "SPI labels"): decoding on a `clients` miss -- */
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 256); /* as many as vips: one per labelled service */
+	__type(key, __u32);       /* service id (vip_val.svc), host order */
+	__type(value, struct spi_label_cfg);
+} spi_labels SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384); /* a spoofed flood churns it; the daemon drains it each tick */
+	__type(key, struct client_key);
+	__type(value, struct label_seen_val);
+} label_seen SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct label_stats);
+} label_stats SEC(".maps");
 
 #endif

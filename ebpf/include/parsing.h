@@ -225,4 +225,21 @@ static __always_inline int icmp_error_key(void *ip, void *data_end, const struct
 	return 0;
 }
 
+/* SPI labels: the SPI (host order) of a packet classify() found to be ESP (RFC 4303 section 2:
+ * the first 4 bytes after the IP header) or ESP-in-UDP (RFC 3948 section 2.2: after the 8-byte
+ * UDP header); 0 for any other kind. classify() checked these bytes are there; the verifier
+ * wants its own check. */
+static __always_inline __u32 esp_spi(void *ip, void *data_end, const struct pkt *p, int kind)
+{
+	__u8 *spi = ip + (p->ihl & 0x3c); /* 20..60, a multiple of 4: the mask bounds it for the verifier */
+
+	if (kind == KIND_ESP_IN_UDP)
+		spi += 8;
+	else if (kind != KIND_ESP)
+		return 0;
+	if ((void *)(spi + 4) > data_end)
+		return 0;
+	return bpf_ntohl(*(__u32 *)spi);
+}
+
 #endif

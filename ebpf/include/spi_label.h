@@ -6,7 +6,8 @@
  * The server's IKE SPI is the responder SPI when the client started the IKE SA and the initiator
  * SPI when the server did (a server-started rekey): IKEv2's I flag says which; IKEv1 has no such
  * flag, so both fields are read and a disagreement answers "none". SPIs are host-order numbers
- * here (bpf_be64_to_cpu / bpf_ntohl of the packet's fields). Not yet used by the fast path.
+ * here (bpf_be64_to_cpu / bpf_ntohl of the packet's fields). The fast path (fastpath.h: fp_label)
+ * decodes the ESP SPI of a `clients` miss with spi_label_esp(); the maps it uses are below.
  */
 #ifndef VPN_DIRECTOR_SPI_LABEL_H
 #define VPN_DIRECTOR_SPI_LABEL_H
@@ -77,5 +78,28 @@ static __always_inline __u16 spi_label_esp(const struct spi_label_cfg *c, __u32 
 	}
 	return SPI_LABEL_NONE;
 }
+
+/* -- the fast path's label maps (maps.h: spi_labels, label_seen, label_stats; docs/fastpath.md) -- */
+
+/* label_seen values: a labelled ESP or ESP-in-UDP packet forwarded in the kernel for a client key
+ * with no `clients` entry; the daemon drains the map each tick and creates the ESTABLISHED entry
+ * through the decision core. Written once per key (BPF_NOEXIST) until the daemon deletes it. */
+struct label_seen_val {
+	__u32 spi;   /* the ESP SPI, host order */
+	__u16 rs;    /* the real server its label named */
+	__u16 pad;
+	__u64 first; /* bpf_ktime_get_ns() of the packet that made the record */
+};
+
+/* label_stats (per CPU): what label decoding did on `clients` misses. */
+struct label_stats {
+	__u64 forwarded; /* labelled packets forwarded in the kernel (also in fwd_packets[kind]) */
+	__u64 unknown;   /* misses of a labelled service whose SPI named no real server: passed */
+	__u64 recorded;  /* records written to label_seen (one per new client key until drained) */
+};
+
+_Static_assert(sizeof(struct spi_label_cfg) == 304, "spi_label_cfg");
+_Static_assert(sizeof(struct label_seen_val) == 16, "label_seen_val");
+_Static_assert(sizeof(struct label_stats) == 24, "label_stats");
 
 #endif /* VPN_DIRECTOR_SPI_LABEL_H */

@@ -233,15 +233,22 @@ class World:
         with self._inside():
             return self.L.prog_test_run(self.prog_fd[prog], frame)
 
+    def run_repeat(self, prog: str, frame: bytes, repeat: int):
+        """``repeat`` runs of ``prog`` on ``frame`` in one call (BPF_PROG_TEST_RUN reruns on the same
+        packet, rewrites included); ``duration`` is the mean ns per run. For bench/bench_spi_label.py."""
+        with self._inside():
+            return self.L.prog_test_run(self.prog_fd[prog], frame, repeat=repeat)
+
     # -- maps ---------------------------------------------------------------------------------------
     def clear(self) -> None:
         """Empty every hash map, zero the stats, the config and the admission limits."""
         L, S = self.L, self.S
-        for name in ("vips", "clients", "servers", "nat_replies", "rs_stats", "admit_src"):
+        for name in ("vips", "clients", "servers", "nat_replies", "rs_stats", "admit_src", "spi_labels", "label_seen"):
             fd = self.map_fd[name]
             for key in list(L.map_keys(fd, S.MAPS[name].key_size)):
                 L.map_delete(fd, key)
         L.map_update(self.map_fd["stats"], S.u32(0), S.percpu_zero(S.DP_STATS, self.ncpus))
+        L.map_update(self.map_fd["label_stats"], S.u32(0), S.percpu_zero(S.LABEL_STATS, self.ncpus))
         L.map_update(self.map_fd["config"], S.u32(0), bytes(S.DP_CONFIG.size))
         L.map_update(self.map_fd["admit"], S.u32(0), bytes(S.ADMIT.size))  # no admission limits
 
@@ -257,6 +264,16 @@ class World:
         """dp_stats summed over CPUs, flattened: "miss", "pass_packets[4]", "drops[30]", ..."""
         raw = self.get("stats", self.S.u32(0))
         return flatten(self.S.unpack_dp_stats(raw, self.ncpus))
+
+    def label_stats(self) -> dict[str, int]:
+        """label_stats summed over CPUs: forwarded, unknown, recorded."""
+        return self.S.unpack_label_stats(self.get("label_stats", self.S.u32(0)), self.ncpus)
+
+    def label_seen(self) -> dict[bytes, tuple[int, int, int]]:
+        """Every label_seen record: client key -> (spi, rs, first ns)."""
+        L, S = self.L, self.S
+        return {k: S.unpack_label_seen(v)
+                for k, v in L.map_items(self.map_fd["label_seen"], S.CLIENT_KEY.size, S.LABEL_SEEN_VAL.size)}
 
     def rs_stats(self) -> dict[int, dict]:
         """Every rs_stats entry, summed over CPUs."""

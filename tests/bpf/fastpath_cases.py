@@ -9,6 +9,11 @@ reset before each run; a case may override the config. On a hit the output is ch
 Python rewrites of the slow path: ``rewrite.nat_dnat``/``nat_snat`` plus the TTL decrement,
 ``rewrite.ipip_encap`` for TUN (the IP ident aside), with the Ethernet addresses of the namespace's
 permanent neighbours.
+
+SPI labels: a third service (VIP_LABEL) carries labels (``spi_labels``); a ``clients`` miss of its
+ESP or ESP-in-UDP is forwarded to the real server whose ESP range holds the SPI. Every case also
+states what label decoding must count (``label_stats``) and record (``label_seen``); for the
+other services' cases that is nothing.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from dataclasses import dataclass, field
 
 from bpf_world import TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, XDP_DROP, XDP_PASS, XDP_REDIRECT, TOPO as T, delta
 from director.dataplane import bpf_structs as S
+from director.dataplane.bpf_spi_label import spi_label_cfg
 from director.drop_reasons import DropReason as R
 from director.forwarding.rewrite import ipip_encap, nat_dnat
 from director.lab import craft
@@ -34,9 +40,11 @@ from director.packet import (
     ip_to_int,
     ipv4_checksum,
 )
+from director.spi_label import ServerLabel, SpiLabels
 
 VIP = ip_to_int("192.0.2.10")  # AH accepted
 VIP_NOAH = ip_to_int("192.0.2.11")  # AH not accepted
+VIP_LABEL = ip_to_int("192.0.2.12")  # service 3: SPI labels (LABELS), AH accepted
 NOT_VIP = ip_to_int("192.0.2.99")
 C_DR, C_NAT, C_TUN = ip_to_int("203.0.113.11"), ip_to_int("203.0.113.12"), ip_to_int("203.0.113.13")
 C_NONEIGH, C_SMALL, C_GONE = ip_to_int("203.0.113.14"), ip_to_int("203.0.113.15"), ip_to_int("203.0.113.16")
@@ -51,6 +59,10 @@ RS = {  # rs_id -> (client, real server, method)
     5: (C_SMALL, T.rip_smallmtu, S.METHOD_DR),
 }
 RS_GONE = 9  # C_GONE's entry names a real server missing from `servers`
+# Service 3's labels: ESP range 0x4N000000-0x4NFFFFFF is real server N (RS_GONE's too: it has a
+# range but is missing from `servers`, as between a server's removal and the next map sync).
+LABELS = SpiLabels.build(0xFF000000, {rs: ServerLabel(rs << 24, (0x40 | rs) << 24, ((0x40 | rs) << 24) | 0xFFFFFF)
+                                      for rs in (1, 2, 3, RS_GONE)})  # fmt: skip
 
 ETH_IP = b"\x08\x00"
 
@@ -124,24 +136,40 @@ class Case:
     touched: bytes | None = None  # clients key whose last_seen must be refreshed
     rs: tuple[int, K, int] | None = None  # (rs_id, kind, bytes) counted in rs_stats
     config: dict = field(default_factory=dict)  # dp_config overrides
+    labels: dict = field(default_factory=dict)  # expected change of label_stats (not named: no change)
+    seen: tuple[bytes, int, int] | None = None  # the label_seen record expected: (key, spi, rs)
 
 
 def key(client: int, port: int = 0, vip: int = VIP) -> bytes:
     return S.client_key(vip, client, port)
 
 
+def forwarded_out(ip: bytes, rs_id: int):
+    """What real server ``rs_id`` (DR/NAT/TUN by RS) gets of ``ip``: the frame, or a Tun."""
+    _client, rip, method = RS[rs_id]
+    if method == S.METHOD_TUN:
+        return Tun(ip, rip, T.rip_tun_mac)
+    mac = {T.rip_dr: T.rip_dr_mac, T.rip_nat: T.rip_nat_mac, T.rip_smallmtu: T.rip_smallmtu_mac}[rip]
+    egress = T.lan2_mac if rip == T.rip_smallmtu else T.lan0_mac
+    rewritten = nat_dnat(ip, rip) if method == S.METHOD_NAT else ip
+    return eth(ttl_dec(rewritten), mac, egress)
+
+
 def hit(desc: str, ip: bytes, kind: K, rs_id: int, port: int = 0, out=None) -> Case:
     """A forwarded packet of client ``rs_id`` (DR/NAT/TUN by RS): redirect, counters, rs_stats."""
-    client, rip, method = RS[rs_id]
+    client = RS[rs_id][0]
     if out is None:
-        if method == S.METHOD_TUN:
-            out = Tun(ip, rip, T.rip_tun_mac)
-        else:
-            mac = {T.rip_dr: T.rip_dr_mac, T.rip_nat: T.rip_nat_mac, T.rip_smallmtu: T.rip_smallmtu_mac}[rip]
-            egress = T.lan2_mac if rip == T.rip_smallmtu else T.lan0_mac
-            rewritten = nat_dnat(ip, rip) if method == S.METHOD_NAT else ip
-            out = eth(ttl_dec(rewritten), mac, egress)
+        out = forwarded_out(ip, rs_id)
     return Case(desc, eth(ip), TC_ACT_REDIRECT, out, fwd(kind, ip), key(client, port), (rs_id, kind, len(ip)))
+
+
+def label_hit(desc: str, ip: bytes, kind: K, rs_id: int, spi: int, port: int = 0) -> Case:
+    """A labelled packet of a client with no entry: forwarded to real server ``rs_id`` as a hit
+    would be, no last_seen touched (there is no entry), counted and recorded as labelled."""
+    client = int.from_bytes(ip[12:16], "big")
+    return Case(desc, eth(ip), TC_ACT_REDIRECT, forwarded_out(ip, rs_id), fwd(kind, ip), None,
+                (rs_id, kind, len(ip)), labels={"forwarded": 1, "recorded": 1},
+                seen=(key(client, port, VIP_LABEL), spi, rs_id))  # fmt: skip
 
 
 def no_udp_csum(ip: bytes) -> bytes:
@@ -177,6 +205,54 @@ icmp_esp = {c: icmp_about(craft.esp(VIP, c, 0x7000, size=1400)) for c in (C_DR, 
 icmp_natt_dr = icmp_about(build_ipv4_udp(VIP, C_DR, 4500, NATT_SPORT, struct.pack("!II", 0x7001, 1) + bytes(1400)))
 small = craft.esp(C_DR, VIP, 0x1003, size=16)  # 52 bytes: the Ethernet frame gets padding
 PAD = bytes(60 - 14 - len(small))
+
+C_NEW = ip_to_int("203.0.113.77")  # a client no director has seen (no `clients` entry)
+lesp = {rs: craft.esp(C_NEW, VIP_LABEL, ((0x40 | rs) << 24) | 0x1234) for rs in (1, 2, 3, RS_GONE)}
+lnatt = {rs: craft.esp_in_udp(C_NEW, VIP_LABEL, ((0x40 | rs) << 24) | 0x5678, sport=NATT_SPORT) for rs in (1, 2, 3)}
+
+LABEL_CASES = [
+    label_hit("labelled ESP, no entry: DR to the label's server", lesp[1], K.ESP, 1, 0x41001234),
+    label_hit("labelled ESP, no entry: NAT", lesp[2], K.ESP, 2, 0x42001234),
+    label_hit("labelled ESP, no entry: TUN", lesp[3], K.ESP, 3, 0x43001234),
+    label_hit("labelled ESP-in-UDP, no entry: DR, keyed by its port", lnatt[1], K.ESP_IN_UDP, 1, 0x41005678,
+              NATT_SPORT),  # fmt: skip
+    label_hit("labelled ESP-in-UDP, no entry: NAT (UDP checksum updated)", lnatt[2], K.ESP_IN_UDP, 2, 0x42005678,
+              NATT_SPORT),  # fmt: skip
+    label_hit("labelled ESP-in-UDP, no entry: TUN", lnatt[3], K.ESP_IN_UDP, 3, 0x43005678, NATT_SPORT),
+    label_hit("labelled ESP, SPI at the range's first value", craft.esp(C_NEW, VIP_LABEL, 0x41000000), K.ESP, 1,
+              0x41000000),  # fmt: skip
+    label_hit("labelled ESP, SPI at the range's last value", craft.esp(C_NEW, VIP_LABEL, 0x43FFFFFF), K.ESP, 3,
+              0x43FFFFFF),  # fmt: skip
+    Case("labelled ESP, SPI in no server's range: the queue's", eth(craft.esp(C_NEW, VIP_LABEL, 0x44000000)),
+         TC_ACT_OK, None, passed(K.ESP, miss=1), labels={"unknown": 1}),  # fmt: skip
+    Case("labelled ESP-in-UDP, SPI below every range: the queue's",
+         eth(craft.esp_in_udp(C_NEW, VIP_LABEL, 0x40FFFFFF, sport=NATT_SPORT)), TC_ACT_OK, None,
+         passed(K.ESP_IN_UDP, miss=1), labels={"unknown": 1}),  # fmt: skip
+    Case("labelled ESP, the label's server is not in `servers`: the queue's", eth(lesp[RS_GONE]), TC_ACT_OK, None,
+         passed(K.ESP, miss=1)),  # fmt: skip
+    Case("a labelled SPI to a service without labels: a miss as before",
+         eth(craft.esp(C_NEW, VIP_NOAH, 0x41001234)), TC_ACT_OK, None, passed(K.ESP, miss=1)),  # fmt: skip
+    Case("a labelled SPI from a client with an entry: the entry decides", eth(craft.esp(C_DR, VIP_LABEL, 0x42000001)),
+         TC_ACT_REDIRECT, forwarded_out(craft.esp(C_DR, VIP_LABEL, 0x42000001), 1),
+         fwd(K.ESP, craft.esp(C_DR, VIP_LABEL, 0x42000001)), key(C_DR, vip=VIP_LABEL),
+         (1, K.ESP, len(craft.esp(C_DR, VIP_LABEL, 0x42000001)))),  # fmt: skip
+    Case("labelled ESP, TTL 1: the stack's, nothing recorded", eth(patch(lesp[1], 8, b"\x01")), TC_ACT_OK, None,
+         passed(K.ESP, ttl_pass=1)),  # fmt: skip
+    Case("labelled ESP truncated (4 bytes): dropped as malformed",
+         eth(build_ipv4(C_NEW, VIP_LABEL, PROTO_ESP, b"\x41\0\0\x05")), TC_ACT_SHOT, None,
+         dropped(R.ESP_TRUNCATED)),  # fmt: skip
+    Case("labelled ESP-in-UDP truncated (SPI, half a sequence): dropped",
+         eth(udp(C_NEW, VIP_LABEL, NATT_SPORT, 4500, b"\x41\0\0\x05\0\0")), TC_ACT_SHOT, None,
+         dropped(R.NATT_TRUNCATED)),  # fmt: skip
+    Case("IKE with labelled SPIs to a labelled service: the daemon's",
+         eth(craft.ike(C_NEW, VIP_LABEL, 0x1111111141000000, 0x4100000041000000)), TC_ACT_OK, None,
+         passed(K.IKE)),  # fmt: skip
+    Case("IKE behind the non-ESP marker to a labelled service: the daemon's",
+         eth(craft.ike(C_NEW, VIP_LABEL, 0x41000000, 0x41000000, natt=True, sport=NATT_SPORT)), TC_ACT_OK, None,
+         passed(K.IKE)),  # fmt: skip
+    Case("AH to a labelled service, no entry: AH carries no label", eth(craft.ah(C_NEW, VIP_LABEL, 0x41000001)),
+         TC_ACT_OK, None, passed(K.AH, miss=1)),  # fmt: skip
+]
 
 CASES = [
     # -- not ours: untouched, counted once -------------------------------------------------------
@@ -316,6 +392,7 @@ CASES = [
     Case("AH zero SPI", eth(ah_raw(C_DR, VIP, 4, 0)), TC_ACT_SHOT, None, dropped(R.AH_ZERO_SPI)),
     Case("AH zero SPI to a VIP without AH: still malformed", eth(ah_raw(C_DR, VIP_NOAH, 4, 0)), TC_ACT_SHOT, None,
          dropped(R.AH_ZERO_SPI)),  # fmt: skip
+    *LABEL_CASES,
 ]
 
 
@@ -337,6 +414,9 @@ def setup_maps(world, **config) -> None:
         world.put("clients", key(client, NATT_SPORT), S.client_val(rs_id))
     world.put("clients", key(C_DR, vip=VIP_NOAH), S.client_val(1))
     world.put("clients", key(C_GONE), S.client_val(RS_GONE))
+    world.put("vips", S.addr(VIP_LABEL), S.vip_val(3, S.VIP_F_AH))
+    world.put("spi_labels", S.u32(3), spi_label_cfg(LABELS))
+    world.put("clients", key(C_DR, vip=VIP_LABEL), S.client_val(1))
     world.put("nat_replies", S.addr(T.rip_nat), S.addr(VIP))
     world.put("config", S.u32(0), _config(world, **config))
 
@@ -371,12 +451,21 @@ def run_case(world, prog: str, case: Case) -> None:
     """Run ``case`` through ``prog`` ("tc" or "xdp") and check verdict, bytes, counters, last_seen, rs_stats."""
     setup_maps(world, **case.config)
     before = world.stats()
+    labels_before = world.label_stats()
     t0 = time.monotonic_ns()
     r = world.run(prog, case.frame)
     t1 = time.monotonic_ns()
     assert r.retval == VERDICT[prog][case.ret]
     check_output(case.out, case.frame, r.data_out)
     assert delta(before, world.stats()) == case.stats
+    assert delta(labels_before, world.label_stats()) == case.labels
+    records = {k: (spi, rs) for k, (spi, rs, _first) in world.label_seen().items()}
+    if case.seen is None:
+        assert records == {}
+    else:
+        k, spi, rs = case.seen
+        assert records == {k: (spi, rs)}
+        assert t0 <= world.label_seen()[k][2] <= t1
     # last_seen: bpf_ktime_get_ns() is CLOCK_MONOTONIC, time.monotonic()'s clock
     seen = {k: v for k, v in last_seen_all(world).items() if v}
     if case.touched is None:

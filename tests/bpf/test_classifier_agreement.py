@@ -12,9 +12,12 @@ goes to a VIP of the ``vips`` map with an empty ``clients`` map, through both cl
   looks up (the VIP's ESP or AH, or its UDP from 4500), so the C key extractor agrees with the
   Python parser on every ICMP packet of the table too;
 
-and no other counter moves. The same table, turned into replies from a NAT real server, checks
+and no other counter moves (label decoding neither: the VIP's service has no labels). The same table, turned into replies from a NAT real server, checks
 the reply program's use of classify(reply=True): it rewrites exactly the ESP and ESP-in-UDP.
 The mutations never touch the addresses (bytes 12-19): a packet must stay "to a VIP".
+
+SPI labels: for random masks, labels, ESP ranges and SPIs (hypothesis), the program's choice on
+a `clients` miss, at both hooks, is director/spi_label.py's ``decode_esp``.
 """
 
 from __future__ import annotations
@@ -23,9 +26,12 @@ import random
 import struct
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from bpf_world import TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TOPO as T, delta
+from bpf_world import TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TOPO as T, XDP_PASS, XDP_REDIRECT, delta
 from director.dataplane import bpf_structs as S
+from director.dataplane.bpf_spi_label import spi_label_cfg
 from director.drop_reasons import DropReason as R
 from director.lab import craft
 from director.packet import (
@@ -41,6 +47,7 @@ from director.packet import (
     ip_to_int,
     parse_icmp_error,
 )
+from director.spi_label import ServerLabel, SpiLabels
 
 VIP = ip_to_int("192.0.2.10")
 CLIENT = ip_to_int("203.0.113.12")
@@ -287,3 +294,79 @@ def test_reply_agrees_with_python(vip_world, ip: bytes):
     assert (r.retval, delta(before, vip_world.stats())) == expected
     if r.retval == TC_ACT_OK:
         assert r.data_out == frame(reply)
+
+
+# -- SPI labels: the kernel's choice on a `clients` miss agrees with director/spi_label.py -----------
+
+LABEL_RS_BASE = 100  # real server ids of the label checks (all DR to the same address: rs_stats tells them apart)
+
+
+@st.composite
+def label_configs(draw):
+    """A valid SpiLabels of 1..16 servers (the fast path's slots) with disjoint ESP ranges, and a
+    non-zero 32-bit SPI: inside one of the ranges (at its edges too) or anywhere."""
+    n = draw(st.integers(1, 16))
+    cuts = sorted(draw(st.lists(st.integers(256, 2**32 - 1), min_size=2 * n, max_size=2 * n, unique=True)))
+    width = draw(st.integers(max(1, (n - 1).bit_length()), 16))  # room for n distinct labels
+    shift = draw(st.integers(0, 64 - width))
+    labels = draw(st.lists(st.integers(0, (1 << width) - 1), min_size=n, max_size=n, unique=True))
+    mask = ((1 << width) - 1) << shift
+    sl = SpiLabels.build(mask, {LABEL_RS_BASE + i: ServerLabel(labels[i] << shift, cuts[2 * i], cuts[2 * i + 1])
+                                for i in range(n)})  # fmt: skip
+    i = draw(st.integers(0, n - 1))
+    lo, hi = cuts[2 * i], cuts[2 * i + 1]
+    spi = draw(st.one_of(st.integers(lo, hi), st.sampled_from([lo, hi, lo - 1, hi + 1]), st.integers(1, 2**32 - 1)))
+    return sl, max(1, min(spi, 2**32 - 1))
+
+
+def _label_world(world, labels: SpiLabels | None) -> None:
+    world.clear()
+    world.put("vips", S.addr(VIP), S.vip_val(1, S.VIP_F_AH))
+    world.put("config", S.u32(0), S.dp_config(T.lan_addr, world.netns.ifindex["lan0"], T.lan_mtu,
+                                              world.netns.ifindex["cli0"]))  # fmt: skip
+    if labels is not None:
+        world.put("spi_labels", S.u32(1), spi_label_cfg(labels))
+        for rs in range(LABEL_RS_BASE, LABEL_RS_BASE + 16):
+            world.put("servers", S.u32(rs), S.server_val(T.rip_dr, S.METHOD_DR))
+
+
+@pytest.mark.parametrize("hook", ["tc", "xdp"])
+def test_label_choice_agrees_with_python(world, hook):
+    """For random masks, labels, ranges and SPIs, raw ESP and ESP-in-UDP of a client with no entry:
+    the program forwards to the real server SpiLabels.decode_esp names, and passes (a miss, label
+    unknown) exactly when it names none. 1,500 examples per hook; both outcomes must be common."""
+    outcomes = {"hit": 0, "miss": 0}
+    redirect = {"tc": TC_ACT_REDIRECT, "xdp": XDP_REDIRECT}[hook]
+    passed = {"tc": TC_ACT_OK, "xdp": XDP_PASS}[hook]
+
+    @settings(max_examples=1500, deadline=None, derandomize=True,
+              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])  # fmt: skip
+    @given(label_configs(), st.booleans())
+    def check(config, natt):
+        labels, spi = config
+        _label_world(world, labels)
+        ip = craft.esp_in_udp(CLIENT, VIP, spi, sport=40000) if natt else craft.esp(CLIENT, VIP, spi)
+        kind = K.ESP_IN_UDP if natt else K.ESP
+        want = labels.decode_esp(spi)
+        before, lbefore = world.stats(), world.label_stats()
+        r = world.run(hook, frame(ip))
+        got, lgot = delta(before, world.stats()), delta(lbefore, world.label_stats())
+        if want is None:
+            outcomes["miss"] += 1
+            assert (r.retval, got, lgot) == (passed, {f"pass_packets[{kind}]": 1, "miss": 1}, {"unknown": 1})
+            assert world.rs_stats() == {}
+        else:
+            outcomes["hit"] += 1
+            assert r.retval == redirect, f"SPI {spi:#x} names real server {want}"
+            assert got == {f"fwd_packets[{kind}]": 1, f"fwd_bytes[{kind}]": len(ip)}
+            assert lgot == {"forwarded": 1, "recorded": 1}
+            assert list(world.rs_stats()) == [want]
+            key = S.client_key(VIP, CLIENT, 40000 if natt else 0)
+            assert {k: v[:2] for k, v in world.label_seen().items()} == {key: (spi, want)}
+
+    try:
+        check()
+    finally:
+        _label_world(world, None)  # as vip_world left it, for any test after this one
+        world.put("nat_replies", S.addr(T.rip_nat), S.addr(VIP))
+    assert outcomes["hit"] >= 300 and outcomes["miss"] >= 300, outcomes

@@ -155,3 +155,44 @@ def test_bad_labels_are_named_by_field(change, error):
     with pytest.raises(ConfigErrors) as e:
         parse(change(config()))
     assert any(line.startswith(error) for line in e.value.errors), e.value.errors
+
+
+# -- the eBPF fast path forwarded labelled ESP; the daemon drains its records (label_forwarded) -------
+
+
+def test_a_kernel_forwarded_labelled_client_gets_its_established_entry_and_map_keys():
+    d = director()
+    proj = d.client_projection()
+    lo, _hi = ESP_RANGES[1]
+    rs = d.label_forwarded(VIP, client(1), 0, lo + 5, 1.0)  # raw ESP: port 0
+    natt_rs = d.label_forwarded(VIP, client(2), 40000, ESP_RANGES[2][1], 1.0)  # ESP-in-UDP from 40000
+    assert (int_to_ip(d.server(rs).addr), int_to_ip(d.server(natt_rs).addr)) == (RIPS[1], RIPS[2])
+    assert d.stats["label_steered"] == 2 and d.table.n_established == 2
+    keys = {(c, port): r for _vip, c, port, r in proj.drain()}
+    assert keys[(client(1), 0)] == rs and keys[(client(2), 40000)] == natt_rs  # written to `clients` next
+    # the same records again (the kernel forwarded more before the map had the key): nothing new
+    assert d.label_forwarded(VIP, client(1), 0, lo + 6, 1.2) is None
+    assert d.label_forwarded(VIP, client(2), 40000, ESP_RANGES[2][1], 1.2) is None
+    assert d.stats["label_steered"] == 2 and len(d.table) == 2
+    # what follows through the slow path uses the entry, as for a conversation seen from the start
+    v = d.decide(craft.esp_in_udp(client(2), VIP, 0x1234, sport=40000), 2.0)
+    assert (v.action, rip(d, v)) == (Action.FORWARD, RIPS[2])
+
+
+def test_label_forwarded_refuses_what_the_slow_path_would():
+    d = Director(capacity=1024, new_per_source=1.0)
+    reconcile.reconcile(d, parse(config()))
+    assert d.label_forwarded(VIP, client(1), 0, 0xB0000000, 1.0) == DropReason.NO_ENTRY  # in no range
+    assert d.label_forwarded(ip_to_int("192.0.2.99"), client(1), 0, ESP_RANGES[0][0], 1.0) is None  # no service
+    assert isinstance(d.label_forwarded(VIP, client(2), 0, ESP_RANGES[0][0], 1.0), int)
+    # a second new conversation of the same source in the same second: the per-source limit
+    assert d.label_forwarded(VIP, client(2), 40001, ESP_RANGES[0][0], 1.1) == DropReason.SOURCE_RATE_LIMITED
+    assert d.stats["label_steered"] == 1 and len(d.table) == 1
+    assert director(labels=False).label_forwarded(VIP, client(1), 0, ESP_RANGES[0][0], 1.0) is None
+
+
+def test_label_forwarded_leaves_an_ike_exchange_in_progress_alone():
+    d = director()
+    d.decide(craft.ike(client(3), VIP, 0x4242, sport=4500, natt=True), 1.0)  # IKE_SA_INIT on 4500: INIT entry
+    assert d.label_forwarded(VIP, client(3), 4500, ESP_RANGES[0][0], 1.1) is None
+    assert d.table.n_established == 0 and d.stats["label_steered"] == 0
