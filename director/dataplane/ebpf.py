@@ -62,7 +62,8 @@ PIN_DIR = Path("/sys/fs/bpf/vpn-director")
 FILTER_PRIO = 0xC0DE  # our tc filter's priority on each interface: found and replaced by it
 INGRESS = "ffff:fff2"
 ADOPTED_SPI = 0xADAD_0000_0000_0000  # initiator "cookie" of entries rebuilt from the map (| port)
-_MAPS = ("vips", "clients", "servers", "nat_replies", "config", "stats", "rs_stats", "admit", "admit_src")
+_MAPS = ("vips", "clients", "servers", "nat_replies", "config", "stats", "rs_stats", "admit", "admit_src",
+         "ingress_cfg", "ingress_src")  # fmt: skip
 HOOKS = ("tc", "xdp")  # where the client-side program runs (daemon.fastpath_hook)
 _CLIENT_PROG = {"tc": ("director_tc.o", "director_tc"), "xdp": ("director_xdp.o", "director_xdp")}
 XDP_PROG_NAME = "director_xdp"  # how our XDP program is told from anyone else's (bpf_prog_info.name)
@@ -277,15 +278,17 @@ class FastPath:
     def sync_services(self) -> None:
         """vips, servers and nat_replies equal the running services; clients of gone ones pruned."""
         d = self.d
-        vips, servers, nat = {}, {}, {}
+        vips, servers, nat, ingress = {}, {}, {}, {}
         for svc in d.services.values():
             vips[bs.addr(svc.vip)] = bs.vip_val(svc.id, bs.VIP_F_AH if svc.ah else 0)
+            if svc.ingress:  # per-source ingress limits (ebpf/include/ingress.h)
+                ingress[bs.addr(svc.vip)] = bs.ingress_cfg(*svc.ingress)
             for rs in svc.servers.values():
                 m = svc.method_of(rs)
                 servers[bs.u32(rs.id)] = bs.server_val(rs.addr, int(m))
                 if m == Method.NAT:
                     nat[bs.addr(rs.addr)] = bs.addr(svc.vip)
-        for name, want in (("vips", vips), ("servers", servers), ("nat_replies", nat)):
+        for name, want in (("vips", vips), ("servers", servers), ("nat_replies", nat), ("ingress_cfg", ingress)):
             fd = self.fd[name]
             spec = bs.MAPS[name]
             for k in list(libbpf.map_keys(fd, spec.key_size)):
