@@ -3,7 +3,7 @@
 A crafted ESP flood from a spoofed source with no entry is cut to burst + esp_pps * t (in the
 kernel before the queue with the eBPF dataplane, in the daemon with NFQUEUE) and counted as
 INGRESS_ESP_LIMITED, while an established client's ESP, sent at the same time, all reaches its
-real server. One test, run once per dataplane by the run_director fixture: the lab start is the
+real server; a reload then changes the limit where it is enforced. One test, run once per dataplane by the run_director fixture: the lab start is the
 cost, so the flood, the established client and the counters share it.
 """
 
@@ -62,5 +62,26 @@ def test_esp_flood_without_entry_is_cut_to_the_bound_and_established_esp_all_arr
             break
         time.sleep(0.05)
     assert len(own) == OWN, f"{len(own)} of the established client's {OWN} ESP packets arrived"
+
+    # a reload changes the limit where it is enforced (the daemon's buckets or the kernel's map)
+    from director.lab.director_proc import lab_config
+
+    d.config_path.write_text(lab_config(lab, d.control, pin_dir=str(d.pin_dir),
+                                        extra_service="ingress = { esp_pps = 1, burst = 3 }"))
+    answer = d.request("reload")
+    assert answer == {"ok": True, "result": "change=1"}, answer
+    before = d.status()["drops"]
+    t0 = time.monotonic()
+    for i in range(20):
+        raw.sendto(craft.esp(spoofed + 1, vip, 0xAA00 + i), (lab.vip, 0))
+    deadline = time.monotonic() + 5
+    while True:
+        drops = d.status()["drops"]
+        new = {k: drops.get(k, 0) - before.get(k, 0) for k in ("INGRESS_ESP_LIMITED", "NO_ENTRY")}
+        if sum(new.values()) >= 20 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    span = time.monotonic() - t0
+    assert sum(new.values()) == 20 and 3 <= new["NO_ENTRY"] <= 3 + ESP_PPS * span, (new, span)  # the new burst
     print(f"ingress [{st['dataplane']}]: {FLOOD} spoofed ESP, {admitted} admitted, {limited} limited "
           f"in {span:.2f} s; {len(own)}/{OWN} of the established client's ESP arrived")
