@@ -3,6 +3,10 @@
 The dataplane adapters (NFQUEUE, eBPF map sync) apply verdicts; they never re-derive one. The rules,
 in this order for a client packet to a VIP:
 
+- Ingress limits (a service's ``ingress``, director/ingress.py), first: an IKE packet, or ESP, AH or
+  ESP-in-UDP with no ESTABLISHED entry, over its source's rate is dropped, counted, not answered.
+  Off while the eBPF programs enforce them before the queue (``ingress_in_core``).
+
 - IKE, responder cookie zero (initial): a known conversation keeps its real server (a repeat is
   counted; past the service's threshold with no sign of life the conversation is rescheduled: the
   passive health signal). A new one follows the client's live state if any (implicit persistence,
