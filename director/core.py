@@ -506,35 +506,31 @@ class Director:
 
     def _decide(self, svc: Service, c, now: float) -> Verdict:
         kind = c.kind
-        ing = self._ingress.get(svc.id) if self.ingress_in_core else None
         if kind == _K_ESP or kind == _K_AH:
-            cls = _ing.AH if kind == _K_AH else _ing.ESP
             if kind == _K_AH and not svc.ah:
-                refused = ing.refused(cls, c.src, int(now * 1e9)) if ing is not None else None
+                refused = self._ingress_refused(svc, _ing.AH, c.src, now)
                 return self._drop(kind, refused or DropReason.NO_ENTRY, svc, icmp=refused is None)
             s, _ = self.table.established_of_client(svc.id, c.src)
             if s < 0:
-                if ing is not None:  # no ESTABLISHED entry: within the source's ingress limit
-                    refused = ing.refused(cls, c.src, int(now * 1e9))
-                    if refused:
-                        return self._drop(kind, refused, svc)
+                # no ESTABLISHED entry: within the source's ingress limit
+                refused = self._ingress_refused(svc, _ing.AH if kind == _K_AH else _ing.ESP, c.src, now)
+                if refused:
+                    return self._drop(kind, refused, svc)
                 if kind == _K_ESP and svc.id in self._labels:
                     return self._label_esp(svc, c, now)
                 return self._drop(kind, DropReason.NO_ENTRY, svc, icmp=True)
             return self._forward_entry(svc, kind, s, now)
         if kind == _K_IKE_INITIAL or kind == _K_IKE:
-            if ing is not None:  # every IKE packet, within the source's ingress limit
-                refused = ing.refused(_ing.IKE, c.src, int(now * 1e9))
-                if refused:
-                    return self._drop(kind, refused, svc)
+            refused = self._ingress_refused(svc, _ing.IKE, c.src, now)  # every IKE packet
+            if refused:
+                return self._drop(kind, refused, svc)
             return self._ike_initial(svc, c, now) if kind == _K_IKE_INITIAL else self._ike(svc, c, now)
         if kind == _K_ESP_IN_UDP:
             s, saw_init = self.table.established_of_natt(svc.id, c.src, c.sport)
             if s < 0:
-                if ing is not None:  # no ESTABLISHED entry: within the source's ingress limit
-                    refused = ing.refused(_ing.ESP, c.src, int(now * 1e9))
-                    if refused:
-                        return self._drop(kind, refused, svc)
+                refused = self._ingress_refused(svc, _ing.ESP, c.src, now)  # no ESTABLISHED entry
+                if refused:
+                    return self._drop(kind, refused, svc)
                 if saw_init:
                     return self._drop(kind, DropReason.ENTRY_NOT_ESTABLISHED, svc)
                 if svc.id in self._labels:
@@ -699,6 +695,11 @@ class Director:
         self.stats["label_steered"] += 1
         self.rs_counters[rs.id][RS_CONNS] += 1
         return self._forward(svc, kind, rs)
+
+    def _ingress_refused(self, svc: Service, cls: int, source: int, now: float) -> DropReason | None:
+        """The service's ingress limit for this class and source (None: within it, or no limit)."""
+        ing = self._ingress.get(svc.id) if self.ingress_in_core else None
+        return ing.refused(cls, source, int(now * 1e9)) if ing is not None else None
 
     def _refuse_new(self, source: int, now: float) -> DropReason | None:
         """Per-source limit first (a spoofer's excess costs nobody else), then the global one;
