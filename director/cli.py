@@ -153,6 +153,8 @@ OPTIONS = (
     Opt("json", ("--json",), help="the daemon's answer as JSON, for scripts"),
     Opt("sync", ("--sync",), help="the table sync: role, and per peer the last datagram's age and the "
         "datagrams rejected by cause"),
+    Opt("drops", ("--drops",), help="packets dropped by reason since the daemon started (the kernel's "
+        "included, also shown alone), e.g. INGRESS_ESP_LIMITED"),
     Opt("numeric", ("-n", "--numeric"), help="accepted for ipvsadm habits: addresses are always numeric"),
 )
 OPT = {o.key: o for o in OPTIONS}
@@ -183,7 +185,7 @@ COMMANDS_V_OPTIONS: dict[str, dict[str, str]] = {
     "-d": {"vip": REQ, "real-server": REQ},
     "-L": {"vip": ANY, "numeric": ANY, "exact": ANY,
            "stats": "format", "rate": "format", "thresholds": "format", "timeout": "format", "json": "format",
-           "sync": "format"},
+           "sync": "format", "drops": "format"},
     "-L -c": {"connection": REQ, "client": ANY, "server": ANY, "numeric": ANY, "json": ANY},
     "-Z": {"vip": ANY},
     "--drain": {"vip": ANY},
@@ -680,6 +682,18 @@ def format_sync(st: dict | None) -> str:
     return "".join(line.rstrip() + "\n" for line in out)
 
 
+def format_drops(st: dict) -> str:
+    """-L --drops: every reason with a count, all paths together and the eBPF programs' part."""
+    from director.drop_reasons import DropReason
+
+    kernel = st.get("fastpath", {}).get("drops", {})
+    row = "%-24s %4s %12s %12s"
+    out = [row % ("Reason", "Code", "Packets", "InKernel")]
+    for name, n in sorted(st.get("drops", {}).items(), key=lambda kv: DropReason[kv[0]].value):
+        out.append(row % (name, DropReason[name].value, n, kernel.get(name, 0)))
+    return "".join(line.rstrip() + "\n" for line in out)
+
+
 # -- running one invocation -----------------------------------------------------------------------
 Call = Callable[..., Any]  # call(cmd, **arguments) -> result; raises Refused / Unreachable
 
@@ -740,6 +754,10 @@ def execute(inv: Invocation, call: Call, stdin=None) -> str:
         if "vip" in a:
             raise UsageError("illegal option combination: -L --sync with -V (the sync covers every service)")
         return format_sync(call("status").get("sync"))
+    elif c == "-L" and "drops" in a:
+        if "vip" in a:
+            raise UsageError("illegal option combination: -L --drops with -V (drops are counted per director)")
+        return format_drops(call("status"))
     elif c == "-L":
         services = call("services")
         if "vip" in a:

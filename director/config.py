@@ -74,6 +74,8 @@ class ServiceConfig:
     servers: tuple[ServerConfig, ...] = ()
     drain: bool = False  # route health injection: withdraw this VIP's BGP route ([daemon.bgp])
     spi_label_mask: int = 0  # SPI labels: the IKE SPI bits naming the real server (0 = no labels)
+    # per-source ingress limits (director/ingress.py): (esp_pps, ah_pps, ike_pps, burst), () = none
+    ingress: tuple[int, int, int, int] | tuple[()] = ()
 
 
 # -- failover sync ([daemon.sync], director/sync.py) -------------------------------------------
@@ -236,7 +238,7 @@ _DAEMON_KEYS = set(DaemonConfig.__dataclass_fields__)
 _SERVICE_KEYS = {
     "vip", "scheduler", "scheduler_options", "method", "affinity", "ah", "timeouts",
     "retransmit_threshold", "soft_expiry", "health", "server", "drain", "spi_label",
-    "expire_quiescent",
+    "expire_quiescent", "ingress",
 }
 _HEALTH_KEYS = {"interval", "timeout", "rise", "fall", "expire_on_down", "icmp"}
 _SERVER_KEYS = {"address", "weight", "method", "u_threshold", "l_threshold", "spi_label", "esp_spi_min",
@@ -520,7 +522,29 @@ def _service(c: _Checker, p: str, s: Any, vips: dict[str, int], addresses: dict[
         servers=tuple(servers),
         drain=c.bool_(f"{p}.drain", s.get("drain", False)),
         spi_label_mask=mask,
+        ingress=_ingress(c, p, s.get("ingress")),
     )
+
+
+INGRESS_KEYS = ("esp_pps", "ah_pps", "ike_pps", "burst")
+
+
+def _ingress(c: _Checker, p: str, v: Any) -> tuple:
+    """``ingress = { esp_pps = ..., ah_pps = ..., ike_pps = ..., burst = ... }``: whole packets per
+    second per source (0 or absent: no limit), burst in packets (0 or absent: one second of each
+    rate); () when every rate is 0."""
+    from director.ingress import PPS_MAX
+
+    if v is None:
+        return ()
+    if not isinstance(v, dict):
+        c.err(f"{p}.ingress", "must be a table like { esp_pps = 50, ike_pps = 20 }")
+        return ()
+    c.unknown(f"{p}.ingress", v, set(INGRESS_KEYS))
+    vals = tuple(c.int_(f"{p}.ingress.{k}", v.get(k, 0), 0, PPS_MAX) for k in INGRESS_KEYS)
+    if vals[3] and not any(vals[:3]):
+        c.err(f"{p}.ingress.burst", "set without any of esp_pps, ah_pps, ike_pps")
+    return vals if any(vals[:3]) else ()
 
 
 def _spi_labels(c: _Checker, p: str, v: Any, servers: list[ServerConfig], paths: list[str]) -> int:
@@ -581,6 +605,8 @@ def service_to_dict(s: ServiceConfig) -> dict:
         out["drain"] = True
     if s.spi_label_mask:
         out["spi_label"] = {"mask": f"{s.spi_label_mask:#018x}"}
+    if s.ingress:
+        out["ingress"] = {k: n for k, n in zip(INGRESS_KEYS, s.ingress) if n}
     out["server"] = [server_to_dict(r) for r in s.servers]
     return out
 

@@ -3,6 +3,10 @@
 The dataplane adapters (NFQUEUE, eBPF map sync) apply verdicts; they never re-derive one. The rules,
 in this order for a client packet to a VIP:
 
+- Ingress limits (a service's ``ingress``, director/ingress.py), first: an IKE packet, or ESP, AH or
+  ESP-in-UDP with no ESTABLISHED entry, over its source's rate is dropped, counted, not answered.
+  Off while the eBPF programs enforce them before the queue (``ingress_in_core``).
+
 - IKE, responder cookie zero (initial): a known conversation keeps its real server (a repeat is
   counted; past the service's threshold with no sign of life the conversation is rescheduled: the
   passive health signal). A new one follows the client's live state if any (implicit persistence,
@@ -28,6 +32,7 @@ from typing import NamedTuple
 from director.conntrack import NO_RS, NO_SLOT, Table, TableFull, TableListener
 from director.ratelimit import SourceBuckets, TokenBucket
 from director.drop_reasons import DropReason
+from director import ingress as _ing
 from director.isakmp_state import Event, State
 from director.packet import PROTO_AH, PROTO_ESP, PROTO_UDP, Kind, PacketError, classify, parse_icmp_error
 from director.schedulers import RealServer
@@ -38,6 +43,7 @@ from director.spi_label import ServerLabel, SpiLabels
 _SERVICE_FIELDS = frozenset({
     "scheduler_name", "scheduler_options", "method", "affinity", "ah", "timeouts",
     "retransmit_threshold", "soft_limit", "soft_grace", "health", "spi_label", "expire_quiescent",
+    "ingress",
 })
 
 
@@ -229,6 +235,11 @@ class Director:
         self.rs_counters: dict[int, array] = {}
         self._rs_method: dict[int, Method] = {}  # each real server's effective method, kept current
         self._labels: dict[int, SpiLabels] = {}  # SPI label decoders by service id (services with labels)
+        # per-source ingress limits by service id (services with an ``ingress`` table); off while
+        # the eBPF fast path enforces them before the queue (the daemon clears it), so a packet
+        # the kernel let through is not judged twice
+        self._ingress: dict[int, _ing.ServiceIngress] = {}
+        self.ingress_in_core = True
 
     # -- configuration -----------------------------------------------------------------------
     def add_service(self, svc: Service) -> None:
@@ -246,6 +257,7 @@ class Director:
         for rs in svc.servers.values():
             self._index_server(svc, rs)
         self._build_labels(svc)
+        self._build_ingress(svc)
 
     def _build_labels(self, svc: Service) -> None:
         """The service's SPI label decoder, by real server id (the config validated the labels)."""
@@ -257,6 +269,14 @@ class Director:
         self._labels[svc.id] = SpiLabels.build(mask, {ids[a]: ServerLabel(label, lo, hi)
                                                       for a, label, lo, hi in servers if a in ids})  # fmt: skip
 
+    def _build_ingress(self, svc: Service) -> None:
+        """The service's ingress limiters; kept (with their state) while its settings stay."""
+        old = self._ingress.get(svc.id)
+        if not svc.ingress:
+            self._ingress.pop(svc.id, None)
+        elif old is None or tuple(old.config) != tuple(svc.ingress):
+            self._ingress[svc.id] = _ing.ServiceIngress(_ing.IngressConfig(*svc.ingress))
+
     def remove_service(self, svc_id: int) -> int:
         """Remove a service, its real servers and its entries (a scan: operator action only)."""
         svc = self._service(svc_id)
@@ -265,6 +285,7 @@ class Director:
         del self.services[svc_id]
         del self._by_vip[svc.vip]
         self._labels.pop(svc_id, None)
+        self._ingress.pop(svc_id, None)
         del self.svc_counters[svc_id]
         t = self.table
         doomed = [s for s in t.slots() if t.svc_of(s) == svc_id]
@@ -311,6 +332,7 @@ class Director:
         self.table.set_soft_expiry(svc.id, svc.soft_limit, svc.soft_grace)
         self._reindex_nat(svc)
         self._build_labels(svc)
+        self._build_ingress(svc)
         svc.refresh_scheduler()
 
     def _reindex_nat(self, svc: Service) -> None:
@@ -486,24 +508,33 @@ class Director:
         kind = c.kind
         if kind == _K_ESP or kind == _K_AH:
             if kind == _K_AH and not svc.ah:
-                return self._drop(kind, DropReason.NO_ENTRY, svc, icmp=True)
+                refused = self._ingress_refused(svc, _ing.AH, c.src, now)
+                return self._drop(kind, refused or DropReason.NO_ENTRY, svc, icmp=refused is None)
             s, _ = self.table.established_of_client(svc.id, c.src)
             if s < 0:
-                if kind == _K_ESP and svc.id in self._labels:
+                if kind == _K_ESP and self._names_a_server(svc, c.spi):
                     return self._label_esp(svc, c, now)
+                # no ESTABLISHED entry, no label: within the source's ingress limit
+                refused = self._ingress_refused(svc, _ing.AH if kind == _K_AH else _ing.ESP, c.src, now)
+                if refused:
+                    return self._drop(kind, refused, svc)
                 return self._drop(kind, DropReason.NO_ENTRY, svc, icmp=True)
             return self._forward_entry(svc, kind, s, now)
-        if kind == _K_IKE_INITIAL:
-            return self._ike_initial(svc, c, now)
-        if kind == _K_IKE:
-            return self._ike(svc, c, now)
+        if kind == _K_IKE_INITIAL or kind == _K_IKE:
+            refused = self._ingress_refused(svc, _ing.IKE, c.src, now)  # every IKE packet
+            if refused:
+                return self._drop(kind, refused, svc)
+            return self._ike_initial(svc, c, now) if kind == _K_IKE_INITIAL else self._ike(svc, c, now)
         if kind == _K_ESP_IN_UDP:
             s, saw_init = self.table.established_of_natt(svc.id, c.src, c.sport)
             if s < 0:
+                if not saw_init and self._names_a_server(svc, c.spi):
+                    return self._label_esp(svc, c, now)
+                refused = self._ingress_refused(svc, _ing.ESP, c.src, now)  # no ESTABLISHED entry, no label
+                if refused:
+                    return self._drop(kind, refused, svc)
                 if saw_init:
                     return self._drop(kind, DropReason.ENTRY_NOT_ESTABLISHED, svc)
-                if svc.id in self._labels:
-                    return self._label_esp(svc, c, now)
                 return self._drop(kind, DropReason.NO_ENTRY, svc, icmp=True)
             return self._forward_entry(svc, kind, s, now)
         # NAT-keepalive: keeps the NAT mapping, not the entry; follows the client's real server
@@ -635,6 +666,13 @@ class Director:
         Its health does not matter: it holds the SA, no other server could take the packet."""
         return svc.servers.get(rs_id) if rs_id is not None else None
 
+    def _names_a_server(self, svc: Service, spi: int) -> bool:
+        """The service has SPI labels and this ESP SPI lies in one of its servers' ranges: the
+        conversation is forwarded by its label (docs/fastpath.md), never held to the ingress limit
+        of clients without an entry, in the kernel or here."""
+        labels = self._labels.get(svc.id)
+        return labels is not None and self._labelled(svc, labels.decode_esp(spi)) is not None
+
     def _label_esp(self, svc: Service, c, now: float) -> Verdict:
         """ESP (or ESP-in-UDP) with no entry: the real server whose inbound SPI range holds the
         SPI gets it, and an ESTABLISHED entry is made so what follows behaves as if the director
@@ -701,6 +739,11 @@ class Director:
             return None
         rs = self._label_entry(svc, bool(port), client, port, spi, now)
         return rs if isinstance(rs, DropReason) else rs.id
+
+    def _ingress_refused(self, svc: Service, cls: int, source: int, now: float) -> DropReason | None:
+        """The service's ingress limit for this class and source (None: within it, or no limit)."""
+        ing = self._ingress.get(svc.id) if self.ingress_in_core else None
+        return ing.refused(cls, source, int(now * 1e9)) if ing is not None else None
 
     def _refuse_new(self, source: int, now: float) -> DropReason | None:
         """Per-source limit first (a spoofer's excess costs nobody else), then the global one;

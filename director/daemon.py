@@ -158,6 +158,7 @@ class Daemon:
             return
         self.fastpath = fp
         self.dataplane = "ebpf"
+        self.director.ingress_in_core = False  # the programs enforce the ingress limits before the queue
         with self.views.lock:
             self.views.attach_fastpath(fp)
 

@@ -45,3 +45,7 @@ class DropReason(IntEnum):
     ICMP_SUPPRESSED = 58  # RFC 1122 3.2.2: no ICMP error may answer this packet (the drop stands)
     SOURCE_RATE_LIMITED = 59  # the per-source new-entry limit (daemon.new_entries_per_source)
     ICMP_NO_ENTRY = 60  # an ICMP error quoting a VIP's IKE/ESP/AH packet to a client with no entry
+    # -- per-source ingress limits of a service (director/ingress.py, ebpf/include/ingress.h) -----
+    INGRESS_ESP_LIMITED = 75  # ESP / ESP-in-UDP with no ESTABLISHED entry above the source's esp_pps
+    INGRESS_AH_LIMITED = 76  # AH with no ESTABLISHED entry above the source's ah_pps
+    INGRESS_IKE_LIMITED = 77  # IKE (UDP 500/4500, not ESP) above the source's ike_pps

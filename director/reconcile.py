@@ -69,6 +69,7 @@ def _service_fields(s: ServiceConfig) -> dict:
         # SPI labels by real server address (the core maps them to server ids): () = none
         "spi_label": (s.spi_label_mask, tuple((ip_to_int(r.address), r.spi_label, r.esp_spi_min, r.esp_spi_max)
                                               for r in s.servers)) if s.spi_label_mask else (),
+        "ingress": s.ingress,  # per-source ingress limits: () = none
     }
 
 

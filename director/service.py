@@ -47,6 +47,8 @@ class Service:
     health: HealthConfig | None = None  # None: no probes (servers stay up unless marked)
     # SPI labels (director/spi_label.py): (mask, ((server address, label, esp_min, esp_max), ...)) or ()
     spi_label: tuple = ()
+    # per-source ingress limits (director/ingress.py): (esp_pps, ah_pps, ike_pps, burst) or () = none
+    ingress: tuple = ()
     servers: dict[int, RealServer] = field(default_factory=dict)
     scheduler: Scheduler = field(init=False)
 

@@ -127,6 +127,7 @@ class Views:
                 "stats": {k: sum(r["stats"][k] for r in servers) for k in IPVS_COLUMNS},
                 "rates": {k: sum(r["rates"][k] for r in servers) for k in RATE_KEYS},
                 "servers": servers,
+                **({"ingress": dict(zip(("esp_pps", "ah_pps", "ike_pps", "burst"), svc.ingress))} if svc.ingress else {}),
             })
         ann = self.announcements()
         if ann is not None:  # route health injection

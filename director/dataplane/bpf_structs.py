@@ -130,7 +130,7 @@ DP_STATS = _layout(
     ("mtu_pass", "Q"),
     ("ttl_pass", "Q"),
     ("replies", "Q"),
-    ("drops", "64Q"),
+    ("drops", "128Q"),
 )
 RS_STATS = _layout("rs_stats", ("packets", "8Q"), ("bytes", "8Q"))
 ADMIT = _layout("admit", ("per_window", "I"), ("per_source", "I"), ("window_ns", "Q"), ("window", "Q"), ("count", "Q"))
@@ -149,6 +149,27 @@ SPI_LABEL_CFG = _layout(
 )
 LABEL_SEEN_VAL = _layout("label_seen_val", ("spi", "I"), ("rs", "H"), ("pad", "H"), ("first", "Q"))
 LABEL_STATS = _layout("label_stats", ("forwarded", "Q"), ("unknown", "Q"), ("recorded", "Q"))
+
+# -- per-source ingress limits (ebpf/include/ingress.h; in the client-side objects only) -------------
+INGRESS_CFG = _layout("ingress_cfg", ("esp_pps", "I"), ("ah_pps", "I"), ("ike_pps", "I"), ("burst", "I"))
+INGRESS_KEY = _layout("ingress_key", ("vip", "4s"), ("src", "4s"), ("cls", "B"), ("pad", "3x"))
+INGRESS_TB = _layout("ingress_tb", ("tokens", "Q"), ("last_ns", "Q"))
+INGRESS_LAYOUTS = {l.name: l for l in (INGRESS_CFG, INGRESS_KEY, INGRESS_TB)}
+
+
+def ingress_cfg(esp_pps: int, ah_pps: int, ike_pps: int, burst: int) -> bytes:
+    """Value of ``ingress_cfg`` (key: the VIP, :func:`addr`): a service's ``ingress`` table."""
+    return INGRESS_CFG.struct.pack(esp_pps, ah_pps, ike_pps, burst)
+
+
+def ingress_key(vip: int, src: int, cls: int) -> bytes:
+    return INGRESS_KEY.struct.pack(_ADDR.pack(vip), _ADDR.pack(src), cls)
+
+
+def unpack_ingress_tb(b: bytes) -> tuple[int, int]:
+    """(tokens in nano-packets, last_ns) of an ``ingress_src`` value."""
+    return INGRESS_TB.struct.unpack(b)
+
 
 #: Every struct of docs/fastpath.md, by its C name.
 LAYOUTS = {l.name: l for l in (VIP_VAL, CLIENT_KEY, CLIENT_VAL, SERVER_VAL, DP_CONFIG, DP_STATS, RS_STATS,
@@ -180,6 +201,8 @@ MAPS = {
     "spi_labels": MapSpec(4, SPI_LABEL_CFG.size, False),  # key: service id
     "label_seen": MapSpec(CLIENT_KEY.size, LABEL_SEEN_VAL.size, False),
     "label_stats": MapSpec(4, LABEL_STATS.size, True),
+    "ingress_cfg": MapSpec(4, INGRESS_CFG.size, False),
+    "ingress_src": MapSpec(INGRESS_KEY.size, INGRESS_TB.size, False),
 }
 
 
@@ -338,7 +361,7 @@ def _unpack_summed(layout: Layout, b: bytes, ncpus: int) -> dict[str, int | list
 def unpack_dp_stats(b: bytes, ncpus: int) -> dict[str, int | list[int]]:
     """A ``stats`` lookup summed over CPUs, by field name.
 
-    Arrays stay lists: {"fwd_packets": [8 by Kind], ..., "miss": n, ..., "drops": [64 by DropReason]}.
+    Arrays stay lists: {"fwd_packets": [8 by Kind], ..., "miss": n, ..., "drops": [128 by DropReason]}.
     """
     return _unpack_summed(DP_STATS, b, ncpus)
 

@@ -65,7 +65,7 @@ FILTER_PRIO = 0xC0DE  # our tc filter's priority on each interface: found and re
 INGRESS = "ffff:fff2"
 ADOPTED_SPI = 0xADAD_0000_0000_0000  # initiator "cookie" of entries rebuilt from the map (| port)
 _MAPS = ("vips", "clients", "servers", "nat_replies", "config", "stats", "rs_stats", "admit", "admit_src",
-         "spi_labels", "label_seen", "label_stats")
+         "spi_labels", "label_seen", "label_stats", "ingress_cfg", "ingress_src")  # fmt: skip
 LABEL_DRAIN_MAX = 4096  # label_seen records turned into entries per tick, at most (a flood waits its turn)
 HOOKS = ("tc", "xdp")  # where the client-side program runs (daemon.fastpath_hook)
 _CLIENT_PROG = {"tc": ("director_tc.o", "director_tc"), "xdp": ("director_xdp.o", "director_xdp")}
@@ -284,9 +284,11 @@ class FastPath:
     def sync_services(self) -> None:
         """vips, servers and nat_replies equal the running services; clients of gone ones pruned."""
         d = self.d
-        vips, servers, nat, labels = {}, {}, {}, {}
+        vips, servers, nat, labels, ingress = {}, {}, {}, {}, {}
         for svc in d.services.values():
             vips[bs.addr(svc.vip)] = bs.vip_val(svc.id, bs.VIP_F_AH if svc.ah else 0)
+            if svc.ingress:  # per-source ingress limits (ebpf/include/ingress.h)
+                ingress[bs.addr(svc.vip)] = bs.ingress_cfg(*svc.ingress)
             sl = d.spi_labels(svc.id)
             if sl is not None:  # SPI labels: the kernel decodes a miss's ESP SPI
                 try:
@@ -298,7 +300,8 @@ class FastPath:
                 servers[bs.u32(rs.id)] = bs.server_val(rs.addr, int(m))
                 if m == Method.NAT:
                     nat[bs.addr(rs.addr)] = bs.addr(svc.vip)
-        for name, want in (("vips", vips), ("servers", servers), ("nat_replies", nat), ("spi_labels", labels)):
+        for name, want in (("vips", vips), ("servers", servers), ("nat_replies", nat), ("spi_labels", labels),
+                           ("ingress_cfg", ingress)):
             fd = self.fd[name]
             spec = bs.MAPS[name]
             for k in list(libbpf.map_keys(fd, spec.key_size)):

@@ -34,6 +34,10 @@ enum drop_reason {
 	DROP_ICMP_SUPPRESSED = 58,
 	DROP_SOURCE_RATE_LIMITED = 59,
 	DROP_ICMP_NO_ENTRY = 60,
+	/* per-source ingress limits (include/ingress.h) */
+	DROP_INGRESS_ESP_LIMITED = 75,
+	DROP_INGRESS_AH_LIMITED = 76,
+	DROP_INGRESS_IKE_LIMITED = 77,
 };
 
 #endif

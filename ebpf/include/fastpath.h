@@ -23,6 +23,7 @@
 #include "parsing.h"
 #include "csum.h"
 #include "fib.h"
+#include "ingress.h"
 
 #define IPIP_HLEN 20 /* the outer header we prepend: IHL 5, no options (RFC 2003) */
 #define IPIP_TTL 64
@@ -185,6 +186,18 @@ static __always_inline int fp_label(void *ip, void *data_end, const struct vip_v
 	return 1;
 }
 
+/* Ingress limits (include/ingress.h): to the stack within the source's limit, else dropped and
+ * counted by the limit's reason. */
+static __always_inline int fp_limited_pass(struct dp_stats *st, __u32 vip, __be32 src, int cls, int kind)
+{
+	int refused = fp_ingress(vip, src, cls);
+
+	if (!refused)
+		return fp_pass(st, kind);
+	st->drops[refused & (N_DROP_REASONS - 1)]++;
+	return FP_DROP;
+}
+
 /* The packet was rewritten and handed to the redirect. */
 static __always_inline void fp_forwarded(const struct fp *f)
 {
@@ -314,7 +327,8 @@ static __always_inline int fp_decide(void *ctx, void *data, void *data_end, __u3
 	case KIND_AH:
 		if (vv->flags & VIP_F_AH)
 			break;
-		return fp_pass(st, kind); /* the slow path answers (ICMP protocol unreachable) */
+		/* the slow path answers (ICMP protocol unreachable), within the AH ingress limit */
+		return fp_limited_pass(st, vip, f->p.src, ING_AH, kind);
 	case KIND_FRAGMENT:
 		st->fragments++;
 		return fp_pass(st, kind);
@@ -327,14 +341,19 @@ static __always_inline int fp_decide(void *ctx, void *data, void *data_end, __u3
 		st->not_ours++;
 		return fp_pass(st, kind);
 	case KIND_IKE_INITIAL: { /* the daemon's, within the admission limits */
-		int refused = fp_admit(f->p.src);
+		int refused = fp_ingress(vip, f->p.src, ING_IKE);
+
+		if (!refused)
+			refused = fp_admit(f->p.src);
 
 		if (!refused)
 			return fp_pass(st, kind);
 		st->drops[refused & (N_DROP_REASONS - 1)]++;
 		return FP_DROP;
 	}
-	default: /* IKE and NAT-keepalives: the daemon's */
+	case KIND_IKE: /* the daemon's, within the IKE ingress limit */
+		return fp_limited_pass(st, vip, f->p.src, ING_IKE, kind);
+	default: /* NAT-keepalives: the daemon's */
 		return fp_pass(st, kind);
 	}
 
@@ -349,6 +368,16 @@ static __always_inline int fp_decide(void *ctx, void *data, void *data_end, __u3
 			cv->last_seen = bpf_ktime_get_ns();
 		f->rs_id = cv->rs;
 	} else if (!fp_label(ip, data_end, vv, f)) { /* SPI labels: the SPI may name the server */
+		/* no ESTABLISHED client and no label naming a server: ESP and AH within the source's
+		 * ingress limit (include/ingress.h) */
+		if (kind != KIND_NOT_OURS) {
+			int refused = fp_ingress(vip, f->p.src, kind == KIND_AH ? ING_AH : ING_ESP);
+
+			if (refused) {
+				st->drops[refused & (N_DROP_REASONS - 1)]++;
+				return FP_DROP;
+			}
+		}
 		st->miss++;
 		return fp_pass(st, kind);
 	}

@@ -32,7 +32,7 @@ enum kind {
 	KIND_FRAGMENT = 7,
 };
 #define N_KINDS 8
-#define N_DROP_REASONS 64
+#define N_DROP_REASONS 128 /* drops[] by enum drop_reason (codes up to 127) */
 
 struct vip_val {
 	__u16 svc;   /* service id */

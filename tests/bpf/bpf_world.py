@@ -191,7 +191,8 @@ class World:
             obj = L.BpfObject(path)
             self.objs.append(obj)
             for name in S.MAPS:
-                obj.set_pin_path(name, pin_dir / name)
+                if name in obj.map_names:  # the ingress maps are the client-side objects' only
+                    obj.set_pin_path(name, pin_dir / name)
             obj.load()
         self.prog_fd = {
             "tc": self.objs[0].prog_fd("director_tc"),
@@ -243,7 +244,8 @@ class World:
     def clear(self) -> None:
         """Empty every hash map, zero the stats, the config and the admission limits."""
         L, S = self.L, self.S
-        for name in ("vips", "clients", "servers", "nat_replies", "rs_stats", "admit_src", "spi_labels", "label_seen"):
+        for name in ("vips", "clients", "servers", "nat_replies", "rs_stats", "admit_src", "spi_labels", "label_seen",
+                     "ingress_cfg", "ingress_src"):
             fd = self.map_fd[name]
             for key in list(L.map_keys(fd, S.MAPS[name].key_size)):
                 L.map_delete(fd, key)

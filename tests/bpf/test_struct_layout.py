@@ -125,4 +125,4 @@ def test_packing_helpers_round_trip():
         off = cpu * stride + S.DP_STATS.offset("drops") + 30 * 8
         raw[off : off + 8] = cpu.to_bytes(8, sys.byteorder)
     st = S.unpack_dp_stats(bytes(raw), ncpus)
-    assert st["miss"] == 3 and st["drops"][30] == 3 and len(st["drops"]) == 64 and sum(st["fwd_packets"]) == 0
+    assert st["miss"] == 3 and st["drops"][30] == 3 and len(st["drops"]) == 128 and sum(st["fwd_packets"]) == 0

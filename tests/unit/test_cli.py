@@ -521,3 +521,20 @@ def test_listing_shows_scheduler_flags_and_quiescent_expiry_as_ipvsadm_shows_fla
     line = cli.format_services([svc]).splitlines()[3]
     assert line == f"IPSEC  {VIP2} mh (mh-port) affinity ip-port 600 expire-quiescent no-ah"
     assert cli.format_services([SERVICES[1]]).splitlines()[3] == f"IPSEC  {VIP2} rr affinity ip-port 600 no-ah"
+
+
+def test_list_drops_shows_every_counted_reason_with_the_kernel_part():
+    status = {"drops": {"NO_ENTRY": 10, "INGRESS_ESP_LIMITED": 290, "IP_TRUNCATED": 1},
+              "fastpath": {"drops": {"INGRESS_ESP_LIMITED": 285}}}
+    requests, out = run(["-L", "--drops"], status=status)
+    assert requests == [("status", {})]
+    assert out.splitlines() == [
+        "Reason                   Code      Packets     InKernel",
+        "IP_TRUNCATED                1            1            0",
+        "NO_ENTRY                   50           10            0",
+        "INGRESS_ESP_LIMITED        75          290          285",
+    ]
+    with pytest.raises(UsageError, match="-L --drops with -V"):
+        run(["-L", "--drops", "-V", VIP], status=status)
+    with pytest.raises(UsageError, match="conflicting options"):
+        run(["-L", "--drops", "--stats"], status=status)

@@ -16,6 +16,7 @@ PURE = sorted([
     "director/service.py",
     "director/drop_reasons.py",
     "director/ratelimit.py",
+    "director/ingress.py",
     "director/health.py",
     "director/config.py",
     "director/control.py",

@@ -255,3 +255,21 @@ def test_a_scrape_racing_config_changes_sees_one_config_or_the_other():
     assert len(seen) >= 30 and applied >= 30, f"{len(seen)} scrapes, {applied} changes: the race was not run"
     mixed = [s for s in seen if s not in (want_a, want_b)]
     assert mixed == [], f"{len(mixed)} of {len(seen)} scrapes saw half a change"
+
+
+def test_ingress_drops_add_the_kernel_to_the_core_in_the_api_and_the_metric():
+    d = running(BASE.replace('scheduler = "rr"', 'scheduler = "rr"\ningress = { esp_pps = 1, burst = 1 }'))
+    stranger = ip_to_int("203.0.113.99")
+    for _ in range(3):  # the core: 1 within the limit (NO_ENTRY), 2 over it
+        d.decide(craft.esp(stranger, VIP, 9), 1.0)
+
+    class Kernel(FakeFastPath):
+        def dp_stats(self) -> dict:
+            drops = [0] * 128
+            drops[75] = 40  # INGRESS_ESP_LIMITED in the programs
+            return {"drops": drops}
+
+    v = views_of(d)
+    v.attach_fastpath(Kernel(FakeKernel()))
+    assert v.drop_counts()[75] == 42 and v.drop_counts()[50] == 1
+    assert 'director_drops_total{reason="ingress_esp_limited"} 42.0' in scrape(v)
