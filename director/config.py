@@ -33,7 +33,7 @@ from typing import Any
 from director.forwarding.method import AH_ACROSS_NAT, NAMES as METHOD_NAMES, Method, ah_across_nat
 from director.isakmp_state import DEFAULT_ESTABLISHED_TIMEOUT, DEFAULT_INIT_TIMEOUT
 from director.schedulers import SCHEDULERS
-from director.service import AFFINITY
+from director.service import AFFINITY, RETURN_PATHS
 
 
 class ConfigErrors(ValueError):
@@ -74,6 +74,7 @@ class ServiceConfig:
     servers: tuple[ServerConfig, ...] = ()
     drain: bool = False  # route health injection: withdraw this VIP's BGP route ([daemon.bgp])
     spi_label_mask: int = 0  # SPI labels: the IKE SPI bits naming the real server (0 = no labels)
+    return_path: str = "direct"  # DR/TUN replies: "direct" or "director" (NAT replies always pass it)
 
 
 # -- failover sync ([daemon.sync], director/sync.py) -------------------------------------------
@@ -236,7 +237,7 @@ _DAEMON_KEYS = set(DaemonConfig.__dataclass_fields__)
 _SERVICE_KEYS = {
     "vip", "scheduler", "scheduler_options", "method", "affinity", "ah", "timeouts",
     "retransmit_threshold", "soft_expiry", "health", "server", "drain", "spi_label",
-    "expire_quiescent",
+    "expire_quiescent", "return_path",
 }
 _HEALTH_KEYS = {"interval", "timeout", "rise", "fall", "expire_on_down", "icmp"}
 _SERVER_KEYS = {"address", "weight", "method", "u_threshold", "l_threshold", "spi_label", "esp_spi_min",
@@ -435,6 +436,9 @@ def _service(c: _Checker, p: str, s: Any, vips: dict[str, int], addresses: dict[
         opts = {}
     method = c.method(f"{p}.method", s.get("method", "dr"))
     affinity = c.str_(f"{p}.affinity", s.get("affinity", "ip"), AFFINITY)
+    return_path = c.str_(f"{p}.return_path", s.get("return_path", "direct"), RETURN_PATHS)
+    if return_path == "direct" and method == Method.NAT and "return_path" in s:
+        c.err(f"{p}.return_path", 'a NAT service\'s replies always pass the director: "director" or leave it out')
     ah = c.bool_(f"{p}.ah", s.get("ah", method != Method.NAT))
     t = s.get("timeouts", {})
     if not isinstance(t, dict):
@@ -520,6 +524,7 @@ def _service(c: _Checker, p: str, s: Any, vips: dict[str, int], addresses: dict[
         servers=tuple(servers),
         drain=c.bool_(f"{p}.drain", s.get("drain", False)),
         spi_label_mask=mask,
+        return_path=return_path,
     )
 
 
@@ -581,6 +586,8 @@ def service_to_dict(s: ServiceConfig) -> dict:
         out["drain"] = True
     if s.spi_label_mask:
         out["spi_label"] = {"mask": f"{s.spi_label_mask:#018x}"}
+    if s.return_path != "direct":
+        out["return_path"] = s.return_path
     out["server"] = [server_to_dict(r) for r in s.servers]
     return out
 

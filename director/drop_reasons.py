@@ -45,3 +45,7 @@ class DropReason(IntEnum):
     ICMP_SUPPRESSED = 58  # RFC 1122 3.2.2: no ICMP error may answer this packet (the drop stands)
     SOURCE_RATE_LIMITED = 59  # the per-source new-entry limit (daemon.new_entries_per_source)
     ICMP_NO_ENTRY = 60  # an ICMP error quoting a VIP's IKE/ESP/AH packet to a client with no entry
+    # -- the return path through the director (DR/TUN, return_path = "director"): anti-spoofing ------
+    RETURN_NO_CONVERSATION = 80  # from a VIP on the server side: IKE/ESP of no conversation of that client
+    RETURN_WRONG_SERVER = 81  # from a VIP: the conversation's real server did not send it (another host's MAC)
+    RETURN_NOT_IPSEC = 82  # from a VIP on the server side, neither IKE nor ESP/ESP-in-UDP (nor NAT-keepalive)

@@ -65,6 +65,7 @@ def _service_fields(s: ServiceConfig) -> dict:
         "soft_limit": s.soft_limit,
         "soft_grace": s.soft_grace,
         "expire_quiescent": s.expire_quiescent,
+        "return_path": s.return_path,
         "health": HealthConfig(**dict(s.health)) if s.health else None,
         # SPI labels by real server address (the core maps them to server ids): () = none
         "spi_label": (s.spi_label_mask, tuple((ip_to_int(r.address), r.spi_label, r.esp_spi_min, r.esp_spi_max)

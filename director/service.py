@@ -10,9 +10,10 @@ from director.isakmp_state import Timeouts
 from director.schedulers import RealServer, Scheduler, make_scheduler
 
 
-__all__ = ["AFFINITY", "ConfigError", "Method", "Service"]
+__all__ = ["AFFINITY", "RETURN_PATHS", "ConfigError", "Method", "Service"]
 
 AFFINITY = ("ip", "ip-port")
+RETURN_PATHS = ("direct", "director")  # DR/TUN replies: straight to the client, or through the director
 
 
 class ConfigError(ValueError):
@@ -47,6 +48,9 @@ class Service:
     health: HealthConfig | None = None  # None: no probes (servers stay up unless marked)
     # SPI labels (director/spi_label.py): (mask, ((server address, label, esp_min, esp_max), ...)) or ()
     spi_label: tuple = ()
+    # "director": DR/TUN servers' replies come back through the director (their default route), which
+    # forwards those of known conversations from their own server and validates conversations by them
+    return_path: str = "direct"
     servers: dict[int, RealServer] = field(default_factory=dict)
     scheduler: Scheduler = field(init=False)
 
@@ -55,6 +59,8 @@ class Service:
             raise ConfigError(f"service.id: must be 0..65534, got {self.id}")
         if not 0 < self.vip <= 0xFFFFFFFF:
             raise ConfigError(f"service.vip: not an IPv4 address: {self.vip}")
+        if self.return_path not in RETURN_PATHS:
+            raise ConfigError(f"service.return_path: must be one of {', '.join(RETURN_PATHS)}, got '{self.return_path}'")
         if self.affinity not in AFFINITY:
             raise ConfigError(f"service.affinity: must be one of {', '.join(AFFINITY)}, got '{self.affinity}'")
         if self.retransmit_threshold < 0 or self.retransmit_threshold > 255:

@@ -34,6 +34,10 @@ enum drop_reason {
 	DROP_ICMP_SUPPRESSED = 58,
 	DROP_SOURCE_RATE_LIMITED = 59,
 	DROP_ICMP_NO_ENTRY = 60,
+	/* the return path through the director (director_reply) */
+	DROP_RETURN_NO_CONVERSATION = 80,
+	DROP_RETURN_WRONG_SERVER = 81,
+	DROP_RETURN_NOT_IPSEC = 82,
 };
 
 #endif
