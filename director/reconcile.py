@@ -191,6 +191,7 @@ class KernelState:
     vips: tuple[str, ...]
     nat_servers: tuple[str, ...]
     dr_servers: tuple[tuple[int, str], ...]  # (real server id, address)
+    return_vips: tuple[str, ...] = ()  # VIPs of services whose DR/TUN replies pass the director
 
 
 def kernel_state(d: Director) -> KernelState:
@@ -203,4 +204,5 @@ def kernel_state(d: Director) -> KernelState:
                 nat.add(int_to_ip(rs.addr))
             elif m == Method.DR:
                 dr.append((rs.id, int_to_ip(rs.addr)))
-    return KernelState(tuple(sorted(vips)), tuple(sorted(nat)), tuple(sorted(dr)))
+    ret = tuple(sorted(int_to_ip(s.vip) for s in d.services.values() if s.return_path == "director"))
+    return KernelState(tuple(sorted(vips)), tuple(sorted(nat)), tuple(sorted(dr)), ret)
