@@ -154,6 +154,7 @@ class Daemon:
                       lan_addr=self.verdicts.lan_addr, lan_mtu=self.verdicts.lan_mtu, pin_dir=Path(d.bpf_pin_dir),
                       hook=d.fastpath_hook, admit_rate=d.new_entries_rate, admit_per_source=d.new_entries_per_source,
                       fib_rules=d.fastpath_fib == "rules")
+        fp.senders = self.verdicts.senders  # the return path's MAC -> real server map
         try:
             fp.start(self._ipr)
         except FastPathUnavailable as e:

@@ -6,8 +6,9 @@ one. ``Senders`` maps the MAC addresses of those real servers to their ids, from
 neighbour table on ``server_interface``. The director forwarded the client's packets to the server
 before the server could answer, so its entry is there by the first reply; an unknown MAC makes
 ``sender`` read the table again: once per unknown MAC per ``retry`` seconds (two servers
-answering for the first time at once each get their look), and at most once per ``min_interval``
-seconds in all (a forger's flood of made-up MACs costs a hundred small netlink dumps a second). A real server not on the LAN (a routed TUN server)
+answering for the first time at once each get their look), and at most ``rate`` times a second in
+all, in bursts of ``burst`` (a forger's flood of made-up MACs costs a hundred small netlink dumps a
+second). A real server not on the LAN (a routed TUN server)
 answers through a router: its replies carry the router's MAC and are dropped as not its own.
 
 The eBPF reply program makes the same check with the ``return_macs`` map, which the fast path keeps
@@ -22,6 +23,7 @@ from typing import Callable
 
 from director.conntrack import NO_RS
 from director.core import Director
+from director.ratelimit import TokenBucket
 from director.service import Method
 
 log = logging.getLogger(__name__)
@@ -48,16 +50,15 @@ class Senders:
     """MAC address -> real server id, for the reply queue and the eBPF ``return_macs`` map."""
 
     def __init__(self, neighbours: Callable[[], dict[int, bytes]], clock: Callable[[], float],
-                 min_interval: float = 0.01, retry: float = 1.0) -> None:  # fmt: skip
+                 rate: float = 100.0, burst: float = 32.0, retry: float = 1.0) -> None:  # fmt: skip
         """``neighbours()``: {IPv4 address as int: MAC} of the server interface's resolved neighbours."""
         self._neighbours = neighbours
         self.clock = clock
-        self.min_interval = min_interval
+        self._bucket = TokenBucket(rate, burst, now=clock())
         self.retry = retry
         self.servers: dict[int, int] = {}  # address -> real server id
         self.macs: dict[bytes, int] = {}
         self.on_change: Callable[[dict[bytes, int]], None] | None = None
-        self._last = float("-inf")
         self._tried: dict[bytes, float] = {}  # unknown MAC -> when it last made us read the table
         self.stats = {"refreshes": 0}
 
@@ -66,10 +67,8 @@ class Senders:
         self.servers = dict(servers)
         self._tried.clear()
         self.refresh()
-        self._last = float("-inf")
 
     def refresh(self) -> None:
-        self._last = self.clock()
         self.stats["refreshes"] += 1
         macs = {}
         if self.servers:
@@ -91,7 +90,7 @@ class Senders:
         if not self.servers:
             return NO_RS
         now = self.clock()
-        if now - self._tried.get(mac, float("-inf")) < self.retry or now - self._last < self.min_interval:
+        if now - self._tried.get(mac, float("-inf")) < self.retry or not self._bucket.take(now):
             return NO_RS
         if len(self._tried) >= 4096:  # made-up MACs: forget them rather than grow
             self._tried.clear()
