@@ -3,8 +3,8 @@
 The lab's real servers route everything via the director (``Lab(return_via_director=True)``), the
 VIP is on the director's eth0 and on each server's lo. Their replies (source: the VIP) come back
 through the director, which forwards those of known conversations from the server that owns them
-and drops the rest. Each test runs once per dataplane (``run_director``); DR only, to keep CI short
-(TUN replies are the same plain IP packets from the VIP: the same code checks them).
+and drops the rest. Each test runs once per dataplane (``run_director``); DR, and TUN for the first
+test only, to keep CI short (TUN replies are the same plain IP packets from the VIP).
 
 A missing prerequisite (root, charon, swanctl, ping) fails, never skips.
 """
@@ -27,7 +27,8 @@ RETURN = 'return_path = "director"'
 
 @pytest.fixture
 def rp_lab(make_lab, run_director):
-    """Factory: ``rp_lab()`` -> (lab, Peers): a DR lab whose real servers route via the director.
+    """Factory: ``rp_lab(mode="dr")`` -> (lab, Peers): a DR (or TUN) lab whose real servers route via
+    the director.
 
     Requests ``run_director`` so that the peers stop before the daemon and the lab go."""
     missing = strongswan_prerequisites()
@@ -35,8 +36,8 @@ def rp_lab(make_lab, run_director):
         pytest.fail("strongSwan prerequisites missing: " + "; ".join(missing), pytrace=False)
     made: list[Peers] = []
 
-    def make():
-        lab = make_lab("dr", responders=False, return_via_director=True)
+    def make(mode: str = "dr"):
+        lab = make_lab(mode, responders=False, return_via_director=True)
         peers = Peers(lab)
         made.append(peers)
         return lab, peers
@@ -80,10 +81,12 @@ def assert_default_via_director(lab) -> None:
         assert f"via {lab.director_lan} " in out, f"{role}: {out}"
 
 
-def test_clients_establish_ping_rekey_and_stay(rp_lab, run_director):
+@pytest.mark.parametrize("mode", ["dr", "tun"])
+def test_clients_establish_ping_rekey_and_stay(rp_lab, run_director, mode):
     """c1, c2 (IKEv2) and c3 (IKEv1 behind the NAT): established through the director both ways,
-    pings inside the tunnels, client- and server-initiated rekeys, everyone stays on its server."""
-    lab, peers = rp_lab()
+    pings inside the tunnels, client- and server-initiated rekeys, everyone stays on its server.
+    Also in TUN mode (the one test that is: its replies are the same plain packets from the VIP)."""
+    lab, peers = rp_lab(mode)
     assert_default_via_director(lab)
     d = run_director(lab, scheduler="rr", extra_service=RETURN)
     peers.start_servers()
