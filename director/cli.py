@@ -126,6 +126,9 @@ OPTIONS = (
              "scheduled afresh (IPVS's expire_quiescent_template, per service)"),
     Opt("no-expire-quiescent", ("--no-expire-quiescent",),
         help="such a client keeps following its live state to the quiesced server (the default)"),
+    Opt("return-path", ("--return-path",), "str", "direct|director",
+        "DR/TUN: the real servers' replies go straight to the client, or through the director (their "
+        f"default route; it forwards those of known conversations only) (default {DEFAULTS.return_path})"),
     Opt("real-server", ("-r", "--real-server"), "str", "RIP", "the real server's address"),
     Opt("gatewaying", ("-g", "--gatewaying"), help="this real server by direct routing (dr)"),
     Opt("ipip", ("-i", "--ipip"), help="this real server by IP-in-IP tunnel (tun)"),
@@ -155,6 +158,7 @@ _SERVICE = {
     "affinity": "affinity", "netmask": "affinity",
     "persistent": ANY, "init-timeout": ANY, "ah": "ah", "no-ah": "ah", "retransmit-threshold": ANY,
     "soft-limit": ANY, "soft-grace": ANY, "expire-quiescent": "quiescent", "no-expire-quiescent": "quiescent",
+    "return-path": ANY,
 }  # fmt: skip
 _SERVER = {
     "gatewaying": "forward", "ipip": "forward", "masquerading": "forward",
@@ -389,7 +393,7 @@ def service_settings(a: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, name in (("scheduler", "scheduler"), ("scheduler-option", "scheduler_options"),
                       ("method", "method"), ("affinity", "affinity"),
-                      ("retransmit-threshold", "retransmit_threshold")):
+                      ("retransmit-threshold", "retransmit_threshold"), ("return-path", "return_path")):
         if key in a:
             out[name] = a[key]
     if "sched-flags" in a:
@@ -487,7 +491,8 @@ def _scalar_text(v: Any) -> str:
 
 
 _SAVE_SERVICE_KEYS = {"vip", "scheduler", "scheduler_options", "method", "affinity", "ah", "timeouts",
-                      "retransmit_threshold", "soft_expiry", "expire_quiescent", "server", "drain"}
+                      "retransmit_threshold", "soft_expiry", "expire_quiescent", "server", "drain",
+                      "return_path"}
 _SAVE_SERVER_KEYS = {"address", "weight", "method", "u_threshold", "l_threshold"}
 
 
@@ -527,6 +532,8 @@ def save_lines(services: list[dict]) -> Iterator[str]:
             parts.append("--drained")
         if s.get("expire_quiescent"):
             parts.append("--expire-quiescent")
+        if s.get("return_path", DEFAULTS.return_path) != DEFAULTS.return_path:
+            parts += ["--return-path", s["return_path"]]
         yield " ".join(shlex.quote(p) for p in parts)
         for r in s.get("server", []):
             parts = ["-a", "-V", vip, "-r", r["address"]]

@@ -36,7 +36,7 @@ MUTATIONS = frozenset({
 })
 _EDITABLE_SERVICE = {"scheduler", "scheduler_options", "method", "affinity", "ah", "timeouts",
                      "retransmit_threshold", "soft_expiry", "health", "drain",
-                     "expire_quiescent"}
+                     "expire_quiescent", "return_path"}
 _EDITABLE_SERVER = {"weight", "method", "u_threshold", "l_threshold"}
 
 

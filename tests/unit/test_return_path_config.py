@@ -112,3 +112,16 @@ def test_senders_flood_of_made_up_macs_reads_the_table_at_a_bounded_rate():
         clock.t = i / 10_000
         assert s.sender(i.to_bytes(6, "big")) == NO_RS
     assert 32 <= len(reads) <= 32 + 100 + 1
+
+
+def test_vpnadm_sets_and_saves_the_return_path():
+    from director.cli import save_lines
+    from director.control import mutate
+
+    c = mutate(cfg(), {"cmd": "edit-service", "vip": "192.0.2.10", "changes": {"return_path": "director"}})
+    assert c.services[0].return_path == "director"
+    line = next(save_lines([service_to_dict(c.services[0])]))
+    assert "--return-path director" in line
+    assert "--return-path" not in next(save_lines([service_to_dict(cfg().services[0])]))
+    with pytest.raises(ValueError, match="return_path"):
+        mutate(cfg(), {"cmd": "edit-service", "vip": "192.0.2.10", "changes": {"return_path": "gw"}})
