@@ -125,3 +125,12 @@ def test_vpnadm_sets_and_saves_the_return_path():
     assert "--return-path" not in next(save_lines([service_to_dict(cfg().services[0])]))
     with pytest.raises(ValueError, match="return_path"):
         mutate(cfg(), {"cmd": "edit-service", "vip": "192.0.2.10", "changes": {"return_path": "gw"}})
+
+
+@pytest.mark.parametrize("mode, directors", [("nat", 1), ("dr", 2)])
+def test_the_lab_option_is_for_dr_and_tun_labs_with_one_director(mode, directors):
+    from director.lab.netns import Lab
+
+    with pytest.raises(ValueError, match="return_via_director"):
+        Lab(mode, directors=directors, return_via_director=True)
+    assert Lab("tun", return_via_director=True).return_via_director  # built only by up()
