@@ -7,8 +7,8 @@ in this order for a client packet to a VIP:
   counted; past the service's threshold with no sign of life the conversation is rescheduled: the
   passive health signal). A new one follows the client's live state if any (implicit persistence,
   quiesced servers included unless the service sets ``expire_quiescent``) or is scheduled.
-- IKE, responder cookie set: a known conversation is refreshed and turns ESTABLISHED (in NAT mode
-  only with the responder cookie the real server sent). An unknown cookie pair follows the client's
+- IKE, responder cookie set: a known conversation is refreshed and turns ESTABLISHED (in NAT mode,
+  and in DR/TUN with ``return_path = "director"``, only with the responder cookie the real server sent). An unknown cookie pair follows the client's
   real server and is adopted as ESTABLISHED (an IKEv2 IKE SA rekey changes SPIs), or is dropped.
 - ESP / AH: the client's ESTABLISHED entry decides; none -> ICMP protocol-unreachable.
 - ESP-in-UDP: the ESTABLISHED entry of client IP+port; INIT only -> drop; none -> unreachable.
@@ -17,6 +17,11 @@ in this order for a client packet to a VIP:
   ESP, AH): relayed to the real server of that client's conversation (the entry of client IP+port
   for UDP, the client's ESTABLISHED entry for ESP/AH), as IPVS relays them; no conversation -> drop.
   It creates and refreshes nothing, so a flood of them cannot fill the table. Other ICMP: the kernel's.
+
+Replies (``decide_reply``): from a NAT real server, the responder SPI recorded and the source
+rewritten to the VIP. From a VIP whose service has ``return_path = "director"`` (DR/TUN servers
+routing via the director): forwarded to the client only for a conversation of that client held
+by the real server that sent it; IKE records the responder SPI; anything else is dropped.
 """
 
 from __future__ import annotations
