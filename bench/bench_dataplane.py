@@ -5,7 +5,7 @@ nothing. The path is the lab's (docs/lab.md): client c1 -> bridge -> director et
 eth1 -> bridge -> real server, all veth in namespaces. Traffic is one flow of 64-byte-payload ESP
 (an ESP packet of SPI + sequence + 64 bytes, a 106-byte frame), or IKE, from c1's eth0.
 
-    .venv/bin/python bench/bench_dataplane.py [--quick] [--json out.json] [--only fastpath|classic]
+    .venv/bin/python bench/bench_dataplane.py [--quick] [--json out.json] [--only fastpath|classic|return]
 
 Cases, every one on the same path in the same run (docs/performance.md states the targets):
   a   plain kernel IP forwarding: ESP to rs1's own address, routed by the director, no daemon.
@@ -21,6 +21,10 @@ Cases, every one on the same path in the same run (docs/performance.md states th
       4500), and initial IKE_SA_INIT from a new initiator SPI per packet (new ISAKMP entries/s).
   d   what a user might build instead: iptables DNAT (conntrack) of ESP to rs1, no daemon.
   a'  (full run) plain forwarding again at the end: how much the machine drifted during the run.
+
+Group r (``--only return``, only on request): the return path through the director (DR replies
+from the VIP, ``return_path = "director"``), the eBPF reply program against the kernel's plain
+forwarding of the same replies, per packet on the director's core (see ReturnBench).
 
 Group f, the director's own cost (``--only fastpath`` runs just this group, about 8 minutes full,
 under a minute with --quick). Above, (a), (d) and (e) run the whole path in the generator's
@@ -1018,6 +1022,141 @@ def dnat_cases(bench: Bench) -> None:
         bench.run(Case("d", "d  iptables DNAT (conntrack)", lab.mode, rate), frame, OFF_ESP_SEQ)
 
 
+# -- group r: the return path through the director (DR replies from the VIP, eBPF) -------------------
+
+
+class ReturnBench:
+    """DR replies through the director: rs1 sends ESP from the VIP to c1 (pktgen in rs1 on CPU 0),
+    the director's receive on its LAN side (eth1) steered to CPU 1 by RPS, c1 counts what arrives
+    (raw PREROUTING DROP of ESP from the VIP). Cases, alternated over the rounds:
+
+      r0  plain IP forwarding of those replies: no daemon, the VIP taken off the director's eth0 so
+          its kernel forwards them as any routed packet (with the VIP local they die as martians).
+      r1  the reply program's return path (``return_path = "director"``, daemon --dataplane ebpf):
+          the same frames, checked against c1's ``clients`` entry and rs1's MAC, redirected in tc.
+
+    Per case: delivered pps at c1 and CPU 1's busy time (wall minus idle) per delivered packet; the
+    difference r1 - r0 is what the return path's checks and redirect cost against the kernel's own
+    forwarding of the same frames on the same core."""
+
+    def __init__(self, lab: Lab, prof: dict[str, Any], out: list[dict[str, Any]]) -> None:
+        self.lab, self.prof, self.out = lab, prof, out
+        ipr = lab.ipr("director")
+        dmac = ipr.link("get", index=ipr.link_lookup(ifname="eth1")[0])[0].get_attr("IFLA_ADDRESS")
+        ripr = lab.ipr("rs1")
+        smac = ripr.link("get", index=ripr.link_lookup(ifname="eth0")[0])[0].get_attr("IFLA_ADDRESS")
+        ip = craft.esp(lab.vip_int, lab.client_addr_ints["c1"], ESP_SPI, 1, size=ESP_SIZE)
+        self.frame = (mac_bytes(dmac) + mac_bytes(smac) + b"\x08\x00" + ip).hex()
+        self.c1_ipr = lab.ipr("c1")
+        self.c1_idx = self.c1_ipr.link_lookup(ifname="eth0")[0]
+        self.sink = ["PREROUTING", "-s", lab.vip, "-p", "esp", "-j", "DROP"]
+        lab.run("c1", ["iptables", "-w", "-t", "raw", "-A", *self.sink])
+        # the same netfilter tables in both cases (the daemon instantiates raw and mangle)
+        for table in ("raw", "mangle"):
+            lab.run("director", ["iptables", "-w", "-t", table, "-L", "-n"])
+        lab.run("director", ["sh", "-c", f"echo {1 << DAEMON_CPU:x} > /sys/class/net/eth1/queues/rx-0/rps_cpus"])
+
+    def delivered(self) -> int:
+        text = self.lab.run("c1", ["iptables", "-w", "-t", "raw", "-L", "PREROUTING", "-n", "-v", "-x"]).stdout
+        return sum(int(p[0]) for p in (line.split() for line in text.splitlines()[2:]) if len(p) > 2 and p[2] == "DROP")
+
+    def rx(self) -> int:
+        return self.c1_ipr.link("get", index=self.c1_idx)[0].get_attr("IFLA_STATS64")["rx_packets"]
+
+    def pktgen(self, rate: int, seconds: float, count: int | None = None):
+        count = count if count is not None else (int(rate * seconds) if rate else 50_000_000)
+        argv = ["taskset", "-c", str(GEN_CPU), str(PKTGEN), "eth0", self.frame, str(count), "--rate", str(rate),
+                "--batch", "64" if not rate else "1", "--seconds", str(seconds), "--seq-offset", str(OFF_ESP_SEQ)]
+        return self.lab.popen("rs1", argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def warm_up(self, what: str) -> None:
+        before = self.delivered()
+        self.pktgen(20_000, 1.0, count=1000).communicate(timeout=30)
+        time.sleep(0.2)
+        got = self.delivered() - before
+        if got < 900:
+            raise RuntimeError(f"{what}: only {got} of 1000 replies reached c1")
+
+    def measure(self, group: str, label: str) -> dict[str, Any]:
+        p = self.prof
+        sink0 = self.delivered()
+        proc = self.pktgen(0, p["fp_seconds"])
+        time.sleep(p["fp_warm"])
+        t0, rx0, cpu0 = time.monotonic(), self.rx(), cpu_times()
+        time.sleep(max(0.1, p["fp_seconds"] - p["fp_warm"] - p["fp_tail"]))
+        t1, rx1, cpu1 = time.monotonic(), self.rx(), cpu_times()
+        stdout, stderr = proc.communicate(timeout=p["fp_seconds"] + 30)
+        if proc.returncode:
+            raise RuntimeError(f"pktgen exited {proc.returncode}: {stderr.strip()}")
+        gen = json.loads(stdout.strip().splitlines()[-1])
+        time.sleep(p["fp_settle"])
+        dt = t1 - t0
+        pps = (rx1 - rx0) / dt
+        busy1 = max(0.0, 1 - (cpu1[DAEMON_CPU][3] - cpu0[DAEMON_CPU][3]) / (dt * CLK_TCK))
+        row = {"group": group, "case": label, "mode": "dr", "rate": 0, "sent": gen["sent"],
+               "delivered": self.delivered() - sink0, "delivered_pps": pps, "cpu1_busy_pct": 100 * busy1,
+               "cpu1_ns_per_pkt": 1e9 * busy1 / pps if pps else None}  # fmt: skip
+        ns = row["cpu1_ns_per_pkt"]
+        print(f"{label:<44}{pps:>12,.0f} pps  CPU1 {100 * busy1:5.1f}%  "
+              f"{'' if ns is None else f'{ns:7.0f}'} ns/pkt", flush=True)
+        self.out.append(row)
+        return row
+
+    def plain(self) -> None:
+        lab = self.lab
+        lab.run("director", ["ip", "addr", "del", f"{lab.vip}/32", "dev", "eth0"])
+        try:
+            self.warm_up("r0 plain forwarding")
+            self.measure("r.r0", "r0 plain forwarding of the replies")
+        finally:
+            lab.run("director", ["ip", "addr", "add", f"{lab.vip}/32", "dev", "eth0"])
+
+    def return_path(self) -> None:
+        lab = self.lab
+        d = DirectorProcess(lab, scheduler="rr", dataplane="ebpf", extra_service='return_path = "director"')
+        d.start()
+        pin(d.proc.pid, DAEMON_CPU)
+        try:
+            client = LabClient(lab, "c1")
+            client.ikev2_connect()
+            client.close()
+            deadline = time.monotonic() + 5
+            while (d.status().get("fastpath") or {}).get("clients", 0) < 1:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"r1: c1 never reached the fast path map:\n{d.log()[-2000:]}")
+                time.sleep(0.05)
+            self.warm_up("r1 return path")
+            row = self.measure("r.r1", "r1 return path, eBPF reply program")
+            st = d.status()
+            row["fastpath_returned"] = st["fastpath"].get("returned")
+            row["drops"] = st["drops"]
+        finally:
+            rc = d.stop()
+            if rc != 0:
+                print(f"!! vpn-director exited {rc}:\n{d.log()[-2000:]}", flush=True)
+            lab.run("director", [sys.executable, "-m", "director.main", "cleanup", "--config", str(d.config_path)],
+                    nsenter=True, cwd=str(BENCH.parent))  # fmt: skip
+            lab.run("director", ["tc", "qdisc", "del", "dev", "eth1", "clsact"], check=False)
+            lab.run("director", ["tc", "qdisc", "del", "dev", "eth0", "clsact"], check=False)
+
+
+def return_group(prof: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    """Group r in ``fp_rounds`` rounds, the case order reversed every other round; then medians."""
+    with Lab("dr", return_via_director=True) as lab:
+        lab.start_responders()
+        rb = ReturnBench(lab, prof, rows)
+        for rnd in range(prof["fp_rounds"]):
+            order = (rb.plain, rb.return_path) if rnd % 2 == 0 else (rb.return_path, rb.plain)
+            for case in order:
+                case()
+    per = {g: sorted(r["cpu1_ns_per_pkt"] for r in rows if r["group"] == g and r.get("cpu1_ns_per_pkt"))
+           for g in ("r.r0", "r.r1")}  # fmt: skip
+    if per["r.r0"] and per["r.r1"]:
+        m0, m1 = per["r.r0"][len(per["r.r0"]) // 2], per["r.r1"][len(per["r.r1"]) // 2]
+        print(f"group r medians: plain {m0:.0f} ns/pkt, return path {m1:.0f} ns/pkt on CPU 1: "
+              f"{m1 - m0:+.0f} ns/pkt ({m1 / m0:.2f}x)", flush=True)
+
+
 def with_lab(mode: str, prof: dict[str, Any], out: list[dict[str, Any]], body) -> None:
     with Lab(mode) as lab:
         lab.start_responders()
@@ -1099,9 +1238,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer rates, 1.2 s per case, no repeats (about 30 s)")
     ap.add_argument("--json", metavar="PATH", help="also write every number to this JSON file")
-    ap.add_argument("--only", choices=("fastpath", "classic"),
+    ap.add_argument("--only", choices=("fastpath", "classic", "return"),
                     help="fastpath: only group f (a2/e2/x2/x0/d2 in rounds, a few minutes); "
-                         "classic: only the groups a..e, a' (without f)")
+                         "classic: only the groups a..e, a' (without f); "
+                         "return: only group r (DR replies through the director: r0/r1 in rounds)")
     ap.add_argument("--rounds", type=int, help="group f: rounds per lab (full 3, quick 1)")
     ap.add_argument("--fixed-rate", type=int, metavar="PPS",
                     help="group f: the fixed offered rate (default: 0.65x a2's delivered rate at max, rounded down)")
@@ -1146,7 +1286,15 @@ def main(argv: list[str] | None = None) -> int:
         daemon_cases(b, prof["shared_core"])
 
     fixed: dict[str, int] = {"rate": args.fixed_rate or 0}
-    if args.only != "fastpath":
+    if args.only == "return":
+        print(f"\ngroup r ({prof['fp_rounds']} round(s), {prof['fp_seconds']} s per case; ns/pkt = CPU 1's "
+              "busy time per packet delivered at c1)")
+        return_group(prof, rows)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"profile": name, "machine": mach, "cases": rows}, indent=1,
+                                                  default=str) + "\n")  # fmt: skip
+        return 0
+    if args.only not in ("fastpath", "return"):
         with_lab("dr", prof, rows, dr)
         with_lab("tun", prof, rows, lambda b: daemon_cases(b, False))
         with_lab("nat", prof, rows, lambda b: daemon_cases(b, False))

@@ -129,6 +129,9 @@ OPTIONS = (
     Opt("spi-label-mask", ("--spi-label-mask",), "str", "0xMASK",
         "SPI labels: the IKE SPI bits that name the real server, 64-bit hex as on the wire (0x0 = no "
         "labels); every real server then needs --spi-label"),
+    Opt("return-path", ("--return-path",), "str", "direct|director",
+        "DR/TUN: the real servers' replies go straight to the client, or through the director (their "
+        f"default route; it forwards those of known conversations only) (default {DEFAULTS.return_path})"),
     Opt("real-server", ("-r", "--real-server"), "str", "RIP", "the real server's address"),
     Opt("gatewaying", ("-g", "--gatewaying"), help="this real server by direct routing (dr)"),
     Opt("ipip", ("-i", "--ipip"), help="this real server by IP-in-IP tunnel (tun)"),
@@ -167,6 +170,7 @@ _SERVICE = {
     "persistent": ANY, "init-timeout": ANY, "ah": "ah", "no-ah": "ah", "retransmit-threshold": ANY,
     "soft-limit": ANY, "soft-grace": ANY, "expire-quiescent": "quiescent", "no-expire-quiescent": "quiescent",
     "spi-label-mask": ANY,
+    "return-path": ANY,
 }  # fmt: skip
 _SERVER = {
     "gatewaying": "forward", "ipip": "forward", "masquerading": "forward",
@@ -410,7 +414,7 @@ def service_settings(a: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, name in (("scheduler", "scheduler"), ("scheduler-option", "scheduler_options"),
                       ("method", "method"), ("affinity", "affinity"),
-                      ("retransmit-threshold", "retransmit_threshold")):
+                      ("retransmit-threshold", "retransmit_threshold"), ("return-path", "return_path")):
         if key in a:
             out[name] = a[key]
     if "sched-flags" in a:
@@ -511,7 +515,8 @@ def _scalar_text(v: Any) -> str:
 
 
 _SAVE_SERVICE_KEYS = {"vip", "scheduler", "scheduler_options", "method", "affinity", "ah", "timeouts",
-                      "retransmit_threshold", "soft_expiry", "expire_quiescent", "server", "drain", "spi_label"}
+                      "retransmit_threshold", "soft_expiry", "expire_quiescent", "server", "drain", "spi_label",
+                      "return_path"}
 _SAVE_SERVER_KEYS = {"address", "weight", "method", "u_threshold", "l_threshold", "spi_label", "esp_spi_min",
                      "esp_spi_max"}
 
@@ -554,6 +559,8 @@ def save_lines(services: list[dict]) -> Iterator[str]:
             parts.append("--expire-quiescent")
         if (s.get("spi_label") or {}).get("mask"):
             parts += ["--spi-label-mask", s["spi_label"]["mask"]]
+        if s.get("return_path", DEFAULTS.return_path) != DEFAULTS.return_path:
+            parts += ["--return-path", s["return_path"]]
         yield " ".join(shlex.quote(p) for p in parts)
         for r in s.get("server", []):
             parts = ["-a", "-V", vip, "-r", r["address"]]

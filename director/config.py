@@ -33,7 +33,7 @@ from typing import Any
 from director.forwarding.method import AH_ACROSS_NAT, NAMES as METHOD_NAMES, Method, ah_across_nat
 from director.isakmp_state import DEFAULT_ESTABLISHED_TIMEOUT, DEFAULT_INIT_TIMEOUT
 from director.schedulers import SCHEDULERS
-from director.service import AFFINITY
+from director.service import AFFINITY, RETURN_PATHS
 
 
 class ConfigErrors(ValueError):
@@ -76,6 +76,7 @@ class ServiceConfig:
     spi_label_mask: int = 0  # SPI labels: the IKE SPI bits naming the real server (0 = no labels)
     # per-source ingress limits (director/ingress.py): (esp_pps, ah_pps, ike_pps, burst), () = none
     ingress: tuple[int, int, int, int] | tuple[()] = ()
+    return_path: str = "direct"  # DR/TUN replies: "direct" or "director" (NAT replies always pass it)
 
 
 # -- failover sync ([daemon.sync], director/sync.py) -------------------------------------------
@@ -238,7 +239,7 @@ _DAEMON_KEYS = set(DaemonConfig.__dataclass_fields__)
 _SERVICE_KEYS = {
     "vip", "scheduler", "scheduler_options", "method", "affinity", "ah", "timeouts",
     "retransmit_threshold", "soft_expiry", "health", "server", "drain", "spi_label",
-    "expire_quiescent", "ingress",
+    "expire_quiescent", "ingress", "return_path",
 }
 _HEALTH_KEYS = {"interval", "timeout", "rise", "fall", "expire_on_down", "icmp"}
 _SERVER_KEYS = {"address", "weight", "method", "u_threshold", "l_threshold", "spi_label", "esp_spi_min",
@@ -437,6 +438,9 @@ def _service(c: _Checker, p: str, s: Any, vips: dict[str, int], addresses: dict[
         opts = {}
     method = c.method(f"{p}.method", s.get("method", "dr"))
     affinity = c.str_(f"{p}.affinity", s.get("affinity", "ip"), AFFINITY)
+    return_path = c.str_(f"{p}.return_path", s.get("return_path", "direct"), RETURN_PATHS)
+    if return_path == "direct" and method == Method.NAT and "return_path" in s:
+        c.err(f"{p}.return_path", 'a NAT service\'s replies always pass the director: "director" or leave it out')
     ah = c.bool_(f"{p}.ah", s.get("ah", method != Method.NAT))
     t = s.get("timeouts", {})
     if not isinstance(t, dict):
@@ -523,6 +527,7 @@ def _service(c: _Checker, p: str, s: Any, vips: dict[str, int], addresses: dict[
         drain=c.bool_(f"{p}.drain", s.get("drain", False)),
         spi_label_mask=mask,
         ingress=_ingress(c, p, s.get("ingress")),
+        return_path=return_path,
     )
 
 
@@ -607,6 +612,8 @@ def service_to_dict(s: ServiceConfig) -> dict:
         out["spi_label"] = {"mask": f"{s.spi_label_mask:#018x}"}
     if s.ingress:
         out["ingress"] = {k: n for k, n in zip(INGRESS_KEYS, s.ingress) if n}
+    if s.return_path != "direct":
+        out["return_path"] = s.return_path
     out["server"] = [server_to_dict(r) for r in s.servers]
     return out
 

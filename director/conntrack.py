@@ -410,7 +410,8 @@ class Table:
         return self.retrans[s]
 
     def record_reply(self, s: int, spi_r: int) -> None:
-        """NAT mode: the real server answered with responder SPI ``spi_r`` (0 = COOKIE/KE retry)."""
+        """The real server answered with responder SPI ``spi_r`` (0 = COOKIE/KE retry): seen where its
+        replies pass the director (NAT; DR/TUN with the return path through the director)."""
         transition(self.state[s], Event.REPLY)
         if spi_r and self.state[s] == State.INIT:
             self.spi_r[s] = spi_r
@@ -420,7 +421,7 @@ class Table:
         return bool(self.flags[s] & F_SPI_R_FROM_SERVER)
 
     def server_spi_r(self, s: int) -> int | None:
-        """The responder SPI the real server sent (NAT mode), or None if none was recorded."""
+        """The responder SPI the real server sent (its replies pass the director), or None if none was recorded."""
         return self.spi_r[s] if self.flags[s] & F_SPI_R_FROM_SERVER else None
 
     def establish(self, s: int, spi_r: int, now: float) -> bool:
@@ -633,18 +634,31 @@ class Table:
     def _reclaim(self) -> bool:
         """Drop-entry: free an INIT entry (random sample, else the oldest), else the oldest soft one.
 
+        Among the sampled INIT entries an unanswered one goes first: where replies pass the director
+        (NAT; DR/TUN with the return path through it) a spoofed IKE_SA_INIT flood's entries are
+        never answered by a real server reachable at their source, a real client's usually are.
+
         Like IPVS's drop_entry, victims are sampled at random so a flood cannot predict which
         conversations survive; an ESTABLISHED entry is never taken (soft-expired ones are past
         their timeout already).
         """
         if self._list_len[_LIST_INIT]:
-            state, cap, rnd = self.state, self.capacity, self._rng.randrange
+            state, flags, cap, rnd = self.state, self.flags, self.capacity, self._rng.randrange
+            answered = NO_SLOT  # an INIT entry the real server answered goes only if no unanswered one is found
             for _ in range(_SAMPLES):
                 s = rnd(cap)
                 if state[s] == State.INIT:
+                    if flags[s] & F_SPI_R_FROM_SERVER:
+                        if answered < 0:
+                            answered = s
+                        continue
                     self._free_slot(s, Event.REMOVE)
                     self.stats["reclaimed_init"] += 1
                     return True
+            if answered >= 0:
+                self._free_slot(answered, Event.REMOVE)
+                self.stats["reclaimed_init"] += 1
+                return True
         for which, stat in ((_LIST_INIT, "reclaimed_init"), (_LIST_SOFT, "reclaimed_soft")):
             s = self._list_head[which]
             if s >= 0:

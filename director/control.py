@@ -36,7 +36,7 @@ MUTATIONS = frozenset({
 })
 _EDITABLE_SERVICE = {"scheduler", "scheduler_options", "method", "affinity", "ah", "timeouts",
                      "retransmit_threshold", "soft_expiry", "health", "drain",
-                     "expire_quiescent", "spi_label"}
+                     "expire_quiescent", "spi_label", "return_path"}
 _EDITABLE_SERVER = {"weight", "method", "u_threshold", "l_threshold", "spi_label", "esp_spi_min", "esp_spi_max"}
 
 

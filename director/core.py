@@ -11,8 +11,8 @@ in this order for a client packet to a VIP:
   counted; past the service's threshold with no sign of life the conversation is rescheduled: the
   passive health signal). A new one follows the client's live state if any (implicit persistence,
   quiesced servers included unless the service sets ``expire_quiescent``) or is scheduled.
-- IKE, responder cookie set: a known conversation is refreshed and turns ESTABLISHED (in NAT mode
-  only with the responder cookie the real server sent). An unknown cookie pair follows the client's
+- IKE, responder cookie set: a known conversation is refreshed and turns ESTABLISHED (in NAT mode,
+  and in DR/TUN with ``return_path = "director"``, only with the responder cookie the real server sent). An unknown cookie pair follows the client's
   real server and is adopted as ESTABLISHED (an IKEv2 IKE SA rekey changes SPIs), or is dropped.
 - ESP / AH: the client's ESTABLISHED entry decides; none -> ICMP protocol-unreachable.
 - ESP-in-UDP: the ESTABLISHED entry of client IP+port; INIT only -> drop; none -> unreachable.
@@ -21,6 +21,11 @@ in this order for a client packet to a VIP:
   ESP, AH): relayed to the real server of that client's conversation (the entry of client IP+port
   for UDP, the client's ESTABLISHED entry for ESP/AH), as IPVS relays them; no conversation -> drop.
   It creates and refreshes nothing, so a flood of them cannot fill the table. Other ICMP: the kernel's.
+
+Replies (``decide_reply``): from a NAT real server, the responder SPI recorded and the source
+rewritten to the VIP. From a VIP whose service has ``return_path = "director"`` (DR/TUN servers
+routing via the director): forwarded to the client only for a conversation of that client held
+by the real server that sent it; IKE records the responder SPI; anything else is dropped.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ _SERVICE_FIELDS = frozenset({
     "scheduler_name", "scheduler_options", "method", "affinity", "ah", "timeouts",
     "retransmit_threshold", "soft_limit", "soft_grace", "health", "spi_label", "expire_quiescent",
     "ingress",
+    "return_path",
 })
 
 
@@ -62,9 +68,9 @@ class Verdict(NamedTuple):
     reason: int = 0  # DropReason for DROP / ICMP_UNREACH, else 0
     svc: int = -1
     rs: int = NO_RS
-    addr: int = 0  # the real server's address (forward) or the VIP (NAT reply source)
+    addr: int = 0  # the real server's address (forward), the VIP (NAT reply source) or the client (return path)
     method: int = Method.DR
-    reply: bool = False  # NAT reply direction: rewrite the source to ``addr``
+    reply: bool = False  # reply direction: NAT (``method``) rewrites the source to ``addr``; DR/TUN go to the client
 
 
 _PASS = {k: Verdict(Action.PASS, k) for k in Kind}
@@ -653,8 +659,9 @@ class Director:
         rs = self._servers.get(t.rs_of(s))
         if rs is None:
             return self._drop(_K_IKE, DropReason.REAL_SERVER_GONE, svc)
-        if t.state_of(s) == _INIT and self._rs_method[rs.id] == Method.NAT:
-            # anti-spoofing: the responder cookie must be the one the real server sent us
+        if t.state_of(s) == _INIT and (self._rs_method[rs.id] == Method.NAT or svc.return_path == "director"):
+            # anti-spoofing: the responder cookie must be the one the real server sent us (its
+            # replies pass the director: NAT, or DR/TUN with the return path through the director)
             if t.server_spi_r(s) != c.spi_r:
                 return self._drop(_K_IKE, DropReason.RESPONDER_SPI_MISMATCH, svc)
         t.establish(s, c.spi_r, now)  # refreshes an ESTABLISHED entry too
@@ -797,13 +804,19 @@ class Director:
             return _new(Verdict, (_ICMP, kind, reason, svc.id, NO_RS, 0, Method.DR, False))
         return _new(Verdict, (_DROP, kind, reason, svc.id, NO_RS, 0, Method.DR, False))
 
-    def decide_reply(self, data: bytes, now: float) -> Verdict:
-        """NAT mode, real server -> client: record the responder SPI, rewrite the source to the VIP."""
+    def decide_reply(self, data: bytes, now: float, sender: int = NO_RS) -> Verdict:
+        """Real server -> client. NAT mode: record the responder SPI, rewrite the source to the VIP.
+        From a VIP whose service has ``return_path = "director"`` (DR/TUN): see ``_return``;
+        ``sender`` is the real server the packet came from by its link-layer address (NO_RS: no
+        real server's), as the dataplane knows it."""
         try:
             c = classify(data, reply=True)
         except PacketError as e:
             self.drops[e.reason] += 1
             return Verdict(Action.DROP, Kind.NOT_OURS, e.reason)
+        rsvc = self._by_vip.get(c.src)
+        if rsvc is not None and rsvc.return_path == "director":
+            return self._return(rsvc, c, sender)
         pairs = self._nat_by_addr.get(c.src)
         if not pairs or c.kind == Kind.NOT_OURS or c.kind == Kind.FRAGMENT:
             self.stats["passed"] += 1
@@ -822,6 +835,49 @@ class Director:
         r[j] += 1
         r[j + 1] += c.wire_len
         return Verdict(Action.FORWARD, c.kind, 0, svc.id, rs.id, svc.vip, Method.NAT, True)
+
+    # -- the return path through the director (DR/TUN, return_path = "director") ---------------
+    def _return(self, svc: Service, c, sender: int) -> Verdict:
+        """A packet with the VIP as source from the server side: forwarded to the client (``reply``,
+        method DR/TUN: the dataplane sends it on unchanged but for the TTL) only if it belongs to a
+        conversation of that client held by ``sender``; anything else is dropped (anti-spoofing).
+        IKE answering an entry records the responder SPI (the entry is "answered", and its client
+        must echo that SPI to become ESTABLISHED); IKE of another IKE SA of the client (a rekeyed
+        one, new SPIs) passes if the client's newest entry is on ``sender``."""
+        kind = c.kind
+        t = self.table
+        client = c.dst
+        s = NO_SLOT
+        spi_r = -1
+        if kind == _K_IKE or kind == _K_IKE_INITIAL:
+            s = t.lookup(svc.id, client, c.spi_i)
+            if s >= 0:
+                spi_r = c.spi_r
+            else:
+                s = t.natt_head(svc.id, client, c.dport)
+                if s < 0:
+                    s = t.client_head(svc.id, client)
+        elif kind == _K_ESP or kind == _K_AH:
+            s, _ = t.established_of_client(svc.id, client)
+        elif kind == _K_ESP_IN_UDP:
+            s, _ = t.established_of_natt(svc.id, client, c.dport)
+        elif kind == Kind.NATT_KEEPALIVE:
+            s = t.natt_head(svc.id, client, c.dport)
+        else:
+            return self._drop(kind, DropReason.RETURN_NOT_IPSEC, svc)
+        if s < 0:
+            return self._drop(kind, DropReason.RETURN_NO_CONVERSATION, svc)
+        rs_id = t.rs_of(s)
+        if rs_id != sender or rs_id not in self._servers:
+            return self._drop(kind, DropReason.RETURN_WRONG_SERVER, svc)
+        if spi_r >= 0:
+            t.record_reply(s, spi_r)
+        self.stats["replies"] += 1
+        r = self.rs_counters[rs_id]
+        j = (NK + kind) * 2
+        r[j] += 1
+        r[j + 1] += c.wire_len
+        return _new(Verdict, (_FORWARD, kind, 0, svc.id, rs_id, client, self._rs_method[rs_id], True))
 
     def expire(self, now: float) -> int:
         return self.table.expire(now)

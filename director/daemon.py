@@ -30,6 +30,7 @@ from director.control_server import ControlServer
 from director.core import Director
 from director.dataplane.kernel_rules import KernelRefused, KernelRules
 from director.dataplane.prober import Prober
+from director.dataplane.return_path import Senders, netlink_neighbours, return_servers
 from director.dataplane.sync_link import SyncLink
 from director.dataplane.verdicts import Verdicts
 from director.metrics import Histogram
@@ -72,7 +73,8 @@ class Daemon:
         reconcile.plan(self.director, cfg)  # validate everything before touching the kernel
         self.desired = config_mod.Config(cfg.daemon, ())
         self.stats = {"packets": 0, "internal_errors": 0, "icmp_sent": 0, "icmp_limited": 0,
-                      "icmp_suppressed": 0, "send_errors": 0, "health_flips": 0, "slow_iterations": 0, "reloads": 0, "changes": 0}
+                      "icmp_suppressed": 0, "send_errors": 0, "health_flips": 0, "slow_iterations": 0, "reloads": 0, "changes": 0,
+                      "returned": 0, "return_ttl_expired": 0}  # the return path through the director
         self.latency = {"client": Histogram(), "reply": Histogram()}
         self.views = Views(self.director, clock=clock, stats=self.stats, latency=self.latency)
         self.verdicts = Verdicts(self.director, clock=clock, stats=self.stats, latency=self.latency,
@@ -110,6 +112,10 @@ class Daemon:
         routing.remove_all(self._ipr)  # leftovers of a crashed run
         self.kernel = KernelRules(d, self._ipr, self._lan_index)
         vd.raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+        # the return path through the director (DR/TUN replies from a VIP): who sent them, by MAC
+        client_index = self._ipr.link_lookup(ifname=d.client_interface)[0]
+        vd.client_mtu = self._ipr.get_links(client_index)[0].get_attr("IFLA_MTU")
+        vd.senders = Senders(netlink_neighbours(self._ipr, self._lan_index), self.clock)
         self._queues = [Queue(d.queue, vd.on_client), Queue(d.queue + 1, vd.on_reply)]
         self.control.open()
         self.prober = self.views.prober = Prober(lan_addr)
@@ -148,6 +154,7 @@ class Daemon:
                       lan_addr=self.verdicts.lan_addr, lan_mtu=self.verdicts.lan_mtu, pin_dir=Path(d.bpf_pin_dir),
                       hook=d.fastpath_hook, admit_rate=d.new_entries_rate, admit_per_source=d.new_entries_per_source,
                       fib_rules=d.fastpath_fib == "rules")
+        fp.senders = self.verdicts.senders  # the return path's MAC -> real server map
         try:
             fp.start(self._ipr)
         except FastPathUnavailable as e:
@@ -246,6 +253,8 @@ class Daemon:
     def _apply_kernel(self) -> None:
         """Rules, DR routes and the fast path's service maps equal the running services."""
         self.verdicts.marks = self.kernel.apply(self.director)
+        if self.verdicts.senders is not None:
+            self.verdicts.senders.set_servers(return_servers(self.director))
         if self.fastpath is not None:
             self.fastpath.sync_services()
 

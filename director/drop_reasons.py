@@ -49,3 +49,7 @@ class DropReason(IntEnum):
     INGRESS_ESP_LIMITED = 75  # ESP / ESP-in-UDP with no ESTABLISHED entry above the source's esp_pps
     INGRESS_AH_LIMITED = 76  # AH with no ESTABLISHED entry above the source's ah_pps
     INGRESS_IKE_LIMITED = 77  # IKE (UDP 500/4500, not ESP) above the source's ike_pps
+    # -- the return path through the director (DR/TUN, return_path = "director"): anti-spoofing ------
+    RETURN_NO_CONVERSATION = 80  # from a VIP on the server side: IKE/ESP of no conversation of that client
+    RETURN_WRONG_SERVER = 81  # from a VIP: the conversation's real server did not send it (another host's MAC)
+    RETURN_NOT_IPSEC = 82  # from a VIP on the server side, neither IKE nor ESP/ESP-in-UDP (nor NAT-keepalive)

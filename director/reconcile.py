@@ -65,6 +65,7 @@ def _service_fields(s: ServiceConfig) -> dict:
         "soft_limit": s.soft_limit,
         "soft_grace": s.soft_grace,
         "expire_quiescent": s.expire_quiescent,
+        "return_path": s.return_path,
         "health": HealthConfig(**dict(s.health)) if s.health else None,
         # SPI labels by real server address (the core maps them to server ids): () = none
         "spi_label": (s.spi_label_mask, tuple((ip_to_int(r.address), r.spi_label, r.esp_spi_min, r.esp_spi_max)
@@ -191,6 +192,7 @@ class KernelState:
     vips: tuple[str, ...]
     nat_servers: tuple[str, ...]
     dr_servers: tuple[tuple[int, str], ...]  # (real server id, address)
+    return_vips: tuple[str, ...] = ()  # VIPs of services whose DR/TUN replies pass the director
 
 
 def kernel_state(d: Director) -> KernelState:
@@ -203,4 +205,5 @@ def kernel_state(d: Director) -> KernelState:
                 nat.add(int_to_ip(rs.addr))
             elif m == Method.DR:
                 dr.append((rs.id, int_to_ip(rs.addr)))
-    return KernelState(tuple(sorted(vips)), tuple(sorted(nat)), tuple(sorted(dr)))
+    ret = tuple(sorted(int_to_ip(s.vip) for s in d.services.values() if s.return_path == "director"))
+    return KernelState(tuple(sorted(vips)), tuple(sorted(nat)), tuple(sorted(dr)), ret)

@@ -10,9 +10,10 @@ from director.isakmp_state import Timeouts
 from director.schedulers import RealServer, Scheduler, make_scheduler
 
 
-__all__ = ["AFFINITY", "ConfigError", "Method", "Service"]
+__all__ = ["AFFINITY", "RETURN_PATHS", "ConfigError", "Method", "Service"]
 
 AFFINITY = ("ip", "ip-port")
+RETURN_PATHS = ("direct", "director")  # DR/TUN replies: straight to the client, or through the director
 
 
 class ConfigError(ValueError):
@@ -49,6 +50,9 @@ class Service:
     spi_label: tuple = ()
     # per-source ingress limits (director/ingress.py): (esp_pps, ah_pps, ike_pps, burst) or () = none
     ingress: tuple = ()
+    # "director": DR/TUN servers' replies come back through the director (their default route), which
+    # forwards those of known conversations from their own server and validates conversations by them
+    return_path: str = "direct"
     servers: dict[int, RealServer] = field(default_factory=dict)
     scheduler: Scheduler = field(init=False)
 
@@ -57,6 +61,8 @@ class Service:
             raise ConfigError(f"service.id: must be 0..65534, got {self.id}")
         if not 0 < self.vip <= 0xFFFFFFFF:
             raise ConfigError(f"service.vip: not an IPv4 address: {self.vip}")
+        if self.return_path not in RETURN_PATHS:
+            raise ConfigError(f"service.return_path: must be one of {', '.join(RETURN_PATHS)}, got '{self.return_path}'")
         if self.affinity not in AFFINITY:
             raise ConfigError(f"service.affinity: must be one of {', '.join(AFFINITY)}, got '{self.affinity}'")
         if self.retransmit_threshold < 0 or self.retransmit_threshold > 255:

@@ -189,7 +189,7 @@ class Views:
                 "drops": {DropReason(i).name: n for i, n in enumerate(st.get("drops", []))
                           if n and i in DropReason._value2member_map_},
                 **{k: st.get(k, 0) for k in ("miss", "fragments", "not_ours", "fib_miss", "mtu_pass",
-                                              "ttl_pass", "replies")},
+                                              "ttl_pass", "replies", "returned")},
                 "clients": len(fp.clients()),
             }
         return out

@@ -9,6 +9,9 @@
  * bpf_fib_lookup + bpf_redirect. Everything else passes untouched: IKE replies (the daemon records
  * the responder's SPIs from them), malformed packets (the slow path drops them with their reason),
  * other traffic. As in director_tc, the route lookup comes before any rewrite.
+ *
+ * From a VIP whose service has return_path = "director" (DR/TUN replies through the director):
+ * include/return_path.h.
  */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -26,6 +29,7 @@
 #include "csum.h"
 #include "fib.h"
 #include "skb.h"
+#include "return_path.h"
 
 #define DROP_INTERNAL 0 /* drops[0]: a rewrite helper failed halfway (never a DropReason) */
 
@@ -56,8 +60,12 @@ int director_reply(struct __sk_buff *skb)
 	ip = data + ETH_HLEN;
 	rip = ((struct ipv4_hdr *)ip)->saddr;
 	vipp = bpf_map_lookup_elem(&nat_replies, &rip);
-	if (!vipp)
-		return TC_ACT_OK;
+	if (!vipp) {
+		ret = return_path(skb, cfg, st); /* DR/TUN replies from a VIP (include/return_path.h) */
+		if (ret < 0)
+			goto fail;
+		return ret;
+	}
 	vip = *vipp;
 
 	kind = classify(ip, data_end, 1, &p);

@@ -67,6 +67,8 @@ ADOPTED_SPI = 0xADAD_0000_0000_0000  # initiator "cookie" of entries rebuilt fro
 _MAPS = ("vips", "clients", "servers", "nat_replies", "config", "stats", "rs_stats", "admit", "admit_src",
          "spi_labels", "label_seen", "label_stats", "ingress_cfg", "ingress_src")  # fmt: skip
 LABEL_DRAIN_MAX = 4096  # label_seen records turned into entries per tick, at most (a flood waits its turn)
+_RETURN_MAPS = ("return_vips", "return_macs", "return_stats")  # director_reply's own (include/return_path.h)
+_RET_DROP_BASE, _RET_FORWARDED, _RET_STATS = 80, 15, 16  # return_stats: [reason - 80], [15] forwarded
 HOOKS = ("tc", "xdp")  # where the client-side program runs (daemon.fastpath_hook)
 _CLIENT_PROG = {"tc": ("director_tc.o", "director_tc"), "xdp": ("director_xdp.o", "director_xdp")}
 XDP_PROG_NAME = "director_xdp"  # how our XDP program is told from anyone else's (bpf_prog_info.name)
@@ -162,6 +164,10 @@ class FastPath:
                       # SPI labels: the kernel's label_stats (as of the last drain) and the drain's
                       "label_forwarded": 0, "label_unknown": 0, "label_recorded": 0,
                       "label_drained": 0, "label_created": 0, "label_known": 0, "label_refused": 0}
+        # the return path through the director: the reply object's own maps (not pinned: the daemon
+        # rewrites them at every start), and who sent a reply by MAC (dataplane.return_path.Senders)
+        self.senders = None
+        self._ret_fd: dict[str, int] = {}
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def start(self, ipr: IPRoute) -> int:
@@ -195,6 +201,7 @@ class FastPath:
                 progs.append((obj.prog_fd(obj.prog_names[0]), ifindex, obj.prog_names[0]))
             for m in _MAPS:
                 self.fd[m] = libbpf.obj_get(self.pin_dir / m)
+            self._ret_fd = {m: self._objs[1].map_fd(m) for m in _RETURN_MAPS}
             if tx_ports:  # the XDP program redirects only to these (include/xdp.h)
                 tx_fd = self._objs[0].map_fd("xdp_tx_ports")
                 for i in tx_ports:
@@ -309,6 +316,7 @@ class FastPath:
                     libbpf.map_delete(fd, k)
             for k, v in want.items():
                 libbpf.map_update(fd, k, v)
+        self._sync_return(d)
         # a client whose VIP or real server is gone goes back to the slow path
         m = self.clients_map
         for k, v in m.items():
@@ -318,6 +326,32 @@ class FastPath:
             if svc is None or rs not in svc.servers:
                 m.delete(k)
                 self.stats["pruned"] += 1
+
+    # -- the return path through the director (include/return_path.h) ------------------------------
+    def _sync_return(self, d: Director) -> None:
+        if not self._ret_fd:
+            return
+        want = {bs.addr(svc.vip): bs.u32(svc.id) for svc in d.services.values() if svc.return_path == "director"}
+        _replace(self._ret_fd["return_vips"], 4, want)
+        if self.senders is not None:
+            self.senders.on_change = self.write_return_macs
+            self.write_return_macs(self.senders.macs)
+
+    def write_return_macs(self, macs: dict[bytes, int]) -> None:
+        """``return_macs`` = {MAC: real server id} (Senders.on_change)."""
+        if self._ret_fd:
+            _replace(self._ret_fd["return_macs"], 8, {mac_key(m): bs.u32(rs) for m, rs in macs.items()})
+
+    def return_stats(self) -> list[int]:
+        """return_stats summed over CPUs: [reason - 80] drops, [RET_FORWARDED] forwarded."""
+        if not self._ret_fd:
+            return []
+        size = bs.percpu_size(8, self.ncpus)
+        out = []
+        for i in range(_RET_STATS):
+            v = libbpf.map_lookup(self._ret_fd["return_stats"], bs.u32(i), size)
+            out.append(sum(int.from_bytes(v[j:j + 8], "little") for j in range(0, len(v), 8)) if v else 0)
+        return out
 
     def follow_table(self) -> None:
         """Start following the director's table (``start`` does; ``close`` stops)."""
@@ -419,12 +453,22 @@ class FastPath:
 
     # -- reading ------------------------------------------------------------------------------------
     def dp_stats(self) -> dict:
-        """The kernel's ``stats``, summed over CPUs; refreshes the kernel's label counters in
-        ``self.stats`` too (label_forwarded, label_unknown, label_recorded), so a reader of both
-        sees them as current as the rest."""
+        """``stats`` summed over CPUs, with the return path's counts: its drops in ``drops`` (by
+        DropReason value, the list lengthened past 64) and its forwarded packets as ``returned``.
+        Refreshes the kernel's label counters in ``self.stats`` too (label_forwarded,
+        label_unknown, label_recorded), so a reader of both sees them as current as the rest."""
         v = libbpf.map_lookup(self.fd["stats"], bs.u32(0), bs.percpu_size(bs.DP_STATS, self.ncpus))
         self._refresh_label_stats()
-        return bs.unpack_dp_stats(v, self.ncpus) if v else {}
+        st = bs.unpack_dp_stats(v, self.ncpus) if v else {}
+        ret = self.return_stats()
+        if ret and st:
+            drops = list(st.get("drops", []))
+            drops += [0] * (_RET_DROP_BASE + _RET_FORWARDED - len(drops))
+            for i, n in enumerate(ret[:_RET_FORWARDED]):
+                drops[_RET_DROP_BASE + i] += n
+            st["drops"] = drops
+            st["returned"] = ret[_RET_FORWARDED]
+        return st
 
     def rs_stats(self) -> dict[int, dict]:
         out = {}
@@ -440,6 +484,19 @@ class FastPath:
             vip, client, port = bs.unpack_client_key(k)
             out.append((int_to_ip(vip), int_to_ip(client), port, bs.unpack_client_val(v)[0]))
         return sorted(out)
+
+
+def mac_key(mac: bytes) -> bytes:
+    """Key of ``return_macs``: the 6 MAC bytes in memory order, then two zero bytes (a __u64)."""
+    return bytes(mac[:6]) + b"\0\0"
+
+
+def _replace(fd: int, key_size: int, want: dict[bytes, bytes]) -> None:
+    for k in list(libbpf.map_keys(fd, key_size)):
+        if k not in want:
+            libbpf.map_delete(fd, k)
+    for k, v in want.items():
+        libbpf.map_update(fd, k, v)
 
 
 def _attach(ipr: IPRoute, ifindex: int, fd: int, name: str) -> None:

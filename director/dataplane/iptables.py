@@ -9,6 +9,18 @@ Per VIP, client direction (queue ``q``), and per NAT real server, reply directio
                                                                    -j NFQUEUE --queue-num q
     mangle POSTROUTING -o CLIENT_IF -s RIP -> VPN_DIRECTOR_REPLY: ... -j NFQUEUE --queue-num q+1
 
+Per VIP of a service with ``return_path = "director"`` (DR/TUN replies through the director), every
+protocol, reply queue ``q+1``:
+
+    raw    PREROUTING -> VPN_DIRECTOR_RAW:  -i SERVER_IF -s VIP                    -j CT --notrack
+    mangle PREROUTING -i SERVER_IF -s VIP -> VPN_DIRECTOR_RETURN: -m conntrack --ctstate UNTRACKED
+                                                                   -j NFQUEUE --queue-num q+1
+
+Their source is the VIP, an address of the director: accepted, they would meet the martian check
+at the routing decision. So they are queued before it (PREROUTING), and the daemon drops what the
+core forwards and sends it again from the director's output path (a raw socket), as TUN envelopes.
+What the core refuses (no conversation, not its real server, not IPsec) is dropped and counted.
+
 Why POSTROUTING for replies: their source becomes the VIP, an address local to the director; were
 it rewritten before the routing decision, the kernel would drop the packet as a martian (a local
 source arriving from outside) unless accept_local were turned on. After routing nobody checks.
@@ -42,6 +54,7 @@ log = logging.getLogger(__name__)
 CHAIN_RAW = "VPN_DIRECTOR_RAW"
 CHAIN_CLIENT = "VPN_DIRECTOR"
 CHAIN_REPLY = "VPN_DIRECTOR_REPLY"
+CHAIN_RETURN = "VPN_DIRECTOR_RETURN"
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +65,7 @@ class RuleSet:
     nat_servers: tuple[str, ...]  # real-server addresses whose replies pass the director
     queue: int
     fail_open: bool = False
+    return_vips: tuple[str, ...] = ()  # VIPs whose DR/TUN replies come back through the director
 
 
 def _rule(
@@ -149,6 +163,8 @@ def install(rs: RuleSet) -> None:
         for rip in rs.nat_servers:
             for k in _kinds_from(rip):
                 chain.append_rule(_rule(target="CT", **k))
+        for vip in rs.return_vips:
+            chain.append_rule(_rule(proto="", src=vip, in_if=rs.server_interface, target="CT"))
         jump = iptc.Rule()
         jump.create_target(CHAIN_RAW)
         iptc.Chain(raw, "PREROUTING").insert_rule(jump)
@@ -160,9 +176,11 @@ def install(rs: RuleSet) -> None:
     mangle = iptc.Table(iptc.Table.MANGLE)
     mangle.autocommit = False
     try:
-        _drop_jumps(mangle, {CHAIN_CLIENT, CHAIN_REPLY})
+        _drop_jumps(mangle, {CHAIN_CLIENT, CHAIN_REPLY, CHAIN_RETURN})
         client = _fresh_chain(mangle, CHAIN_CLIENT)
         reply = _fresh_chain(mangle, CHAIN_REPLY)
+        ret = _fresh_chain(mangle, CHAIN_RETURN)
+        ret.append_rule(_rule(proto="", target="NFQUEUE", untracked=True, queue=rs.queue + 1, bypass=rs.fail_open))
         client_kinds = [dict(proto="udp", dport=500), dict(proto="udp", dport=4500), dict(proto="esp"),
                         dict(proto="ah"), *(dict(proto="icmp", icmp_type=t) for t in sorted(ICMP_ERROR_TYPES))]
         for kind in client_kinds:
@@ -176,6 +194,8 @@ def install(rs: RuleSet) -> None:
         pre = iptc.Chain(mangle, "PREROUTING")
         for vip in rs.vips:
             pre.insert_rule(_rule(proto="", dst=vip, in_if=rs.client_interface, target=CHAIN_CLIENT))
+        for vip in rs.return_vips:
+            pre.insert_rule(_rule(proto="", src=vip, in_if=rs.server_interface, target=CHAIN_RETURN))
         post = iptc.Chain(mangle, "POSTROUTING")
         for rip in rs.nat_servers:
             post.insert_rule(_rule(proto="", src=rip, out_if=rs.client_interface, target=CHAIN_REPLY))
@@ -184,14 +204,14 @@ def install(rs: RuleSet) -> None:
         mangle.autocommit = True
         mangle.refresh()
     log.info(
-        "iptables.installed vips=%s nat_servers=%d queue=%d fail_open=%s",
-        ",".join(rs.vips), len(rs.nat_servers), rs.queue, rs.fail_open,
+        "iptables.installed vips=%s nat_servers=%d return_vips=%d queue=%d fail_open=%s",
+        ",".join(rs.vips), len(rs.nat_servers), len(rs.return_vips), rs.queue, rs.fail_open,
     )
 
 
 def remove() -> None:
     """Remove our jump rules and chains; leaves every other rule alone. Safe to call twice."""
-    for table_name, chains in ((iptc.Table.RAW, {CHAIN_RAW}), (iptc.Table.MANGLE, {CHAIN_CLIENT, CHAIN_REPLY})):
+    for table_name, chains in ((iptc.Table.RAW, {CHAIN_RAW}), (iptc.Table.MANGLE, {CHAIN_CLIENT, CHAIN_REPLY, CHAIN_RETURN})):
         table = iptc.Table(table_name)
         table.autocommit = False
         try:

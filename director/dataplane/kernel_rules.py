@@ -36,9 +36,10 @@ class KernelRules:
         ipr, d = self.ipr, self.cfg
         want = reconcile.kernel_state(director)
         have = self.state or reconcile.KernelState((), (), ())
-        if (want.vips, want.nat_servers) != (have.vips, have.nat_servers) or self.state is None:
+        if (want.vips, want.nat_servers, want.return_vips) != (have.vips, have.nat_servers, have.return_vips) \
+                or self.state is None:
             iptables.install(iptables.RuleSet(d.client_interface, d.server_interface, want.vips,
-                                              want.nat_servers, d.queue, d.fail_open))
+                                              want.nat_servers, d.queue, d.fail_open, want.return_vips))
         gone = set(have.dr_servers) - set(want.dr_servers)
         new = set(want.dr_servers) - set(have.dr_servers)
         if want.dr_servers and not have.dr_servers:

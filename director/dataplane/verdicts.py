@@ -5,7 +5,9 @@ the real server's fwmark (policy routing does the rest), NAT -> the destination 
 the queued packet dropped and its IP-in-IP envelope sent from the director's own output path (a
 packet re-entering routing with the director's address as source would be dropped as a martian),
 fragmented to the LAN MTU when needed, ICMP -> protocol-unreachable sent (rate limited), DROP /
-PASS. NAT replies (the reply queue) get their source rewritten back to the VIP. A packet that
+PASS. NAT replies (the reply queue) get their source rewritten back to the VIP. DR/TUN replies from a
+VIP (``return_path = "director"``) are told apart by their sender's MAC address (``senders``); those
+the core forwards are dropped and sent again from the output path (the martian check, again). A packet that
 makes anything raise is counted and dropped: the loop goes on. Nothing is decided here.
 """
 
@@ -15,6 +17,7 @@ import logging
 import socket
 from typing import Callable
 
+from director.conntrack import NO_RS
 from director.core import Action, Director
 from director.forwarding.fragment import fragment
 from director.forwarding.rewrite import icmp_error_dnat, icmp_unreachable, ipip_encap, nat_dnat, nat_snat
@@ -41,6 +44,8 @@ class Verdicts:
         self.marks: dict[int, int] = {}  # real server id -> its DR fwmark
         self.lan_addr = 0
         self.lan_mtu = 1500
+        self.client_mtu = 1500  # the return path's replies leave on the client side
+        self.senders = None  # director.dataplane.return_path.Senders: who sent a reply from a VIP
         self._icmp_bucket = TokenBucket(icmp_rate, now=clock())
         self._ident = 0
         self._dests: dict[int, tuple[str, int]] = {}  # sendto() addresses of real servers, by int
@@ -78,9 +83,19 @@ class Verdicts:
         now = self.clock()
         try:
             data = pkt.get_payload()
-            v = self.director.decide_reply(data, now)
+            sender = NO_RS
+            if self.senders is not None and self.senders.servers:  # DR/TUN replies through the director
+                hw = pkt.get_hw()
+                if hw:
+                    sender = self.senders.sender(hw[:6])
+            v = self.director.decide_reply(data, now, sender)
             self.stats["packets"] += 1
             if v.action == Action.FORWARD:
+                if v.method != Method.NAT:  # the return path: from the output path, not the martian check
+                    pkt.drop()
+                    self._send_return(data, v.addr)
+                    self.latency["reply"].observe(self.clock() - now)
+                    return
                 pkt.set_payload(nat_snat(data, v.addr))
                 pkt.accept()
             elif v.action == Action.PASS:
@@ -111,6 +126,25 @@ class Verdicts:
                 self.raw.sendto(piece, dest)
         except OSError:  # e.g. no neighbour or route to the real server right now
             self.stats["send_errors"] += 1
+
+    def _send_return(self, data: bytes, client: int) -> None:
+        """A DR/TUN reply with the VIP as source, to the client: TTL - 1 (the kernel fills in the
+        header checksum of an IP_HDRINCL packet), fragmented to the client side's MTU if needed."""
+        if data[8] <= 1:
+            self.stats["return_ttl_expired"] += 1
+            return
+        pkt = bytearray(data)
+        pkt[8] -= 1
+        if len(pkt) > self.client_mtu and pkt[4:6] == b"\0\0":  # fragments need an ID the kernel will not replace
+            self._ident = (self._ident + 1) & 0xFFFF or 1
+            pkt[4:6] = self._ident.to_bytes(2, "big")
+        try:
+            for piece in fragment(bytes(pkt), self.client_mtu):
+                self.raw.sendto(piece, (int_to_ip(client), 0))
+        except (OSError, ValueError):  # no route or neighbour; or DF set above the MTU
+            self.stats["send_errors"] += 1
+            return
+        self.stats["returned"] += 1
 
     def _send_icmp(self, data: bytes, svc_id: int, now: float) -> None:
         if not self._icmp_bucket.take(now):

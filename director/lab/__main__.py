@@ -19,10 +19,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", choices=("up", "down", "status"))
     parser.add_argument("--mode", choices=MODES, default="dr")
     parser.add_argument("--prefix", help="namespace name prefix (down: required)")
+    parser.add_argument("--return-via-director", action="store_true",
+                        help="dr/tun: the real servers' default route via the director (return_path = \"director\")")
     args = parser.parse_args(argv)
 
     if args.command == "up":
-        lab = Lab(args.mode, args.prefix)
+        lab = Lab(args.mode, args.prefix, return_via_director=args.return_via_director)
         lab.up()
         atexit.unregister(lab.down)  # the point of `up` is to leave it running
         print(lab.prefix)

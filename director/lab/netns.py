@@ -13,6 +13,7 @@ namespace. The two shared segments are Linux bridges inside a switch namespace `
     ==+================+=========+===== lan 198.18.1.0/24 ==+==================+==
       |                |         |
     rs1 198.18.1.11  rs2 .12   rs3 .13   dr/tun: VIP on lo, default via gw; nat: via director
+                                         (dr/tun with return_via_director=True: via director)
 
 Links, addresses and routes go through pyroute2; sysctls are written to /proc/sys from a thread
 that has entered the namespace; only iptables (nat) and tc (tun) are shelled out. :meth:`Lab.down`
@@ -268,9 +269,15 @@ class Lab:
     director2_lan = "198.18.1.2"
     lan_vip = "198.18.1.3"  # NAT real servers' gateway when two directors share the VIPs
 
-    def __init__(self, mode: str = "dr", prefix: str | None = None, directors: int = 1) -> None:
+    def __init__(self, mode: str = "dr", prefix: str | None = None, directors: int = 1, *,
+                 return_via_director: bool = False) -> None:  # fmt: skip
         if directors not in (1, 2):
             raise ValueError(f"directors must be 1 or 2, not {directors!r}")
+        # DR/TUN with the real servers' default route via the director (the VIP stays on the
+        # director's eth0 too): their replies come back through it (return_path = "director")
+        if return_via_director and (mode == "nat" or directors != 1):
+            raise ValueError("return_via_director is for DR and TUN labs with one director")
+        self.return_via_director = return_via_director
         self.directors = directors
         self.roles = ROLES + ((DIRECTOR2,) if directors == 2 else ())
         if mode not in MODES:
@@ -301,7 +308,8 @@ class Lab:
         self.down()
 
     def __repr__(self) -> str:
-        return f"Lab(mode={self.mode!r}, prefix={self.prefix!r}, up={self._up})"
+        via = ", return_via_director=True" if self.return_via_director else ""
+        return f"Lab(mode={self.mode!r}, prefix={self.prefix!r}{via}, up={self._up})"
 
     # -- build ------------------------------------------------------------------------------------
 
@@ -432,7 +440,7 @@ class Lab:
 
     def _route(self, iprs: dict[str, IPRoute]) -> None:
         iprs["c3"].route("add", dst="0.0.0.0/0", gateway=self.nat_inside)
-        gateway = self.gw_lan if self.mode in ("dr", "tun") else self.director_lan
+        gateway = self.gw_lan if self.mode in ("dr", "tun") and not self.return_via_director else self.director_lan
         if self.mode == "nat" and self.directors == 2:
             gateway = self.lan_vip  # held by whichever director is VRRP master
         for role in RS_ROLES:

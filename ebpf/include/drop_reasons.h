@@ -38,6 +38,10 @@ enum drop_reason {
 	DROP_INGRESS_ESP_LIMITED = 75,
 	DROP_INGRESS_AH_LIMITED = 76,
 	DROP_INGRESS_IKE_LIMITED = 77,
+	/* the return path through the director (director_reply) */
+	DROP_RETURN_NO_CONVERSATION = 80,
+	DROP_RETURN_WRONG_SERVER = 81,
+	DROP_RETURN_NOT_IPSEC = 82,
 };
 
 #endif
