@@ -132,6 +132,9 @@ OPTIONS = (
     Opt("return-path", ("--return-path",), "str", "direct|director",
         "DR/TUN: the real servers' replies go straight to the client, or through the director (their "
         f"default route; it forwards those of known conversations only) (default {DEFAULTS.return_path})"),
+    Opt("ingress", ("--ingress",), "kv", "KEY=N",
+        "per-source ingress limits in packets/s: esp_pps, ah_pps, ike_pps, and burst (repeatable; 0 = off; "
+        "with -E only the keys given change)"),
     Opt("real-server", ("-r", "--real-server"), "str", "RIP", "the real server's address"),
     Opt("gatewaying", ("-g", "--gatewaying"), help="this real server by direct routing (dr)"),
     Opt("ipip", ("-i", "--ipip"), help="this real server by IP-in-IP tunnel (tun)"),
@@ -169,7 +172,7 @@ _SERVICE = {
     "affinity": "affinity", "netmask": "affinity",
     "persistent": ANY, "init-timeout": ANY, "ah": "ah", "no-ah": "ah", "retransmit-threshold": ANY,
     "soft-limit": ANY, "soft-grace": ANY, "expire-quiescent": "quiescent", "no-expire-quiescent": "quiescent",
-    "spi-label-mask": ANY,
+    "spi-label-mask": ANY, "ingress": ANY,
     "return-path": ANY,
 }  # fmt: skip
 _SERVER = {
@@ -450,6 +453,8 @@ def service_settings(a: dict[str, Any]) -> dict[str, Any]:
         out["soft_expiry"] = soft
     if "spi-label-mask" in a:
         out["spi_label"] = {"mask": a["spi-label-mask"]}
+    if "ingress" in a:
+        out["ingress"] = a["ingress"]
     return out
 
 
@@ -516,7 +521,7 @@ def _scalar_text(v: Any) -> str:
 
 _SAVE_SERVICE_KEYS = {"vip", "scheduler", "scheduler_options", "method", "affinity", "ah", "timeouts",
                       "retransmit_threshold", "soft_expiry", "expire_quiescent", "server", "drain", "spi_label",
-                      "return_path"}
+                      "return_path", "ingress"}
 _SAVE_SERVER_KEYS = {"address", "weight", "method", "u_threshold", "l_threshold", "spi_label", "esp_spi_min",
                      "esp_spi_max"}
 
@@ -559,6 +564,8 @@ def save_lines(services: list[dict]) -> Iterator[str]:
             parts.append("--expire-quiescent")
         if (s.get("spi_label") or {}).get("mask"):
             parts += ["--spi-label-mask", s["spi_label"]["mask"]]
+        for k, v in (s.get("ingress") or {}).items():
+            parts += ["--ingress", f"{k}={_scalar_text(v)}"]
         if s.get("return_path", DEFAULTS.return_path) != DEFAULTS.return_path:
             parts += ["--return-path", s["return_path"]]
         yield " ".join(shlex.quote(p) for p in parts)

@@ -36,7 +36,7 @@ MUTATIONS = frozenset({
 })
 _EDITABLE_SERVICE = {"scheduler", "scheduler_options", "method", "affinity", "ah", "timeouts",
                      "retransmit_threshold", "soft_expiry", "health", "drain",
-                     "expire_quiescent", "spi_label", "return_path"}
+                     "expire_quiescent", "spi_label", "return_path", "ingress"}
 _EDITABLE_SERVER = {"weight", "method", "u_threshold", "l_threshold", "spi_label", "esp_spi_min", "esp_spi_max"}
 
 
@@ -95,7 +95,7 @@ def mutate(desired: Config, req: dict) -> Config:
         for k, v in changes.items():
             if k not in _EDITABLE_SERVICE:
                 raise RequestError(f"changes.{k}: not an editable service setting")
-            if k in ("timeouts", "soft_expiry", "health", "scheduler_options") and isinstance(v, dict):
+            if k in ("timeouts", "soft_expiry", "health", "scheduler_options", "ingress") and isinstance(v, dict):
                 base = services[touched].get(k, {}) if k != "scheduler_options" else {}
                 services[touched][k] = {**base, **v}
             else:

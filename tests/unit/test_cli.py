@@ -235,7 +235,7 @@ SAVED = [  # a `save` answer: config.to_dict's service tables
      "timeouts": {"init": 30.0, "established": 16200.0}, "retransmit_threshold": 3, "server": []},
     {"vip": "192.0.2.43", "scheduler": "mh", "method": "dr", "affinity": "ip", "ah": True,
      "timeouts": {"init": 30.0, "established": 16200.0}, "retransmit_threshold": 3,
-     "spi_label": {"mask": "0x00000000ff000000"},
+     "spi_label": {"mask": "0x00000000ff000000"}, "ingress": {"esp_pps": 50, "ike_pps": 20, "burst": 40},
      "server": [{"address": RIP1, "weight": 1, "spi_label": "0x0000000041000000", "esp_spi_min": 0x41000000,
                  "esp_spi_max": 0x41FFFFFF},
                 {"address": RIP2, "weight": 1, "spi_label": "0x0000000042000000"}]},
@@ -253,7 +253,8 @@ SAVED_TEXT = f"""\
 -a -V 192.0.2.40 -r {RIP1} -w 1
 -A -V 192.0.2.41 -s mh -b mh-port --scheduler-option fallback=false
 -A -V 192.0.2.42 -s twos
--A -V 192.0.2.43 -s mh --spi-label-mask 0x00000000ff000000
+-A -V 192.0.2.43 -s mh --spi-label-mask 0x00000000ff000000 --ingress esp_pps=50 --ingress ike_pps=20 \
+--ingress burst=40
 -a -V 192.0.2.43 -r {RIP1} -w 1 --spi-label 0x0000000041000000 --esp-spi-min 0x41000000 --esp-spi-max 0x41ffffff
 -a -V 192.0.2.43 -r {RIP2} -w 1 --spi-label 0x0000000042000000
 """

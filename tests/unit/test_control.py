@@ -38,3 +38,13 @@ def test_set_timeouts_and_restore_round_trip():
     assert again == new
     with pytest.raises(RequestError, match="services: must be list"):
         mutate(cfg, {"cmd": "restore", "services": {}})
+
+
+def test_edit_service_changes_only_the_ingress_keys_given():
+    cfg = mutate(parse(BASE), {"cmd": "edit-service", "vip": "192.0.2.10",
+                               "changes": {"ingress": {"esp_pps": 50, "ike_pps": 20}}})
+    assert to_dict(cfg)["service"][0]["ingress"] == {"esp_pps": 50, "ike_pps": 20}
+    cfg = mutate(cfg, {"cmd": "edit-service", "vip": "192.0.2.10", "changes": {"ingress": {"esp_pps": 0, "burst": 5}}})
+    assert to_dict(cfg)["service"][0]["ingress"] == {"ike_pps": 20, "burst": 5}
+    with pytest.raises(RequestError, match=r"^service\.ingress\.ah_pps: must be 0\.\.1000000"):
+        mutate(cfg, {"cmd": "edit-service", "vip": "192.0.2.10", "changes": {"ingress": {"ah_pps": -1}}})
