@@ -110,6 +110,8 @@ class Daemon:
         vd.lan_addr = ip_to_int(lan_addr)
         vd.lan_mtu = self._ipr.get_links(self._lan_index)[0].get_attr("IFLA_MTU")
         routing.remove_all(self._ipr)  # leftovers of a crashed run
+        if d.bgp is not None:  # ... and its announcement: nothing is announced until the dataplane is up
+            self._withdraw_leftovers(d.bgp)
         self.kernel = KernelRules(d, self._ipr, self._lan_index)
         vd.raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
         # the return path through the director (DR/TUN replies from a VIP): who sent them, by MAC
@@ -145,6 +147,17 @@ class Daemon:
         log.info("daemon.started dataplane=%s services=%d dr=%d nat=%d queue=%d metrics=%s", self.dataplane,
                  len(self.director.services), len(k.dr_servers), len(k.nat_servers), d.queue, d.metrics or "off")
         self.notify("READY=1")
+
+    def _withdraw_leftovers(self, bgp: config_mod.BgpConfig) -> None:
+        """A run that crashed never withdrew its VIPs, and BIRD would go on announcing them (or
+        announce them again when it restarts) with nobody forwarding: withdraw every configured
+        VIP before anything else. Not fatal: BIRD may not run yet (it then reads the include)."""
+        from director.dataplane.bgp import Bird, BirdError
+
+        try:
+            Bird(bgp.socket, bgp.include, timeout=BIRD_TIMEOUT).withdraw_all({s.vip for s in self.cfg.services})
+        except (BirdError, OSError) as e:
+            log.warning("route_injection.start_withdraw_failed %s", e)
 
     def _start_fastpath(self, d: config_mod.DaemonConfig) -> None:
         from director.dataplane.ebpf import FastPath, FastPathUnavailable

@@ -47,6 +47,7 @@ class RouteInjector:
         self.applied: tuple[frozenset[str], frozenset[str]] | None = None  # (announced, known)
         self.error: str | None = None
         self.session_states: dict[str, str] = {}  # as last read by sessions()
+        self.drifts = 0  # times the speaker was found running something else than applied
 
     def update(self, director: DirectorState, services: list[ServiceState]) -> Announcement:
         """Decide and, if that changes what the speaker runs, apply; returns the decision."""
@@ -83,10 +84,21 @@ class RouteInjector:
         ]
 
     def sessions(self) -> dict[str, str]:
-        """BGP session states by peer (empty, with ``error`` set, when the speaker cannot say)."""
+        """BGP session states by peer (empty, with ``error`` set, when the speaker cannot say).
+
+        A speaker that reports ``drift`` (it runs some VIP otherwise than applied: BIRD
+        restarted, or an operator's ``birdc enable/disable/configure``) is re-applied in full by
+        the next ``update``: the director's decision wins within one tick."""
         try:
             self.session_states = self.speaker.sessions()
         except (BirdError, OSError) as e:
             self.error = str(e)
             self.session_states = {}
+            return self.session_states
+        drift = getattr(self.speaker, "drift", None)
+        if drift:
+            log.warning("route_injection.drift vips=%s (re-applying)", ",".join(sorted(drift)))
+            self.drifts += 1
+            self.speaker.forget()
+            self.applied = None
         return self.session_states

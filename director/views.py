@@ -148,6 +148,7 @@ class Views:
                              "reason": v.reason.name.lower() if v.reason is not None else None}
                      for v in inj.status()},  # fmt: skip
             "sessions": dict(inj.session_states),
+            "drifts": inj.drifts,  # times BIRD was found running something else than applied
             "error": inj.error,
         }
     # -- end route health injection -------------------------------------------------------------

@@ -161,6 +161,7 @@ class Bird:
         self.include_path = Path(include_path)
         self.timeout = timeout
         self.applied: dict[str, bool] = {}  # what BIRD runs, as last applied (empty: unknown)
+        self.drift: set[str] = set()  # VIPs whose protocol BIRD runs otherwise than applied (last read)
 
     # -- the control socket -----------------------------------------------------------------------
 
@@ -208,8 +209,35 @@ class Bird:
         return parse_protocols(self.command("show protocols"))
 
     def sessions(self) -> dict[str, str]:
-        """Each BGP protocol's session state by name (Established, Idle, Connect, Active, ...)."""
-        return {p.name: p.bgp_state or p.state for p in self.protocols() if p.proto == "BGP"}
+        """Each BGP protocol's session state by name (Established, Idle, Connect, Active, ...).
+
+        The same reading also sets ``drift``: the VIPs whose static protocol BIRD runs otherwise
+        than last applied (up where it should be down or the reverse, or missing): someone
+        enabled, disabled or reconfigured BIRD behind the director's back, or BIRD restarted
+        from another include."""
+        protos = self.protocols()
+        running = {p.name: p.state == "up" for p in protos}
+        self.drift = {v for v, on in self.applied.items() if running.get(proto_name(v)) != on}
+        return {p.name: p.bgp_state or p.state for p in protos if p.proto == "BGP"}
+
+    def forget(self) -> None:
+        """Take nothing BIRD runs for granted: the next plan rewrites the include and reconfigures."""
+        self.applied = {}
+        self.drift = set()
+
+    def withdraw_all(self, known: set[str]) -> None:
+        """At daemon start, before the dataplane is up: every known VIP's protocol disabled, in
+        the include and (if BIRD runs) in BIRD. A route a previous run left announced (it
+        crashed, so it never withdrew) goes now, not once the new run is ready; and a BIRD that
+        starts after this reads nothing to announce. Raises BirdError if BIRD cannot be told (the
+        include stays written: unlike ``apply``, nothing is restored)."""
+        for vip in known:
+            proto_name(vip)  # raises ValueError on a bad address, before anything changes
+        self.applied = {}
+        self._write(render_include({v: False for v in known}))
+        self._configure()
+        self.applied = {v: False for v in known}
+        log.info("bgp.withdrawn_at_start vips=%s", ",".join(sorted(known)) or "-")
 
     def announcing(self) -> set[str]:
         """The VIPs whose static protocol is up in BIRD right now (read back, not remembered)."""

@@ -135,6 +135,46 @@ def test_the_daemons_announce_drain_withdraw_on_failure_and_at_shutdown(lab: Ecm
     assert lab.nexthops() == everyone - lab.fabric_addrs(["d1"])
 
 
+def test_bird_changed_behind_the_daemons_back_is_put_right_within_a_tick(lab: EcmpLab):
+    """An operator's `birdc disable` of the VIP's protocol, then a restart of d1's BIRD from an
+    include that says nothing is announced (a drained run's): the daemon's tick reads BIRD's
+    protocols, sees them differ from what it applied, and applies again. And a daemon that
+    starts withdraws whatever a crashed run left announced before its dataplane is up."""
+    lab.start_responders()
+    ds = start_daemons(lab)
+    everyone = lab.fabric_addrs(lab.director_roles)
+    lab.wait_nexthops(everyone, REJOIN_BOUND)
+    bird = lab.bird("d1")
+    proto = "vip_" + lab.vip.replace(".", "_")
+    t0 = time.monotonic()
+    bird.command(f"disable {proto}")
+    lab.wait_nexthops(everyone - lab.fabric_addrs(["d1"]), WITHDRAW_BOUND)
+    t = lab.wait_nexthops(everyone, 3.0)  # a tick (1 s), the enable, the UPDATE
+    print(f"\nbirdc disable on d1: nexthop back {time.monotonic() - t0:.3f}s after it ({t:.3f}s after it left)")
+    assert ds["d1"].status()["bgp"]["drifts"] >= 1
+
+    # BIRD restarts reading an include in which the VIP is disabled
+    include = lab.bird_include("d1")
+    include.write_text(include.read_text().replace("disabled no;", "disabled yes;"))
+    lab.stop_bird("d1")
+    lab.start_bird("d1")
+    t = lab.wait_nexthops(everyone, REJOIN_BOUND)
+    print(f"d1's BIRD restarted from a withdrawn include: nexthop back after {t:.3f}s")
+
+    # the daemon is SIGKILLed: its BIRD goes on announcing (nobody withdrew) ...
+    ds["d1"].proc.kill()
+    ds["d1"].proc.wait()
+    time.sleep(2.0)
+    assert lab.nexthops() == everyone
+    # ... until a new run starts: it withdraws first, then announces once its dataplane is up
+    d = ds["d1"].start()  # the same config and log
+    lab.wait_nexthops(everyone, REJOIN_BOUND)
+    text = d.log()
+    assert text.count("bgp.withdrawn_at_start") == 2 and "start_withdraw_failed" not in text, text[-3000:]
+    last = text.rindex("bgp.withdrawn_at_start")
+    assert text.index("route_injection.applied announce=", last) > last  # withdrawn, then announced
+
+
 def mac(lab: EcmpLab, role: str, ifname: str) -> bytes:
     return bytes.fromhex(lab.run(role, ["cat", f"/sys/class/net/{ifname}/address"]).stdout.strip().replace(":", ""))
 

@@ -73,3 +73,26 @@ def test_a_removed_service_is_still_shown_until_applied():
     sp.refuse = False
     inj.update(UP, [ServiceState(A, 1)])
     assert [s.vip for s in inj.status()] == [A] and sp.running == {A}
+
+
+def test_a_speaker_found_running_something_else_is_re_applied_by_the_next_update():
+    """BIRD restarted from another include, or an operator's `birdc disable`: the speaker's
+    reading reports drift, and the next update applies the decision again (once)."""
+    sp = FakeSpeaker()
+    sp.drift = set()
+    forgotten = []
+    sp.forget = lambda: forgotten.append(True)
+    inj = RouteInjector(sp)
+    inj.update(UP, [ServiceState(A, 1)])
+    inj.sessions()
+    inj.update(UP, [ServiceState(A, 1)])
+    assert len(sp.applies) == 1 and inj.drifts == 0  # no drift: nothing re-sent
+    sp.running, sp.drift = set(), {A}  # someone disabled A behind the director's back
+    inj.sessions()
+    assert forgotten == [True] and inj.drifts == 1
+    inj.update(UP, [ServiceState(A, 1)])
+    assert sp.running == {A} and len(sp.applies) == 2
+    sp.drift = set()
+    inj.sessions()
+    inj.update(UP, [ServiceState(A, 1)])
+    assert len(sp.applies) == 2
