@@ -4,9 +4,10 @@ promtool test case, and every metric the dashboard or an alert queries is served
 Why a sample name in one scrape is a fair test of "exists": the collector (director/metrics.py)
 writes every label value of every family on each scrape, zeros included (each service x kind x
 verdict, each real server, each drop reason, both NFQUEUE histograms), so no family waits for its
-first event to appear. Two exceptions: the failover-sync counters exist only with [daemon.sync]
-(no query names them; if one did, this test would fail, as it should), and ``up`` is made by
-Prometheus, not by the daemon. The daemon here also sees real IKE and ESP, and the test checks
+first event to appear. Families that exist only with a setting (the table sync's with
+[daemon.sync], route injection's with [daemon.bgp]) come from a second scrape, of a daemon in a
+two-director ECMP lab that announces through its BIRD and shares its table with the other; ``up``
+is made by Prometheus, not by the daemon. The daemon here also sees real IKE and ESP, and the test checks
 the scrape counted them, so the endpoint is shown serving live numbers, not a static page.
 """
 
@@ -18,11 +19,11 @@ import shutil
 import subprocess
 import urllib.request
 
-from test_fastpath import wait_for
-
 from director.lab.client import LabClient
 from director.lab.director_proc import DirectorProcess
-from director.lab.netns import REPO, in_netns
+from director.lab.ecmp import EcmpLab
+from director.lab.netns import REPO, cleanup, in_netns, list_labs
+from director.lab.wait import wait_for
 
 PROM = REPO / "deploy" / "prometheus"
 DASHBOARD = REPO / "deploy" / "grafana" / "vpn-director-dashboard.json"
@@ -95,8 +96,8 @@ def metric_names(expr: str) -> set[str]:
     return names
 
 
-def scrape(lab, address: str) -> str:
-    with in_netns(lab.ns["director"]):
+def scrape(lab, address: str, role: str = "director") -> str:
+    with in_netns(lab.ns[role]):
         with urllib.request.urlopen(f"http://{address}/metrics", timeout=5) as r:
             return r.read().decode()
 
@@ -141,7 +142,36 @@ def test_every_alert_fires_in_a_promtool_case():
     assert firing <= set(names), f"cases for alerts that do not exist: {sorted(firing - set(names))}"
 
 
-def test_every_queried_metric_is_served_by_a_running_daemon(make_lab):
+def scrape_scale_out() -> str:
+    """A scrape of d1 in a two-director ECMP lab: [daemon.bgp] through its BIRD (a session to the
+    router), [daemon.sync] role all with d2 (a datagram from d2 has arrived)."""
+    lab = EcmpLab("dr", directors=2)
+    daemons = []
+    try:
+        lab.up()
+        for role in lab.director_roles:
+            other = next(r for r in lab.director_roles if r != role)
+            extra = (f'[daemon.bgp]\nsocket = "{lab.bird_socket(role)}"\ninclude = "{lab.bird_include(role)}"\n'
+                     f'shutdown_wait = 0.1\n[daemon.sync]\npeers = ["{lab.director_lan_addr(other)}"]\n'
+                     f'bind = "{lab.director_lan_addr(role)}"\nkey = "{"ab" * 32}"\nrole = "all"\n'
+                     f'state_file = "{lab._tmp() / f"sync-{role}.json"}"\n')  # fmt: skip
+            d = DirectorProcess(lab, name=f"director-{role}", role=role, scheduler="mh", daemon_extra=extra,
+                                metrics="127.0.0.1:9817" if role == "d1" else "")
+            daemons.append(d.start())
+        d1 = daemons[0]
+        wait_for(lambda: d1.status().get("bgp", {}).get("sessions"), 30.0, "d1's BGP sessions read")
+        wait_for(lambda: any(p.get("last_age") is not None for p in d1.status()["sync"]["peers"]), 10.0,
+                 "a sync datagram from d2")
+        return scrape(lab, "127.0.0.1:9817", role="d1")
+    finally:
+        for d in daemons:
+            d.stop()
+        lab.down()
+        if list_labs(lab.prefix).get(lab.prefix):
+            cleanup(lab.prefix)
+
+
+def test_every_queried_metric_is_served_by_a_running_daemon(make_lab, ecmp_prerequisites):
     queried = {}
     for source, exprs in (("alerts.yml", alert_exprs()), (DASHBOARD.name, dashboard_queries())):
         assert exprs, f"no queries found in {source}"
@@ -164,7 +194,7 @@ def test_every_queried_metric_is_served_by_a_running_daemon(make_lab):
         assert d.stop() == 0, d.log()
 
     served = samples(text)
-    names = {re.match(r"[a-zA-Z_:][a-zA-Z0-9_:]*", k).group(0) for k in served}
+    names = {re.match(r"[a-zA-Z_:][a-zA-Z0-9_:]*", k).group(0) for k in served | samples(scrape_scale_out())}
     missing = {n: src for n, src in queried.items() if n not in names and n not in FROM_PROMETHEUS}
     assert not missing, f"queried but not in a live scrape: {missing}"
     # Live numbers: the IKE exchange was counted, and so were c1's entries.
