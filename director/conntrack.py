@@ -59,6 +59,7 @@ _CLIENT_KEY = struct.Struct(">HI")  # service, client: 6 bytes
 _NATT_KEY = struct.Struct(">HIH")  # service, client, client port: 8 bytes
 
 _SAMPLES = 8  # random slots drop-entry looks at before taking the oldest INIT entry
+_UNANSWERED_WALK = 64  # INIT list entries drop-entry looks at for an unanswered one (see _reclaim)
 # the two FIFO lists drop-entry takes victims from, oldest first
 _LIST_INIT = 0
 _LIST_SOFT = 1
@@ -637,6 +638,9 @@ class Table:
         Among the sampled INIT entries an unanswered one goes first: where replies pass the director
         (NAT; DR/TUN with the return path through it) a spoofed IKE_SA_INIT flood's entries are
         never answered by a real server reachable at their source, a real client's usually are.
+        If the sample holds only answered ones, the INIT list (oldest first) is walked for an
+        unanswered one, at most ``_UNANSWERED_WALK`` steps, before an answered one is taken: with
+        half the table answered, a sample of ``_SAMPLES`` misses every unanswered one once in 256.
 
         Like IPVS's drop_entry, victims are sampled at random so a flood cannot predict which
         conversations survive; an ESTABLISHED entry is never taken (soft-expired ones are past
@@ -656,7 +660,15 @@ class Table:
                     self.stats["reclaimed_init"] += 1
                     return True
             if answered >= 0:
-                self._free_slot(answered, Event.REMOVE)
+                victim, s, nxt = answered, self._list_head[_LIST_INIT], self.l_next
+                for _ in range(_UNANSWERED_WALK):  # the oldest unanswered INIT entry, if one is near
+                    if s < 0:
+                        break
+                    if not flags[s] & F_SPI_R_FROM_SERVER:
+                        victim = s
+                        break
+                    s = nxt[s]
+                self._free_slot(victim, Event.REMOVE)
                 self.stats["reclaimed_init"] += 1
                 return True
         for which, stat in ((_LIST_INIT, "reclaimed_init"), (_LIST_SOFT, "reclaimed_soft")):
