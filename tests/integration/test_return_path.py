@@ -21,6 +21,7 @@ import pytest
 from director.lab import craft
 from director.lab.strongswan import Peers, ike_sa_of, parallel, strongswan_prerequisites
 from director.packet import build_ipv4, build_ipv4_udp, ip_to_int
+from director.lab.wait import wait_for
 
 RETURN = 'return_path = "director"'
 
@@ -45,17 +46,6 @@ def rp_lab(make_lab, run_director):
     yield make
     for peers in made:
         peers.stop()
-
-
-def wait_for(pred, timeout: float, what: str, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 def drops(d, reason: str) -> int:

@@ -32,6 +32,7 @@ from director.lab.strongswan import (
 from director.packet import FLAG_INITIATOR, Kind, classify, ip_to_int
 from director.lab.strongswan import PROTECTED
 from director.spi_label import ServerLabel, SpiLabels
+from director.lab.wait import wait_for
 from tests.integration.conftest import lab_prerequisites
 
 MASK = 0x00000000FF000000
@@ -46,17 +47,6 @@ def server_options(rs: int) -> str:
 
 
 SPI_LABELS = SpiLabels.build(MASK, {rs: ServerLabel(b << 24, b << 24, (b << 24) | 0xFFFFFF) for rs, b in LABELS.items()})
-
-
-def wait_for(fn, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        got = fn()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout}s")
-        time.sleep(0.1)
 
 
 @pytest.fixture
