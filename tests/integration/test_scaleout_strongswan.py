@@ -18,9 +18,11 @@ ESP silence per client (pings inside every tunnel every 50 ms, 20 ms for the dra
 and bounded (docs/scale-out.md, "Measured").
 
 Only DR: the lab's NAT mode sends every real server's replies through d1 (docs/scale-out.md), and
-its TUN mode needs one decapsulator per real server that these tests would add nothing to. One
-dataplane (NFQUEUE; ``VPN_DIRECTOR_DATAPLANE=ebpf`` runs the same tests on the fast path): three
-daemons and six charons take 15-30 s per test on a 2-core machine.
+its TUN mode needs one decapsulator per real server that these tests would add nothing to. The
+director loss and the drain run on both dataplanes (``dataplane``: NFQUEUE, and the eBPF fast
+path, where ESP never reaches the daemon); the others on NFQUEUE only
+(``VPN_DIRECTOR_DATAPLANE=ebpf`` runs them on the fast path): three daemons and six charons take
+15-30 s per test on a 2-core machine.
 
 Times are printed (``-s``).
 """
@@ -110,6 +112,13 @@ def start_director(lab: EcmpLab, role: str, extra=None, edit=None) -> DirectorPr
     if edit is not None:
         p.config_path.write_text(edit(p.config_path.read_text(), lab))
     return p.start()
+
+
+@pytest.fixture(params=["nfqueue", "ebpf"])
+def dataplane(request, monkeypatch):
+    """Both dataplanes, for the tests where the difference matters (every daemon of the test)."""
+    monkeypatch.setenv("VPN_DIRECTOR_DATAPLANE", request.param)
+    return request.param
 
 
 @pytest.fixture
@@ -336,7 +345,8 @@ def labelled(text: str, lab: EcmpLab) -> str:
 # shared: every director holds every entry (N-peer sync); labels: no state shared, the SPIs the
 # real servers chose name them. Both with L4 hashing, both announced by the daemons.
 @pytest.mark.parametrize("mechanism", ["shared", "labels"])
-def test_a_director_dies_like_a_box_and_no_sa_moves_then_it_returns_and_a_fourth_joins(make_scaleout, mechanism):
+def test_a_director_dies_like_a_box_and_no_sa_moves_then_it_returns_and_a_fourth_joins(make_scaleout, mechanism,
+                                                                                      dataplane):
     """L4 hashing (a client's IKE and ESP on different directors): a director SIGKILLed with its
     BIRD moves no SA and silences no client longer than SILENCE_BOUND; back, it moves none; a
     fourth director joins and moves none; a director whose links go down (BFD's case) moves none
@@ -414,7 +424,7 @@ def test_a_director_dies_like_a_box_and_no_sa_moves_then_it_returns_and_a_fourth
         assert sum(steered.values()) > 0, steered
 
 
-def test_a_drained_director_withdraws_then_stops_and_not_one_esp_packet_is_lost(make_scaleout):
+def test_a_drained_director_withdraws_then_stops_and_not_one_esp_packet_is_lost(make_scaleout, dataplane):
     lab, procs, peers = make_scaleout(hash_policy=1, extra=shared_and_announced, daemon_bgp=True)
     settle(lab, procs, peers)
     before = sa_keys(peers)
