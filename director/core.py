@@ -4,16 +4,18 @@ The dataplane adapters (NFQUEUE, eBPF map sync) apply verdicts; they never re-de
 in this order for a client packet to a VIP:
 
 - Ingress limits (a service's ``ingress``, director/ingress.py), first: an IKE packet, or ESP, AH or
-  ESP-in-UDP with no ESTABLISHED entry, over its source's rate is dropped, counted, not answered.
-  Off while the eBPF programs enforce them before the queue (``ingress_in_core``).
+  ESP-in-UDP with no ESTABLISHED entry (and, for ESP, no SPI label naming a server), over its
+  source's rate is dropped, counted, not answered. Off while the eBPF programs enforce them before
+  the queue (``ingress_in_core``).
 
 - IKE, responder cookie zero (initial): a known conversation keeps its real server (a repeat is
   counted; past the service's threshold with no sign of life the conversation is rescheduled: the
   passive health signal). A new one follows the client's live state if any (implicit persistence,
   quiesced servers included unless the service sets ``expire_quiescent``) or is scheduled.
 - IKE, responder cookie set: a known conversation is refreshed and turns ESTABLISHED (in NAT mode,
-  and in DR/TUN with ``return_path = "director"``, only with the responder cookie the real server sent). An unknown cookie pair follows the client's
-  real server and is adopted as ESTABLISHED (an IKEv2 IKE SA rekey changes SPIs), or is dropped.
+  and in DR/TUN with ``return_path = "director"``, only with the responder cookie the real server
+  sent). An unknown cookie pair follows the client's real server and is adopted as ESTABLISHED (an
+  IKEv2 IKE SA rekey changes SPIs), or is dropped.
 - ESP / AH: the client's ESTABLISHED entry decides; none -> ICMP protocol-unreachable.
 - ESP-in-UDP: the ESTABLISHED entry of client IP+port; INIT only -> drop; none -> unreachable.
 - NAT-keepalive: follows the client's entry; none -> drop.
