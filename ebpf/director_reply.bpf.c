@@ -41,9 +41,8 @@ int director_reply(struct __sk_buff *skb)
 	struct dp_stats *st;
 	struct pkt p = {};
 	void *data, *data_end, *ip;
-	__u32 zero = 0, rip, *vipp, in_ifindex;
+	__u32 zero = 0, rip, *vipp;
 	__be32 vip;
-	long rc;
 	int kind, ret;
 
 	st = bpf_map_lookup_elem(&stats, &zero);
@@ -71,19 +70,8 @@ int director_reply(struct __sk_buff *skb)
 	kind = classify(ip, data_end, 1, &p);
 	if (kind != KIND_ESP && kind != KIND_ESP_IN_UDP)
 		return TC_ACT_OK;
-	if (p.tot_len > skb->len - ETH_HLEN) /* a stub: the stack drops it (ip_rcv) */
+	if (reply_route(skb, cfg, st, &fib, &p, vip)) /* include/return_path.h */
 		return TC_ACT_OK;
-	if (p.ttl <= 1) {
-		st->ttl_pass++;
-		return TC_ACT_OK;
-	}
-	/* Toward the client, as ip_forward would route the rewritten packet arriving here. */
-	in_ifindex = cfg->lan_ifindex ? cfg->lan_ifindex : skb->ingress_ifindex;
-	rc = fib_forward(skb, cfg, &fib, in_ifindex, vip, p.dst, p.tos, p.proto, p.tot_len);
-	if (rc != BPF_FIB_LKUP_RET_SUCCESS) {
-		count_fib_failure(st, rc);
-		return TC_ACT_OK;
-	}
 	/* From here on the packet changes: a helper failure must drop, not pass, it. */
 	if (skb_nat_addr(skb, ETH_HLEN, offsetof(struct iphdr, saddr), ETH_HLEN + p.ihl, kind == KIND_ESP_IN_UDP,
 			 rip, vip))

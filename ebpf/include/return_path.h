@@ -59,6 +59,31 @@ static __always_inline void return_count(__u32 i)
 		(*n)++;
 }
 
+/* A reply about to be sent on toward the client with source `src` (the VIP): 0 with `fib` filled
+ * when the route and the neighbour are known; 1 when the stack must take it instead (a stub, TTL
+ * 1, no route or neighbour yet), counted. Used by the NAT replies too (director_reply.bpf.c). */
+static __always_inline int reply_route(struct __sk_buff *skb, struct dp_config *cfg, struct dp_stats *st,
+				       struct bpf_fib_lookup *fib, const struct pkt *p, __u32 src)
+{
+	__u32 in_ifindex;
+	long rc;
+
+	if (p->tot_len > skb->len - ETH_HLEN) /* a stub: the stack drops it (ip_rcv) */
+		return 1;
+	if (p->ttl <= 1) {
+		st->ttl_pass++;
+		return 1;
+	}
+	/* Toward the client, as ip_forward would route the (rewritten) packet arriving here. */
+	in_ifindex = cfg->lan_ifindex ? cfg->lan_ifindex : skb->ingress_ifindex;
+	rc = fib_forward(skb, cfg, fib, in_ifindex, src, p->dst, p->tos, p->proto, p->tot_len);
+	if (rc != BPF_FIB_LKUP_RET_SUCCESS) {
+		count_fib_failure(st, rc);
+		return 1;
+	}
+	return 0;
+}
+
 /* A frame from the server side whose IPv4 source is not a NAT real server's: the return path's, or
  * not ours (TC_ACT_OK). Returns a tc action, or -1 when a helper failed halfway (drop it). */
 static __always_inline int return_path(struct __sk_buff *skb, struct dp_config *cfg, struct dp_stats *st)
@@ -68,9 +93,8 @@ static __always_inline int return_path(struct __sk_buff *skb, struct dp_config *
 	struct client_val *cv;
 	struct pkt p = {};
 	void *data, *data_end, *ip;
-	__u32 vip, *svc, *rs, in_ifindex;
+	__u32 vip, *svc, *rs;
 	__u64 mac = 0;
-	long rc;
 	int kind, ret;
 
 	data = (void *)(long)skb->data;
@@ -102,18 +126,8 @@ static __always_inline int return_path(struct __sk_buff *skb, struct dp_config *
 		return_count(DROP_RETURN_WRONG_SERVER - RET_DROP_BASE);
 		return TC_ACT_SHOT;
 	}
-	if (p.tot_len > skb->len - ETH_HLEN) /* a stub: the stack drops it (ip_rcv) */
+	if (reply_route(skb, cfg, st, &fib, &p, vip))
 		return TC_ACT_OK;
-	if (p.ttl <= 1) {
-		st->ttl_pass++;
-		return TC_ACT_OK;
-	}
-	in_ifindex = cfg->lan_ifindex ? cfg->lan_ifindex : skb->ingress_ifindex;
-	rc = fib_forward(skb, cfg, &fib, in_ifindex, vip, p.dst, p.tos, p.proto, p.tot_len);
-	if (rc != BPF_FIB_LKUP_RET_SUCCESS) {
-		count_fib_failure(st, rc);
-		return TC_ACT_OK;
-	}
 	if (skb_decrease_ttl(skb, ETH_HLEN, p.ttl, p.proto))
 		return -1;
 	ret = skb_eth_redirect(skb, &fib);
