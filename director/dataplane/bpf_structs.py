@@ -34,6 +34,8 @@ __all__ = [
     "METHOD_TUN",
     "RS_STATS",
     "SERVER_VAL",
+    "LAST_SEEN_GRAIN_NS",
+    "NextHop",
     "SPI_LABEL_CFG",
     "SPI_LABEL_SLOTS",
     "U32",
@@ -63,6 +65,7 @@ __all__ = [
     "unpack_label_stats",
     "unpack_rs_stats",
     "unpack_server_val",
+    "unpack_server_nh",
     "unpack_u32",
     "unpack_vip_val",
     "vip_val",
@@ -114,7 +117,10 @@ def _layout(name: str, *fields: tuple[str, str]) -> Layout:
 VIP_VAL = _layout("vip_val", ("svc", "H"), ("flags", "B"), ("pad", "x"))
 CLIENT_KEY = _layout("client_key", ("vip", "4s"), ("client", "4s"), ("port", "H"), ("pad", "H"))
 CLIENT_VAL = _layout("client_val", ("rs", "H"), ("pad0", "H"), ("pad1", "I"), ("last_seen", "Q"))
-SERVER_VAL = _layout("server_val", ("addr", "4s"), ("method", "B"), ("pad", "3x"))
+SERVER_VAL = _layout(
+    "server_val", ("addr", "4s"), ("method", "B"), ("nh_ok", "B"), ("nh_mtu", "H"), ("nh_ifindex", "I"),
+    ("nh_dmac", "6s"), ("nh_smac", "6s"),
+)
 DP_CONFIG = _layout(
     "dp_config", ("lan_addr", "4s"), ("lan_ifindex", "I"), ("lan_mtu", "I"), ("client_ifindex", "I"), ("flags", "I")
 )
@@ -256,6 +262,9 @@ def unpack_client_key(b: bytes) -> tuple[int, int, int]:
     return addr_int(vip), addr_int(client), port
 
 
+LAST_SEEN_GRAIN_NS = 100_000_000  # the programs rewrite a client's last_seen at most this often (fastpath.h)
+
+
 def client_val(rs: int, last_seen: int = 0) -> bytes:
     """Value of ``clients``: real server id and last_seen (ns of CLOCK_MONOTONIC, as bpf_ktime_get_ns)."""
     return CLIENT_VAL.struct.pack(rs, 0, 0, last_seen)
@@ -267,15 +276,33 @@ def unpack_client_val(b: bytes) -> tuple[int, int]:
     return rs, last_seen
 
 
-def server_val(address: int, method: int) -> bytes:
-    """Value of ``servers``: the real server's address and its method (METHOD_DR/TUN/NAT)."""
-    return SERVER_VAL.struct.pack(_ADDR.pack(address), method)
+class NextHop(NamedTuple):
+    """A real server's next hop as the daemon resolved it (``server_val.nh_*``)."""
+
+    ifindex: int
+    mtu: int
+    dmac: bytes  # 6 bytes: the real server's MAC, or its gateway's
+    smac: bytes  # 6 bytes: the egress interface's
+
+
+def server_val(address: int, method: int, nh: NextHop | None = None) -> bytes:
+    """Value of ``servers``: the real server's address, its method (METHOD_DR/TUN/NAT) and, if
+    resolved, its next hop (else the programs look the route up per packet)."""
+    if nh is None:
+        return SERVER_VAL.struct.pack(_ADDR.pack(address), method, 0, 0, 0, bytes(6), bytes(6))
+    return SERVER_VAL.struct.pack(_ADDR.pack(address), method, 1, min(nh.mtu, 0xFFFF), nh.ifindex, nh.dmac, nh.smac)
 
 
 def unpack_server_val(b: bytes) -> tuple[int, int]:
     """(addr, method) of a ``servers`` value."""
-    a, method = SERVER_VAL.struct.unpack(b)
+    a, method, *_ = SERVER_VAL.struct.unpack(b)
     return addr_int(a), method
+
+
+def unpack_server_nh(b: bytes) -> NextHop | None:
+    """The next hop of a ``servers`` value, or None if it has none."""
+    _a, _m, ok, mtu, ifindex, dmac, smac = SERVER_VAL.struct.unpack(b)
+    return NextHop(ifindex, mtu, dmac, smac) if ok else None
 
 
 class DpConfig(NamedTuple):

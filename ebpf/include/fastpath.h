@@ -28,6 +28,7 @@
 #define IPIP_HLEN 20 /* the outer header we prepend: IHL 5, no options (RFC 2003) */
 #define IPIP_TTL 64
 #define DROP_INTERNAL 0 /* drops[0]: a rewrite helper failed halfway (never a DropReason) */
+#define LAST_SEEN_GRAIN_NS 100000000ULL /* clients' last_seen: refreshed at most every 100 ms */
 
 /* What fp_decide() says; the hook maps it to its own return codes. */
 enum fp_verdict {
@@ -210,6 +211,22 @@ static __always_inline void fp_forwarded(const struct fp *f)
 		fp_label_forwarded(f);
 }
 
+/* The next hop the daemon resolved for this real server (server_val.nh_*), in place of the route
+ * and neighbour lookup: only what the rewrite and the redirect read of f->fib is filled in. len is
+ * the length of the packet that will leave; above the egress MTU it is the slow path's (which
+ * fragments or answers), as bpf_fib_lookup's FRAG_NEEDED. Returns 1, or 0 (counted: pass it). */
+static __always_inline int fp_cached_hop(struct fp *f, const struct server_val *sv, __u32 len)
+{
+	if (len > sv->nh_mtu) {
+		f->st->mtu_pass++;
+		return 0;
+	}
+	f->fib.ifindex = sv->nh_ifindex;
+	__builtin_memcpy(f->fib.dmac, sv->nh_dmac, ETH_ALEN);
+	__builtin_memcpy(f->fib.smac, sv->nh_smac, ETH_ALEN);
+	return 1;
+}
+
 /* DR and NAT: the packet is routed toward the real server as ip_forward would, TTL decremented;
  * NAT also turns the destination VIP into the real server's address. */
 static __always_inline int fp_route_dr_nat(void *ctx, struct fp *f, const struct server_val *sv,
@@ -222,6 +239,8 @@ static __always_inline int fp_route_dr_nat(void *ctx, struct fp *f, const struct
 		f->st->ttl_pass++;
 		return fp_pass(f->st, f->kind);
 	}
+	if (sv->nh_ok)
+		return fp_cached_hop(f, sv, f->p.tot_len) ? verdict : fp_pass(f->st, f->kind);
 	rc = fib_forward(ctx, cfg, &f->fib, in_ifindex, f->p.src, sv->addr, f->p.tos, f->p.proto, f->p.tot_len);
 	if (rc != BPF_FIB_LKUP_RET_SUCCESS) {
 		count_fib_failure(f->st, rc);
@@ -250,10 +269,16 @@ static __always_inline int fp_route_tun(void *ctx, struct fp *f, const struct se
 		f->st->fib_miss++;
 		return fp_pass(f->st, f->kind);
 	}
-	rc = fib_forward(ctx, cfg, &f->fib, in_ifindex, cfg->lan_addr, sv->addr, f->p.tos, IPPROTO_IPIP, envelope);
-	if (rc != BPF_FIB_LKUP_RET_SUCCESS) {
-		count_fib_failure(f->st, rc);
-		return fp_pass(f->st, f->kind);
+	if (sv->nh_ok) {
+		if (!fp_cached_hop(f, sv, envelope))
+			return fp_pass(f->st, f->kind);
+	} else {
+		rc = fib_forward(ctx, cfg, &f->fib, in_ifindex, cfg->lan_addr, sv->addr, f->p.tos, IPPROTO_IPIP,
+				 envelope);
+		if (rc != BPF_FIB_LKUP_RET_SUCCESS) {
+			count_fib_failure(f->st, rc);
+			return fp_pass(f->st, f->kind);
+		}
 	}
 
 	o->vihl = 0x45;
@@ -364,8 +389,14 @@ static __always_inline int fp_decide(void *ctx, void *data, void *data_end, __u3
 	if (cv) {
 		/* A plain store: one aligned 64-bit write, atomic on 64-bit CPUs; the daemon only reads
 		 * it. An ICMP error is no sign of the client's life: it refreshes nothing. */
-		if (kind != KIND_NOT_OURS)
-			cv->last_seen = bpf_ktime_get_ns();
+		if (kind != KIND_NOT_OURS) {
+			__u64 now = bpf_ktime_get_ns();
+
+			/* Written at most once per grain: a write on every packet would dirty the
+			 * entry's cache line for every CPU that reads it (docs/fastpath.md). */
+			if (now - cv->last_seen >= LAST_SEEN_GRAIN_NS)
+				cv->last_seen = now;
+		}
 		f->rs_id = cv->rs;
 	} else if (!fp_label(ip, data_end, vv, f)) { /* SPI labels: the SPI may name the server */
 		/* no ESTABLISHED client and no label naming a server: ESP and AH within the source's

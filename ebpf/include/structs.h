@@ -54,10 +54,18 @@ struct client_val {
 	__u64 last_seen; /* bpf_ktime_get_ns(): CLOCK_MONOTONIC, the clock of Python's time.monotonic() */
 };
 
+/* A real server and, when the daemon has resolved it (nh_ok, daemon.fastpath_fib = "cached"), its
+ * next hop: the egress interface, its MTU and both MAC addresses, so that forwarding needs no route
+ * or neighbour lookup per packet (docs/fastpath.md, "Next hops"). Without nh_ok the programs do the
+ * full lookup (bpf_fib_lookup). The hot fields share the value's first cache line. */
 struct server_val {
-	__u32 addr;  /* the real server's address, network order */
-	__u8 method; /* enum method */
-	__u8 pad[3];
+	__u32 addr;        /* the real server's address, network order */
+	__u8 method;       /* enum method */
+	__u8 nh_ok;        /* 1: the next hop below is valid */
+	__u16 nh_mtu;      /* the egress interface's MTU (or the route's, if lower) */
+	__u32 nh_ifindex;  /* egress interface */
+	__u8 nh_dmac[6];   /* the next hop's MAC (the real server's, or its gateway's) */
+	__u8 nh_smac[6];   /* the egress interface's MAC */
 };
 
 struct dp_config {
@@ -111,7 +119,7 @@ struct rs_stats {
 _Static_assert(sizeof(struct vip_val) == 4, "vip_val");
 _Static_assert(sizeof(struct client_key) == 12, "client_key");
 _Static_assert(sizeof(struct client_val) == 16, "client_val");
-_Static_assert(sizeof(struct server_val) == 8, "server_val");
+_Static_assert(sizeof(struct server_val) == 24, "server_val");
 _Static_assert(sizeof(struct dp_config) == 20, "dp_config");
 _Static_assert(sizeof(struct dp_stats) == 8 * (3 * N_KINDS + 7 + N_DROP_REASONS), "dp_stats");
 _Static_assert(sizeof(struct rs_stats) == 8 * 2 * N_KINDS, "rs_stats");

@@ -403,13 +403,23 @@ def _config(world, **over) -> bytes:
     return S.dp_config(**cfg)
 
 
-def setup_maps(world, **config) -> None:
-    """The service world of every case; last_seen 0 everywhere, stats zero."""
+def next_hop(world, rip: int) -> S.NextHop | None:
+    """The next hop the daemon would resolve for ``rip`` in bpf_world's namespace (None: no
+    neighbour, so it stays unresolved and the programs look the route up)."""
+    if rip == T.rip_smallmtu:
+        return S.NextHop(world.netns.ifindex["lan2"], 1280, T.rip_smallmtu_mac, T.lan2_mac)
+    mac = {T.rip_dr: T.rip_dr_mac, T.rip_nat: T.rip_nat_mac, T.rip_tun: T.rip_tun_mac}.get(rip)
+    return None if mac is None else S.NextHop(world.netns.ifindex["lan0"], T.lan_mtu, mac, T.lan0_mac)
+
+
+def setup_maps(world, cached: bool = False, **config) -> None:
+    """The service world of every case; last_seen 0 everywhere, stats zero. ``cached``: every
+    real server with a neighbour has its next hop in ``servers`` (daemon.fastpath_fib "cached")."""
     world.clear()
     world.put("vips", S.addr(VIP), S.vip_val(1, S.VIP_F_AH))
     world.put("vips", S.addr(VIP_NOAH), S.vip_val(2, 0))
     for rs_id, (client, rip, method) in RS.items():
-        world.put("servers", S.u32(rs_id), S.server_val(rip, method))
+        world.put("servers", S.u32(rs_id), S.server_val(rip, method, next_hop(world, rip) if cached else None))
         world.put("clients", key(client), S.client_val(rs_id))
         world.put("clients", key(client, NATT_SPORT), S.client_val(rs_id))
     world.put("clients", key(C_DR, vip=VIP_NOAH), S.client_val(1))
@@ -447,9 +457,10 @@ VERDICT = {
 }
 
 
-def run_case(world, prog: str, case: Case) -> None:
-    """Run ``case`` through ``prog`` ("tc" or "xdp") and check verdict, bytes, counters, last_seen, rs_stats."""
-    setup_maps(world, **case.config)
+def run_case(world, prog: str, case: Case, cached: bool = False) -> None:
+    """Run ``case`` through ``prog`` ("tc" or "xdp") and check verdict, bytes, counters, last_seen,
+    rs_stats; ``cached``: with the real servers' next hops in ``servers`` (setup_maps)."""
+    setup_maps(world, cached=cached, **case.config)
     before = world.stats()
     labels_before = world.label_stats()
     t0 = time.monotonic_ns()
@@ -502,14 +513,21 @@ def check_frame_without_a_whole_header(world, prog: str) -> None:
 
 
 def check_counters_accumulate(world, prog: str) -> None:
-    """Three hits on one entry: counters add up, last_seen follows the latest packet."""
+    """Three hits on one entry: counters add up; last_seen follows the packets, rewritten only once
+    it is older than the grain (S.LAST_SEEN_GRAIN_NS), so back-to-back hits leave it alone."""
     setup_maps(world)
     frame = eth(natt[C_NAT])
+    k = key(C_NAT, NATT_SPORT)
     seen = []
-    for _ in range(3):
+    for i in range(3):
+        if i == 2:  # age the entry past the grain: the next hit must refresh it
+            world.put("clients", k, S.client_val(2, seen[-1] - S.LAST_SEEN_GRAIN_NS - 1))
+        t0 = time.monotonic_ns()
         assert world.run(prog, frame).retval == VERDICT[prog][TC_ACT_REDIRECT]
-        seen.append(S.unpack_client_val(world.get("clients", key(C_NAT, NATT_SPORT)))[1])
-    assert seen[0] < seen[1] < seen[2]
+        seen.append(S.unpack_client_val(world.get("clients", k))[1])
+        if i != 1:
+            assert seen[-1] >= t0  # written by this hit
+    assert seen[0] == seen[1] < seen[2]  # the second hit came within the grain: no write
     st = world.stats()
     assert st[f"fwd_packets[{K.ESP_IN_UDP}]"] == 3 and st[f"fwd_bytes[{K.ESP_IN_UDP}]"] == 3 * len(natt[C_NAT])
     assert world.rs_stats()[2]["packets"][K.ESP_IN_UDP] == 3

@@ -16,6 +16,7 @@ import struct
 import pytest
 
 from bpf_world import TC_ACT_OK, TC_ACT_REDIRECT, TOPO as T, XDP_PASS, XDP_REDIRECT, delta
+from director.dataplane import bpf_structs as S
 from director.forwarding.rewrite import nat_snat
 from director.lab import craft
 from director.packet import Kind as K, build_ipv4_udp, ike_header
@@ -25,6 +26,7 @@ from fastpath_cases import (
     C_ONLINK,
     C_TUN,
     CASES,
+    RS,
     NATT_SPORT,
     VIP,
     Case,
@@ -52,6 +54,53 @@ HOOKS = ("tc", "xdp")
 @pytest.mark.parametrize("case", CASES, ids=[c.desc for c in CASES])
 def test_director(world, hook, case: Case):
     run_case(world, hook, case)
+
+
+# The one case of the table about the lookup itself: without an input interface the route lookup
+# fails; a cached next hop needs none (test_cached_next_hop_needs_no_input_interface).
+LOOKUP_ONLY = {"no input interface configured or known: no route, pass"}
+CACHED_CASES = [c for c in CASES if c.desc not in LOOKUP_ONLY]
+
+
+@pytest.mark.parametrize("hook", HOOKS)
+@pytest.mark.parametrize("case", CACHED_CASES, ids=[c.desc for c in CACHED_CASES])
+def test_director_with_cached_next_hops(world, hook, case: Case):
+    """The same table with every resolvable real server's next hop in ``servers``: the same
+    verdicts, bytes and counters as with the route and neighbour lookup per packet."""
+    run_case(world, hook, case, cached=True)
+
+
+@pytest.mark.parametrize("hook", HOOKS)
+def test_cached_next_hop_needs_no_input_interface(world, hook):
+    assert len(LOOKUP_ONLY & {c.desc for c in CASES}) == len(LOOKUP_ONLY)  # the exclusion names real cases
+    setup_maps(world, cached=True, client_ifindex=0)
+    r = world.run(hook, eth(esp_dr))
+    assert r.retval == (TC_ACT_REDIRECT if hook == "tc" else XDP_REDIRECT)
+
+
+@pytest.mark.parametrize("hook", HOOKS)
+@pytest.mark.parametrize("mode", ("dr", "nat", "tun"))
+def test_cached_next_hop_is_what_is_used(world, hook, mode):
+    """A next hop in ``servers`` replaces the lookup: the frame leaves with its MACs, not the
+    neighbour table's; its MTU bounds what is forwarded (above it: passed, counted mtu_pass)."""
+    rs_id, frame = {"dr": (1, eth(esp_dr)), "nat": (2, eth(natt[C_NAT])), "tun": (3, eth(esp_tun))}[mode]
+    _client, rip, method = RS[rs_id]
+    other_mac, other_src = bytes.fromhex("02aabbccdd01"), bytes.fromhex("02aabbccdd02")
+    setup_maps(world)
+    nh = S.NextHop(world.netns.ifindex["lan0"], T.lan_mtu, other_mac, other_src)
+    world.put("servers", S.u32(rs_id), S.server_val(rip, method, nh))
+    r = world.run(hook, frame)
+    assert r.retval == (TC_ACT_REDIRECT if hook == "tc" else XDP_REDIRECT)
+    assert r.data_out[:12] == other_mac + other_src
+    wire = len(frame) - 14 + (20 if mode == "tun" else 0)  # what leaves: the envelope in TUN
+    world.put("servers", S.u32(rs_id), S.server_val(rip, method, nh._replace(mtu=wire - 1)))
+    before = world.stats()
+    r = world.run(hook, frame)
+    assert (r.retval, r.data_out) == ((TC_ACT_OK if hook == "tc" else XDP_PASS), frame)
+    kind = {"dr": K.ESP, "nat": K.ESP_IN_UDP, "tun": K.ESP}[mode]
+    assert delta(before, world.stats()) == passed(kind, mtu_pass=1)
+    world.put("servers", S.u32(rs_id), S.server_val(rip, method, nh._replace(mtu=wire)))
+    assert world.run(hook, frame).retval == (TC_ACT_REDIRECT if hook == "tc" else XDP_REDIRECT)
 
 
 @pytest.mark.parametrize("hook", HOOKS)
