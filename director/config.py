@@ -224,7 +224,9 @@ class DaemonConfig:
     metrics: str = "127.0.0.1:9816"  # "" = no metrics endpoint
     bpf_pin_dir: str = "/sys/fs/bpf/vpn-director"  # eBPF maps, shared by every daemon run here
     fastpath_hook: str = "tc"  # where the eBPF fast path runs on client_interface: "tc" or "xdp" (native)
-    fastpath_fib: str = "main"  # the fast path's route lookups: "main" table directly, or "rules" (ip rules)
+    # the fast path's next hops: "cached" (resolved by the daemon, no lookup per packet), or a route
+    # lookup per packet in the "main" table directly or through the ip "rules"
+    fastpath_fib: str = "cached"
     sync: SyncConfig | None = None  # failover: [daemon.sync] (None: a lone director)
     bgp: BgpConfig | None = None  # scale-out: [daemon.bgp] (None: no route health injection)
 
@@ -376,7 +378,8 @@ def from_dict(raw: dict) -> Config:
         metrics=_metrics_address(c, d.get("metrics", base.metrics)),
         bpf_pin_dir=_pin_dir(c, d.get("bpf_pin_dir", base.bpf_pin_dir)),
         fastpath_hook=c.str_("daemon.fastpath_hook", d.get("fastpath_hook", base.fastpath_hook), FASTPATH_HOOKS),
-        fastpath_fib=c.str_("daemon.fastpath_fib", d.get("fastpath_fib", base.fastpath_fib), ("main", "rules")),
+        fastpath_fib=c.str_("daemon.fastpath_fib", d.get("fastpath_fib", base.fastpath_fib),
+                            ("cached", "main", "rules")),
         sync=_sync(c, d.get("sync")),
         bgp=_bgp(c, d.get("bgp")),
     )

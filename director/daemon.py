@@ -166,7 +166,7 @@ class Daemon:
         fp = FastPath(self.director, client_ifindex=client_index, lan_ifindex=self._lan_index,
                       lan_addr=self.verdicts.lan_addr, lan_mtu=self.verdicts.lan_mtu, pin_dir=Path(d.bpf_pin_dir),
                       hook=d.fastpath_hook, admit_rate=d.new_entries_rate, admit_per_source=d.new_entries_per_source,
-                      fib_rules=d.fastpath_fib == "rules")
+                      fib=d.fastpath_fib)
         fp.senders = self.verdicts.senders  # the return path's MAC -> real server map
         try:
             fp.start(self._ipr)
@@ -375,7 +375,7 @@ class Daemon:
                 timeout = max(0.0, next_tick - self.clock())
                 ready, writable, _ = select.select(
                     [*self._queues, rfd, *ctl.read_fds(), *(prober.fds() if prober else []),
-                     *([self._sync] if self._sync else [])],
+                     *([self._sync] if self._sync else []), *(self.fastpath.watch_fds() if self.fastpath else [])],
                     ctl.write_fds(), [], min(timeout, PROBE_TICK))  # fmt: skip
                 t0 = self.clock()
                 for r in ready:
@@ -398,6 +398,7 @@ class Daemon:
                         self.director.expire(t0)
                     if self.fastpath is not None:  # SPI labels: entries for clients the kernel steered
                         self.fastpath.drain_labels(t0)
+                        self.fastpath.refresh_next_hops(t0)  # every nexthop.REFRESH s, events or not
                     self.views.tick(t0)
                     ctl.expire(t0)
                     if self.injector is not None:  # retries a refused change; session states for views

@@ -36,7 +36,7 @@ from pyroute2.netlink.generic import GenericNetlinkSocket
 from director.core import ClientProjection, Director
 from director.drop_reasons import DropReason
 from director.dataplane import bpf_structs as bs
-from director.dataplane import libbpf
+from director.dataplane import libbpf, nexthop
 from director.dataplane.bpf_spi_label import spi_label_cfg
 from director.packet import int_to_ip
 from director.service import Method
@@ -70,6 +70,7 @@ LABEL_DRAIN_MAX = 4096  # label_seen records turned into entries per tick, at mo
 _RETURN_MAPS = ("return_vips", "return_macs", "return_stats")  # director_reply's own (include/return_path.h)
 _RET_DROP_BASE, _RET_FORWARDED, _RET_STATS = 80, 15, 16  # return_stats: [reason - 80], [15] forwarded
 HOOKS = ("tc", "xdp")  # where the client-side program runs (daemon.fastpath_hook)
+FIB_MODES = ("cached", "main", "rules")  # daemon.fastpath_fib
 _CLIENT_PROG = {"tc": ("director_tc.o", "director_tc"), "xdp": ("director_xdp.o", "director_xdp")}
 XDP_PROG_NAME = "director_xdp"  # how our XDP program is told from anyone else's (bpf_prog_info.name)
 XDP_PROG_PIN = "director_xdp_prog"  # our attached XDP program, pinned: known as ours by id, no CAP_SYS_ADMIN
@@ -138,7 +139,7 @@ class FastPath:
 
     def __init__(self, director: Director, *, client_ifindex: int, lan_ifindex: int, lan_addr: int,
                  lan_mtu: int, pin_dir: Path = PIN_DIR, obj_dir: Path = OBJ_DIR, hook: str = "tc",
-                 admit_rate: float = 0.0, admit_per_source: float = 0.0, fib_rules: bool = False,
+                 admit_rate: float = 0.0, admit_per_source: float = 0.0, fib: str = "cached",
                  clients_map: MapAccess | None = None) -> None:  # fmt: skip
         if hook not in HOOKS:
             raise ValueError(f"fastpath hook must be one of {', '.join(HOOKS)}, got {hook!r}")
@@ -146,7 +147,16 @@ class FastPath:
         # initial IKE packets admitted to the queue per second (daemon.new_entries_rate and
         # new_entries_per_source, enforced in the kernel before the queue; 0 = no limit)
         self.admit_rate = admit_rate
-        self.fib_rules = fib_rules  # route lookups through the ip rules (daemon.fastpath_fib = "rules")
+        if fib not in FIB_MODES:
+            raise ValueError(f"fastpath fib must be one of {', '.join(FIB_MODES)}, got {fib!r}")
+        # daemon.fastpath_fib: next hops resolved here ("cached", dataplane.nexthop), or a route
+        # lookup per packet in the main table ("main") or through the ip rules ("rules")
+        self.fib = fib
+        self.fib_rules = fib == "rules"
+        self.next_hops: dict[int, nexthop.Resolution] = {}  # real server address -> what resolve found
+        self.watch: nexthop.Watch | None = None
+        self._ipr: IPRoute | None = None
+        self._next_refresh = 0.0
         self.admit_per_source = admit_per_source
         self.d = director
         self.client_ifindex = client_ifindex
@@ -163,7 +173,9 @@ class FastPath:
         self.stats = {"map_writes": 0, "map_deletes": 0, "adopted": 0, "pruned": 0,
                       # SPI labels: the kernel's label_stats (as of the last drain) and the drain's
                       "label_forwarded": 0, "label_unknown": 0, "label_recorded": 0,
-                      "label_drained": 0, "label_created": 0, "label_known": 0, "label_refused": 0}
+                      "label_drained": 0, "label_created": 0, "label_known": 0, "label_refused": 0,
+                      # next hops (daemon.fastpath_fib = "cached"): full resolves, next hops changed
+                      "next_hop_resolves": 0, "next_hop_changes": 0}
         # the return path through the director: the reply object's own maps (not pinned: the daemon
         # rewrites them at every start), and who sent a reply by MAC (dataplane.return_path.Senders)
         self.senders = None
@@ -211,6 +223,10 @@ class FastPath:
             raise FastPathUnavailable(f"cannot load the eBPF programs: {e}") from None
         if self.clients_map is None:
             self.clients_map = BpfMap(self.fd["clients"], bs.CLIENT_KEY.size, bs.CLIENT_VAL.size)
+        self._ipr = ipr
+        if self.fib == "cached":  # subscribed before the first resolve: no change falls between
+            self.watch = nexthop.Watch()
+            self._resolve_all()
         self._write_config()
         self.sync_services()
         self.follow_table()
@@ -263,6 +279,9 @@ class FastPath:
 
     def close(self) -> None:
         """Close our fds; programs and maps stay (pinned and attached) for the next daemon."""
+        if self.watch is not None:
+            self.watch.close()
+            self.watch = None
         if self.projection is not None:
             self.d.unlisten(self.projection)
             self.projection = None
@@ -304,7 +323,7 @@ class FastPath:
                     log.warning("fastpath.spi_label_skipped svc=%d reason=%s", svc.id, e)
             for rs in svc.servers.values():
                 m = svc.method_of(rs)
-                servers[bs.u32(rs.id)] = bs.server_val(rs.addr, int(m))
+                servers[bs.u32(rs.id)] = bs.server_val(rs.addr, int(m), self._next_hop(rs.addr))
                 if m == Method.NAT:
                     nat[bs.addr(rs.addr)] = bs.addr(svc.vip)
         for name, want in (("vips", vips), ("servers", servers), ("nat_replies", nat), ("spi_labels", labels),
@@ -326,6 +345,81 @@ class FastPath:
             if svc is None or rs not in svc.servers:
                 m.delete(k)
                 self.stats["pruned"] += 1
+
+    # -- next hops (dataplane.nexthop; daemon.fastpath_fib = "cached") --------------------------------
+    def _next_hop(self, addr: int) -> bs.NextHop | None:
+        if self.fib != "cached":
+            return None
+        if addr not in self.next_hops and self._ipr is not None:  # a server added since the last resolve
+            self.next_hops[addr] = nexthop.resolve(self._ipr, addr)
+        r = self.next_hops.get(addr)
+        return r.nh if r is not None else None
+
+    def _resolve_all(self) -> bool:
+        """Resolve every real server's next hop; True if any changed. Forwarding disabled on the
+        client interface resolves none (the programs' lookup then says so, and passes)."""
+        if self._ipr is None:
+            return False
+        addrs = {rs.addr for svc in self.d.services.values() for rs in svc.servers.values()}
+        fwd = nexthop.forwarding_enabled(_ifname(self._ipr, self.client_ifindex))
+        new = {a: nexthop.resolve(self._ipr, a) if fwd else nexthop.Resolution(None, None, "forwarding disabled")
+               for a in addrs}  # fmt: skip
+        changed = {a for a in addrs if a not in self.next_hops or self.next_hops[a].nh != new[a].nh}
+        for a in changed:
+            was = self.next_hops.get(a)
+            log.info("fastpath.next_hop server=%s %s%s", int_to_ip(a),
+                     f"ifindex={new[a].nh.ifindex} mac={new[a].nh.dmac.hex(':')} mtu={new[a].nh.mtu}"
+                     if new[a].nh else f"unresolved ({new[a].why})",
+                     "" if was is None else " (changed)")  # fmt: skip
+        self.next_hops = new
+        self.stats["next_hop_resolves"] += 1
+        self.stats["next_hop_changes"] += len(changed)
+        return bool(changed)
+
+    def next_hop_status(self) -> dict[str, dict]:
+        """Per real server address: its next hop as the maps hold it, or why it has none."""
+        out = {}
+        for a, r in sorted(dict(self.next_hops).items()):
+            if r.nh is None:
+                out[int_to_ip(a)] = {"resolved": False, "why": r.why}
+            else:
+                out[int_to_ip(a)] = {"resolved": True, "ifindex": r.nh.ifindex, "mtu": r.nh.mtu,
+                                     "mac": r.nh.dmac.hex(":"), "source_mac": r.nh.smac.hex(":")}  # fmt: skip
+        return out
+
+    def watch_fds(self) -> list:
+        """What the daemon's loop selects on for us: the netlink watch (``drain`` when readable)."""
+        return [self] if self.watch is not None else []
+
+    def fileno(self) -> int:
+        assert self.watch is not None
+        return self.watch.fileno()
+
+    def drain(self) -> None:
+        """Netlink changes arrived: re-resolve if they may touch a next hop, and rewrite ``servers``."""
+        assert self.watch is not None
+        egress = {r.oif for r in self.next_hops.values() if r.oif} | {self.lan_ifindex}
+        if self.watch.changed(egress):
+            self.refresh_next_hops()
+
+    def refresh_next_hops(self, now: float | None = None) -> None:
+        """Re-resolve and rewrite ``servers`` if a next hop changed. With ``now``: only when REFRESH
+        seconds have passed since the last periodic one (the daemon's tick calls it so)."""
+        if self.fib != "cached":
+            return
+        if now is not None:
+            if now < self._next_refresh:
+                return
+            self._next_refresh = now + nexthop.REFRESH
+        if self._resolve_all():
+            self._write_servers()
+
+    def _write_servers(self) -> None:
+        fd = self.fd["servers"]
+        for svc in self.d.services.values():
+            for rs in svc.servers.values():
+                libbpf.map_update(fd, bs.u32(rs.id), bs.server_val(rs.addr, int(svc.method_of(rs)),
+                                                                    self._next_hop(rs.addr)))  # fmt: skip
 
     # -- the return path through the director (include/return_path.h) ------------------------------
     def _sync_return(self, d: Director) -> None:

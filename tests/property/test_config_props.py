@@ -21,7 +21,7 @@ BASE = {
         "capacity": 1024, "icmp_rate": 100.0, "new_entries_rate": 0.0, "new_entries_per_source": 0.0,
         "drop_entry_threshold": 0.9, "control_socket": "/run/vpn-director/control.sock",
         "metrics": "127.0.0.1:9100", "bpf_pin_dir": "/sys/fs/bpf/vpn-director", "fastpath_hook": "tc",
-        "fastpath_fib": "main",
+        "fastpath_fib": "cached",
         "sync": {"peer": "192.0.2.2", "port": 8514, "key": "00112233445566778899aabbccddeeff", "role": "auto"},
     },
     "service": [{
