@@ -8,8 +8,9 @@
  * the same iptables NFQUEUE rules as with --dataplane nfqueue. ESP, AH and ESP-in-UDP of a client
  * in the `clients` map are forwarded here to its real server: DR, NAT or TUN (IP-in-IP).
  *
- * The decision is include/fastpath.h, shared with director_xdp; this file holds the tc rewrites
- * (skb helpers, include/skb.h).
+ * The decision is include/fastpath.h, shared with director_xdp; this file holds the tc rewrites:
+ * on packet memory as XDP's (include/rewrite.h), with the skb helpers (include/skb.h) only where
+ * the skb's checksum state needs them (ESP-in-UDP under NAT) and to make room for TUN's header.
  *
  * Invariant of the stats: a packet to a VIP counts exactly once in fwd_packets[kind],
  * pass_packets[kind] or drops[reason]; the other counters (miss, fragments, not_ours, fib_miss,
@@ -35,30 +36,25 @@
 #include "fib.h"
 #include "fastpath.h"
 #include "skb.h"
+#include "rewrite.h"
 
-/* Ethernet rewrite and redirect; counted as forwarded. */
-static __always_inline int tc_redirect(struct __sk_buff *skb, struct fp *f)
+/* Counted as forwarded, then to the egress device's transmit path. */
+static __always_inline int tc_redirect(struct fp *f)
 {
-	int ret = skb_eth_redirect(skb, &f->fib);
-
-	if (ret == TC_ACT_SHOT) {
-		fp_internal_drop(f);
-		return ret;
-	}
 	fp_forwarded(f);
-	return ret;
+	return bpf_redirect(f->fib.ifindex, 0);
 }
 
-/* DR and NAT (fastpath.h: fp_route_dr_nat). From here on the packet changes: a helper failure
- * must drop, not pass, it. */
+/* DR and NAT (fastpath.h: fp_route_dr_nat) on packet memory (rewrite.h). ESP-in-UDP under NAT
+ * first gets its UDP checksum through the helper, which keeps the skb's checksum state (skb.h:
+ * skb_nat_udp_csum). From here on the packet changes: a failure must drop, not pass, it. */
 static __always_inline int tc_dr_nat(struct __sk_buff *skb, struct fp *f, int nat)
 {
-	if (nat && skb_nat_addr(skb, ETH_HLEN, offsetof(struct iphdr, daddr), ETH_HLEN + f->p.ihl,
-				f->p.proto == IPPROTO_UDP, f->p.dst, f->rip))
+	if (nat && f->p.proto == IPPROTO_UDP && skb_nat_udp_csum(skb, ETH_HLEN + f->p.ihl, f->p.dst, f->rip))
 		goto fail;
-	if (skb_decrease_ttl(skb, ETH_HLEN, f->p.ttl, f->p.proto))
+	if (l3_rewrite_in_place((void *)(long)skb->data, (void *)(long)skb->data_end, f->rip, nat, &f->fib))
 		goto fail;
-	return tc_redirect(skb, f);
+	return tc_redirect(f);
 fail:
 	fp_internal_drop(f);
 	return TC_ACT_SHOT;
@@ -67,6 +63,9 @@ fail:
 /* TUN (fastpath.h: fp_route_tun built the outer header). */
 static __always_inline int tc_tun(struct __sk_buff *skb, struct fp *f)
 {
+	void *data, *data_end;
+	struct ethhdr *eth;
+
 	/* Room for the outer header right after the Ethernet header. ENCAP_L3_IPV4 records the inner
 	 * network header, so GSO packets are segmented as IPIP. A failure leaves the packet as it
 	 * was: pass it. */
@@ -74,12 +73,19 @@ static __always_inline int tc_tun(struct __sk_buff *skb, struct fp *f)
 		fp_pass(f->st, f->kind);
 		return TC_ACT_OK;
 	}
-	/* flags 0: a header with a correct checksum adds nothing to skb->csum (it sums to 0xffff). */
-	if (bpf_skb_store_bytes(skb, ETH_HLEN, &f->outer, sizeof(f->outer), 0)) {
+	/* Written in place: a header with a correct checksum adds nothing to skb->csum (it sums to
+	 * 0xffff), and skb->csum does not cover the MAC header. */
+	data = (void *)(long)skb->data;
+	data_end = (void *)(long)skb->data_end;
+	eth = data;
+	if (data + ETH_HLEN + sizeof(f->outer) > data_end) {
 		fp_internal_drop(f);
 		return TC_ACT_SHOT;
 	}
-	return tc_redirect(skb, f);
+	__builtin_memcpy(data + ETH_HLEN, &f->outer, sizeof(f->outer));
+	__builtin_memcpy(eth->h_dest, f->fib.dmac, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, f->fib.smac, ETH_ALEN);
+	return tc_redirect(f);
 }
 
 SEC("tc")

@@ -34,6 +34,8 @@ __all__ = [
     "METHOD_TUN",
     "RS_STATS",
     "SERVER_VAL",
+    "SERVER_IDS",
+    "RS_STATS_SLOTS",
     "LAST_SEEN_GRAIN_NS",
     "NextHop",
     "SPI_LABEL_CFG",
@@ -66,6 +68,7 @@ __all__ = [
     "unpack_rs_stats",
     "unpack_server_val",
     "unpack_server_nh",
+    "server_slot",
     "unpack_u32",
     "unpack_vip_val",
     "vip_val",
@@ -119,8 +122,10 @@ CLIENT_KEY = _layout("client_key", ("vip", "4s"), ("client", "4s"), ("port", "H"
 CLIENT_VAL = _layout("client_val", ("rs", "H"), ("pad0", "H"), ("pad1", "I"), ("last_seen", "Q"))
 SERVER_VAL = _layout(
     "server_val", ("addr", "4s"), ("method", "B"), ("nh_ok", "B"), ("nh_mtu", "H"), ("nh_ifindex", "I"),
-    ("nh_dmac", "6s"), ("nh_smac", "6s"),
+    ("nh_dmac", "6s"), ("nh_smac", "6s"), ("slot", "H"), ("pad", "H"),
 )
+SERVER_IDS = 65536  # `servers` is an array indexed by real server id (structs.h)
+RS_STATS_SLOTS = 4096  # `rs_stats` is a per-CPU array indexed by server_val.slot
 DP_CONFIG = _layout(
     "dp_config", ("lan_addr", "4s"), ("lan_ifindex", "I"), ("lan_mtu", "I"), ("client_ifindex", "I"), ("flags", "I")
 )
@@ -191,22 +196,23 @@ class MapSpec(NamedTuple):
     key_size: int
     value_size: int  # one CPU's value for per-CPU maps
     percpu: bool
+    array: bool = False  # an ARRAY or PERCPU_ARRAY: every index exists, nothing is deleted
 
 
 #: The maps of docs/fastpath.md: name -> sizes (for map_lookup/map_keys on pinned fds).
 MAPS = {
     "vips": MapSpec(4, VIP_VAL.size, False),
     "clients": MapSpec(CLIENT_KEY.size, CLIENT_VAL.size, False),
-    "servers": MapSpec(4, SERVER_VAL.size, False),
+    "servers": MapSpec(4, SERVER_VAL.size, False, True),
     "nat_replies": MapSpec(4, 4, False),
-    "config": MapSpec(4, DP_CONFIG.size, False),
-    "stats": MapSpec(4, DP_STATS.size, True),
-    "rs_stats": MapSpec(4, RS_STATS.size, True),
-    "admit": MapSpec(4, ADMIT.size, False),
+    "config": MapSpec(4, DP_CONFIG.size, False, True),
+    "stats": MapSpec(4, DP_STATS.size, True, True),
+    "rs_stats": MapSpec(4, RS_STATS.size, True, True),
+    "admit": MapSpec(4, ADMIT.size, False, True),
     "admit_src": MapSpec(4, ADMIT_SRC.size, False),
     "spi_labels": MapSpec(4, SPI_LABEL_CFG.size, False),  # key: service id
     "label_seen": MapSpec(CLIENT_KEY.size, LABEL_SEEN_VAL.size, False),
-    "label_stats": MapSpec(4, LABEL_STATS.size, True),
+    "label_stats": MapSpec(4, LABEL_STATS.size, True, True),
     "ingress_cfg": MapSpec(4, INGRESS_CFG.size, False),
     "ingress_src": MapSpec(INGRESS_KEY.size, INGRESS_TB.size, False),
 }
@@ -285,23 +291,31 @@ class NextHop(NamedTuple):
     smac: bytes  # 6 bytes: the egress interface's
 
 
-def server_val(address: int, method: int, nh: NextHop | None = None) -> bytes:
-    """Value of ``servers``: the real server's address, its method (METHOD_DR/TUN/NAT) and, if
-    resolved, its next hop (else the programs look the route up per packet)."""
+def server_val(address: int, method: int, nh: NextHop | None = None, slot: int = 0) -> bytes:
+    """Value of ``servers`` (index: the real server id): the real server's address, its method
+    (METHOD_DR/TUN/NAT), its next hop if resolved (else the programs look the route up per
+    packet), and the slot of its counters in ``rs_stats``. All zero (``bytes(SERVER_VAL.size)``):
+    no server."""
     if nh is None:
-        return SERVER_VAL.struct.pack(_ADDR.pack(address), method, 0, 0, 0, bytes(6), bytes(6))
-    return SERVER_VAL.struct.pack(_ADDR.pack(address), method, 1, min(nh.mtu, 0xFFFF), nh.ifindex, nh.dmac, nh.smac)
+        return SERVER_VAL.struct.pack(_ADDR.pack(address), method, 0, 0, 0, bytes(6), bytes(6), slot, 0)
+    return SERVER_VAL.struct.pack(_ADDR.pack(address), method, 1, min(nh.mtu, 0xFFFF), nh.ifindex, nh.dmac, nh.smac,
+                                  slot, 0)  # fmt: skip
 
 
 def unpack_server_val(b: bytes) -> tuple[int, int]:
-    """(addr, method) of a ``servers`` value."""
+    """(addr, method) of a ``servers`` value (addr 0: no server)."""
     a, method, *_ = SERVER_VAL.struct.unpack(b)
     return addr_int(a), method
 
 
+def server_slot(b: bytes) -> int:
+    """The ``rs_stats`` slot of a ``servers`` value."""
+    return SERVER_VAL.struct.unpack(b)[7]
+
+
 def unpack_server_nh(b: bytes) -> NextHop | None:
     """The next hop of a ``servers`` value, or None if it has none."""
-    _a, _m, ok, mtu, ifindex, dmac, smac = SERVER_VAL.struct.unpack(b)
+    _a, _m, ok, mtu, ifindex, dmac, smac, _slot, _pad = SERVER_VAL.struct.unpack(b)
     return NextHop(ifindex, mtu, dmac, smac) if ok else None
 
 

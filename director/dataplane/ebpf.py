@@ -154,6 +154,8 @@ class FastPath:
         self.fib = fib
         self.fib_rules = fib == "rules"
         self.next_hops: dict[int, nexthop.Resolution] = {}  # real server address -> what resolve found
+        self.slots: dict[int, int] = {}  # real server id -> its counters' slot in rs_stats
+        self._written: set[int] = set()  # real server ids with an entry in `servers`
         self.watch: nexthop.Watch | None = None
         self._ipr: IPRoute | None = None
         self._next_refresh = 0.0
@@ -224,6 +226,7 @@ class FastPath:
         if self.clients_map is None:
             self.clients_map = BpfMap(self.fd["clients"], bs.CLIENT_KEY.size, bs.CLIENT_VAL.size)
         self._ipr = ipr
+        self._adopt_servers()
         if self.fib == "cached":  # subscribed before the first resolve: no change falls between
             self.watch = nexthop.Watch()
             self._resolve_all()
@@ -269,7 +272,9 @@ class FastPath:
             finally:
                 libbpf.close_fd(fd)
             want_entries = self.d.table.capacity if name == "clients" else info.max_entries
-            if (info.key_size, info.value_size, info.max_entries) == (spec.key_size, spec.value_size, want_entries):
+            is_array = info.type in (libbpf.BPF_MAP_TYPE_ARRAY, libbpf.BPF_MAP_TYPE_PERCPU_ARRAY)
+            if (info.key_size, info.value_size, info.max_entries, is_array) == (
+                    spec.key_size, spec.value_size, want_entries, spec.array):  # fmt: skip
                 continue
             (log.warning if name == "clients" else log.info)(
                 "fastpath.replaced_map name=%s pinned=%d/%d/%d want=%d/%d/%d%s", name, info.key_size,
@@ -310,7 +315,7 @@ class FastPath:
     def sync_services(self) -> None:
         """vips, servers and nat_replies equal the running services; clients of gone ones pruned."""
         d = self.d
-        vips, servers, nat, labels, ingress = {}, {}, {}, {}, {}
+        vips, nat, labels, ingress = {}, {}, {}, {}
         for svc in d.services.values():
             vips[bs.addr(svc.vip)] = bs.vip_val(svc.id, bs.VIP_F_AH if svc.ah else 0)
             if svc.ingress:  # per-source ingress limits (ebpf/include/ingress.h)
@@ -322,12 +327,10 @@ class FastPath:
                 except ValueError as e:  # more servers than slots: the slow path decodes them
                     log.warning("fastpath.spi_label_skipped svc=%d reason=%s", svc.id, e)
             for rs in svc.servers.values():
-                m = svc.method_of(rs)
-                servers[bs.u32(rs.id)] = bs.server_val(rs.addr, int(m), self._next_hop(rs.addr))
-                if m == Method.NAT:
+                if svc.method_of(rs) == Method.NAT:
                     nat[bs.addr(rs.addr)] = bs.addr(svc.vip)
-        for name, want in (("vips", vips), ("servers", servers), ("nat_replies", nat), ("spi_labels", labels),
-                           ("ingress_cfg", ingress)):
+        self._write_servers()
+        for name, want in (("vips", vips), ("nat_replies", nat), ("spi_labels", labels), ("ingress_cfg", ingress)):
             fd = self.fd[name]
             spec = bs.MAPS[name]
             for k in list(libbpf.map_keys(fd, spec.key_size)):
@@ -414,12 +417,54 @@ class FastPath:
         if self._resolve_all():
             self._write_servers()
 
-    def _write_servers(self) -> None:
+    # -- servers and their counters' slots ------------------------------------------------------------
+    def _adopt_servers(self) -> None:
+        """What a previous daemon left in ``servers`` (pinned): the slots of servers still configured
+        with the same address are kept (their kernel counters go on); every id written is
+        remembered, so that a server gone since is cleared by the next write."""
         fd = self.fd["servers"]
+        want = {rs.id: rs.addr for svc in self.d.services.values() for rs in svc.servers.values()}
+        self._written = set()
+        self.slots = {}
+        for k, v in libbpf.map_items(fd, 4, bs.SERVER_VAL.size):
+            rs_id = bs.unpack_u32(k)
+            a, _m = bs.unpack_server_val(v)
+            if not a:
+                continue
+            self._written.add(rs_id)
+            slot = bs.server_slot(v)
+            if want.get(rs_id) == a and slot not in self.slots.values():
+                self.slots[rs_id] = slot
+
+    def _slot(self, rs_id: int) -> int:
+        """rs_id's slot in ``rs_stats``, taken (and zeroed) on first use."""
+        slot = self.slots.get(rs_id)
+        if slot is None:
+            used = set(self.slots.values())
+            slot = next((i for i in range(bs.RS_STATS_SLOTS) if i not in used), None)
+            if slot is None:  # more servers than slots: they share the last one (counts mixed, forwarding not)
+                log.warning("fastpath.rs_stats_full server=%d slots=%d", rs_id, bs.RS_STATS_SLOTS)
+                return bs.RS_STATS_SLOTS - 1
+            libbpf.map_update(self.fd["rs_stats"], bs.u32(slot), bs.percpu_zero(bs.RS_STATS, self.ncpus))
+            self.slots[rs_id] = slot
+        return slot
+
+    def _write_servers(self) -> None:
+        """``servers`` equal to the running real servers: each one's address, method, next hop and
+        counter slot; the ids of servers gone are cleared (all zero), their slots freed."""
+        fd = self.fd["servers"]
+        now = {}
         for svc in self.d.services.values():
             for rs in svc.servers.values():
-                libbpf.map_update(fd, bs.u32(rs.id), bs.server_val(rs.addr, int(svc.method_of(rs)),
-                                                                    self._next_hop(rs.addr)))  # fmt: skip
+                now[rs.id] = (rs.addr, int(svc.method_of(rs)))
+        for rs_id in list(self.slots):
+            if rs_id not in now:
+                del self.slots[rs_id]
+        for rs_id in self._written - set(now):
+            libbpf.map_update(fd, bs.u32(rs_id), bytes(bs.SERVER_VAL.size))
+        for rs_id, (a, m) in now.items():
+            libbpf.map_update(fd, bs.u32(rs_id), bs.server_val(a, m, self._next_hop(a), self._slot(rs_id)))
+        self._written = set(now)
 
     # -- the return path through the director (include/return_path.h) ------------------------------
     def _sync_return(self, d: Director) -> None:
@@ -565,10 +610,13 @@ class FastPath:
         return st
 
     def rs_stats(self) -> dict[int, dict]:
+        """The kernel's counters of every running real server, by real server id."""
         out = {}
         size = bs.percpu_size(bs.RS_STATS, self.ncpus)
-        for k, v in libbpf.map_items(self.fd["rs_stats"], 4, size):
-            out[bs.unpack_u32(k)] = bs.unpack_rs_stats(v, self.ncpus)
+        for rs_id, slot in list(self.slots.items()):
+            v = libbpf.map_lookup(self.fd["rs_stats"], bs.u32(slot), size)
+            if v is not None:
+                out[rs_id] = bs.unpack_rs_stats(v, self.ncpus)
         return out
 
     def clients(self) -> list[tuple[str, str, int, int]]:

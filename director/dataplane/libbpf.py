@@ -50,6 +50,8 @@ log = logging.getLogger(__name__)
 BPF_ANY = 0  # create or update
 BPF_NOEXIST = 1  # create only
 BPF_EXIST = 2  # update only
+BPF_MAP_TYPE_ARRAY = 2
+BPF_MAP_TYPE_PERCPU_ARRAY = 6
 
 _lib = ctypes.CDLL("libbpf.so.1", use_errno=True)
 _libc = ctypes.CDLL(None, use_errno=True)

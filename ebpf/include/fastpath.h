@@ -47,6 +47,7 @@ struct fp {
 	struct dp_stats *st;
 	__be32 rip;  /* the real server's address */
 	__u32 rs_id;
+	__u32 rs_slot; /* its counters' index in rs_stats */
 	int kind;
 	int labelled; /* the real server came from the SPI's label, not from `clients` (fp_label) */
 	__u32 spi;    /* labelled: the ESP SPI, host order */
@@ -65,19 +66,13 @@ static __always_inline int fp_internal_drop(const struct fp *f)
 	return FP_DROP;
 }
 
-/* Per-real-server counters; the entry is created on first use (the daemon may pre-create it). */
-static __always_inline void count_rs(__u32 rs_id, int kind, __u32 bytes)
+/* Per-real-server counters, in the server's own slot of a per-CPU array (an inlined lookup). */
+static __always_inline void count_rs(__u32 slot, int kind, __u32 bytes)
 {
-	struct rs_stats *r = bpf_map_lookup_elem(&rs_stats, &rs_id);
+	struct rs_stats *r = bpf_map_lookup_elem(&rs_stats, &slot);
 
-	if (!r) {
-		struct rs_stats zero = {};
-
-		bpf_map_update_elem(&rs_stats, &rs_id, &zero, BPF_NOEXIST);
-		r = bpf_map_lookup_elem(&rs_stats, &rs_id);
-		if (!r)
-			return;
-	}
+	if (!r)
+		return;
 	r->packets[kind & (N_KINDS - 1)]++;
 	r->bytes[kind & (N_KINDS - 1)] += bytes;
 }
@@ -206,7 +201,7 @@ static __always_inline void fp_forwarded(const struct fp *f)
 
 	f->st->fwd_packets[k]++;
 	f->st->fwd_bytes[k] += f->p.tot_len;
-	count_rs(f->rs_id, f->kind, f->p.tot_len);
+	count_rs(f->rs_slot, f->kind, f->p.tot_len);
 	if (f->labelled)
 		fp_label_forwarded(f);
 }
@@ -414,11 +409,12 @@ static __always_inline int fp_decide(void *ctx, void *data, void *data_end, __u3
 	}
 	sv = bpf_map_lookup_elem(&servers, &f->rs_id);
 	cfg = bpf_map_lookup_elem(&config, &zero);
-	if (!sv || !cfg) {
+	if (!sv || !sv->addr || !cfg) { /* addr 0: no such server (an unused slot) */
 		st->miss++;
 		return fp_pass(st, kind);
 	}
 	f->rip = sv->addr;
+	f->rs_slot = sv->slot;
 	/* A total length beyond the frame: classify() accepts it (a truncated copy in user space),
 	 * but forwarded it would be a stub; the stack drops it (ip_rcv), as without a fast path. */
 	if (f->p.tot_len > frame_len - ETH_HLEN)

@@ -25,10 +25,10 @@ struct {
 } clients SEC(".maps");
 
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 4096);
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, SERVER_IDS);
 	__type(key, __u32); /* rs_id, host order */
-	__type(value, struct server_val);
+	__type(value, struct server_val); /* all zero: no such server */
 } servers SEC(".maps");
 
 struct {
@@ -53,9 +53,9 @@ struct {
 } stats SEC(".maps");
 
 struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
-	__uint(max_entries, 4096);
-	__type(key, __u32); /* rs_id, host order */
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, RS_STATS_SLOTS);
+	__type(key, __u32); /* server_val.slot: the daemon gives each real server its own */
 	__type(value, struct rs_stats);
 } rs_stats SEC(".maps");
 

@@ -51,6 +51,17 @@ static __always_inline int skb_nat_addr(struct __sk_buff *skb, __u32 ip_off, __u
 	return bpf_skb_store_bytes(skb, ip_off + addr_field, &new_addr, sizeof(new_addr), 0);
 }
 
+/* NAT's change of the IPv4 destination from old_addr to new_addr, in the UDP checksum of an
+ * ESP-in-UDP packet at l4_off only (the address itself and the IP checksum are written in place:
+ * rewrite.h). The helper also handles a local sender's partial checksum (CHECKSUM_PARTIAL) and
+ * keeps skb->csum right, which arithmetic on the field could not; flags as in skb_nat_addr.
+ * Invalidates every packet pointer. */
+static __always_inline int skb_nat_udp_csum(struct __sk_buff *skb, __u32 l4_off, __be32 old_addr, __be32 new_addr)
+{
+	return bpf_l4_csum_replace(skb, l4_off + offsetof(struct udphdr, check), old_addr, new_addr,
+				   BPF_F_PSEUDO_HDR | BPF_F_MARK_MANGLED_0 | sizeof(new_addr));
+}
+
 /* TTL - 1 with the IP checksum updated incrementally over the 16-bit word TTL|protocol, as the
  * kernel's ip_decrease_ttl() (RFC 1624). The caller has checked ttl > 1. Invalidates packet
  * pointers. */

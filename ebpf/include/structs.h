@@ -48,11 +48,16 @@ struct client_key {
 };
 
 struct client_val {
-	__u16 rs; /* real server id: key of `servers` */
+	__u16 rs; /* real server id: index of `servers` */
 	__u16 pad0;
 	__u32 pad1;
 	__u64 last_seen; /* bpf_ktime_get_ns(): CLOCK_MONOTONIC, the clock of Python's time.monotonic() */
 };
+
+/* servers is an array indexed by real server id (0..65534, director.reconcile's ids): an inlined
+ * lookup, not a hash. An unused slot is all zero (addr 0: no server). */
+#define SERVER_IDS 65536
+#define RS_STATS_SLOTS 4096 /* real servers with kernel counters at once (as many as the daemon may run) */
 
 /* A real server and, when the daemon has resolved it (nh_ok, daemon.fastpath_fib = "cached"), its
  * next hop: the egress interface, its MTU and both MAC addresses, so that forwarding needs no route
@@ -66,6 +71,8 @@ struct server_val {
 	__u32 nh_ifindex;  /* egress interface */
 	__u8 nh_dmac[6];   /* the next hop's MAC (the real server's, or its gateway's) */
 	__u8 nh_smac[6];   /* the egress interface's MAC */
+	__u16 slot;        /* its counters: index of rs_stats (0 .. RS_STATS_SLOTS - 1) */
+	__u16 pad;
 };
 
 struct dp_config {
@@ -119,7 +126,7 @@ struct rs_stats {
 _Static_assert(sizeof(struct vip_val) == 4, "vip_val");
 _Static_assert(sizeof(struct client_key) == 12, "client_key");
 _Static_assert(sizeof(struct client_val) == 16, "client_val");
-_Static_assert(sizeof(struct server_val) == 24, "server_val");
+_Static_assert(sizeof(struct server_val) == 28, "server_val");
 _Static_assert(sizeof(struct dp_config) == 20, "dp_config");
 _Static_assert(sizeof(struct dp_stats) == 8 * (3 * N_KINDS + 7 + N_DROP_REASONS), "dp_stats");
 _Static_assert(sizeof(struct rs_stats) == 8 * 2 * N_KINDS, "rs_stats");

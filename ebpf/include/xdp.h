@@ -20,6 +20,7 @@
 #include <bpf/bpf_endian.h>
 #include "parsing.h"
 #include "csum.h"
+#include "rewrite.h"
 
 /* Egress interfaces the loader has checked can transmit XDP frames (ndo_xdp_xmit: a veth whose
  * peer runs XDP or has GRO on, a native-XDP NIC; never a bridge), key and value the ifindex.
@@ -52,45 +53,30 @@ static __always_inline int xdp_udp_csum_partial(void *data, void *data_end, cons
 	return udp->check == (__u16)~csum_fold32(s);
 }
 
-/* DR and NAT on the frame in place: NAT's destination (IP checksum, and the UDP checksum of
- * ESP-in-UDP unless zero, as BPF_F_MARK_MANGLED_0 at tc), TTL - 1, Ethernet addresses from the
- * route. Returns 0, or -1 if the frame is not what fp_decide() saw (cannot happen: nothing ran in
- * between). */
+/* DR and NAT on the frame in place (csum.h: l3_rewrite_in_place), with NAT's UDP checksum of
+ * ESP-in-UDP done here by arithmetic, unless zero (as BPF_F_MARK_MANGLED_0 at tc). Returns 0, or
+ * -1 if the frame is not what fp_decide() saw (cannot happen: nothing ran in between). */
 static __always_inline int xdp_rewrite_dr_nat(struct xdp_md *ctx, const struct pkt *p, __be32 rip, int nat,
 					      const struct bpf_fib_lookup *fib)
 {
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
-	struct ethhdr *eth = data;
 	struct ipv4_hdr *iph = data + ETH_HLEN;
-	__u16 old_word, new_word;
 
 	if ((void *)(iph + 1) > data_end)
 		return -1;
-	if (nat) {
-		if (p->proto == IPPROTO_UDP) {
-			struct udphdr *udp = (void *)iph + (p->ihl & 0x3c);
+	if (nat && p->proto == IPPROTO_UDP) {
+		struct udphdr *udp = (void *)iph + (p->ihl & 0x3c);
 
-			if ((void *)(udp + 1) > data_end)
-				return -1;
-			if (udp->check) {
-				__u16 c = csum_replace4(udp->check, iph->daddr, rip);
+		if ((void *)(udp + 1) > data_end)
+			return -1;
+		if (udp->check) {
+			__u16 c = csum_replace4(udp->check, iph->daddr, rip);
 
-				udp->check = c ? c : CSUM_MANGLED_0;
-			}
+			udp->check = c ? c : CSUM_MANGLED_0;
 		}
-		iph->check = csum_replace4(iph->check, iph->daddr, rip);
-		iph->daddr = rip;
 	}
-	/* TTL and protocol share one 16-bit word of the checksum (as the kernel's ip_decrease_ttl). */
-	old_word = *(__u16 *)&iph->ttl;
-	iph->ttl--;
-	new_word = *(__u16 *)&iph->ttl;
-	iph->check = csum_replace2(iph->check, old_word, new_word);
-
-	__builtin_memcpy(eth->h_dest, fib->dmac, ETH_ALEN);
-	__builtin_memcpy(eth->h_source, fib->smac, ETH_ALEN);
-	return 0;
+	return l3_rewrite_in_place(data, data_end, rip, nat, fib);
 }
 
 /* TUN: IPIP_HLEN bytes of headroom taken in front, then a new Ethernet header and the outer IPv4

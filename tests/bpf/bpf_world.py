@@ -36,6 +36,8 @@ TC_OBJ = EBPF / "build" / "director_tc.o"
 REPLY_OBJ = EBPF / "build" / "director_reply.o"
 XDP_OBJ = EBPF / "build" / "director_xdp.o"
 BPFFS = Path("/sys/fs/bpf")
+# rs_stats slots the tests use: setup_maps gives every real server its id as its slot (ids < 256)
+RS_SLOTS_USED = 256
 CLONE_NEWNET = 0x40000000
 
 TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT = 0, 2, 7
@@ -187,6 +189,7 @@ class World:
         self.pin_dir = pin_dir
         self.ncpus = L.num_possible_cpus()
         self.objs = []
+        self._servers_put: set[bytes] = set()
         for path in (TC_OBJ, REPLY_OBJ, XDP_OBJ):  # the tc object creates and pins, the others reuse
             obj = L.BpfObject(path)
             self.objs.append(obj)
@@ -244,17 +247,26 @@ class World:
     def clear(self) -> None:
         """Empty every hash map, zero the stats, the config and the admission limits."""
         L, S = self.L, self.S
-        for name in ("vips", "clients", "servers", "nat_replies", "rs_stats", "admit_src", "spi_labels", "label_seen",
-                     "ingress_cfg", "ingress_src"):
+        for name in ("vips", "clients", "nat_replies", "admit_src", "spi_labels", "label_seen", "ingress_cfg",
+                     "ingress_src"):
             fd = self.map_fd[name]
             for key in list(L.map_keys(fd, S.MAPS[name].key_size)):
                 L.map_delete(fd, key)
+        # the arrays: `servers` indexes written by put(), the first RS_SLOTS_USED counter slots
+        for key in self._servers_put:
+            L.map_update(self.map_fd["servers"], key, bytes(S.SERVER_VAL.size))
+        self._servers_put = set()
+        zero = S.percpu_zero(S.RS_STATS, self.ncpus)
+        for slot in range(RS_SLOTS_USED):
+            L.map_update(self.map_fd["rs_stats"], S.u32(slot), zero)
         L.map_update(self.map_fd["stats"], S.u32(0), S.percpu_zero(S.DP_STATS, self.ncpus))
         L.map_update(self.map_fd["label_stats"], S.u32(0), S.percpu_zero(S.LABEL_STATS, self.ncpus))
         L.map_update(self.map_fd["config"], S.u32(0), bytes(S.DP_CONFIG.size))
         L.map_update(self.map_fd["admit"], S.u32(0), bytes(S.ADMIT.size))  # no admission limits
 
     def put(self, name: str, key: bytes, value: bytes) -> None:
+        if name == "servers":
+            self._servers_put.add(key)
         self.L.map_update(self.map_fd[name], key, value)
 
     def get(self, name: str, key: bytes) -> bytes | None:
@@ -278,12 +290,15 @@ class World:
                 for k, v in L.map_items(self.map_fd["label_seen"], S.CLIENT_KEY.size, S.LABEL_SEEN_VAL.size)}
 
     def rs_stats(self) -> dict[int, dict]:
-        """Every rs_stats entry, summed over CPUs."""
+        """Every rs_stats slot (of the first RS_SLOTS_USED) that counted something, summed over CPUs."""
         L, S = self.L, self.S
         size = S.percpu_size(S.RS_STATS, self.ncpus)
-        return {
-            S.unpack_u32(k): S.unpack_rs_stats(v, self.ncpus) for k, v in L.map_items(self.map_fd["rs_stats"], 4, size)
-        }
+        out = {}
+        for slot in range(RS_SLOTS_USED):
+            c = S.unpack_rs_stats(L.map_lookup(self.map_fd["rs_stats"], S.u32(slot), size), self.ncpus)
+            if any(c["packets"]) or any(c["bytes"]):
+                out[slot] = c
+        return out
 
     def close(self) -> None:
         for obj in self.objs:

@@ -419,7 +419,7 @@ def setup_maps(world, cached: bool = False, **config) -> None:
     world.put("vips", S.addr(VIP), S.vip_val(1, S.VIP_F_AH))
     world.put("vips", S.addr(VIP_NOAH), S.vip_val(2, 0))
     for rs_id, (client, rip, method) in RS.items():
-        world.put("servers", S.u32(rs_id), S.server_val(rip, method, next_hop(world, rip) if cached else None))
+        world.put("servers", S.u32(rs_id), S.server_val(rip, method, next_hop(world, rip) if cached else None, rs_id))
         world.put("clients", key(client), S.client_val(rs_id))
         world.put("clients", key(client, NATT_SPORT), S.client_val(rs_id))
     world.put("clients", key(C_DR, vip=VIP_NOAH), S.client_val(1))

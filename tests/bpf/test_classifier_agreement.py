@@ -327,7 +327,7 @@ def _label_world(world, labels: SpiLabels | None) -> None:
     if labels is not None:
         world.put("spi_labels", S.u32(1), spi_label_cfg(labels))
         for rs in range(LABEL_RS_BASE, LABEL_RS_BASE + 16):
-            world.put("servers", S.u32(rs), S.server_val(T.rip_dr, S.METHOD_DR))
+            world.put("servers", S.u32(rs), S.server_val(T.rip_dr, S.METHOD_DR, slot=rs))  # counters by id
 
 
 @pytest.mark.parametrize("hook", ["tc", "xdp"])
