@@ -426,8 +426,7 @@ class FastPath:
         want = {rs.id: rs.addr for svc in self.d.services.values() for rs in svc.servers.values()}
         self._written = set()
         self.slots = {}
-        for k, v in libbpf.map_items(fd, 4, bs.SERVER_VAL.size):
-            rs_id = bs.unpack_u32(k)
+        for rs_id, v in enumerate(libbpf.array_values(fd, bs.SERVER_VAL.size, bs.SERVER_IDS)):
             a, _m = bs.unpack_server_val(v)
             if not a:
                 continue

@@ -118,6 +118,8 @@ _prog_fd = _fn("bpf_program__fd", _c_int, _c_void_p)
 _update = _fn("bpf_map_update_elem", _c_int, _c_int, _c_void_p, _c_void_p, ctypes.c_uint64)
 _lookup = _fn("bpf_map_lookup_elem", _c_int, _c_int, _c_void_p, _c_void_p)
 _delete = _fn("bpf_map_delete_elem", _c_int, _c_int, _c_void_p)
+_lookup_batch = _fn("bpf_map_lookup_batch", _c_int, _c_int, _c_void_p, _c_void_p, _c_void_p, _c_void_p,
+                    ctypes.POINTER(_c_uint32), _c_void_p)
 _next_key = _fn("bpf_map_get_next_key", _c_int, _c_int, _c_void_p, _c_void_p)
 _obj_get = _fn("bpf_obj_get", _c_int, _c_char_p)
 _obj_pin = _fn("bpf_obj_pin", _c_int, _c_int, _c_char_p)
@@ -350,6 +352,27 @@ def map_keys(fd: int, key_size: int) -> Iterator[bytes]:
     while key is not None:
         yield key
         key = map_next_key(fd, key, key_size)
+
+
+def array_values(fd: int, value_size: int, max_entries: int) -> list[bytes]:
+    """Every value of an ARRAY map, index order, in as few system calls as the kernel allows
+    (``bpf_map_lookup_batch``: one for the whole array where a walk by keys would take two per
+    index; the daemon reads its 65,536-entry ``servers`` so at start)."""
+    keys = ctypes.create_string_buffer(4 * max_entries)
+    values = ctypes.create_string_buffer(value_size * max_entries)
+    token = ctypes.create_string_buffer(4)
+    out: list[bytes] = []
+    first = True
+    while len(out) < max_entries:
+        count = _c_uint32(max_entries - len(out))
+        ret = _lookup_batch(fd, None if first else token, token, keys, values, ctypes.byref(count), None)
+        first = False
+        raw = values.raw
+        out.extend(raw[i * value_size:(i + 1) * value_size] for i in range(count.value))
+        if ret == -_errno.ENOENT or count.value == 0:
+            break
+        _check(f"bpf_map_lookup_batch(fd={fd})", ret)
+    return out
 
 
 def map_items(fd: int, key_size: int, value_size: int) -> Iterator[tuple[bytes, bytes]]:

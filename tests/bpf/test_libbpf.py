@@ -138,3 +138,13 @@ def test_prog_test_run_repeat(loaded):
     with pytest.raises(OSError) as e:
         L.prog_test_run(loaded.prog_fd("director_tc"), b"")
     assert e.value.errno == errno.EINVAL and "bpf_prog_test_run_opts" in str(e.value)
+
+
+def test_array_values_reads_a_whole_array_by_index(loaded):
+    fd = loaded.map_fd("servers")
+    L.map_update(fd, S.u32(7), S.server_val(0x0A000001, S.METHOD_DR, slot=3))
+    L.map_update(fd, S.u32(S.SERVER_IDS - 1), S.server_val(0x0A000002, S.METHOD_TUN, slot=4))
+    values = L.array_values(fd, S.SERVER_VAL.size, S.SERVER_IDS)
+    assert len(values) == S.SERVER_IDS
+    written = {i: (S.unpack_server_val(v), S.server_slot(v)) for i, v in enumerate(values) if any(v)}
+    assert written == {7: ((0x0A000001, S.METHOD_DR), 3), S.SERVER_IDS - 1: ((0x0A000002, S.METHOD_TUN), 4)}
