@@ -206,7 +206,7 @@ def consistency_warnings(cfg: "Config") -> list[str]:
 # -- end route health injection -------------------------------------------------------------------
 
 
-FASTPATH_HOOKS = ("tc", "xdp")  # director.dataplane.ebpf.HOOKS (kept here: config imports no adapter)
+FASTPATH_HOOKS = ("auto", "tc", "xdp")  # "auto" and director.dataplane.ebpf.HOOKS (config imports no adapter)
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,7 +223,9 @@ class DaemonConfig:
     control_socket: str = "/run/vpn-director/control.sock"
     metrics: str = "127.0.0.1:9816"  # "" = no metrics endpoint
     bpf_pin_dir: str = "/sys/fs/bpf/vpn-director"  # eBPF maps, shared by every daemon run here
-    fastpath_hook: str = "tc"  # where the eBPF fast path runs on client_interface: "tc" or "xdp" (native)
+    # where the eBPF fast path runs on client_interface: "auto" (XDP where it fits, else tc, with
+    # the reason logged), "tc" or "xdp" (native)
+    fastpath_hook: str = "auto"
     # the fast path's next hops: "cached" (resolved by the daemon, no lookup per packet), or a route
     # lookup per packet in the "main" table directly or through the ip "rules"
     fastpath_fib: str = "cached"

@@ -192,6 +192,8 @@ class Views:
                 **{k: st.get(k, 0) for k in ("miss", "fragments", "not_ours", "fib_miss", "mtu_pass",
                                               "ttl_pass", "replies", "returned")},
                 "clients": len(fp.clients()),
+                "hook": fp.hook,
+                "hook_reason": fp.hook_reason,
                 "fib": fp.fib,
                 "next_hops": fp.next_hop_status(),
             }

@@ -319,3 +319,20 @@ def test_xdp_restart_under_the_units_capabilities_recognises_its_own_program(mak
     stranger = DirectorProcess(lab, "dxdp2", dataplane="ebpf", daemon_extra=XDP, pin_dir=pins, capabilities=caps)
     with pytest.raises(RuntimeError, match="already runs XDP program"):
         stranger.start()
+
+
+def test_auto_hook_takes_tc_on_a_veth_and_says_why(make_lab):
+    """fastpath_hook = "auto" (the default) with a veth as client interface, even one fit for XDP
+    (GRO on the LAN peer: the explicit "xdp" hook loads there): tc, and the log and the status
+    say why; the fast path forwards."""
+    lab = make_lab("dr")
+    lan_peer_gro(lab, True)
+    d = DirectorProcess(lab, dataplane="ebpf").start()
+    try:
+        fp = d.status()["fastpath"]
+        assert (fp["hook"], client_hooks(lab)) == ("tc", (None, True))
+        assert "eth0 is a veth" in fp["hook_reason"]
+        assert "fastpath.hook_auto chose=tc reason=eth0 is a veth" in d.log()
+        assert_esp_stays_in_the_kernel(lab, d)
+    finally:
+        assert d.stop() == 0, d.log()
