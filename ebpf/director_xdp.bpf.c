@@ -48,7 +48,10 @@ int director_xdp(struct xdp_md *ctx)
 		fp_pass(f.st, f.kind);
 		return XDP_PASS;
 	}
-	if (!bpf_map_lookup_elem(&xdp_tx_ports, &f.fib.ifindex)) {
+	/* The redirect is set up first: its lookup of the egress in xdp_tx_ports is the only one, and
+	 * an egress missing there gives XDP_PASS (the flags' fallback) before the frame changed. The
+	 * redirect takes effect only if the program returns XDP_REDIRECT. */
+	if (bpf_redirect_map(&xdp_tx_ports, f.fib.ifindex, XDP_PASS) != XDP_REDIRECT) {
 		f.st->fib_miss++; /* the slow path forwards it, the route is the kernel's */
 		fp_pass(f.st, f.kind);
 		return XDP_PASS;
@@ -67,7 +70,7 @@ int director_xdp(struct xdp_md *ctx)
 		return XDP_DROP;
 	}
 	fp_forwarded(&f);
-	return bpf_redirect_map(&xdp_tx_ports, f.fib.ifindex, 0);
+	return XDP_REDIRECT;
 }
 
 char LICENSE[] SEC("license") = "GPL";
