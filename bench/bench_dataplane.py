@@ -106,6 +106,8 @@ from director.lab.director_proc import DirectorProcess  # noqa: E402
 from director.lab.netns import Lab  # noqa: E402
 from director.packet import INFORMATIONAL  # noqa: E402
 
+import limit_case  # noqa: E402  (bench/, beside this script)
+
 BENCH = Path(__file__).resolve().parent
 PKTGEN = BENCH / "build" / "pktgen"
 GEN_CPU, DAEMON_CPU = 0, 1
@@ -737,14 +739,18 @@ RPS_PATH = "/sys/class/net/eth0/queues/rx-0/rps_cpus"  # `ip netns exec` mounts 
 # generator's core) carries only about 200 kpps here, a2 300-470 kpps: 0.4 keeps every case lossless.
 FIXED_SHARE = 0.4
 NAPI_PRIO = 50  # SCHED_FIFO priority of x2's NAPI thread (threaded IRQ handlers use 50 too)
-FP_CASES = ("a2", "e2", "x2", "x0", "d2")
+FP_CASES = ("a2", "e2", "t2", "x2", "y2", "x0", "d2")
 FP_LABELS = {
     "a2": "a2 plain forwarding (RPS->1)",
     "e2": "e2 eBPF tc (RPS->1)",
+    "t2": "t2 limit case, tc (RPS->1)",
     "x2": "x2 eBPF XDP, NAPI thread on 1",
+    "y2": "y2 limit case, XDP, NAPI on 1",
     "x0": "x0 eBPF XDP, NAPI in softirq",
     "d2": "d2 iptables DNAT (RPS->1)",
 }
+FP_HOOK = {"e2": "tc", "t2": "tc", "x2": "xdp", "y2": "xdp", "x0": "xdp"}  # where the case's program runs
+FP_LIMIT_OF = {"e2": "t2", "x2": "y2"}  # the director's case -> the limit case of its hook and layout
 
 
 def xdp_hook_supported() -> bool:
@@ -780,12 +786,23 @@ class FastpathGroup:
     case after the daemon's or DNAT's rules would otherwise pay for empty tables the first did not).
     """
 
-    def __init__(self, bench: Bench, fixed: dict[str, int], hook_ok: bool) -> None:
+    def __init__(self, bench: Bench, fixed: dict[str, int], hook_ok: bool, bpf_stats: bool = False,
+                 headroom: str = "veth") -> None:  # fmt: skip
         self.bench = bench
         self.lab = bench.lab
         self.fixed = fixed  # {"rate": pps}: set from the first a2 at max unless given
         self.hook_ok = hook_ok
+        self.bpf_stats = bpf_stats  # the program's own run time per packet (kernel.bpf_stats_enabled)
+        self.headroom = headroom
         lab = self.lab
+        # the limit case: bench/limit.bpf.c built for this lab's rs1 (the server a2 forwards to)
+        director = lab.ipr("director")
+        self.limit_obj = limit_case.build(
+            lab.mode, director.link_lookup(ifname="eth1")[0], mac_bytes(bench._mac("rs1", "eth0")),
+            mac_bytes(bench._mac("director", "eth1")), lab.rs_addr_ints[0], lab.director_lan_int,
+            BENCH / "build" / f"limit-{lab.mode}-{os.getpid()}.o")  # fmt: skip
+        if headroom == "nic":
+            limit_case.headroom_on(lab, limit_case.build_pass())
         lab.ipr("c1").route("replace", dst=lab.lan_net, gateway=lab.director_wan)
         lab.run("sw", ["ethtool", "-K", "director-eth1", "gro", "on"])
         for table in ("raw", "mangle", "nat"):
@@ -796,9 +813,9 @@ class FastpathGroup:
         self.warmed: set[str] = set()
 
     def cases(self) -> list[str]:
-        out = ["a2", "e2"]
+        out = ["a2", "e2", "t2"]
         if self.hook_ok:
-            out += ["x2", "x0"]
+            out += ["x2", "y2", "x0"]
         if self.lab.mode == "nat":
             out.append("d2")
         return out
@@ -814,10 +831,13 @@ class FastpathGroup:
             b.warm_up(frame, OFF_ESP_SEQ, f"{group} ESP")
             self.warmed.add(group)
         for rate in self.rates():
+            before = self.prog_stats(group)
             row = b.run(Case(f"f.{group}", FP_LABELS[group], lab.mode, rate), frame, OFF_ESP_SEQ)
             row["round"] = rnd
             row["fixed_rate"] = bool(rate)
+            row["headroom"] = self.headroom
             add_per_packet(row)
+            self.add_prog_stats(row, before, self.prog_stats(group))
             if group == "a2" and not self.fixed.get("rate"):
                 # every case must carry it without loss: about two thirds of what a2 delivers
                 self.fixed["rate"] = max(20_000, int(row["delivered_pps"] * FIXED_SHARE / 10_000) * 10_000)
@@ -829,9 +849,37 @@ class FastpathGroup:
                 rest["fixed_rate"] = True
                 add_per_packet(rest)
 
+    # -- the program's own cost in place (--bpf-stats) -------------------------------------------------
+    def prog_stats(self, group: str) -> tuple[int, int, int] | None:
+        """(program id, run_time_ns, run_cnt) of the program of ``group``'s hook on the director's
+        eth0, or None (no program, or --bpf-stats off). Read before and after a run, never per packet."""
+        hook = FP_HOOK.get(group)
+        if not self.bpf_stats or hook is None:
+            return None
+        net = json.loads(self.lab.run("director", ["bpftool", "-j", "net", "show", "dev", "eth0"]).stdout)
+        progs = [p for entry in net for p in entry.get(hook, [])]
+        if len(progs) != 1:
+            raise RuntimeError(f"{group}: want one {hook} program on the director's eth0, found {progs}")
+        info = json.loads(subprocess.run(["bpftool", "-j", "prog", "show", "id", str(progs[0]["id"])],
+                                         capture_output=True, text=True, check=True).stdout)  # fmt: skip
+        return info["id"], info.get("run_time_ns", 0), info.get("run_cnt", 0)
+
+    @staticmethod
+    def add_prog_stats(row: dict[str, Any], before, after) -> None:
+        if before is None or after is None or before[0] != after[0]:
+            return
+        runs = after[2] - before[2]
+        row["prog_runs"] = runs
+        row["prog_ns_per_pkt"] = (after[1] - before[1]) / runs if runs else None
+        if runs:
+            print(f"{'':<34}     -> the program alone: {row['prog_ns_per_pkt']:.0f} ns per run ({runs:,} runs)",
+                  flush=True)
+
     def run_case(self, group: str, rnd: int) -> None:
         if group == "a2":
             self.measure("a2", self.plain, rnd)
+        elif group in ("t2", "y2"):
+            self.limit_case(group, rnd)
         elif group == "d2":
             rule = ["PREROUTING", "-i", "eth0", "-d", self.lab.vip, "-p", "esp", "-j", "DNAT", "--to-destination",
                     self.lab.rs_addrs[0]]  # fmt: skip
@@ -881,6 +929,23 @@ class FastpathGroup:
             for dev in ("eth0", "eth1"):
                 lab.run("director", ["tc", "qdisc", "del", "dev", dev, "clsact"], check=False)
 
+    def limit_case(self, group: str, rnd: int) -> None:
+        """The limit program at the hook and in the layout of e2 (t2) or x2 (y2), no daemon."""
+        hook = FP_HOOK[group]
+        threads: dict[int, str] = {}
+        limit_case.attach(self.lab, hook, self.limit_obj)
+        try:
+            if group == "y2":
+                threads = self.threaded_napi(True)
+            self.measure(group, self.vip, rnd)
+            if threads:
+                for row in self.bench.out[-2:]:
+                    row["napi_threads"] = sorted(threads.values())
+        finally:
+            if threads:
+                self.threaded_napi(False)
+            limit_case.detach(self.lab, hook)
+
     def threaded_napi(self, on: bool) -> dict[int, str]:
         """Threaded NAPI on the director's eth0, its kernel thread pinned to CPU 1 (XDP's layout with
         the director on its own core: XDP runs in the veth's NAPI, before RPS could move anything)."""
@@ -901,6 +966,9 @@ class FastpathGroup:
 
     def finish(self) -> None:
         self.lab.run("director", ["sh", "-c", f"echo 0 > {RPS_PATH}"], check=False)
+        if self.headroom == "nic":
+            limit_case.headroom_off(self.lab)
+        self.limit_obj.unlink(missing_ok=True)
 
 
 def add_per_packet(row: dict[str, Any]) -> None:
@@ -930,7 +998,7 @@ def fastpath_group(prof: dict[str, Any], rows: list[dict[str, Any]], fixed: dict
             lab.start_responders()
             bench = Bench(lab, fprof, rows)
             bench.install_sinks("esp")
-            group = FastpathGroup(bench, fixed, hook_ok)
+            group = FastpathGroup(bench, fixed, hook_ok, prof.get("bpf_stats", False), prof.get("headroom", "veth"))
             try:
                 cases = group.cases()
                 for rnd in range(prof["fp_rounds"]):
@@ -960,7 +1028,7 @@ def summarize_fastpath(rows: list[dict[str, Any]]) -> dict[str, Any]:
                     continue
                 item: dict[str, Any] = {"n": len(rs), "rate": rs[0]["rate"]}
                 for key in ("offered_pps", "delivered_pps", "loss_pct", "cpu1_us_per_pkt", "total_us_per_pkt",
-                            "total_excl_others_us_per_pkt", "others_cpu_pct"):
+                            "total_excl_others_us_per_pkt", "others_cpu_pct", "prog_ns_per_pkt"):
                     vals = [r[key] for r in rs if r.get(key) is not None]
                     if vals:
                         item[key] = median(vals)
@@ -979,6 +1047,15 @@ def summarize_fastpath(rows: list[dict[str, Any]]) -> dict[str, Any]:
                 for key in ("cpu1_us_per_pkt", "total_us_per_pkt"):
                     if item.get(key) and base.get(key):
                         item[key.replace("_us_per_pkt", "_cost_vs_a2")] = item[key] / base[key]
+                limit = out.get(f"{mode}.{kind}.{FP_LIMIT_OF.get(g, '')}")
+                if not limit:
+                    continue
+                if kind == "max" and limit.get("delivered_pps"):
+                    item["capacity_vs_limit"] = item["delivered_pps"] / limit["delivered_pps"]
+                for key in ("cpu1_us_per_pkt", "prog_ns_per_pkt"):
+                    if item.get(key) and limit.get(key):
+                        item[key.replace("_us_per_pkt", "_cost").replace("_ns_per_pkt", "_cost") + "_vs_limit"] = (
+                            item[key] / limit[key])
     return out
 
 
@@ -986,10 +1063,11 @@ def print_fastpath_summary(s: dict[str, Any]) -> None:
     if not s:
         return
     print("\ngroup f: medians over the rounds [min-max]; cost = CPU time per delivered packet; "
-          "ratios to a2 of the same lab")
+          "ratios to a2 of the same lab, and of e2/x2 to the limit case of their hook (t2/y2); "
+          "prog ns = the program's own run time per packet (--bpf-stats)")
     print(f"  {'mode':<4} {'rate':<6} {'case':<30}{'delivered':>22}{'loss%':>6}{'cpu0%':>6}{'cpu1%':>6}"
           f"{'CPU-1 us/pkt':>20}{'total us/pkt':>20}{'-others':>8}{'cap/a2':>7}{'c1/a2':>7}{'tot/a2':>7}"
-          f"{'others%':>8}")  # fmt: skip
+          f"{'cap/lim':>8}{'c1/lim':>7}{'prog ns':>8}{'p/lim':>6}{'others%':>8}")  # fmt: skip
     for key, it in s.items():
         mode, kind, g = key.split(".")
         dl, (lo, hi) = it["delivered_pps"], it["delivered_pps_spread"]
@@ -999,16 +1077,67 @@ def print_fastpath_summary(s: dict[str, Any]) -> None:
         tts = it.get("total_us_per_pkt_spread", (0, 0))
         tx = it.get("total_excl_others_us_per_pkt")
         rate = fmt_rate(it["rate"])
-        cap = it.get("capacity_vs_a2")
-        r1 = it.get("cpu1_cost_vs_a2")
-        rt = it.get("total_cost_vs_a2")
+
+        def r(name: str, width: int) -> str:
+            v = it.get(name)
+            return f"{'' if v is None else f'{v:.2f}':>{width}}"
+
+        pns = it.get("prog_ns_per_pkt")
         print(f"  {mode:<4} {rate:<6} {FP_LABELS[g]:<30}{dl:>9,.0f} [{lo / 1000:.0f}-{hi / 1000:.0f}k]"
               f"{it['loss_pct']:>6.1f}{it['cpu_busy_pct'][0]:>6.0f}{it['cpu_busy_pct'][1]:>6.0f}"
               f"{'' if c1 is None else f'{c1:.2f} [{c1s[0]:.2f}-{c1s[1]:.2f}]':>20}"
               f"{'' if tt is None else f'{tt:.2f} [{tts[0]:.2f}-{tts[1]:.2f}]':>20}"
               f"{'' if tx is None else f'{tx:.2f}':>8}"
-              f"{'' if cap is None else f'{cap:.2f}':>7}{'' if r1 is None else f'{r1:.2f}':>7}"
-              f"{'' if rt is None else f'{rt:.2f}':>7}{it.get('others_cpu_pct', 0):>8.0f}")  # fmt: skip
+              f"{r('capacity_vs_a2', 7)}{r('cpu1_cost_vs_a2', 7)}{r('total_cost_vs_a2', 7)}"
+              f"{r('capacity_vs_limit', 8)}{r('cpu1_cost_vs_limit', 7)}"
+              f"{'' if pns is None else f'{pns:.0f}':>8}{r('prog_cost_vs_limit', 6)}"
+              f"{it.get('others_cpu_pct', 0):>8.0f}")  # fmt: skip
+
+
+def plot_fastpath(s: dict[str, Any], path: str, title: str) -> None:
+    """Group f as a picture: per mode, capacity (delivered at max, kpps) and CPU 1's µs per
+    delivered packet at the fixed rate, one bar per case, with plain forwarding (a2) and the limit
+    cases (t2, y2) as reference lines. Needs matplotlib (``pip install -e .[bench]``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = [m for m in ("dr", "tun", "nat") if any(k.startswith(f"{m}.") for k in s)]
+    cases = [g for g in ("e2", "t2", "x2", "y2", "x0", "d2") if any(k.endswith(f".{g}") for k in s)]
+    colors = {"e2": "#1f77b4", "t2": "#aec7e8", "x2": "#2ca02c", "y2": "#98df8a", "x0": "#bcbd22", "d2": "#d62728"}
+    rows = [("max", "delivered_pps", 1e-3, "capacity, kpps delivered"),
+            ("fixed", "cpu1_us_per_pkt", 1.0, "CPU 1 µs per packet at the fixed rate")]  # fmt: skip
+    if any(it.get("prog_ns_per_pkt") for it in s.values()):
+        rows.append(("fixed", "prog_ns_per_pkt", 1.0, "the program alone, ns per packet (bpf_stats)"))
+    fig, axes = plt.subplots(len(rows), len(modes), figsize=(4.4 * len(modes), 3.6 * len(rows)), squeeze=False)
+    for col, mode in enumerate(modes):
+        for row, (kind, key, scale, ylabel) in enumerate(rows):
+            ax = axes[row][col]
+            xs, vals = [], []
+            for g in cases:
+                it = s.get(f"{mode}.{kind}.{g}")
+                if it and it.get(key) is not None and not (g == "x0" and key == "cpu1_us_per_pkt"):
+                    xs.append(g)
+                    vals.append(it[key] * scale)
+            ax.bar(xs, vals, color=[colors[g] for g in xs])
+            for x, v in zip(xs, vals):
+                ax.text(x, v, f"{v:.2f}" if key == "cpu1_us_per_pkt" else f"{v:.0f}", ha="center", va="bottom",
+                        fontsize=8)  # fmt: skip
+            refs = (("a2", "plain forwarding", "black", "-"), ("t2", "limit, tc", "#1f77b4", "--"),
+                    ("y2", "limit, XDP", "#2ca02c", ":"))  # fmt: skip
+            for g, label, color, style in refs:
+                it = s.get(f"{mode}.{kind}.{g}")
+                if it and it.get(key) is not None:
+                    ax.axhline(it[key] * scale, color=color, linestyle=style, linewidth=1, label=label)
+            ax.set_title(f"{mode.upper()}: {ylabel.split(',')[0]}", fontsize=10)
+            ax.set_ylabel(ylabel)
+            if row == 0 and col == 0:
+                ax.legend(fontsize=8, loc="lower left")
+    fig.suptitle(title, fontsize=9, wrap=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
 
 
 def dnat_cases(bench: Bench) -> None:
@@ -1246,6 +1375,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fixed-rate", type=int, metavar="PPS",
                     help="group f: the fixed offered rate (default: 0.65x a2's delivered rate at max, rounded down)")
     ap.add_argument("--modes", help="group f: comma-separated lab modes (default dr,tun,nat; quick dr,nat)")
+    ap.add_argument("--bpf-stats", action="store_true",
+                    help="group f: also the programs' own run time per packet (kernel.bpf_stats_enabled during the group)")
+    ap.add_argument("--headroom", choices=("veth", "nic"), default="veth",
+                    help="group f: the headroom of the frames reaching the director: what the generator's veth "
+                         "gives (16 bytes, default) or a NIC's (256: generic XDP on the generator's switch port)")
+    ap.add_argument("--plot", metavar="PNG", help="group f: draw the summary into this PNG (needs matplotlib)")
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
         print("bench_dataplane: needs root (network namespaces, iptables, AF_PACKET)", file=sys.stderr)
@@ -1261,6 +1396,7 @@ def main(argv: list[str] | None = None) -> int:
         prof["fp_rounds"] = args.rounds
     if args.modes:
         prof["fp_modes"] = [m.strip() for m in args.modes.split(",") if m.strip()]
+    prof["bpf_stats"], prof["headroom"] = args.bpf_stats, args.headroom
     mach = machine()
     mach["commit"] = commit()
     load0 = loadavg()
@@ -1304,7 +1440,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.only != "classic":
         print(f"\ngroup f ({prof['fp_rounds']} round(s) per lab, {prof['fp_seconds']} s per case; "
               "us/pkt here = CPU 1's busy time per delivered packet, daemon column = the daemon process)")
-        fastpath_group(prof, rows, fixed)
+        stats_was = Path("/proc/sys/kernel/bpf_stats_enabled").read_text().strip() if args.bpf_stats else None
+        if args.bpf_stats:
+            Path("/proc/sys/kernel/bpf_stats_enabled").write_text("1\n")
+        try:
+            fastpath_group(prof, rows, fixed)
+        finally:
+            if stats_was is not None:
+                Path("/proc/sys/kernel/bpf_stats_enabled").write_text(stats_was + "\n")
     if prof["plain_again"] and args.only != "fastpath":
         with_lab("dr", prof, rows, lambda b: plain_cases(b, "a'"))
     wall = time.monotonic() - t0
@@ -1315,6 +1458,10 @@ def main(argv: list[str] | None = None) -> int:
     summary["fastpath_group"] = fp_summary = summarize_fastpath(rows)
     summary["fastpath_fixed_rate"] = fixed["rate"]
     print_fastpath_summary(fp_summary)
+    if args.plot and fp_summary:
+        plot_fastpath(fp_summary, args.plot, f"vpn-director group f (bench_dataplane.py --only fastpath), commit "
+                      f"{mach['commit']}\n{prof['fp_rounds']} round(s), medians; headroom {args.headroom}; "
+                      f"fixed rate {fixed['rate']:,} pps")  # fmt: skip
     if args.only != "fastpath":
         print("\nratio of every case's delivered rate to a:")
     for r in rows if args.only != "fastpath" else []:
