@@ -45,6 +45,12 @@ NAT), in ``fp_rounds`` rounds (full 3) with the case order reversed every other 
       after the redirect land on CPU 0, beside the generator; CPU 1 is nearly idle. Only the
       both-cores figure compares it with the others.
   d2  iptables DNAT with conntrack (NAT lab only).
+  t2  the limit case at tc (layout of e2) and y2 at XDP (layout of x2), no daemon: bench/limit.bpf.c
+      built in this run for rs1 (limit_case.py), forwarding every ESP frame with only the rewrite
+      the mode needs and no lookup at all. e2 and x2 are also given as ratios to them.
+  --bpf-stats adds the program's own run time per packet (kernel.bpf_stats_enabled) to e2, t2,
+  x2, y2 and x0; --headroom nic gives the frames NIC-like headroom (generic XDP pass-through on
+  the generator's switch port); --plot PNG draws the summary.
 Every case of the group runs with the same lab changes: RPS as above; GRO on the LAN bridge's
 port of the director's eth1 (a veth peer must run NAPI to take XDP redirects; on for every case so
 the downstream hop is the same); the director's raw, mangle and nat tables instantiated up front

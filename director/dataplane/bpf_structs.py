@@ -272,7 +272,8 @@ LAST_SEEN_GRAIN_NS = 100_000_000  # the programs rewrite a client's last_seen at
 
 
 def client_val(rs: int, last_seen: int = 0) -> bytes:
-    """Value of ``clients``: real server id and last_seen (ns of CLOCK_MONOTONIC, as bpf_ktime_get_ns)."""
+    """Value of ``clients``: real server id and last_seen (ns of CLOCK_MONOTONIC; the programs write
+    bpf_ktime_get_coarse_ns, that clock as of the last tick)."""
     return CLIENT_VAL.struct.pack(rs, 0, 0, last_seen)
 
 

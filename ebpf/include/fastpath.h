@@ -385,10 +385,12 @@ static __always_inline int fp_decide(void *ctx, void *data, void *data_end, __u3
 		/* A plain store: one aligned 64-bit write, atomic on 64-bit CPUs; the daemon only reads
 		 * it. An ICMP error is no sign of the client's life: it refreshes nothing. */
 		if (kind != KIND_NOT_OURS) {
-			__u64 now = bpf_ktime_get_ns();
-
-			/* Written at most once per grain: a write on every packet would dirty the
+			/* The coarse clock (CLOCK_MONOTONIC as of the last tick): a load, where
+			 * bpf_ktime_get_ns reads the clocksource; a tick is nothing against the 100 ms
+			 * grain. Written at most once per grain: a write on every packet would dirty the
 			 * entry's cache line for every CPU that reads it (docs/fastpath.md). */
+			__u64 now = bpf_ktime_get_coarse_ns();
+
 			if (now - cv->last_seen >= LAST_SEEN_GRAIN_NS)
 				cv->last_seen = now;
 		}
