@@ -729,8 +729,7 @@ def xdp_unfit(ipr: IPRoute, client_ifindex: int) -> str | None:
 
     Native XDP with redirects is needed. A veth is refused although it has both: its XDP runs in
     the NAPI of the CPU that transmitted into it, so on a veth the forwarding stays on the
-    sender's core (measured at 0.46-0.57x of plain forwarding's capacity, against 1.15-1.44x for
-    tc: docs/performance.md); the tc hook is the better default there."""
+    sender's core (x0 in docs/performance.md's group f); the tc hook is the better default there."""
     name = _ifname(ipr, client_ifindex)
     feats = xdp_features(client_ifindex)
     if feats is None:
