@@ -26,10 +26,8 @@ programs in place cost more (cold cache lines, the redirect's transmit): bench_d
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
-import uuid
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,7 +40,7 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=20_000, help="calls (one run each) per case")
     args = ap.parse_args()
 
-    from bpf_world import BPFFS, TC_ACT_OK, TC_ACT_REDIRECT, Netns, World, prerequisites
+    from bpf_world import TC_ACT_OK, TC_ACT_REDIRECT, bench_world, prerequisites
     from director.lab import craft
     from fastpath_cases import C_UNKNOWN, C_NAT, NOT_VIP, VERDICT, VIP, esp_dr, esp_nat, esp_tun, eth, natt, setup_maps
 
@@ -57,12 +55,7 @@ def main() -> None:
         for cached in (True, False):
             cases.append((f"{name}, {'next hop cached' if cached else 'route lookup'}", eth(frame), cached,
                           TC_ACT_REDIRECT))  # fmt: skip
-    pin_dir = BPFFS / f"vpnd-bench-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    pin_dir.mkdir()
-    netns = world = None
-    try:
-        netns = Netns()
-        world = World(netns, pin_dir)
+    with bench_world() as world:
         print(f"the programs alone (BPF_PROG_TEST_RUN, {args.calls} calls of one run), ns per packet")
         print(f"   {'hook':<4} {'case':<34}{'median':>8}{'p10':>6}{'- floor':>9}{'x floor':>9}")
         for hook in ("tc", "xdp"):
@@ -77,14 +70,6 @@ def main() -> None:
                 med, p10 = statistics.median(d), d[len(d) // 10]
                 floor = floor if floor is not None else med
                 print(f"   {hook:<4} {name:<34}{med:8.0f}{p10:6d}{med - floor:9.0f}{med / floor:9.2f}", flush=True)
-    finally:
-        if world is not None:
-            world.close()
-        if netns is not None:
-            netns.close()
-        for pin in pin_dir.iterdir():
-            pin.unlink()
-        pin_dir.rmdir()
 
 
 if __name__ == "__main__":

@@ -96,11 +96,9 @@ def c_section(repeat: int) -> None:
 
 
 def fastpath_section(calls: int, burst: int) -> None:
-    import os
     import statistics
-    import uuid
 
-    from bpf_world import BPFFS, Netns, World, prerequisites
+    from bpf_world import bench_world, prerequisites
     from director.dataplane import bpf_structs as S
     from director.lab import craft
     from fastpath_cases import C_DR, RS, VIP_LABEL, VIP_NOAH, eth, patch, setup_maps
@@ -125,12 +123,7 @@ def fastpath_section(calls: int, burst: int) -> None:
         **{100 + i: ServerLabel(i << 24, (0x40 | i) << 24, ((0x40 | i) << 24) | 0xFFFFFF) for i in range(15)},
         last_rs: ServerLabel(15 << 24, 0x4F000000, 0x4FFFFFFF),
     })  # fmt: skip
-    pin_dir = BPFFS / f"vpnd-bench-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    pin_dir.mkdir()
-    netns = world = None
-    try:
-        netns = Netns()
-        world = World(netns, pin_dir)
+    with bench_world() as world:
         print(f"c  the fast path (BPF_PROG_TEST_RUN, {calls} calls x {burst} runs), ns per packet: best, median")
         for hook in ("tc", "xdp"):
             base = None
@@ -148,14 +141,6 @@ def fastpath_section(calls: int, burst: int) -> None:
                 best, med = min(d), statistics.median(d)
                 base = base or (best, med)
                 print(f"   {hook:<3} {name:<34} {best:6d} {med:8.0f}   x{best / base[0]:.2f} x{med / base[1]:.2f}")
-    finally:
-        if world is not None:
-            world.close()
-        if netns is not None:
-            netns.close()
-        for pin in pin_dir.iterdir():
-            pin.unlink()
-        pin_dir.rmdir()
 
 
 def main() -> None:

@@ -319,3 +319,26 @@ def flatten(stats: dict) -> dict[str, int]:
 def delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
     """The counters that changed, with their change."""
     return {k: after[k] - before[k] for k in after if after[k] != before[k]}
+
+
+@contextlib.contextmanager
+def bench_world():
+    """A World in its own namespace and pin directory, for the benchmarks (bench/bench_bpf_prog.py,
+    bench/bench_spi_label.py); everything removed on the way out."""
+    import uuid
+
+    pin_dir = BPFFS / f"vpnd-bench-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    pin_dir.mkdir()
+    netns = world = None
+    try:
+        netns = Netns()
+        world = World(netns, pin_dir)
+        yield world
+    finally:
+        if world is not None:
+            world.close()
+        if netns is not None:
+            netns.close()
+        for pin in pin_dir.iterdir():
+            pin.unlink()
+        pin_dir.rmdir()
