@@ -9,11 +9,16 @@ from enum import IntEnum
 
 
 class DropReason(IntEnum):
-    # -- IPv4 ---------------------------------------------------------------
-    IP_TRUNCATED = 1  # fewer than 20 bytes, or fewer than IHL*4
-    IP_BAD_VERSION = 2  # version nibble is not 4
+    # -- IPv4, and both families ------------------------------------------
+    IP_TRUNCATED = 1  # fewer than 20 bytes, or fewer than IHL*4 (IPv6: fewer than 40 bytes)
+    IP_BAD_VERSION = 2  # version nibble is neither 4 nor 6
     IP_BAD_IHL = 3  # IHL < 5
     IP_BAD_TOTAL_LENGTH = 4  # total length < IHL*4
+    # -- IPv6 (RFC 8200) ----------------------------------------------------
+    IP6_EXT_TRUNCATED = 5  # an extension header beyond the payload length or the buffer
+    IP6_EXT_CHAIN_TOO_LONG = 6  # more than 8 extension headers before the upper-layer header
+    IP6_BAD_HOP_BY_HOP = 7  # a hop-by-hop options header anywhere but first (RFC 8200 section 4.3)
+    IP6_BAD_ADDRESS = 8  # a source or destination in ::/96 (unspecified, loopback, IPv4-compatible)
     # -- UDP ----------------------------------------------------------------
     UDP_TRUNCATED = 10  # fewer than 8 bytes of UDP header
     UDP_BAD_LENGTH = 11  # UDP length < 8 or beyond the IP payload
@@ -29,10 +34,10 @@ class DropReason(IntEnum):
     AH_TRUNCATED = 32  # fewer than 12 bytes of AH
     AH_BAD_LENGTH = 33  # payload length field below the minimum or beyond the packet
     AH_ZERO_SPI = 34  # SPI 0 is reserved (RFC 4302 section 2.4)
-    # -- ICMP errors to a VIP (RFC 792): relayed to the conversation's real server -------------
+    # -- ICMP and ICMPv6 errors to a VIP (RFC 792, RFC 4443): relayed to the conversation's real server -------------
     ICMP_TRUNCATED = 40  # fewer than 8 bytes of ICMP header
     ICMP_QUOTE_TRUNCATED = 41  # the quoted IPv4 header, or the first 8 bytes after it, not all there
-    ICMP_QUOTE_MALFORMED = 42  # the quoted header's version is not 4, or its IHL < 5
+    ICMP_QUOTE_MALFORMED = 42  # the quoted header's version is not the outer one's, or its IHL < 5
     # -- decisions of the table and policy ----------------------------------
     NO_ENTRY = 50  # ESP/AH/ESP-in-UDP with no ESTABLISHED entry (raw ESP/AH: ICMP 3/2 answered)
     ENTRY_NOT_ESTABLISHED = 51  # ESP-in-UDP while the client's entry is still INIT

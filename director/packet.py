@@ -1,13 +1,13 @@
-"""Classify one IPv4 packet for the director: IKE, NAT-T framing, ESP, AH, or not ours.
+"""Classify one IPv4 or IPv6 packet for the director: IKE, NAT-T framing, ESP, AH, or not ours.
 
 Pure parsing of bytes (no I/O, no scapy): :func:`classify` is the per-packet hot path and returns
 one :class:`Classified` or raises :class:`PacketError` carrying a :class:`DropReason`; nothing else
 escapes for any bytes-like input. The header dataclasses and ``build_*`` helpers below it serve
 tests, the lab and tooling; :func:`classify` does not use them.
 
-References: RFC 791 (IPv4), RFC 1071 (checksum), RFC 768 (UDP), RFC 2408 (ISAKMP), RFC 7296 (IKEv2),
+References: RFC 791 (IPv4), RFC 8200 (IPv6), RFC 1071 (checksum), RFC 768 (UDP), RFC 2408 (ISAKMP), RFC 7296 (IKEv2),
 RFC 3948 (UDP encapsulation of ESP), RFC 4303 (ESP), RFC 4302 (AH), RFC 792 and RFC 1812 section
-4.3.2.3 (ICMP errors and what they quote).
+4.3.2.3 (ICMP errors and what they quote), RFC 4443 (ICMPv6).
 """
 
 import ipaddress
@@ -47,14 +47,26 @@ __all__ = [
     "Kind",
     "PacketError",
     "UdpHeader",
+    "ICMP6_ERROR_TYPES",
+    "IPV6_MIN",
+    "MAX_EXT_HEADERS",
+    "PROTO_ICMP6",
+    "build_ip",
+    "build_ip_udp",
     "build_ipv4",
+    "build_ipv6",
+    "build_ipv6_udp",
     "build_ipv4_udp",
     "classify",
     "ike_header",
     "int_to_ip",
+    "ipv6_header",
+    "ipv6_upper",
+    "is_ipv6",
     "ip_to_int",
     "ipv4_checksum",
     "parse_icmp_error",
+    "upper_checksum6",
 ]
 
 # -- constants ------------------------------------------------------------------------------------
@@ -108,7 +120,7 @@ class Kind(IntEnum):
     ESP = 4  # IP protocol 50
     AH = 5  # IP protocol 51
     ESP_IN_UDP = 6  # UDP 4500, non-zero SPI first
-    FRAGMENT = 7  # any IPv4 fragment: left to the stack to reassemble
+    FRAGMENT = 7  # any fragment (IPv4, or IPv6 with a fragment header): left to the stack to reassemble
 
 
 class Classified(NamedTuple):
@@ -120,7 +132,7 @@ class Classified(NamedTuple):
     """
 
     kind: Kind
-    src: int  # IPv4 source address as an int
+    src: int  # source address as an int (IPv6: 128 bits, never below 2**32)
     dst: int
     proto: int  # IP protocol number
     sport: int  # UDP ports (0 when not UDP)
@@ -133,8 +145,8 @@ class Classified(NamedTuple):
     flags: int  # IKE flags
     msg_id: int  # IKE message ID
     natt: bool  # IKE that came on 4500 behind the non-ESP marker
-    l4_offset: int  # offset of the UDP/ESP/AH header in the buffer (IHL*4)
-    wire_len: int  # IPv4 total length field
+    l4_offset: int  # offset of the UDP/ESP/AH header in the buffer (IHL*4; IPv6: past the extension headers)
+    wire_len: int  # IPv4 total length field; IPv6: 40 + payload length
 
 
 # -- the hot path ---------------------------------------------------------------------------------
@@ -160,6 +172,10 @@ _R_IP_TRUNCATED = DropReason.IP_TRUNCATED
 _R_IP_BAD_VERSION = DropReason.IP_BAD_VERSION
 _R_IP_BAD_IHL = DropReason.IP_BAD_IHL
 _R_IP_BAD_TOTAL_LENGTH = DropReason.IP_BAD_TOTAL_LENGTH
+_R_IP6_EXT_TRUNCATED = DropReason.IP6_EXT_TRUNCATED
+_R_IP6_EXT_CHAIN_TOO_LONG = DropReason.IP6_EXT_CHAIN_TOO_LONG
+_R_IP6_BAD_HOP_BY_HOP = DropReason.IP6_BAD_HOP_BY_HOP
+_R_IP6_BAD_ADDRESS = DropReason.IP6_BAD_ADDRESS
 _R_UDP_TRUNCATED = DropReason.UDP_TRUNCATED
 _R_UDP_BAD_LENGTH = DropReason.UDP_BAD_LENGTH
 _R_IKE_TRUNCATED = DropReason.IKE_TRUNCATED
@@ -198,23 +214,114 @@ def ipv4_header(buf: bytes | bytearray | memoryview) -> tuple[int, int, int, int
     return ihl, total, frag, proto, src, dst
 
 
+IPV6_MIN = 1 << 32  # every IPv6 address int is at least this (ipv6_header refuses ::/96)
+MAX_EXT_HEADERS = 8  # extension headers classify walks before it gives up (IP6_EXT_CHAIN_TOO_LONG)
+_IP6 = struct.Struct("!xxxxHBxQQQQ")  # payload length, next header, source and destination halves
+_EXT = struct.Struct("!BB")  # an extension header's next header and length (8-octet units, minus 1)
+_FRAG6 = struct.Struct("!BxH")  # a fragment header's next header and offset/M word
+_FRAGMENTED = 0xFFF9  # offset (13 bits) | M: a real fragment, not an atomic one (RFC 6946)
+
+
+def is_ipv6(addr: int) -> bool:
+    """Whether an address int is IPv6: IPv4 ints are below 2**32, IPv6 ones never are."""
+    return addr >= IPV6_MIN
+
+
+def ipv6_header(buf: bytes | bytearray | memoryview) -> tuple[int, int, int, int]:
+    """(payload length, next header, src, dst) of the IPv6 header at ``buf[0]``, checked.
+
+    At least 40 bytes, version 6, and neither address in ::/96: the unspecified and loopback
+    addresses never appear on a link (RFC 4291 section 2.5.2-3), IPv4-compatible ones are
+    deprecated (section 2.5.5.1), and refusing the block keeps every IPv6 int at or above 2**32.
+    """
+    if len(buf) < 40:
+        raise PacketError(_R_IP_TRUNCATED)
+    if buf[0] >> 4 != 6:
+        raise PacketError(_R_IP_BAD_VERSION)
+    plen, nh, s1, s2, d1, d2 = _IP6.unpack_from(buf)
+    src = s1 << 64 | s2
+    dst = d1 << 64 | d2
+    if src < IPV6_MIN or dst < IPV6_MIN:
+        raise PacketError(_R_IP6_BAD_ADDRESS)
+    return plen, nh, src, dst
+
+
+def ipv6_upper(buf, nh: int, end: int, base: int = 0) -> tuple[int, int, int]:
+    """(upper-layer protocol, its offset, fragment word) past the extension headers of the IPv6
+    packet at ``buf[base]`` whose first next-header value is ``nh`` and which ends at ``end``.
+
+    Walked: hop-by-hop (0, first only), routing (43), fragment (44), destination options (60);
+    anything else is the upper layer (AH 51 included: the director reads its SPI, so it ends the
+    walk). Each header must lie within ``end`` and the buffer (IP6_EXT_TRUNCATED); at most
+    :data:`MAX_EXT_HEADERS`. A fragment header that is a real fragment (offset or M set) ends the
+    walk: its word is returned (0 otherwise) and the offset is past it, where the first
+    fragment's upper-layer header is. An atomic fragment (neither set) is walked over. A routing
+    header with segments left ends the walk as protocol 43: the VIP is not the packet's last stop.
+    """
+    off = base + 40
+    n = len(buf)
+    count = 0
+    while nh == 0 or nh == 43 or nh == 44 or nh == 60:
+        if count == MAX_EXT_HEADERS:
+            raise PacketError(_R_IP6_EXT_CHAIN_TOO_LONG)
+        if nh == 0 and count:
+            raise PacketError(_R_IP6_BAD_HOP_BY_HOP)
+        count += 1
+        if end - off < 8 or n - off < 8:
+            raise PacketError(_R_IP6_EXT_TRUNCATED)
+        if nh == 44:
+            nxt, word = _FRAG6.unpack_from(buf, off)
+            off += 8
+            if word & _FRAGMENTED:
+                return nxt, off, word
+            nh = nxt
+            continue
+        nxt, words = _EXT.unpack_from(buf, off)
+        size = (words + 1) << 3
+        if end - off < size or n - off < size:
+            raise PacketError(_R_IP6_EXT_TRUNCATED)
+        if nh == 43 and buf[off + 3]:
+            return 43, off, 0
+        off += size
+        nh = nxt
+    return nh, off, 0
+
+
 def classify(data: bytes | bytearray | memoryview, reply: bool = False) -> Classified:
-    """Classify the IPv4 packet that starts at ``data[0]`` (no link-layer header).
+    """Classify the IPv4 or IPv6 packet that starts at ``data[0]`` (no link-layer header).
 
     ``reply=True`` classifies the reply direction (real server to client) by its UDP *source*
     port instead of its destination port. The buffer may be longer than the IP total length
     (link-layer padding, ignored) or shorter (a copy truncated by NFQUEUE): lengths are checked
     against the header fields, and only the header bytes actually read must be in the buffer.
     Raises :class:`PacketError` for every malformed packet.
+
+    IPv6 (RFC 8200): the extension-header chain is walked by :func:`ipv6_upper` (at most
+    :data:`MAX_EXT_HEADERS`); addresses come out as 128-bit ints, which are never below 2**32
+    (:func:`ipv6_header` refuses ::/96), so an address int says its family (:func:`is_ipv6`).
+    ``l4_offset`` is where the upper-layer header starts, ``wire_len`` 40 + the payload length.
     """
     if type(data) is memoryview and (data.format != "B" or data.ndim != 1 or not data.c_contiguous):
         data = data.tobytes()  # rare: a view of other items or strides; copy to plain bytes
     n = len(data)
+    if n and data[0] >> 4 == 6:
+        plen, nh, src, dst = ipv6_header(data)
+        total = 40 + plen
+        proto, off, frag = ipv6_upper(data, nh, total)
+        if frag:
+            return _new(Classified, (_K_FRAGMENT, src, dst, proto, 0, 0, 0, 0, 0, 0, 0, 0, 0, False, 0, 0))
+        return _upper(data, n, off, total, proto, src, dst, reply)
     ihl, total, frag, proto, src, dst = ipv4_header(data)
     if frag & _MF_OR_OFFSET:
         # A non-first fragment has no L4 header; a first one has only part of the message.
         return _new(Classified, (_K_FRAGMENT, src, dst, proto, 0, 0, 0, 0, 0, 0, 0, 0, 0, False, 0, 0))
-    plen = total - ihl  # IP payload length by the header, whatever the buffer holds
+    return _upper(data, n, ihl, total, proto, src, dst, reply)
+
+
+def _upper(data, n: int, ihl: int, total: int, proto: int, src: int, dst: int, reply: bool) -> Classified:
+    """The upper-layer part of :func:`classify`, for both families: ``ihl`` is where the UDP, ESP
+    or AH header starts, ``total`` where the packet ends by its IP header."""
+    plen = total - ihl  # upper-layer length by the header, whatever the buffer holds
 
     if proto == 50:  # ESP, RFC 4303 section 2: SPI 4, sequence 4
         if plen < 8 or n < ihl + 8:
@@ -304,6 +411,11 @@ PROTO_ICMP = 1
 # redirect (5) is for a host's own first hop: neither is about a client's conversation.
 ICMP_ERROR_TYPES = frozenset({3, 11, 12})
 
+# ICMPv6 errors (RFC 4443 section 3): destination unreachable (1), packet too big (2, path-MTU
+# discovery's signal, RFC 8201), time exceeded (3), parameter problem (4).
+PROTO_ICMP6 = 58
+ICMP6_ERROR_TYPES = frozenset({1, 2, 3, 4})
+
 _ICMP_HEAD = struct.Struct("!BB")  # type, code
 _QUOTE = struct.Struct("!BxHxxHxBxxII")  # the quoted IPv4 header: as _IP4
 _QUOTE_L4 = struct.Struct("!HHI")  # first 8 bytes after it: UDP ports (+ length, checksum) or ESP/AH
@@ -352,6 +464,8 @@ def parse_icmp_error(data: bytes | bytearray | memoryview) -> IcmpError | None:
     """
     if type(data) is memoryview and (data.format != "B" or data.ndim != 1 or not data.c_contiguous):
         data = data.tobytes()
+    if len(data) and data[0] >> 4 == 6:
+        return _parse_icmp6_error(data)
     ihl, total, frag, proto, src, dst = ipv4_header(data)
     if proto != PROTO_ICMP or frag & _MF_OR_OFFSET:
         return None
@@ -384,6 +498,50 @@ def parse_icmp_error(data: bytes | bytearray | memoryview) -> IcmpError | None:
     return _new(IcmpError, (itype, code, src, dst, q, qproto, qsrc, qdst, sport, dport, spi, qfirst))
 
 
+_R_IP6_QUOTE = {DropReason.IP6_EXT_TRUNCATED: _R_ICMP_QUOTE_TRUNCATED}
+
+
+def _parse_icmp6_error(data) -> IcmpError | None:
+    """parse_icmp_error for IPv6: an ICMPv6 error (RFC 4443) after the outer extension headers,
+    quoting an IPv6 packet whose own chain is walked to its UDP ports or ESP/AH SPI. A quoted
+    chain that runs past the quote is ICMP_QUOTE_TRUNCATED, any other fault in it (version, chain
+    too long, hop-by-hop out of place, an address in ::/96) ICMP_QUOTE_MALFORMED."""
+    plen, nh, src, dst = ipv6_header(data)
+    total = 40 + plen
+    proto, off, frag = ipv6_upper(data, nh, total)
+    if proto != PROTO_ICMP6 or frag:
+        return None
+    end = min(total, len(data))
+    if end - off < 8:
+        raise PacketError(_R_ICMP_TRUNCATED)
+    itype, code = _ICMP_HEAD.unpack_from(data, off)
+    if itype not in ICMP6_ERROR_TYPES:
+        return None
+    q = off + 8
+    if end - q < 40:
+        raise PacketError(_R_ICMP_QUOTE_TRUNCATED)
+    quote = data[q:end]
+    try:
+        qplen, qnh, qsrc, qdst = ipv6_header(quote)
+        qproto, qoff, qfrag = ipv6_upper(quote, qnh, 40 + qplen)
+    except PacketError as e:
+        raise PacketError(_R_IP6_QUOTE.get(e.reason, _R_ICMP_QUOTE_MALFORMED)) from None
+    qfirst = not qfrag & 0xFFF8  # offset 0: unfragmented or a first fragment
+    need = min(8, 40 + qplen - qoff) if qfirst else 0
+    if len(quote) - qoff < need:
+        raise PacketError(_R_ICMP_QUOTE_TRUNCATED)
+    sport = dport = spi = 0
+    if need == 8:
+        a, b, word = _QUOTE_L4.unpack_from(quote, qoff)
+        if qproto == PROTO_UDP:
+            sport, dport = a, b
+        elif qproto == PROTO_ESP:
+            spi = (a << 16) | b
+        elif qproto == PROTO_AH:
+            spi = word
+    return _new(IcmpError, (itype, code, src, dst, q, qproto, qsrc, qdst, sport, dport, spi, qfirst))
+
+
 # -- checksums ------------------------------------------------------------------------------------
 
 
@@ -404,6 +562,24 @@ def ipv4_checksum(header_bytes: bytes | bytearray | memoryview) -> int:
     correct checksum stored it is 0.
     """
     return ~_sum16(bytes(header_bytes)) & 0xFFFF
+
+
+def ipv6_pseudo_sum(src: int, dst: int, length: int, proto: int) -> int:
+    """The ones' complement sum (not folded) of the IPv6 pseudo-header, RFC 8200 section 8.1."""
+    total = length + proto
+    for a in (src, dst):
+        for shift in range(0, 128, 16):
+            total += (a >> shift) & 0xFFFF
+    return total
+
+
+def upper_checksum6(src: int, dst: int, proto: int, body: bytes) -> int:
+    """The UDP or ICMPv6 checksum of ``body`` (its checksum field zero) over the IPv6 pseudo-header.
+    A computed 0 is sent as 0xFFFF (UDP over IPv6 may not carry 0, RFC 8200 section 8.1)."""
+    total = ipv6_pseudo_sum(src, dst, len(body), proto) + _sum16(bytes(body))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return (~total & 0xFFFF) or 0xFFFF
 
 
 def _udp_checksum(src: int, dst: int, udp: bytes) -> int:
@@ -741,6 +917,68 @@ def build_ipv4_udp(
     return build_ipv4(src, dst, PROTO_UDP, udp, ttl=ttl, ident=ident, flags_frag=flags_frag)
 
 
+def build_ipv6(
+    src: int,
+    dst: int,
+    proto: int,
+    payload: bytes,
+    *,
+    ext: tuple[tuple[int, bytes], ...] = (),
+    hop_limit: int = 64,
+    tclass: int = 0,
+    flow: int = 0,
+    payload_length: int | None = None,
+) -> bytes:
+    """An IPv6 packet (RFC 8200) around ``payload``, after the extension headers ``ext``.
+
+    ``ext`` is a sequence of (header type, body): each header is written as next header, then the
+    body; for every type but the fragment header (44) the length byte is filled in and
+    ``2 + len(body)`` must be a multiple of 8; a fragment header's body is its 6 bytes (offset
+    word and identification). ``payload_length`` overrides the computed one.
+    """
+    chain = bytearray()
+    types = [t for t, _ in ext] + [proto]
+    for i, (t, body) in enumerate(ext):
+        body = bytes(body)
+        if t == 44:
+            if len(body) != 6:
+                raise ValueError("a fragment header body is 6 bytes")
+            chain += bytes([types[i + 1], 0]) + body
+            continue
+        if (2 + len(body)) % 8:
+            raise ValueError(f"extension header {t}: 2 + body must be a multiple of 8 bytes")
+        chain += bytes([types[i + 1], (2 + len(body)) // 8 - 1]) + body
+    body = bytes(chain) + bytes(payload)
+    if payload_length is None:
+        payload_length = len(body)
+    first = types[0]
+    head = struct.pack("!IHBB", 6 << 28 | tclass << 20 | flow, payload_length, first, hop_limit)
+    return head + src.to_bytes(16, "big") + dst.to_bytes(16, "big") + body
+
+
+def build_ipv6_udp(src: int, dst: int, sport: int, dport: int, payload: bytes, **kw) -> bytes:
+    """An IPv6/UDP packet with a correct UDP checksum (RFC 768, RFC 8200 section 8.1); ``kw`` as
+    :func:`build_ipv6` (extension headers before the UDP header)."""
+    payload = bytes(payload)
+    udp = UdpHeader(sport, dport, 8 + len(payload), 0).to_bytes() + payload
+    csum = upper_checksum6(src, dst, PROTO_UDP, udp)
+    return build_ipv6(src, dst, PROTO_UDP, udp[:6] + csum.to_bytes(2, "big") + udp[8:], **kw)
+
+
+def build_ip_udp(src: int, dst: int, sport: int, dport: int, payload: bytes) -> bytes:
+    """An IPv4 or IPv6 UDP packet, by the family of ``src`` (both addresses one family)."""
+    if is_ipv6(src):
+        return build_ipv6_udp(src, dst, sport, dport, payload)
+    return build_ipv4_udp(src, dst, sport, dport, payload)
+
+
+def build_ip(src: int, dst: int, proto: int, payload: bytes) -> bytes:
+    """An IPv4 or IPv6 packet, by the family of ``src``."""
+    if is_ipv6(src):
+        return build_ipv6(src, dst, proto, payload)
+    return build_ipv4(src, dst, proto, payload)
+
+
 def ike_header(
     spi_i: int,
     spi_r: int,
@@ -760,10 +998,18 @@ def ike_header(
 
 
 def ip_to_int(address: str) -> int:
-    """Dotted quad to int (``"192.0.2.1"`` -> 3221225985)."""
-    return int(ipaddress.IPv4Address(address))
+    """An IPv4 or IPv6 address to its int (``"192.0.2.1"`` -> 3221225985, ``"2001:db8::1"`` ->
+    a 128-bit int). ValueError for anything else, and for IPv6 addresses in ::/96, which
+    :func:`ipv6_header` refuses on the wire (and which would read back as IPv4)."""
+    a = ipaddress.ip_address(address)
+    n = int(a)
+    if a.version == 6 and n < IPV6_MIN:
+        raise ValueError(f"{address!r} is in ::/96 (unspecified, loopback or IPv4-compatible)")
+    return n
 
 
 def int_to_ip(address: int) -> str:
-    """Int to dotted quad."""
-    return str(ipaddress.IPv4Address(address))
+    """An address int to its text: dotted quad below 2**32, else IPv6 in RFC 5952 form."""
+    if address < IPV6_MIN:
+        return str(ipaddress.IPv4Address(address))
+    return str(ipaddress.IPv6Address(address))

@@ -347,7 +347,7 @@ def test_ip_truncated_options_not_in_buffer():
     assert classify(pkt[:36]).kind is Kind.ESP
 
 
-@pytest.mark.parametrize("version", [0, 6, 15])
+@pytest.mark.parametrize("version", [0, 5, 7, 15])
 def test_ip_bad_version(version):
     pkt = bytes([version << 4 | 5]) + GOOD_IKE[1:]
     assert reason_of(pkt) is DropReason.IP_BAD_VERSION
