@@ -969,7 +969,7 @@ def section_c(rep: Report, z: dict, repeats: int, rng: random.Random, naive: boo
 def struct_key(client: int, spi: int) -> bytes:
     from director.conntrack import _COOKIE_KEY
 
-    return _COOKIE_KEY.pack(SVC, client, spi)
+    return _COOKIE_KEY.pack(SVC, client >> 64, client & ((1 << 64) - 1), spi)
 
 
 class NaiveEntry:

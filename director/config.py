@@ -335,6 +335,20 @@ class _Checker:
         return str(a)
 
 
+    def ip(self, path: str, v: Any) -> str:
+        """A unicast IPv4 or IPv6 address, returned in its canonical text (RFC 5952 for IPv6)."""
+        if not isinstance(v, str) or ":" not in v:
+            return self.ipv4(path, v)
+        try:
+            a = ipaddress.IPv6Address(v)
+        except (ipaddress.AddressValueError, ValueError):
+            self.err(path, f"not an IPv4 or IPv6 address: {v!r}")
+            return "0.0.0.0"
+        if a.is_multicast or a.is_link_local or int(a) >> 32 == 0:
+            self.err(path, f"not a global or unique-local unicast address: {v} (multicast, link-local and ::/96 are refused)")
+        return str(a)
+
+
 def parse(text: str) -> Config:
     """Parse and validate TOML text; raises ConfigErrors listing every problem."""
     try:
@@ -432,7 +446,7 @@ def _service(c: _Checker, p: str, s: Any, vips: dict[str, int], addresses: dict[
     c.unknown(p, s, _SERVICE_KEYS)
     if "vip" not in s:
         c.err(f"{p}.vip", "missing")
-    vip = c.ipv4(f"{p}.vip", s.get("vip", "0.0.0.0")) if "vip" in s else "0.0.0.0"
+    vip = c.ip(f"{p}.vip", s.get("vip", "0.0.0.0")) if "vip" in s else "0.0.0.0"
     if vip in vips:
         c.err(f"{p}.vip", f"duplicate of service[{vips[vip]}]")
     vips.setdefault(vip, int(p[8:-1]))
@@ -494,7 +508,9 @@ def _service(c: _Checker, p: str, s: Any, vips: dict[str, int], addresses: dict[
         c.unknown(q, r, _SERVER_KEYS)
         if "address" not in r:
             c.err(f"{q}.address", "missing")
-        addr = c.ipv4(f"{q}.address", r.get("address", "0.0.0.0")) if "address" in r else "0.0.0.0"
+        addr = c.ip(f"{q}.address", r.get("address", "0.0.0.0")) if "address" in r else "0.0.0.0"
+        if "address" in r and "vip" in s and (":" in addr) != (":" in vip):
+            c.err(f"{q}.address", f"{addr} is not of the VIP's address family ({vip}): a service is one family")
         key = f"{vip}/{addr}"
         if key in addresses:
             c.err(f"{q}.address", f"duplicate of {addresses[key]}")
@@ -511,6 +527,14 @@ def _service(c: _Checker, p: str, s: Any, vips: dict[str, int], addresses: dict[
         )
         server_paths.append(q)
     mask = _spi_labels(c, p, s.get("spi_label"), servers, server_paths)
+    if ":" in vip:  # IPv6: DR and NAT66 (docs/ipv6.md says what is not built yet)
+        if method == Method.TUN:
+            c.err(f"{p}.method", "tun is not built for IPv6 services yet: dr or nat")
+        for j, r in enumerate(servers):
+            if r.method == Method.TUN:
+                c.err(f"{server_paths[j]}.method", "tun is not built for IPv6 services yet: dr or nat")
+        if return_path == "director" and method != Method.NAT:
+            c.err(f"{p}.return_path", '"director" is not built for IPv6 DR services yet: "direct"')
     nat = ah_across_nat(ah, method, (r.method for r in servers))
     if nat is not None:
         c.err(f"{p}.ah" if nat < 0 else f"{server_paths[nat]}.method", AH_ACROSS_NAT)

@@ -54,9 +54,12 @@ F_SOFT = 0x02  # kept past its idle timeout (soft expiry)
 F_SPI_R_FROM_SERVER = 0x04  # spi_r was recorded from the real server's reply (NAT mode)
 F_SUPERSEDED = 0x08  # a newer conversation of its client endpoint was established on its server
 
-_COOKIE_KEY = struct.Struct(">HIQ")  # service, client, initiator cookie: 14 bytes
-_CLIENT_KEY = struct.Struct(">HI")  # service, client: 6 bytes
-_NATT_KEY = struct.Struct(">HIH")  # service, client, client port: 8 bytes
+# A client address is an int of either family (IPv4 below 2**32, IPv6 never: director.packet), in
+# the keys as two 64-bit halves, so one table holds both families and no IPv4 key equals an IPv6 one.
+_COOKIE_KEY = struct.Struct(">HQQQ")  # service, client (high, low half), initiator cookie: 26 bytes
+_CLIENT_KEY = struct.Struct(">HQQ")  # service, client: 18 bytes
+_NATT_KEY = struct.Struct(">HQQH")  # service, client, client port: 20 bytes
+_M64 = (1 << 64) - 1
 
 _SAMPLES = 8  # random slots drop-entry looks at before taking the oldest INIT entry
 _UNANSWERED_WALK = 64  # INIT list entries drop-entry looks at for an unanswered one (see _reclaim)
@@ -225,7 +228,8 @@ class Table:
         self.rs = col("H", NO_RS)
         self.cport = col("H")
         self.ike_len = col("H")
-        self.client = col("I")
+        self.client_hi = col("Q")  # the client address's high 64 bits (0 for IPv4)
+        self.client_lo = col("Q")
         self.spi_i = col("Q")
         self.spi_r = col("Q")
         self.expires = col("d")
@@ -308,15 +312,15 @@ class Table:
     # -- lookups (hot path) ------------------------------------------------------------------
     def lookup(self, svc: int, client: int, spi_i: int) -> int:
         """The entry of one ISAKMP conversation, or NO_SLOT."""
-        return self._by_cookie.get(_COOKIE_KEY.pack(svc, client, spi_i))
+        return self._by_cookie.get(_COOKIE_KEY.pack(svc, client >> 64, client & _M64, spi_i))
 
     def client_head(self, svc: int, client: int) -> int:
         """The newest entry of ``client`` in ``svc`` (any state), or NO_SLOT."""
-        return self._by_client.get(_CLIENT_KEY.pack(svc, client))
+        return self._by_client.get(_CLIENT_KEY.pack(svc, client >> 64, client & _M64))
 
     def natt_head(self, svc: int, client: int, port: int) -> int:
         """The newest entry of ``client``:``port`` in ``svc`` (any state), or NO_SLOT."""
-        return self._by_natt.get(_NATT_KEY.pack(svc, client, port))
+        return self._by_natt.get(_NATT_KEY.pack(svc, client >> 64, client & _M64, port))
 
     def established_of_client(self, svc: int, client: int) -> tuple[int, bool]:
         """(an ESTABLISHED entry of the client or NO_SLOT, and when none: whether INIT ones exist).
@@ -324,11 +328,11 @@ class Table:
         One probe: the group's bucket keeps its ESTABLISHED entry, so a client with many INIT
         entries (a spoofed initial-packet flood under its address) costs its ESP nothing more.
         """
-        return self._established(self._by_client, _CLIENT_KEY.pack(svc, client))
+        return self._established(self._by_client, _CLIENT_KEY.pack(svc, client >> 64, client & _M64))
 
     def established_of_natt(self, svc: int, client: int, port: int) -> tuple[int, bool]:
         """Same as established_of_client for the client's IP and UDP port (ESP-in-UDP)."""
-        return self._established(self._by_natt, _NATT_KEY.pack(svc, client, port))
+        return self._established(self._by_natt, _NATT_KEY.pack(svc, client >> 64, client & _M64, port))
 
     @staticmethod
     def _established(index: _Index, key: bytes) -> tuple[int, bool]:
@@ -352,7 +356,7 @@ class Table:
         natt: bool = False,
     ) -> int:
         """A new INIT entry; reclaims an INIT or soft entry when full; raises TableFull."""
-        key = _COOKIE_KEY.pack(svc, client, spi_i)
+        key = _COOKIE_KEY.pack(svc, client >> 64, client & _M64, spi_i)
         if self._by_cookie.find(key) >= 0:
             raise ValueError("entry exists")  # callers look up first; this is a programming error
         if len(self._free) <= self.capacity - self.pressure_limit:
@@ -367,13 +371,14 @@ class Table:
         self.rs[s] = rs
         self.cport[s] = cport
         self.ike_len[s] = ike_len
-        self.client[s] = client
+        self.client_hi[s] = client >> 64
+        self.client_lo[s] = client & _M64
         self.spi_i[s] = spi_i
         self.spi_r[s] = 0
         self.created[s] = now
         self._by_cookie.insert(key, s)
-        self._group_add(self._by_client, _CLIENT_KEY.pack(svc, client), self.g_next, self.g_prev, s)
-        self._group_add(self._by_natt, _NATT_KEY.pack(svc, client, cport), self.p_next, self.p_prev, s)
+        self._group_add(self._by_client, _CLIENT_KEY.pack(svc, client >> 64, client & _M64), self.g_next, self.g_prev, s)
+        self._group_add(self._by_natt, _NATT_KEY.pack(svc, client >> 64, client & _M64, cport), self.p_next, self.p_prev, s)
         self._list_append(_LIST_INIT, s)
         self.n_init += 1
         self.stats["created"] += 1
@@ -435,9 +440,9 @@ class Table:
         self._list_remove(_LIST_INIT, s)
         self.state[s] = new
         self.spi_r[s] = spi_r
-        svc, client = self.svc[s], self.client[s]
-        self._by_client.aux[self._by_client.find(_CLIENT_KEY.pack(svc, client))] = s
-        self._by_natt.aux[self._by_natt.find(_NATT_KEY.pack(svc, client, self.cport[s]))] = s
+        svc, hi, lo = self.svc[s], self.client_hi[s], self.client_lo[s]
+        self._by_client.aux[self._by_client.find(_CLIENT_KEY.pack(svc, hi, lo))] = s
+        self._by_natt.aux[self._by_natt.find(_NATT_KEY.pack(svc, hi, lo, self.cport[s]))] = s
         self.retrans[s] = 0
         self.n_init -= 1
         self.n_established += 1
@@ -461,7 +466,7 @@ class Table:
         endpoint's group, once per establish or port change (bounded by the per-source limit on
         new entries)."""
         rs, grace = self.rs[s], now + self.timeouts(self.svc[s]).init
-        b = self._by_natt.find(_NATT_KEY.pack(self.svc[s], self.client[s], self.cport[s]))
+        b = self._by_natt.find(_NATT_KEY.pack(self.svc[s], self.client_hi[s], self.client_lo[s], self.cport[s]))
         e = self._by_natt.slots[b] if b >= 0 else NO_SLOT
         while e >= 0:
             if (e != s and self.state[e] == State.ESTABLISHED and self.rs[e] == rs
@@ -494,10 +499,10 @@ class Table:
         old = self.cport[s]
         if old == port:
             return
-        svc, client = self.svc[s], self.client[s]
-        self._group_del(self._by_natt, _NATT_KEY.pack(svc, client, old), self.p_next, self.p_prev, s)
+        svc, hi, lo = self.svc[s], self.client_hi[s], self.client_lo[s]
+        self._group_del(self._by_natt, _NATT_KEY.pack(svc, hi, lo, old), self.p_next, self.p_prev, s)
         self.cport[s] = port
-        self._group_add(self._by_natt, _NATT_KEY.pack(svc, client, port), self.p_next, self.p_prev, s)
+        self._group_add(self._by_natt, _NATT_KEY.pack(svc, hi, lo, port), self.p_next, self.p_prev, s)
         for listener in self._listeners:
             listener.changed(s, old)
         if now is not None and self.state[s] == State.ESTABLISHED and not self.flags[s] & F_SUPERSEDED:
@@ -591,7 +596,7 @@ class Table:
         return EntryView(
             s,
             self.svc[s],
-            self.client[s],
+            self.client_of(s),
             self.cport[s],
             self.spi_i[s],
             self.spi_r[s],
@@ -606,7 +611,10 @@ class Table:
 
     def conversation(self, s: int) -> tuple[int, int, int]:
         """(service, client, initiator SPI): the key that names the entry's conversation."""
-        return self.svc[s], self.client[s], self.spi_i[s]
+        return self.svc[s], self.client_of(s), self.spi_i[s]
+
+    def client_of(self, s: int) -> int:
+        return self.client_hi[s] << 64 | self.client_lo[s]
 
     def svc_of(self, s: int) -> int:
         return self.svc[s]
@@ -684,11 +692,11 @@ class Table:
         new = transition(st, event)
         for listener in self._listeners:
             listener.removed(s, event, st)
-        svc, client = self.svc[s], self.client[s]
-        self._by_cookie.delete_at(self._by_cookie.find(_COOKIE_KEY.pack(svc, client, self.spi_i[s])))
-        self._group_del(self._by_client, _CLIENT_KEY.pack(svc, client), self.g_next, self.g_prev, s)
+        svc, hi, lo = self.svc[s], self.client_hi[s], self.client_lo[s]
+        self._by_cookie.delete_at(self._by_cookie.find(_COOKIE_KEY.pack(svc, hi, lo, self.spi_i[s])))
+        self._group_del(self._by_client, _CLIENT_KEY.pack(svc, hi, lo), self.g_next, self.g_prev, s)
         self._group_del(
-            self._by_natt, _NATT_KEY.pack(svc, client, self.cport[s]), self.p_next, self.p_prev, s
+            self._by_natt, _NATT_KEY.pack(svc, hi, lo, self.cport[s]), self.p_next, self.p_prev, s
         )
         if st == State.INIT:
             self._list_remove(_LIST_INIT, s)

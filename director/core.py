@@ -59,7 +59,7 @@ class Action(IntEnum):
     PASS = 0  # not ours: let the kernel have it unchanged
     FORWARD = 1  # to real server ``rs`` by ``method`` (or, for a reply, source rewritten to ``addr``)
     DROP = 2
-    ICMP_UNREACH = 3  # drop and answer ICMP type 3 code 2 to the sender
+    ICMP_UNREACH = 3  # drop and answer ICMP type 3 code 2 to the sender (IPv6: ICMPv6 parameter problem, code 1)
     RELAY_ICMP = 4  # an ICMP error about a conversation: to real server ``rs`` by ``method`` (NAT also
     # rewrites the quoted source: director.forwarding.rewrite.icmp_error_dnat)
 
@@ -333,6 +333,7 @@ class Director:
             rs.update_overload()
         for rs in add:
             self._check_new_server(rs)
+            svc.check_family(rs)
             svc.servers[rs.id] = rs
             self._index_server(svc, rs)
         svc.check_ah()
@@ -364,6 +365,7 @@ class Director:
     def add_server(self, svc_id: int, rs: RealServer) -> None:
         svc = self._service(svc_id)
         self._check_new_server(rs)
+        svc.check_family(rs)
         svc.check_ah(extra=rs)
         svc.servers[rs.id] = rs
         self._index_server(svc, rs)
@@ -494,7 +496,7 @@ class Director:
             return Verdict(Action.DROP, Kind.NOT_OURS, e.reason)
         kind = c.kind
         svc = self._by_vip.get(c.dst)
-        if kind == _K_NOT_OURS and c.proto == 1 and svc is not None:
+        if kind == _K_NOT_OURS and (c.proto == 1 or c.proto == 58) and svc is not None:
             return self._icmp_error(svc, data)
         if svc is None or kind == _K_NOT_OURS or kind == _K_FRAGMENT:
             self.stats["passed"] += 1

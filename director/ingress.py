@@ -72,10 +72,15 @@ class SourceLimiter:
         self.denied = 0
 
     def slot(self, source: int) -> int:
+        if source >> 32:  # IPv6: by the /64 prefix (one subscriber), as the eBPF side will
+            source = source >> 64
         return (((source ^ self.key) * _MUL) & 0xFFFFFFFFFFFFFFFF) >> self.shift
 
     def take(self, source: int, now_ns: int) -> bool:
-        """True when a packet from ``source`` at ``now_ns`` may pass (it spends one packet)."""
+        """True when a packet from ``source`` at ``now_ns`` may pass (it spends one packet). An
+        IPv6 source is limited by its /64 prefix: one subscriber holds all 2**64 of its addresses."""
+        if source >> 32:
+            source = source >> 64
         i = (((source ^ self.key) * _MUL) & 0xFFFFFFFFFFFFFFFF) >> self.shift
         if not self._seen[i]:
             self._seen[i] = 1

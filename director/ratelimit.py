@@ -35,6 +35,8 @@ class SourceBuckets:
     A spoofed flood from a million addresses cannot grow this (two arrays of ``slots`` doubles);
     sources that collide share a bucket, which only ever makes the limit stricter for them.
     The hash is keyed per process (CPython's SipHash on bytes), so collisions cannot be aimed.
+    An IPv6 source is one /64 prefix (a subscriber's, RFC 6177), so rotating through its own
+    addresses gives an attacker nothing.
     """
 
     __slots__ = ("rate", "burst", "mask", "_tokens", "_last", "denied")
@@ -54,7 +56,8 @@ class SourceBuckets:
         self.denied = 0
 
     def take(self, source: int, now: float) -> bool:
-        i = hash(source.to_bytes(4, "big")) & self.mask
+        # an IPv6 source counts by its /64: one subscriber's prefix, not 2**64 separate sources
+        i = hash(source.to_bytes(4, "big") if source >> 32 == 0 else (source >> 64).to_bytes(8, "big")) & self.mask
         tokens = min(self.burst, self._tokens[i] + (now - self._last[i]) * self.rate)
         self._last[i] = now
         if tokens >= 1.0:

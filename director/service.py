@@ -59,8 +59,10 @@ class Service:
     def __post_init__(self) -> None:
         if not 0 <= self.id <= 0xFFFE:
             raise ConfigError(f"service.id: must be 0..65534, got {self.id}")
-        if not 0 < self.vip <= 0xFFFFFFFF:
-            raise ConfigError(f"service.vip: not an IPv4 address: {self.vip}")
+        if not 0 < self.vip < 1 << 128:
+            raise ConfigError(f"service.vip: not an IPv4 or IPv6 address: {self.vip}")
+        for rs in self.servers.values():
+            self.check_family(rs)
         if self.return_path not in RETURN_PATHS:
             raise ConfigError(f"service.return_path: must be one of {', '.join(RETURN_PATHS)}, got '{self.return_path}'")
         if self.affinity not in AFFINITY:
@@ -73,6 +75,12 @@ class Service:
             raise ConfigError(f"service.scheduler: {e}") from None
         self.check_ah()
         self.scheduler.update(list(self.servers.values()))
+
+    def check_family(self, rs: RealServer) -> None:
+        """A service is one address family: its real servers are of its VIP's (DR, NAT66 and the
+        IPv6 envelope all need an IPv6 real server; IPv6-in-IPv4 is not built, see docs/ipv6.md)."""
+        if (rs.addr >> 32 == 0) != (self.vip >> 32 == 0):
+            raise ConfigError(f"server.address: real server {rs.id} is not of the VIP's address family")
 
     def check_ah(self, extra: RealServer | None = None) -> None:
         """The AH/NAT rule (forwarding.method) over the servers, and ``extra`` about to join."""

@@ -38,7 +38,7 @@ from director.drop_reasons import DropReason
 from director.dataplane import bpf_structs as bs
 from director.dataplane import libbpf, nexthop
 from director.dataplane.bpf_spi_label import spi_label_cfg
-from director.packet import int_to_ip
+from director.packet import int_to_ip, is_ipv6
 from director.service import Method
 
 log = logging.getLogger(__name__)
@@ -335,6 +335,8 @@ class FastPath:
         d = self.d
         vips, nat, labels, ingress = {}, {}, {}, {}
         for svc in d.services.values():
+            if is_ipv6(svc.vip):  # the programs parse IPv4: an IPv6 service's packets pass to the queue
+                continue
             vips[bs.addr(svc.vip)] = bs.vip_val(svc.id, bs.VIP_F_AH if svc.ah else 0)
             if svc.ingress:  # per-source ingress limits (ebpf/include/ingress.h)
                 ingress[bs.addr(svc.vip)] = bs.ingress_cfg(*svc.ingress)
@@ -381,7 +383,7 @@ class FastPath:
         client interface resolves none (the programs' lookup then says so, and passes)."""
         if self._ipr is None:
             return False
-        addrs = {rs.addr for svc in self.d.services.values() for rs in svc.servers.values()}
+        addrs = {rs.addr for svc in self.d.services.values() if not is_ipv6(svc.vip) for rs in svc.servers.values()}
         fwd = nexthop.forwarding_enabled(_ifname(self._ipr, self.client_ifindex))
         new = {a: nexthop.resolve(self._ipr, a) if fwd else nexthop.Resolution(None, None, "forwarding disabled")
                for a in addrs}  # fmt: skip
@@ -472,6 +474,8 @@ class FastPath:
         fd = self.fd["servers"]
         now = {}
         for svc in self.d.services.values():
+            if is_ipv6(svc.vip):
+                continue
             for rs in svc.servers.values():
                 now[rs.id] = (rs.addr, int(svc.method_of(rs)))
         for rs_id in list(self.slots):
@@ -525,6 +529,8 @@ class FastPath:
             return
         m = self.clients_map
         for vip, client, port, rs in self.projection.drain():
+            if is_ipv6(vip):  # not in the programs' maps (sync_services)
+                continue
             key = bs.client_key(vip, client, port)
             if rs is not None:
                 old = m.lookup(key)
@@ -536,6 +542,8 @@ class FastPath:
 
     def last_seen(self, vip: int, client: int, port: int) -> float | None:
         """When the fast path last forwarded for this key (seconds, monotonic), if ever."""
+        if is_ipv6(vip):
+            return None
         v = self.clients_map.lookup(bs.client_key(vip, client, port))
         if v is None:
             return None

@@ -27,9 +27,10 @@ section 4.3.2 (ICMP errors), RFC 6864 (the IPv4 ID field).
 import struct
 
 from director.drop_reasons import DropReason
+from director.forwarding.rewrite6 import icmp6_error_dnat, icmp6_param_problem, nat6
 from director.packet import PacketError, ipv4_header
 
-__all__ = ["icmp_error_dnat", "icmp_unreachable", "ipip_decap", "ipip_encap", "nat_dnat", "nat_snat"]
+__all__ = ["icmp_error_dnat", "icmp_no_state", "icmp_unreachable", "ipip_decap", "ipip_encap", "nat_dnat", "nat_snat"]
 
 _PROTO_ICMP = 1
 _PROTO_IPIP = 4  # RFC 2003
@@ -70,6 +71,8 @@ _ICMP_QUOTE = 8  # RFC 792: the original IP header plus the first 64 bits of its
 
 def _nat(pkt: bytes | bytearray | memoryview, new_addr: int, new_port: int | None, dst: bool) -> bytes:
     """Rewrite the destination (``dst``) or source address and UDP port; see nat_dnat/nat_snat."""
+    if pkt[0] >> 4 == 6:
+        return nat6(pkt, new_addr, new_port, dst)
     buf = bytearray(pkt)  # the one working copy
     n = len(buf)
     ihl, total, frag, proto, src_addr, dst_addr = ipv4_header(buf)
@@ -154,6 +157,8 @@ def icmp_error_dnat(pkt: bytes | bytearray | memoryview, new_addr: int) -> bytes
     :func:`director.packet.parse_icmp_error`; ICMP_QUOTE_MALFORMED also when the quoted source is
     not the outer destination (the core matched on exactly that).
     """
+    if pkt[0] >> 4 == 6:
+        return icmp6_error_dnat(pkt, new_addr)
     buf = bytearray(pkt)
     n = len(buf)
     ihl, total, frag, proto, src_addr, vip = ipv4_header(buf)
@@ -327,3 +332,11 @@ def icmp_unreachable(orig: bytes | bytearray | memoryview, src: int, code: int =
         src, osrc, 3, code, icmp_csum, 0,
     )  # fmt: skip
     return header + quote
+
+
+def icmp_no_state(orig: bytes | bytearray | memoryview, src: int) -> bytes:
+    """The answer to ESP or AH with no state: ICMP protocol-unreachable (IPv4) or ICMPv6 parameter
+    problem, unrecognized next header (IPv6: rewrite6.icmp6_param_problem)."""
+    if orig[0] >> 4 == 6:
+        return icmp6_param_problem(orig, src)
+    return icmp_unreachable(orig, src)

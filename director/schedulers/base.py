@@ -21,7 +21,7 @@ class RealServer:
     """
 
     id: int
-    addr: int  # IPv4 address as an int
+    addr: int  # address as an int (IPv4 below 2**32, IPv6 above: director.packet)
     weight: int = 1
     active: int = 0
     inactive: int = 0

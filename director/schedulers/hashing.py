@@ -27,7 +27,10 @@ SEED_LAYOUT = 0x27D4EB2F165667C5
 
 
 def mix64(x: int, seed: int) -> int:
-    """A well-mixed 64-bit hash of an integer key (IPv4 address or bucket number)."""
+    """A well-mixed 64-bit hash of an integer key (an address of either family, or a bucket number).
+    An IPv6 address's high half is mixed first and folded into its low half."""
+    if x >> 64:
+        x = mix64(x >> 64, seed) ^ (x & _M64)
     x = (x ^ seed) & _M64
     x ^= x >> 33
     x = (x * 0xFF51AFD7ED558CCD) & _M64
@@ -37,8 +40,8 @@ def mix64(x: int, seed: int) -> int:
 
 
 def name_hash(addr: int, person: bytes) -> int:
-    """A 64-bit hash of a server's IPv4 address; ``person`` (<= 16 bytes) separates uses."""
-    digest = hashlib.blake2b(addr.to_bytes(4, "big"), digest_size=8, person=person).digest()
+    """A 64-bit hash of a server's address (4 bytes IPv4, 16 IPv6); ``person`` (<= 16 bytes) separates uses."""
+    digest = hashlib.blake2b(addr.to_bytes(4 if addr >> 32 == 0 else 16, "big"), digest_size=8, person=person).digest()
     return int.from_bytes(digest, "big")
 
 

@@ -421,3 +421,21 @@ def test_an_ikev1_phase1_behind_nat_supersedes_when_it_floats_to_the_old_ones_po
     t.set_port(new, 40001)
     t.set_port(new, 40500, now=51.0)
     assert t.stats["superseded"] == 1 and t.expires[old] == 61.0
+
+
+def test_both_families_in_one_table_never_meet():
+    """An IPv6 client whose low 32 bits are an IPv4 client's address, and one whose high half is
+    that address: three clients, three conversations, three groups."""
+    t = Table(64)
+    v6_low = 0x20010DB8 << 96 | C1
+    v6_high = C1 << 64 | 0x20010DB8
+    slots = [t.create(SVC, c, 500, 0x77, 1, 0.0) for c in (C1, v6_low, v6_high)]
+    assert len(set(slots)) == 3
+    for c, s in zip((C1, v6_low, v6_high), slots):
+        assert t.lookup(SVC, c, 0x77) == s and t.client_head(SVC, c) == s and t.natt_head(SVC, c, 500) == s
+        assert t.view(s).client == c and t.conversation(s) == (SVC, c, 0x77)
+        t.establish(s, 0x99, 1.0)
+        assert t.established_of_client(SVC, c) == (s, False)
+    t.remove(slots[1])
+    assert t.lookup(SVC, v6_low, 0x77) == NO_SLOT
+    assert t.lookup(SVC, C1, 0x77) == slots[0] and t.lookup(SVC, v6_high, 0x77) == slots[2]
