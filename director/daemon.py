@@ -114,6 +114,10 @@ class Daemon:
             self._withdraw_leftovers(d.bgp)
         self.kernel = KernelRules(d, self._ipr, self._lan_index)
         vd.raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+        try:  # IPv6 answers (ICMPv6 parameter problem); IPPROTO_RAW implies IPV6_HDRINCL
+            vd.raw6 = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_RAW)
+        except OSError as e:  # IPv6 off in this namespace: IPv6 services cannot be answered
+            log.warning("daemon.no_ipv6_raw_socket err=%s", e)
         # the return path through the director (DR/TUN replies from a VIP): who sent them, by MAC
         client_index = self._ipr.link_lookup(ifname=d.client_interface)[0]
         vd.client_mtu = self._ipr.get_links(client_index)[0].get_attr("IFLA_MTU")
@@ -224,6 +228,8 @@ class Daemon:
                 self.prober.close()
             if self.verdicts.raw is not None:
                 self.verdicts.raw.close()
+            if self.verdicts.raw6 is not None:
+                self.verdicts.raw6.close()
         log.info("daemon.stopped")
 
     def apply_config(self, new: config_mod.Config) -> reconcile.Plan:

@@ -37,6 +37,10 @@ path-MTU discovery's signal); the core relays each one to the conversation's rea
 the rest. They are notracked too: conntrack would find no connection for their quote (the
 conversation is untracked) and call them INVALID, and the UNTRACKED match would not queue them.
 
+IPv6 VIPs and NAT real servers get the same chains and rules in ip6tables (the legacy backend, as
+for IPv4), with ICMPv6 errors (1-4) in place of ICMP's; the conntrack match turns on IPv6
+defragmentation there the same way.
+
 Only our chains and our jump rules are touched; ``install`` is idempotent, ``remove`` tolerant.
 """
 
@@ -47,7 +51,7 @@ from dataclasses import dataclass
 
 import iptc
 
-from director.packet import ICMP_ERROR_TYPES
+from director.packet import ICMP6_ERROR_TYPES, ICMP_ERROR_TYPES
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +72,25 @@ class RuleSet:
     return_vips: tuple[str, ...] = ()  # VIPs whose DR/TUN replies come back through the director
 
 
+class _Family:
+    """What differs between the iptables and ip6tables halves of the rule set."""
+
+    def __init__(self, v6: bool) -> None:
+        self.v6 = v6
+        self.table = iptc.Table6 if v6 else iptc.Table
+        self.rule = iptc.Rule6 if v6 else iptc.Rule
+        self.icmp = "icmpv6" if v6 else "icmp"  # the protocol, and (icmp6 / icmp) the match
+        self.icmp_types = sorted(ICMP6_ERROR_TYPES if v6 else ICMP_ERROR_TYPES)
+
+    def of(self, addrs) -> tuple[str, ...]:
+        return tuple(a for a in addrs if (":" in a) == self.v6)
+
+
+_FAMILIES = (_Family(False), _Family(True))
+
+
 def _rule(
+    fam: _Family,
     *,
     proto: str,
     target: str,
@@ -83,7 +105,7 @@ def _rule(
     queue: int | None = None,
     bypass: bool = False,
 ) -> iptc.Rule:
-    r = iptc.Rule()
+    r = fam.rule()
     if proto:
         r.protocol = proto
     if src:
@@ -101,7 +123,10 @@ def _rule(
         if sport is not None:
             m.sport = str(sport)
     if icmp_type is not None:
-        r.create_match("icmp").icmp_type = str(icmp_type)
+        if fam.v6:
+            r.create_match("icmp6").icmpv6_type = str(icmp_type)
+        else:
+            r.create_match("icmp").icmp_type = str(icmp_type)
     if untracked:
         r.create_match("conntrack").ctstate = "UNTRACKED"
     t = r.create_target(target)
@@ -114,22 +139,13 @@ def _rule(
     return r
 
 
-def _kinds_to(addr: str) -> list[dict]:
-    return [
-        dict(proto="udp", dst=addr, dport=500),
-        dict(proto="udp", dst=addr, dport=4500),
-        dict(proto="esp", dst=addr),
-        dict(proto="ah", dst=addr),
-        *(dict(proto="icmp", dst=addr, icmp_type=t) for t in sorted(ICMP_ERROR_TYPES)),
-    ]
+def _kinds(fam: _Family) -> list[dict]:
+    """What is queued to a VIP: IKE, NAT-T, ESP, AH, and the ICMP errors the core relays."""
+    return [dict(proto="udp", dport=500), dict(proto="udp", dport=4500), dict(proto="esp"), dict(proto="ah"),
+            *(dict(proto=fam.icmp, icmp_type=t) for t in fam.icmp_types)]  # fmt: skip
 
 
-def _kinds_from(addr: str) -> list[dict]:
-    return [
-        dict(proto="udp", src=addr, sport=500),
-        dict(proto="udp", src=addr, sport=4500),
-        dict(proto="esp", src=addr),
-    ]
+_FROM = (dict(proto="udp", sport=500), dict(proto="udp", sport=4500), dict(proto="esp"))  # a NAT server's replies
 
 
 def _fresh_chain(table: iptc.Table, name: str) -> iptc.Chain:
@@ -151,21 +167,32 @@ def _drop_jumps(table: iptc.Table, chain_names: set[str]) -> None:
 
 
 def install(rs: RuleSet) -> None:
-    """Install (or replace) every rule of the rule set, each table in one commit."""
-    raw = iptc.Table(iptc.Table.RAW)
+    """Install (or replace) every rule of the rule set, each table of each family in one commit:
+    the IPv4 addresses in iptables, the IPv6 ones in ip6tables (the same chains and rules)."""
+    for fam in _FAMILIES:
+        _install(fam, rs)
+    log.info(
+        "iptables.installed vips=%s nat_servers=%d return_vips=%d queue=%d fail_open=%s",
+        ",".join(rs.vips), len(rs.nat_servers), len(rs.return_vips), rs.queue, rs.fail_open,
+    )
+
+
+def _install(fam: _Family, rs: RuleSet) -> None:
+    vips, nat_servers, return_vips = fam.of(rs.vips), fam.of(rs.nat_servers), fam.of(rs.return_vips)
+    raw = fam.table(fam.table.RAW)
     raw.autocommit = False
     try:
         _drop_jumps(raw, {CHAIN_RAW})
         chain = _fresh_chain(raw, CHAIN_RAW)
-        for vip in rs.vips:
-            for k in _kinds_to(vip):
-                chain.append_rule(_rule(target="CT", **k))
-        for rip in rs.nat_servers:
-            for k in _kinds_from(rip):
-                chain.append_rule(_rule(target="CT", **k))
-        for vip in rs.return_vips:
-            chain.append_rule(_rule(proto="", src=vip, in_if=rs.server_interface, target="CT"))
-        jump = iptc.Rule()
+        for vip in vips:
+            for k in _kinds(fam):
+                chain.append_rule(_rule(fam, target="CT", dst=vip, **k))
+        for rip in nat_servers:
+            for k in _FROM:
+                chain.append_rule(_rule(fam, target="CT", src=rip, **k))
+        for vip in return_vips:
+            chain.append_rule(_rule(fam, proto="", src=vip, in_if=rs.server_interface, target="CT"))
+        jump = fam.rule()
         jump.create_target(CHAIN_RAW)
         iptc.Chain(raw, "PREROUTING").insert_rule(jump)
         raw.commit()
@@ -173,57 +200,49 @@ def install(rs: RuleSet) -> None:
         raw.autocommit = True
         raw.refresh()
 
-    mangle = iptc.Table(iptc.Table.MANGLE)
+    mangle = fam.table(fam.table.MANGLE)
     mangle.autocommit = False
     try:
         _drop_jumps(mangle, {CHAIN_CLIENT, CHAIN_REPLY, CHAIN_RETURN})
         client = _fresh_chain(mangle, CHAIN_CLIENT)
         reply = _fresh_chain(mangle, CHAIN_REPLY)
         ret = _fresh_chain(mangle, CHAIN_RETURN)
-        ret.append_rule(_rule(proto="", target="NFQUEUE", untracked=True, queue=rs.queue + 1, bypass=rs.fail_open))
-        client_kinds = [dict(proto="udp", dport=500), dict(proto="udp", dport=4500), dict(proto="esp"),
-                        dict(proto="ah"), *(dict(proto="icmp", icmp_type=t) for t in sorted(ICMP_ERROR_TYPES))]
-        for kind in client_kinds:
-            client.append_rule(
-                _rule(target="NFQUEUE", untracked=True, queue=rs.queue, bypass=rs.fail_open, **kind)
-            )
-        for kind in (dict(proto="udp", sport=500), dict(proto="udp", sport=4500), dict(proto="esp")):
-            reply.append_rule(
-                _rule(target="NFQUEUE", untracked=True, queue=rs.queue + 1, bypass=rs.fail_open, **kind)
-            )
+        ret.append_rule(_rule(fam, proto="", target="NFQUEUE", untracked=True, queue=rs.queue + 1, bypass=rs.fail_open))
+        for kind in _kinds(fam):
+            client.append_rule(_rule(fam, target="NFQUEUE", untracked=True, queue=rs.queue, bypass=rs.fail_open, **kind))
+        for kind in _FROM:
+            reply.append_rule(_rule(fam, target="NFQUEUE", untracked=True, queue=rs.queue + 1, bypass=rs.fail_open, **kind))
         pre = iptc.Chain(mangle, "PREROUTING")
-        for vip in rs.vips:
-            pre.insert_rule(_rule(proto="", dst=vip, in_if=rs.client_interface, target=CHAIN_CLIENT))
-        for vip in rs.return_vips:
-            pre.insert_rule(_rule(proto="", src=vip, in_if=rs.server_interface, target=CHAIN_RETURN))
+        for vip in vips:
+            pre.insert_rule(_rule(fam, proto="", dst=vip, in_if=rs.client_interface, target=CHAIN_CLIENT))
+        for vip in return_vips:
+            pre.insert_rule(_rule(fam, proto="", src=vip, in_if=rs.server_interface, target=CHAIN_RETURN))
         post = iptc.Chain(mangle, "POSTROUTING")
-        for rip in rs.nat_servers:
-            post.insert_rule(_rule(proto="", src=rip, out_if=rs.client_interface, target=CHAIN_REPLY))
+        for rip in nat_servers:
+            post.insert_rule(_rule(fam, proto="", src=rip, out_if=rs.client_interface, target=CHAIN_REPLY))
         mangle.commit()
     finally:
         mangle.autocommit = True
         mangle.refresh()
-    log.info(
-        "iptables.installed vips=%s nat_servers=%d return_vips=%d queue=%d fail_open=%s",
-        ",".join(rs.vips), len(rs.nat_servers), len(rs.return_vips), rs.queue, rs.fail_open,
-    )
 
 
 def remove() -> None:
-    """Remove our jump rules and chains; leaves every other rule alone. Safe to call twice."""
-    for table_name, chains in ((iptc.Table.RAW, {CHAIN_RAW}), (iptc.Table.MANGLE, {CHAIN_CLIENT, CHAIN_REPLY, CHAIN_RETURN})):
-        table = iptc.Table(table_name)
-        table.autocommit = False
-        try:
-            _drop_jumps(table, chains)
-            for name in chains:
-                if table.is_chain(name):
-                    iptc.Chain(table, name).flush()
-                    table.delete_chain(name)
-            table.commit()
-        finally:
-            table.autocommit = True
-            table.refresh()
+    """Remove our jump rules and chains from both families; leaves every other rule alone. Safe
+    to call twice."""
+    for fam in _FAMILIES:
+        for table_name, chains in ((fam.table.RAW, {CHAIN_RAW}), (fam.table.MANGLE, {CHAIN_CLIENT, CHAIN_REPLY, CHAIN_RETURN})):
+            table = fam.table(table_name)
+            table.autocommit = False
+            try:
+                _drop_jumps(table, chains)
+                for name in chains:
+                    if table.is_chain(name):
+                        iptc.Chain(table, name).flush()
+                        table.delete_chain(name)
+                table.commit()
+            finally:
+                table.autocommit = True
+                table.refresh()
     log.info("iptables.removed")
 
 

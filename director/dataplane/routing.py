@@ -5,7 +5,9 @@ to table ``T = TABLE_BASE + rs_id`` whose only route is ``default via RIP dev SE
 packet leaves unchanged (destination still the VIP) toward the real server's MAC. The VIP is local
 on the director, and the kernel's ``local`` rule (preference 0) would deliver it to the director
 itself: the ``local`` lookup moves to preference 500, behind our rules at 100. Unmarked packets
-still find ``local`` before ``main``, so the director's own traffic is unaffected.
+still find ``local`` before ``main``, so the director's own traffic is unaffected. An IPv6 real
+server gets the same mark, an IPv6 rule and a ``default via RIP`` route in the same table number
+(IPv4 and IPv6 routing tables are separate), and IPv6's ``local`` rule moves the same way.
 """
 
 from __future__ import annotations
@@ -29,55 +31,66 @@ def mark_of(rs_id: int) -> int:
     return MARK_BASE | rs_id
 
 
-def _rules(ipr: IPRoute) -> list[tuple[int, int, int]]:
-    """(priority, table, fwmark) of every IPv4 rule."""
+_FAMILIES = (socket.AF_INET, socket.AF_INET6)
+_DEFAULT = {socket.AF_INET: "0.0.0.0/0", socket.AF_INET6: "::/0"}
+
+
+def _rules(ipr: IPRoute, family: int = socket.AF_INET) -> list[tuple[int, int, int]]:
+    """(priority, table, fwmark) of every rule of ``family``."""
     out = []
-    for r in ipr.get_rules(family=socket.AF_INET):
+    for r in ipr.get_rules(family=family):
         table = r.get_attr("FRA_TABLE") or r["table"]
         out.append((r.get_attr("FRA_PRIORITY") or 0, table, r.get_attr("FRA_FWMARK") or 0))
     return out
 
 
 def move_local_rule(ipr: IPRoute) -> None:
-    rules = _rules(ipr)
-    if (LOCAL_PREF, RT_TABLE_LOCAL, 0) not in rules:
-        ipr.rule("add", table=RT_TABLE_LOCAL, priority=LOCAL_PREF, family=socket.AF_INET)
-    if (0, RT_TABLE_LOCAL, 0) in rules:
-        ipr.rule("del", table=RT_TABLE_LOCAL, priority=0, family=socket.AF_INET)
+    """The ``local`` lookup from preference 0 to 500, in both families (IPv6 has its own rule list)."""
+    for family in _FAMILIES:
+        rules = _rules(ipr, family)
+        if (LOCAL_PREF, RT_TABLE_LOCAL, 0) not in rules:
+            ipr.rule("add", table=RT_TABLE_LOCAL, priority=LOCAL_PREF, family=family)
+        if (0, RT_TABLE_LOCAL, 0) in rules:
+            ipr.rule("del", table=RT_TABLE_LOCAL, priority=0, family=family)
 
 
 def restore_local_rule(ipr: IPRoute) -> None:
-    rules = _rules(ipr)
-    if (0, RT_TABLE_LOCAL, 0) not in rules:
-        ipr.rule("add", table=RT_TABLE_LOCAL, priority=0, family=socket.AF_INET)
-    if (LOCAL_PREF, RT_TABLE_LOCAL, 0) in rules:
-        ipr.rule("del", table=RT_TABLE_LOCAL, priority=LOCAL_PREF, family=socket.AF_INET)
+    for family in _FAMILIES:
+        rules = _rules(ipr, family)
+        if (0, RT_TABLE_LOCAL, 0) not in rules:
+            ipr.rule("add", table=RT_TABLE_LOCAL, priority=0, family=family)
+        if (LOCAL_PREF, RT_TABLE_LOCAL, 0) in rules:
+            ipr.rule("del", table=RT_TABLE_LOCAL, priority=LOCAL_PREF, family=family)
 
 
 def add_server(ipr: IPRoute, rs_id: int, rip: str, oif: int) -> None:
-    """Idempotent: the rule and route for one DR real server."""
+    """Idempotent: the rule and route for one DR real server, in its address's family (an IPv6
+    real server's MAC comes from neighbour discovery as an IPv4 one's from ARP)."""
+    family = socket.AF_INET6 if ":" in rip else socket.AF_INET
     table, mark = TABLE_BASE + rs_id, mark_of(rs_id)
-    ipr.route("replace", table=table, dst="0.0.0.0/0", gateway=rip, oif=oif)
-    if (RULE_PREF, table, mark) not in _rules(ipr):
-        ipr.rule("add", table=table, priority=RULE_PREF, fwmark=mark, fwmask=0xFFFFFFFF, family=socket.AF_INET)
+    ipr.route("replace", table=table, dst=_DEFAULT[family], gateway=rip, oif=oif, family=family)
+    if (RULE_PREF, table, mark) not in _rules(ipr, family):
+        ipr.rule("add", table=table, priority=RULE_PREF, fwmark=mark, fwmask=0xFFFFFFFF, family=family)
 
 
 def remove_server(ipr: IPRoute, rs_id: int) -> None:
     table, mark = TABLE_BASE + rs_id, mark_of(rs_id)
-    if (RULE_PREF, table, mark) in _rules(ipr):
-        ipr.rule("del", table=table, priority=RULE_PREF, fwmark=mark, fwmask=0xFFFFFFFF, family=socket.AF_INET)
-    try:
-        ipr.route("del", table=table, dst="0.0.0.0/0")
-    except NetlinkError as e:
-        if e.code != 3:  # ESRCH: no such route
-            raise
+    for family in _FAMILIES:
+        if (RULE_PREF, table, mark) in _rules(ipr, family):
+            ipr.rule("del", table=table, priority=RULE_PREF, fwmark=mark, fwmask=0xFFFFFFFF, family=family)
+        try:
+            ipr.route("del", table=table, dst=_DEFAULT[family], family=family)
+        except NetlinkError as e:
+            if e.code not in (3, 2):  # ESRCH / ENOENT: no such route
+                raise
 
 
 def remove_all(ipr: IPRoute) -> None:
     """Every rule and table of ours, whatever ids a previous run used, and the local rule back."""
-    for pref, table, mark in _rules(ipr):
-        if pref == RULE_PREF and mark & 0xFFFF0000 == MARK_BASE:
-            remove_server(ipr, table - TABLE_BASE)
+    for family in _FAMILIES:
+        for pref, table, mark in _rules(ipr, family):
+            if pref == RULE_PREF and mark & 0xFFFF0000 == MARK_BASE:
+                remove_server(ipr, table - TABLE_BASE)
     restore_local_rule(ipr)
 
 

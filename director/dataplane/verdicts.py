@@ -20,7 +20,7 @@ from typing import Callable
 from director.conntrack import NO_RS
 from director.core import Action, Director
 from director.forwarding.fragment import fragment
-from director.forwarding.rewrite import icmp_error_dnat, icmp_unreachable, ipip_encap, nat_dnat, nat_snat
+from director.forwarding.rewrite import icmp_error_dnat, icmp_no_state, ipip_encap, nat_dnat, nat_snat
 from director.packet import PacketError, int_to_ip
 from director.ratelimit import TokenBucket
 from director.service import Method
@@ -41,6 +41,7 @@ class Verdicts:
         self.stats = stats
         self.latency = latency
         self.raw: socket.socket | None = None
+        self.raw6: socket.socket | None = None  # IPv6 answers: ICMPv6 parameter problem
         self.marks: dict[int, int] = {}  # real server id -> its DR fwmark
         self.lan_addr = 0
         self.lan_mtu = 1500
@@ -150,14 +151,17 @@ class Verdicts:
         if not self._icmp_bucket.take(now):
             self.stats["icmp_limited"] += 1
             return
-        try:
-            reply = icmp_unreachable(data, self.director.services[svc_id].vip)
-        except PacketError:  # RFC 1122: never an ICMP error about this packet (drop already counted)
+        try:  # protocol-unreachable, or for IPv6 a parameter problem (unrecognized next header)
+            reply = icmp_no_state(data, self.director.services[svc_id].vip)
+        except PacketError:  # RFC 1122, RFC 4443: never an ICMP error about this packet (drop already counted)
             self.stats["icmp_suppressed"] += 1
             return
         try:
-            self.raw.sendto(reply, (int_to_ip(int.from_bytes(reply[16:20], "big")), 0))
-        except OSError:  # no route back to the (often spoofed) source: nothing to answer
+            if reply[0] >> 4 == 6:
+                self.raw6.sendto(reply, (int_to_ip(int.from_bytes(reply[24:40], "big")), 0))
+            else:
+                self.raw.sendto(reply, (int_to_ip(int.from_bytes(reply[16:20], "big")), 0))
+        except (OSError, AttributeError):  # no route back to the (often spoofed) source; no IPv6 socket
             self.stats["send_errors"] += 1
             return
         self.stats["icmp_sent"] += 1

@@ -71,7 +71,7 @@ _ICMP_QUOTE = 8  # RFC 792: the original IP header plus the first 64 bits of its
 
 def _nat(pkt: bytes | bytearray | memoryview, new_addr: int, new_port: int | None, dst: bool) -> bytes:
     """Rewrite the destination (``dst``) or source address and UDP port; see nat_dnat/nat_snat."""
-    if pkt[0] >> 4 == 6:
+    if len(pkt) and pkt[0] >> 4 == 6:
         return nat6(pkt, new_addr, new_port, dst)
     buf = bytearray(pkt)  # the one working copy
     n = len(buf)
@@ -157,7 +157,7 @@ def icmp_error_dnat(pkt: bytes | bytearray | memoryview, new_addr: int) -> bytes
     :func:`director.packet.parse_icmp_error`; ICMP_QUOTE_MALFORMED also when the quoted source is
     not the outer destination (the core matched on exactly that).
     """
-    if pkt[0] >> 4 == 6:
+    if len(pkt) and pkt[0] >> 4 == 6:
         return icmp6_error_dnat(pkt, new_addr)
     buf = bytearray(pkt)
     n = len(buf)
@@ -337,6 +337,6 @@ def icmp_unreachable(orig: bytes | bytearray | memoryview, src: int, code: int =
 def icmp_no_state(orig: bytes | bytearray | memoryview, src: int) -> bytes:
     """The answer to ESP or AH with no state: ICMP protocol-unreachable (IPv4) or ICMPv6 parameter
     problem, unrecognized next header (IPv6: rewrite6.icmp6_param_problem)."""
-    if orig[0] >> 4 == 6:
+    if len(orig) and orig[0] >> 4 == 6:
         return icmp6_param_problem(orig, src)
     return icmp_unreachable(orig, src)

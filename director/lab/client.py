@@ -27,18 +27,22 @@ MARKER = b"\x00\x00\x00\x00"
 class LabClient:
     """One client (``c1``, ``c2`` or ``c3`` behind the NAT) of a running Lab."""
 
-    def __init__(self, lab: Lab, role: str) -> None:
+    def __init__(self, lab: Lab, role: str, family: int = socket.AF_INET) -> None:
+        """``family`` AF_INET6: the client speaks to the lab's IPv6 VIP from its IPv6 address."""
         self.lab = lab
         self.role = role
-        self.vip = lab.vip
-        self.addr = lab.client_addrs[role]
-        self.s500 = lab.socket(role, socket.AF_INET, socket.SOCK_DGRAM)
-        self.s500.bind(("0.0.0.0", 500))
-        self.s4500 = lab.socket(role, socket.AF_INET, socket.SOCK_DGRAM)
-        self.s4500.bind(("0.0.0.0", 4500))
-        self.esp = lab.socket(role, socket.AF_INET, socket.SOCK_RAW, 50)
-        self.ah = lab.socket(role, socket.AF_INET, socket.SOCK_RAW, 51)
-        self.icmp = lab.socket(role, socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+        self.family = family
+        v6 = family == socket.AF_INET6
+        self.vip = lab.vip6 if v6 else lab.vip
+        self.addr = lab.client_addrs6[role] if v6 else lab.client_addrs[role]
+        anywhere = "::" if v6 else "0.0.0.0"
+        self.s500 = lab.socket(role, family, socket.SOCK_DGRAM)
+        self.s500.bind((anywhere, 500))
+        self.s4500 = lab.socket(role, family, socket.SOCK_DGRAM)
+        self.s4500.bind((anywhere, 4500))
+        self.esp = lab.socket(role, family, socket.SOCK_RAW, 50)
+        self.ah = lab.socket(role, family, socket.SOCK_RAW, 51)
+        self.icmp = lab.socket(role, family, socket.SOCK_RAW, socket.IPPROTO_ICMPV6 if v6 else socket.IPPROTO_ICMP)
         for s in (self.s500, self.s4500, self.icmp):
             s.setblocking(False)
 
@@ -96,7 +100,7 @@ class LabClient:
                         continue
                     data = data[4:]
                 if len(data) >= 28 and int.from_bytes(data[:8], "big") == spi_i:
-                    return int.from_bytes(data[8:16], "big"), src
+                    return int.from_bytes(data[8:16], "big"), src.split("%")[0]
         return None
 
     def recv_icmp_unreachable(self, timeout: float = 2.0) -> list[tuple[int, int, str, int]]:
@@ -113,6 +117,21 @@ class LabClient:
             if icmp_type == 3 and len(data) >= ihl + 8 + 20:
                 out.append((icmp_type, code, src, data[ihl + 8 + 9]))
             if out:
+                break
+        return out
+
+    def recv_param_problem(self, timeout: float = 2.0) -> list[tuple[int, int, str, int, int]]:
+        """ICMPv6 parameter problems seen (an IPv6 raw socket gets the message without the IPv6
+        header): (type, code, source, pointer, the quoted packet's first next header)."""
+        out = []
+        end = time.monotonic() + timeout
+        while (left := end - time.monotonic()) > 0:
+            ready, _, _ = select.select([self.icmp], [], [], left)
+            if not ready:
+                break
+            data, peer = self.icmp.recvfrom(65535)
+            if data[0] == 4 and len(data) >= 8 + 40:
+                out.append((data[0], data[1], peer[0], int.from_bytes(data[4:8], "big"), data[8 + 6]))
                 break
         return out
 

@@ -264,13 +264,25 @@ class Lab:
 
     rs_roles = list(RS_ROLES)
 
+    # -- IPv6 (``ipv6=True``): a dual-stack lab, the same layout with a /64 per segment --
+    vip6 = "2001:db8:18::100"
+    director_wan6 = "2001:db8:18::1"
+    director_lan6 = "2001:db8:18:1::1"
+    gw_wan6 = "2001:db8:18::fe"
+    gw_lan6 = "2001:db8:18:1::fe"
+    rs_addrs6 = ["2001:db8:18:1::11", "2001:db8:18:1::12", "2001:db8:18:1::13"]
+    client_addrs6 = {"c1": "2001:db8:18::11", "c2": "2001:db8:18::12"}  # c3 (behind the NAT) is IPv4 only
+    vip6_int = ip_to_int(vip6)
+    rs_addr6_ints = [ip_to_int(a) for a in rs_addrs6]
+    client_addr6_ints = {k: ip_to_int(v) for k, v in client_addrs6.items()}
+
     # -- two directors (failover): addresses of the second one and of the VRRP-held LAN gateway --
     director2_wan = "198.18.0.2"
     director2_lan = "198.18.1.2"
     lan_vip = "198.18.1.3"  # NAT real servers' gateway when two directors share the VIPs
 
     def __init__(self, mode: str = "dr", prefix: str | None = None, directors: int = 1, *,
-                 return_via_director: bool = False) -> None:  # fmt: skip
+                 return_via_director: bool = False, ipv6: bool = False) -> None:  # fmt: skip
         if directors not in (1, 2):
             raise ValueError(f"directors must be 1 or 2, not {directors!r}")
         # DR/TUN with the real servers' default route via the director (the VIP stays on the
@@ -278,6 +290,9 @@ class Lab:
         if return_via_director and (mode == "nat" or directors != 1):
             raise ValueError("return_via_director is for DR and TUN labs with one director")
         self.return_via_director = return_via_director
+        if ipv6 and (mode == "tun" or directors != 1 or return_via_director):
+            raise ValueError("ipv6 is for DR and NAT labs with one director")
+        self.ipv6 = ipv6
         self.directors = directors
         self.roles = ROLES + ((DIRECTOR2,) if directors == 2 else ())
         if mode not in MODES:
@@ -309,6 +324,7 @@ class Lab:
 
     def __repr__(self) -> str:
         via = ", return_via_director=True" if self.return_via_director else ""
+        via += ", ipv6=True" if self.ipv6 else ""
         return f"Lab(mode={self.mode!r}, prefix={self.prefix!r}{via}, up={self._up})"
 
     # -- build ------------------------------------------------------------------------------------
@@ -346,10 +362,16 @@ class Lab:
         _write_sysctls(name, {
             "net/ipv4/conf/all/rp_filter": 0,
             "net/ipv4/conf/default/rp_filter": 0,
-            # No IPv6: no router solicitations or DAD chatter in captures and logs.
-            "net/ipv6/conf/all/disable_ipv6": 1,
-            "net/ipv6/conf/default/disable_ipv6": 1,
+            # No IPv6 unless asked: no router solicitations or DAD chatter in captures and logs.
+            "net/ipv6/conf/all/disable_ipv6": 0 if self.ipv6 else 1,
+            "net/ipv6/conf/default/disable_ipv6": 0 if self.ipv6 else 1,
         })  # fmt: skip
+        if self.ipv6:  # static addresses usable at once: no DAD, no autoconfiguration, no solicitations
+            _write_sysctls(name, {
+                "net/ipv6/conf/lo/disable_ipv6": 0,
+                **{f"net/ipv6/conf/{dev}/{key}": 0 for dev in ("all", "default")
+                   for key in ("accept_dad", "accept_ra", "autoconf", "router_solicitations")},
+            })  # fmt: skip
         return name
 
     def _build(self) -> None:
@@ -431,12 +453,24 @@ class Lab:
             addrs.append((role, "eth0", addr, 24))
             if self.mode in ("dr", "tun"):
                 addrs.append((role, "lo", self.vip, 32))
+        if self.ipv6:
+            addrs += [
+                ("c1", "eth0", self.client_addrs6["c1"], 64), ("c2", "eth0", self.client_addrs6["c2"], 64),
+                ("director", "eth0", self.director_wan6, 64), ("director", "eth0", self.vip6, 128),
+                ("director", "eth1", self.director_lan6, 64),
+                ("gw", "eth0", self.gw_wan6, 64), ("gw", "eth1", self.gw_lan6, 64),
+            ]  # fmt: skip
+            for role, addr in zip(RS_ROLES, self.rs_addrs6):
+                addrs.append((role, "eth0", addr, 64))
+                if self.mode == "dr":  # on lo: a real server answers neighbour solicitations only for
+                    addrs.append((role, "lo", self.vip6, 128))  # its interface's own addresses
         return addrs
 
     def _address(self, iprs: dict[str, IPRoute]) -> None:
         for role, ifname, addr, plen in self._addresses():
             ipr = iprs[role]
-            ipr.addr("add", index=ipr.link_lookup(ifname=ifname)[0], address=addr, prefixlen=plen)
+            ipr.addr("add", index=ipr.link_lookup(ifname=ifname)[0], address=addr, prefixlen=plen,
+                     family=socket.AF_INET6 if ":" in addr else socket.AF_INET)
 
     def _route(self, iprs: dict[str, IPRoute]) -> None:
         iprs["c3"].route("add", dst="0.0.0.0/0", gateway=self.nat_inside)
@@ -445,6 +479,9 @@ class Lab:
             gateway = self.lan_vip  # held by whichever director is VRRP master
         for role in RS_ROLES:
             iprs[role].route("add", dst="0.0.0.0/0", gateway=gateway)
+            if self.ipv6:
+                gw6 = self.gw_lan6 if self.mode == "dr" else self.director_lan6
+                iprs[role].route("add", dst="::/0", gateway=gw6, family=socket.AF_INET6)
 
     def _tune(self) -> None:
         for role in self.roles:
@@ -452,6 +489,8 @@ class Lab:
             values: dict[str, int | str] = {}
             if role in ("director", DIRECTOR2, "gw", "nat"):
                 values["net/ipv4/ip_forward"] = 1
+                if self.ipv6 and role != "nat":
+                    values["net/ipv6/conf/all/forwarding"] = 1
             if role == "sw" and os.path.exists("/proc/sys/net/bridge"):
                 # br_netfilter is built in: keep the switch a switch (no iptables, no defrag).
                 for fam in ("iptables", "ip6tables", "arptables"):
@@ -740,6 +779,8 @@ vrrp_instance VD {{
             argv = [sys.executable, "-m", "director.lab.responder", "--addr", addr, "--log", str(log)]
             if addr != self.rs_addrs[i]:  # the director's health probes go to the server's own address
                 argv += ["--addr", self.rs_addrs[i]]
+            if self.ipv6:
+                argv += ["--addr", self.rs_addrs6[i]] + (["--addr", self.vip6] if self.mode == "dr" else [])
             if self.mode == "tun":
                 argv.append("--decap")
             if role in quiet:

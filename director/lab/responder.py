@@ -80,6 +80,16 @@ _IFF_NO_PI = 0x1000
 TUN_NAME = "decap0"
 
 
+def _dst_of(anc, default: str) -> str:
+    """The packet's destination from IP_PKTINFO or IPV6_PKTINFO ancillary data, else ``default``."""
+    for level, typ, cdata in anc:
+        if level == socket.IPPROTO_IP and typ == IP_PKTINFO and len(cdata) >= _PKTINFO.size:
+            return socket.inet_ntoa(_PKTINFO.unpack_from(cdata)[2])
+        if level == socket.IPPROTO_IPV6 and typ == socket.IPV6_PKTINFO and len(cdata) >= 16:
+            return socket.inet_ntop(socket.AF_INET6, cdata[:16])
+    return default
+
+
 class Responder:
     """The sockets, the log and the per-initiator responder SPIs of one responder process."""
 
@@ -91,8 +101,12 @@ class Responder:
         self.tun_fd: int | None = None
         for addr in addrs:
             for port in (IKE_PORT, NATT_PORT):
-                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-                sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+                if ":" in addr:  # IPv6: the header's destination comes as IPV6_PKTINFO
+                    sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
+                else:
+                    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                    sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
                 sock.bind((addr, port))
                 sock.setblocking(False)
                 self.sel.register(sock, selectors.EVENT_READ, (self._on_udp, port))
@@ -100,6 +114,11 @@ class Responder:
             sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, proto)
             sock.setblocking(False)
             self.sel.register(sock, selectors.EVENT_READ, (self._on_raw, proto))
+            if any(":" in a for a in addrs):  # an IPv6 raw socket gets the payload, the header's
+                sock = socket.socket(socket.AF_INET6, socket.SOCK_RAW, proto)  # addresses as ancillary data
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
+                sock.setblocking(False)
+                self.sel.register(sock, selectors.EVENT_READ, (self._on_raw6, proto))
         if decap:
             self.tun_fd = os.open("/dev/net/tun", os.O_RDWR)
             fcntl.ioctl(self.tun_fd, _TUNSETIFF, struct.pack("16sH22x", TUN_NAME.encode(), _IFF_TUN | _IFF_NO_PI))
@@ -133,10 +152,7 @@ class Responder:
             data, anc, _flags, peer = sock.recvmsg(65535, socket.CMSG_SPACE(_PKTINFO.size))
         except BlockingIOError:
             return
-        dst = sock.getsockname()[0]
-        for level, typ, cdata in anc:
-            if level == socket.IPPROTO_IP and typ == IP_PKTINFO and len(cdata) >= _PKTINFO.size:
-                dst = socket.inet_ntoa(_PKTINFO.unpack_from(cdata)[2])
+        dst = _dst_of(anc, sock.getsockname()[0])
         src, sport = peer[0], peer[1]
         if port == NATT_PORT:
             if data == NATT_KEEPALIVE:
@@ -200,6 +216,18 @@ class Responder:
             pass
         kind = "esp" if proto == PROTO_ESP else "ah"
         self.record(kind, int_to_ip(ip.src), 0, int_to_ip(ip.dst), payload_len, spi=spi)
+
+    def _on_raw6(self, sock: socket.socket, proto: int) -> None:
+        try:
+            data, anc, _flags, peer = sock.recvmsg(65535, socket.CMSG_SPACE(20))
+        except BlockingIOError:
+            return
+        spi = None
+        try:
+            spi = (EspHeader.from_bytes(data) if proto == PROTO_ESP else AhHeader.from_bytes(data)).spi
+        except PacketError:
+            pass
+        self.record("esp" if proto == PROTO_ESP else "ah", peer[0], 0, _dst_of(anc, ""), len(data), spi=spi)
 
     def _on_icmp(self, sock: socket.socket, _proto: int) -> None:
         try:
