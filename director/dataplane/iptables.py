@@ -106,6 +106,11 @@ def _rule(
     bypass: bool = False,
 ) -> iptc.Rule:
     r = fam.rule()
+    if proto == "ah" and fam.v6:
+        # ip6tables' -p skips AH as an extension header, so "-p ah" never matches; the ah match
+        # (any SPI) finds it wherever it sits in the chain
+        r.create_match("ah")
+        proto = ""
     if proto:
         r.protocol = proto
     if src:

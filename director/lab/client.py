@@ -37,9 +37,11 @@ class LabClient:
         self.addr = lab.client_addrs6[role] if v6 else lab.client_addrs[role]
         anywhere = "::" if v6 else "0.0.0.0"
         self.s500 = lab.socket(role, family, socket.SOCK_DGRAM)
-        self.s500.bind((anywhere, 500))
         self.s4500 = lab.socket(role, family, socket.SOCK_DGRAM)
-        self.s4500.bind((anywhere, 4500))
+        for s, port in ((self.s500, 500), (self.s4500, 4500)):
+            if v6:  # the IPv4 client of the same namespace keeps its own ports
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            s.bind((anywhere, port))
         self.esp = lab.socket(role, family, socket.SOCK_RAW, 50)
         self.ah = lab.socket(role, family, socket.SOCK_RAW, 51)
         self.icmp = lab.socket(role, family, socket.SOCK_RAW, socket.IPPROTO_ICMPV6 if v6 else socket.IPPROTO_ICMP)
@@ -92,7 +94,8 @@ class LabClient:
             ready, _, _ = select.select([self.s500, self.s4500], [], [], left)
             for s in ready:
                 try:
-                    data, (src, _port) = s.recvfrom(65535)
+                    data, peer = s.recvfrom(65535)
+                    src = peer[0]
                 except BlockingIOError:
                     continue
                 if s is self.s4500:
@@ -100,7 +103,7 @@ class LabClient:
                         continue
                     data = data[4:]
                 if len(data) >= 28 and int.from_bytes(data[:8], "big") == spi_i:
-                    return int.from_bytes(data[8:16], "big"), src.split("%")[0]
+                    return int.from_bytes(data[8:16], "big"), src
         return None
 
     def recv_icmp_unreachable(self, timeout: float = 2.0) -> list[tuple[int, int, str, int]]:

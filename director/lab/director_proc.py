@@ -15,10 +15,21 @@ from director.lab.netns import REPO, Lab, stop_process
 def lab_config(lab: Lab, control: Path, *, scheduler: str = "rr", weights=(1, 1, 1),
                init_timeout: float = 30.0, extra_service: str = "", metrics: str = "",
                pin_dir: str = "", daemon_extra: str = "") -> str:
-    """A TOML config for the lab: one service on the VIP, the three real servers, the lab's mode."""
+    """A TOML config for the lab: one service on the VIP, the three real servers, the lab's mode;
+    in a dual-stack lab (``lab.ipv6``) a second service on the IPv6 VIP with the servers' IPv6
+    addresses."""
     servers = "".join(
         f'\n[[service.server]]\naddress = "{addr}"\nweight = {w}\n' for addr, w in zip(lab.rs_addrs, weights)
     )
+    if getattr(lab, "ipv6", False):
+        servers += f"""
+[[service]]
+vip = "{lab.vip6}"
+scheduler = "{scheduler}"
+method = "{lab.mode}"
+ah = {"false" if lab.mode == "nat" else "true"}
+timeouts = {{ init = {init_timeout}, established = 3600 }}
+""" + "".join(f'\n[[service.server]]\naddress = "{addr}"\nweight = {w}\n' for addr, w in zip(lab.rs_addrs6, weights))
     return f"""
 [daemon]
 client_interface = "eth0"

@@ -54,15 +54,16 @@ def ecmp_prerequisites() -> None:
 
 @pytest.fixture
 def make_lab():
-    """Factory: ``make_lab(mode, responders=True, silent=(), return_via_director=False)`` -> a started
-    Lab, torn down after."""
+    """Factory: ``make_lab(mode, responders=True, silent=(), return_via_director=False, ipv6=False)``
+    -> a started Lab, torn down after."""
     labs: list[Lab] = []
 
-    def make(mode: str = "dr", *, responders: bool = True, silent=(), return_via_director: bool = False) -> Lab:
+    def make(mode: str = "dr", *, responders: bool = True, silent=(), return_via_director: bool = False,
+             ipv6: bool = False) -> Lab:  # fmt: skip
         missing = lab_prerequisites(mode)
         if missing:
             pytest.fail(f"lab ({mode}) prerequisites missing: " + "; ".join(missing), pytrace=False)
-        lab = Lab(mode, return_via_director=return_via_director)
+        lab = Lab(mode, return_via_director=return_via_director, ipv6=ipv6)
         labs.append(lab)
         lab.up()
         if responders:
