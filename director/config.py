@@ -408,6 +408,9 @@ def from_dict(raw: dict) -> Config:
     addresses: dict[str, str] = {}
     for i, s in enumerate(raw_services):
         services.append(_service(c, f"service[{i}]", s, vips, addresses))
+        if ":" in services[-1].vip and (daemon.bgp is not None or daemon.sync is not None):
+            c.err(f"service[{i}].vip", "an IPv6 VIP is not announced by [daemon.bgp] or carried by "
+                  "[daemon.sync] yet: run IPv6 services on a director without them")
     if c.errors:
         raise ConfigErrors(c.errors)
     return Config(daemon, tuple(services))
@@ -509,7 +512,7 @@ def _service(c: _Checker, p: str, s: Any, vips: dict[str, int], addresses: dict[
         if "address" not in r:
             c.err(f"{q}.address", "missing")
         addr = c.ip(f"{q}.address", r.get("address", "0.0.0.0")) if "address" in r else "0.0.0.0"
-        if "address" in r and "vip" in s and (":" in addr) != (":" in vip):
+        if "0.0.0.0" not in (addr, vip) and (":" in addr) != (":" in vip):
             c.err(f"{q}.address", f"{addr} is not of the VIP's address family ({vip}): a service is one family")
         key = f"{vip}/{addr}"
         if key in addresses:

@@ -224,7 +224,9 @@ class Sender(TableListener):
         self.send_expiry = send_expiry
         self._upserts: dict[int, tuple[int, int, int, RecKind]] = {}  # slot -> (svc, client, spi_i, kind)
         self._removals: list[Record] = []
-        self.stats = {"sent": 0, "records_sent": 0, "snapshots_sent": 0}
+        # the wire format carries IPv4 entries only: an IPv6 service's entries are not sent (yet),
+        # and counted here instead (docs/ipv6.md)
+        self.stats = {"sent": 0, "records_sent": 0, "snapshots_sent": 0, "ipv6_not_synced": 0}
 
     def attach(self) -> None:
         self.d.listen(self)
@@ -234,7 +236,11 @@ class Sender(TableListener):
 
     def _upsert(self, s: int, kind: RecKind) -> None:
         if self.enabled:
-            self._upserts[s] = (*self.d.table.conversation(s), kind)
+            svc, client, spi_i = self.d.table.conversation(s)
+            if client >> 32:
+                self.stats["ipv6_not_synced"] += 1
+                return
+            self._upserts[s] = (svc, client, spi_i, kind)
 
     def created(self, s: int) -> None:
         self._upsert(s, RecKind.CREATE)
@@ -253,7 +259,7 @@ class Sender(TableListener):
             return
         v = self.d.table.view(s)
         svc = self.d.services.get(v.svc)
-        if svc is None:
+        if svc is None or v.client >> 32:
             return
         rs = self.d.server(v.rs)
         kind = RecKind.EXPIRE if event == Event.EXPIRE else RecKind.REMOVE
@@ -280,6 +286,8 @@ class Sender(TableListener):
             if e is None:
                 continue
             v, vip, rs_addr = e
+            if v.client >> 32:  # IPv6: not in the wire format
+                continue
             out.append(Record(kind, v.state, vip, v.client, v.cport, rs_addr, v.spi_i, v.spi_r,
                               max(0.0, v.expires - now), v.natt))
         return out

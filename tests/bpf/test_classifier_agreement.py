@@ -107,7 +107,9 @@ VALID = {
 }
 
 MALFORMED = {
-    "IP version 6": b"\x65" + VALID["ESP"][1:],
+    # an IPv4 frame whose header says version 5 (a version-6 nibble now reads as IPv6 in the
+    # core; behind an IPv4 ethertype the kernel never delivers one to the queue)
+    "IP version 5": b"\x55" + VALID["ESP"][1:],
     "IP version 0": b"\x05" + VALID["ESP"][1:],
     "IP IHL 0": b"\x40" + VALID["ESP"][1:],
     "IP IHL 4": b"\x44" + VALID["ESP"][1:],
@@ -219,7 +221,9 @@ def test_table_covers_every_kind_and_reason():
             reasons.add(e.reason)
         looked_up += icmp_looked_up(ip)
     assert kinds == set(K)
-    assert reasons == {r for r in R if r < 50}
+    # the programs parse IPv4 only (IPv6 passes them to the queue: docs/ipv6.md), so the table
+    # holds no IPv6 packet and none of the IPv6-only reasons
+    assert reasons == {r for r in R if r < 50 and not r.name.startswith("IP6_")}
     assert looked_up >= 10  # ICMP errors the fast path looks up, mutations included
 
 
