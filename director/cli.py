@@ -672,7 +672,8 @@ def format_connections(conns: list[dict], vips: dict[int, str]) -> str:
            row % ("pro", "expire", "state", "source", "virtual", "destination", "initiator-cookie",
                   "responder-cookie", "nat-t")]
     for c in conns:
-        out.append(row % ("IPSEC", _expire(c["expires_in"]), c["state"], f"{c['client']}:{c['port']}",
+        source = f"[{c['client']}]:{c['port']}" if ":" in c["client"] else f"{c['client']}:{c['port']}"  # RFC 5952 s. 6
+        out.append(row % ("IPSEC", _expire(c["expires_in"]), c["state"], source,
                           vips.get(c["svc"], "?"), c["rs_address"] or "-", c["spi_i"], c["spi_r"],
                           "yes" if c["natt"] else "no"))
     return "".join(line.rstrip() + "\n" for line in out)

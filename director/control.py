@@ -54,11 +54,13 @@ def _arg(req: dict, name: str, kind: type) -> Any:
 
 
 def addr_arg(req: dict, name: str) -> str:
+    """An IPv4 or IPv6 address, in the text the config holds it in (RFC 5952 for IPv6), so an
+    operator's "2001:DB8:0::1" finds the service written "2001:db8::1"."""
     v = _arg(req, name, str)
     try:
-        return str(ipaddress.IPv4Address(v))
+        return str(ipaddress.ip_address(v))
     except ValueError:
-        raise RequestError(f"{name}: not an IPv4 address: {v!r}") from None
+        raise RequestError(f"{name}: not an IPv4 or IPv6 address: {v!r}") from None
 
 
 def _find_service(services: list[dict], vip: str) -> int:

@@ -113,3 +113,51 @@ def test_extension_headers_and_fragments(make_lab, run_director, mode):
         time.sleep(0.05)
     assert d.status()["drops"].get("IP6_EXT_CHAIN_TOO_LONG") == 1
     assert d.status()["stats"]["internal_errors"] == 0
+
+
+def test_vpnadm_takes_and_prints_ipv6_addresses(make_lab, run_director):
+    """The operator's commands on the IPv6 service: listing, quiescing, a bad address, a new
+    IPv6 service and its ip6tables rules, the connection listing, -S/-R; addresses printed in
+    RFC 5952 form whatever form they were typed in."""
+    import subprocess
+    import sys
+
+    from director.lab.netns import REPO
+
+    lab = make_lab("dr", ipv6=True)
+    d = run_director(lab, scheduler="rr")
+
+    def vpnadm(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "director.cli", "--socket", str(d.control), *args],
+                              input=stdin, capture_output=True, text=True, timeout=30, cwd=str(REPO))
+
+    def ok(*args: str, stdin: str | None = None) -> str:
+        p = vpnadm(*args, stdin=stdin)
+        assert (p.returncode, p.stderr) == (0, ""), f"vpnadm {' '.join(args)}: {p.stderr}"
+        return p.stdout
+
+    rs1, rs2, rs3 = lab.rs_addrs6
+    listing = ok("-L", "-n")
+    assert f"IPSEC  {lab.vip6} rr" in listing and f"-> {rs1}" in listing
+    ok("-e", "-V", "2001:DB8:18:0:0::100", "-r", "2001:db8:18:1:0::11", "-w", "0")  # quiesce rs1, spelled long
+    assert [line.split()[3] for line in ok("-L", "-n").splitlines() if line.split()[:2] == ["->", rs1]] == ["0"]
+    for role in ("c1", "c2"):
+        LabClient(lab, role, V6).ikev2_connect()
+    conns = [line.split() for line in ok("-L", "-c").splitlines()[2:]]
+    assert sorted(c[3] for c in conns) == ["[2001:db8:18::11]:4500", "[2001:db8:18::12]:4500"]  # RFC 5952 section 6
+    assert sorted(c[5] for c in conns) == [rs2, rs3]  # rr over the two left
+    bad = vpnadm("-a", "-V", lab.vip6, "-r", "198.18.1.11")
+    assert bad.returncode != 0 and bad.stderr.count("\n") == 1 and "address" in bad.stderr
+    bad = vpnadm("-e", "-V", "2001:db8:18::zz", "-r", rs1, "-w", "1")
+    assert bad.returncode != 0 and "vip: not an IPv4 or IPv6 address" in bad.stderr
+    ok("-A", "-V", "2001:db8:18::200", "-s", "mh")
+    ok("-a", "-V", "2001:db8:18::200", "-r", rs2)
+    rules = lab.run("director", ["ip6tables-legacy-save"]).stdout
+    assert "-A VPN_DIRECTOR_RAW -d 2001:db8:18::200/128 -p esp -j CT --notrack" in rules
+    assert "-A PREROUTING -d 2001:db8:18::200/128 -i eth0 -j VPN_DIRECTOR" in rules
+    saved = ok("-S")
+    assert "-A -V 2001:db8:18::200 -s mh" in saved and f"-a -V 2001:db8:18::200 -r {rs2}" in saved
+    ok("-C")
+    assert ok("-S") == ""
+    ok("-R", stdin=saved)
+    assert ok("-S") == saved
