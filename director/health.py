@@ -145,6 +145,24 @@ def echo_request(ident: int, seq: int, payload: bytes = b"vpn-dir!") -> bytes:
     return struct.pack(">BBHHH", ICMP_ECHO, 0, csum, ident, seq) + payload
 
 
+ICMP6_ECHO, ICMP6_ECHO_REPLY = 128, 129  # RFC 4443 section 4
+
+
+def echo_request6(ident: int, seq: int, payload: bytes = b"vpn-dir!") -> bytes:
+    """One ICMPv6 echo request for a raw IPPROTO_ICMPV6 socket; the kernel fills in its checksum
+    (it covers the IPv6 pseudo-header, which only the kernel knows in full: RFC 3542 section 3.1)."""
+    return struct.pack(">BBHHH", ICMP6_ECHO, 0, 0, ident, seq) + payload
+
+
+def parse_echo_reply6(message: bytes) -> tuple[int, int] | None:
+    """(identifier, sequence) of an ICMPv6 echo reply as a raw socket delivers it (no IPv6
+    header); None for anything else or a truncated message."""
+    if len(message) < 8 or message[0] != ICMP6_ECHO_REPLY or message[1] != 0:
+        return None
+    ident, seq = struct.unpack_from(">HH", message, 4)
+    return ident, seq
+
+
 def parse_echo_reply(packet: bytes) -> tuple[int, int] | None:
     """(identifier, sequence) of an ICMP echo reply as a raw socket delivers it (IPv4 header
     first); None for anything else or a truncated packet."""

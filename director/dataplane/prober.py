@@ -17,19 +17,23 @@ from dataclasses import dataclass, field
 
 from director.core import Director
 from director.health import (
+    ICMP6_ECHO_REPLY,
     ICMP_ECHO_REPLY,
     PROBE_ENTROPY,
     HealthConfig,
     HealthState,
     answers_probe,
     echo_request,
+    echo_request6,
     parse_echo_reply,
+    parse_echo_reply6,
     probe_message,
 )
 from director.packet import int_to_ip
 
 IKE_PORT = 500
 SOL_RAW, ICMP_FILTER = 255, 1  # linux/icmp.h: a raw ICMP socket's type filter (set bit = dropped)
+ICMP6_FILTER = 1  # linux/icmpv6.h, at level IPPROTO_ICMPV6
 
 
 @dataclass
@@ -47,12 +51,35 @@ class _Target:
 
 
 class _IcmpSocket:
-    """The raw ICMP socket, selectable on its own (the daemon's loop tells it from the IKE one)."""
+    """The raw ICMP socket, selectable on its own (the daemon's loop tells it from the IKE one);
+    ``v6``: the ICMPv6 one, filtered to echo replies with ICMP6_FILTER (RFC 3542 section 3.2)."""
 
-    def __init__(self, bind_addr: str) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
-        self.sock.setsockopt(SOL_RAW, ICMP_FILTER, struct.pack("=I", ~(1 << ICMP_ECHO_REPLY) & 0xFFFFFFFF))
-        self.sock.bind((bind_addr, 0))
+    def __init__(self, bind_addr: str, v6: bool = False) -> None:
+        if v6:
+            self.sock = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
+            blocked = [0xFFFFFFFF] * 8  # struct icmp6_filter: a set bit blocks the type
+            blocked[ICMP6_ECHO_REPLY >> 5] &= ~(1 << (ICMP6_ECHO_REPLY & 31)) & 0xFFFFFFFF
+            self.sock.setsockopt(socket.IPPROTO_ICMPV6, ICMP6_FILTER, struct.pack("=8I", *blocked))
+        else:
+            self.sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+            self.sock.setsockopt(SOL_RAW, ICMP_FILTER, struct.pack("=I", ~(1 << ICMP_ECHO_REPLY) & 0xFFFFFFFF))
+            self.sock.bind((bind_addr, 0))
+        self.sock.setblocking(False)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class _Udp6:
+    """The IKE probe socket for IPv6 real servers (IPv6 only, an ephemeral port), selectable."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        self.sock.bind(("::", 0))
         self.sock.setblocking(False)
 
     def fileno(self) -> int:
@@ -68,6 +95,8 @@ class Prober:
     targets: dict[int, _Target] = field(default_factory=dict)
     sock: socket.socket | None = None
     icmp: _IcmpSocket | None = None  # opened when a service asks for ICMP checks
+    sock6: "_IcmpSocket | _Udp6 | None" = None  # IKE probes to IPv6 real servers (opened when there are some)
+    icmp6: _IcmpSocket | None = None  # ICMPv6 echo for IPv6 real servers with ICMP checks
     ident: int = field(default_factory=lambda: int.from_bytes(os.urandom(2), "big"))
     _seq: int = 0
 
@@ -80,9 +109,10 @@ class Prober:
         if self.sock is not None:
             self.sock.close()
             self.sock = None
-        if self.icmp is not None:
-            self.icmp.close()
-            self.icmp = None
+        for name in ("icmp", "sock6", "icmp6"):
+            if getattr(self, name) is not None:
+                getattr(self, name).close()
+                setattr(self, name, None)
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -91,7 +121,7 @@ class Prober:
         """What the daemon's loop waits on: this (IKE answers) and, with ICMP checks, the echo socket."""
         if not self.targets:
             return []
-        return [self, self.icmp] if self.icmp is not None else [self]
+        return [self, *(x for x in (self.icmp, self.sock6, self.icmp6) if x is not None)]
 
     def _next_seq(self) -> int:
         self._seq = self._seq % 0xFFFF + 1  # 1..65535: 0 means "none in flight"
@@ -115,12 +145,18 @@ class Prober:
                                 stuck_seen=d.stuck_by_rs.get(rs.id, 0))
                 want[rs.id] = t
         self.targets = want
-        wants_icmp = any(t.cfg.icmp for t in want.values())
-        if wants_icmp and self.icmp is None:
-            self.icmp = _IcmpSocket(self.bind_addr)
-        elif not wants_icmp and self.icmp is not None:
-            self.icmp.close()
-            self.icmp = None
+        v6 = [t for t in want.values() if ":" in t.addr]
+        v4 = [t for t in want.values() if ":" not in t.addr]
+        for name, needed, make in (
+            ("icmp", any(t.cfg.icmp for t in v4), lambda: _IcmpSocket(self.bind_addr)),
+            ("sock6", bool(v6), _Udp6),
+            ("icmp6", any(t.cfg.icmp for t in v6), lambda: _IcmpSocket("", v6=True)),
+        ):
+            if needed and getattr(self, name) is None:
+                setattr(self, name, make())
+            elif not needed and getattr(self, name) is not None:
+                getattr(self, name).close()
+                setattr(self, name, None)
 
     def tick(self, d: Director, now: float) -> list[tuple[int, bool]]:
         """Send due probes, fail timed-out ones, count passive signals; returns (rs id, up) flips."""
@@ -136,11 +172,13 @@ class Prober:
             if not (t.spi or t.echo_seq) and now >= t.next_at:
                 t.next_at = now + t.cfg.interval
                 spi, msg = probe_message(os.urandom(PROBE_ENTROPY))
+                v6 = ":" in t.addr
                 try:
-                    self.sock.sendto(msg, (t.addr, IKE_PORT))
-                    if t.cfg.icmp and self.icmp is not None:
+                    (self.sock6.sock if v6 else self.sock).sendto(msg, (t.addr, IKE_PORT))
+                    icmp = self.icmp6 if v6 else self.icmp
+                    if t.cfg.icmp and icmp is not None:
                         seq = self._next_seq()
-                        self.icmp.sock.sendto(echo_request(self.ident, seq), (t.addr, 0))
+                        icmp.sock.sendto((echo_request6 if v6 else echo_request)(self.ident, seq), (t.addr, 0))
                         t.echo_seq = seq
                 except OSError as e:  # no route or neighbour: that is a failed check too
                     flips += self._finish(t, False, e.strerror or str(e))
@@ -149,36 +187,38 @@ class Prober:
         return flips
 
     def on_readable(self, now: float) -> list[tuple[int, bool]]:
-        """Drain both sockets; a round whose every check answered is a success."""
+        """Drain every socket; a round whose every check answered is a success."""
         flips = []
         by_addr = {t.addr: t for t in self.targets.values()}
-        while True:
-            try:
-                data, (src, _port) = self.sock.recvfrom(65535)
-            except BlockingIOError:
-                break
-            except OSError:  # e.g. an ICMP port unreachable reported on the socket
-                continue
-            t = by_addr.get(src)
-            if t is None or not t.spi or not answers_probe(data, t.spi):
-                continue
-            t.spi = 0
-            if not t.echo_seq:
-                flips += self._finish(t, True)
-        while self.icmp is not None:
-            try:
-                data, (src, _port) = self.icmp.sock.recvfrom(65535)
-            except BlockingIOError:
-                break
-            except OSError:
-                continue
-            t = by_addr.get(src)
-            echo = parse_echo_reply(data)
-            if t is None or not t.echo_seq or echo != (self.ident, t.echo_seq):
-                continue
-            t.echo_seq = 0
-            if not t.spi:
-                flips += self._finish(t, True)
+        for sock in (self.sock, self.sock6.sock if self.sock6 is not None else None):
+            while sock is not None:
+                try:
+                    data, peer = sock.recvfrom(65535)
+                except BlockingIOError:
+                    break
+                except OSError:  # e.g. an ICMP port unreachable reported on the socket
+                    continue
+                t = by_addr.get(peer[0])
+                if t is None or not t.spi or not answers_probe(data, t.spi):
+                    continue
+                t.spi = 0
+                if not t.echo_seq:
+                    flips += self._finish(t, True)
+        for icmp, parse in ((self.icmp, parse_echo_reply), (self.icmp6, parse_echo_reply6)):
+            while icmp is not None:
+                try:
+                    data, peer = icmp.sock.recvfrom(65535)
+                except BlockingIOError:
+                    break
+                except OSError:
+                    continue
+                t = by_addr.get(peer[0])
+                echo = parse(data)
+                if t is None or not t.echo_seq or echo != (self.ident, t.echo_seq):
+                    continue
+                t.echo_seq = 0
+                if not t.spi:
+                    flips += self._finish(t, True)
         return flips
 
     def view(self, rs_id: int) -> dict | None:

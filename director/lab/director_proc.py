@@ -17,7 +17,7 @@ def lab_config(lab: Lab, control: Path, *, scheduler: str = "rr", weights=(1, 1,
                pin_dir: str = "", daemon_extra: str = "") -> str:
     """A TOML config for the lab: one service on the VIP, the three real servers, the lab's mode;
     in a dual-stack lab (``lab.ipv6``) a second service on the IPv6 VIP with the servers' IPv6
-    addresses."""
+    addresses and the same settings (``extra_service`` included)."""
     servers = "".join(
         f'\n[[service.server]]\naddress = "{addr}"\nweight = {w}\n' for addr, w in zip(lab.rs_addrs, weights)
     )
@@ -29,6 +29,7 @@ scheduler = "{scheduler}"
 method = "{lab.mode}"
 ah = {"false" if lab.mode == "nat" else "true"}
 timeouts = {{ init = {init_timeout}, established = 3600 }}
+{extra_service}
 """ + "".join(f'\n[[service.server]]\naddress = "{addr}"\nweight = {w}\n' for addr, w in zip(lab.rs_addrs6, weights))
     return f"""
 [daemon]

@@ -161,3 +161,37 @@ def test_vpnadm_takes_and_prints_ipv6_addresses(make_lab, run_director):
     assert ok("-S") == ""
     ok("-R", stdin=saved)
     assert ok("-S") == saved
+
+
+def test_health_probes_over_ipv6_take_a_silent_server_out(make_lab, run_director):
+    """IKE probes and ICMPv6 echoes to the IPv6 real servers: every round needs both; a server
+    whose IKE daemon stops answering goes down and gets none of 30 new IPv6 conversations (rr
+    would give it 10; a random choice would miss it with probability (2/3)**30 = 5.2e-6)."""
+    lab = make_lab("dr", ipv6=True)
+    health = "health = { interval = 0.3, timeout = 0.2, rise = 2, fall = 2, icmp = true }"
+    d = run_director(lab, scheduler="rr", extra_service=health + '\naffinity = "ip-port"')
+
+    def servers6() -> dict[str, dict]:
+        return {s["address"]: s for svc in d.status()["services"] if svc["vip"] == lab.vip6 for s in svc["servers"]}
+
+    def wait(pred, what: str, timeout: float = 6.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not pred():
+            assert time.monotonic() < deadline, f"timed out: {what}: {servers6()}"
+            time.sleep(0.05)
+
+    wait(lambda: all(s["health"] and s["health"]["checks"] >= 2 for s in servers6().values()), "probes")
+    assert all(s["up"] and s["health"]["last_error"] == "" for s in servers6().values())
+    quiet = lab.rs_addrs6[1]
+    lab.start_responders(silent=(1,), only=(1,))
+    wait(lambda: not servers6()[quiet]["up"], "rs2 marked down")
+    assert servers6()[quiet]["health"]["last_error"] == "timeout"
+    for i in range(30):
+        s = lab.socket("c1", V6, socket.SOCK_DGRAM)
+        s.bind(("2001:db8:18::11", 23000 + i))
+        s.sendto(LabClient.ike_bytes(LabClient.new_spi()), (lab.vip6, 500))
+    wait(lambda: len([c for c in d.connections() if c["client"] == "2001:db8:18::11"]) == 30, "30 conversations")
+    counts = {}
+    for c in d.connections():
+        counts[c["rs_address"]] = counts.get(c["rs_address"], 0) + 1
+    assert quiet not in counts and len(counts) == 2, counts
