@@ -297,6 +297,7 @@ swanctl {{
         self.proc: subprocess.Popen | None = None
         self.conn: str | None = None  # set by the helpers: the connection (= child) to initiate
         self.ike_id: str | None = None  # set by the helpers: this peer's IKE identity
+        self.family = 4  # set by Peers.client: 6 for a client of the IPv6 VIP
 
     def __repr__(self) -> str:
         return f"Charon({self.name!r} in {self.role}, pid={self.pid})"
@@ -553,6 +554,8 @@ def responder_swanctl(lab: Lab, rs: int, *, pki: Pki | None = None, dpd_delay: s
     """A real server's swanctl.conf: IKEv2 PSK (``psk``), IKEv1 main mode PSK (``psk1``) and, with
     ``pki``, IKEv2 certificates (``cert``); local address = VIP (dr/tun) or its own (nat)."""
     local = lab.vip if lab.mode in ("dr", "tun") else lab.rs_addrs[rs]
+    if getattr(lab, "ipv6", False):  # a dual-stack lab: the IPv6 VIP (dr) or address (nat) too
+        local += ", " + (lab.vip6 if lab.mode == "dr" else lab.rs_addrs6[rs])
     common = f"""\
     local_addrs = {local}
     pools = rs
@@ -641,8 +644,10 @@ def client_swanctl(
     dpd_delay: str = "1s",
     cert: str | None = None,
     ike_proposals: str = "default",
+    family: int = 4,
 ) -> str:
-    """A road warrior toward the VIP: ``kind`` psk (IKEv2), psk1 (IKEv1 main mode) or cert (IKEv2
+    """A road warrior toward the VIP (``family`` 6: the lab's IPv6 VIP, over IPv6; the tunnel's
+    inner addresses stay IPv4): ``kind`` psk (IKEv2), psk1 (IKEv1 main mode) or cert (IKEv2
     with certificate ``cert``, see Pki.files_for). Conn and child are both named ``kind``.
 
     A virtual IP from the real server's pool, remote TS = PROTECTED; DPD every ``dpd_delay`` with
@@ -667,7 +672,7 @@ def client_swanctl(
 connections {{
   {kind} {{
     version = {version}
-    remote_addrs = {lab.vip}
+    remote_addrs = {lab.vip6 if family == 6 else lab.vip}
     vips = 0.0.0.0
     proposals = {ike_proposals}
     fragmentation = {fragmentation}
@@ -824,9 +829,10 @@ class Peers:
         return self.servers
 
     def client(self, role: str, kind: str = "psk", *, cert: str | None = None, fragmentation: str = "yes",
-               dpd_delay: str = "1s", ike_proposals: str = "default", options: str = "") -> Charon:  # fmt: skip
+               dpd_delay: str = "1s", ike_proposals: str = "default", options: str = "",
+               family: int = 4) -> Charon:  # fmt: skip
         """A (not yet started) road warrior in ``role``: see ``client_swanctl``; ``options`` are
-        extra charon settings."""
+        extra charon settings; ``family`` 6 connects to the IPv6 VIP of a dual-stack lab."""
         if role not in self.lab.ns:
             raise ValueError(f"no namespace for {role} (add_clients first)")
         files = {}
@@ -836,9 +842,10 @@ class Peers:
             self.pki.leaf(cert, cert_id(cert))
             files = self.pki.files_for(cert)
         conf = client_swanctl(self.lab, role, kind=kind, cert=cert, fragmentation=fragmentation,
-                              dpd_delay=dpd_delay, ike_proposals=ike_proposals)  # fmt: skip
+                              dpd_delay=dpd_delay, ike_proposals=ike_proposals, family=family)  # fmt: skip
         c = Charon(self.lab, role, conf, files=files, options=options)
         c.conn = kind
+        c.family = family
         c.ike_id = cert_id(cert) if kind == "cert" else f"{role}@{PSK_DOMAIN}"
         self.clients[role] = c
         return c
@@ -882,6 +889,8 @@ class Peers:
 
     def seen_as(self, role: str) -> str:
         """The client's address as the director sees it (c3 is behind the masquerading NAT)."""
+        if getattr(self.clients.get(role), "family", 4) == 6:
+            return self.lab.client_addrs6[role]
         return self.lab.nat_public if role == "c3" else self.lab.client_addrs[role]
 
     def server_of(self, role: str) -> int | None:
