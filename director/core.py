@@ -752,8 +752,9 @@ class Director:
         return rs if isinstance(rs, DropReason) else rs.id
 
     def _ingress_refused(self, svc: Service, cls: int, source: int, now: float) -> DropReason | None:
-        """The service's ingress limit for this class and source (None: within it, or no limit)."""
-        ing = self._ingress.get(svc.id) if self.ingress_in_core else None
+        """The service's ingress limit for this class and source (None: within it, or no limit).
+        IPv6 sources always: the eBPF programs do not judge IPv6 (docs/ipv6.md)."""
+        ing = self._ingress.get(svc.id) if self.ingress_in_core or source >> 32 else None
         return ing.refused(cls, source, int(now * 1e9)) if ing is not None else None
 
     def _refuse_new(self, source: int, now: float) -> DropReason | None:

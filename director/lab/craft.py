@@ -1,4 +1,6 @@
-"""Crafted client traffic as raw IPv4 bytes (no scapy): IKE, NAT-T, ESP, AH, and ICMP errors.
+"""Crafted client traffic as raw IPv4 or IPv6 bytes (no scapy): IKE, NAT-T, ESP, AH, and ICMP errors.
+
+The family is the addresses' (director.packet: an int below 2**32 is IPv4).
 
 Used by the unit tests, the decision-core demo and the micro-benchmarks; every packet is well
 formed (checksums right) unless a test breaks it on purpose.
@@ -16,10 +18,13 @@ from director.packet import (
     NATT_PORT,
     PROTO_AH,
     PROTO_ESP,
+    build_ip,
+    build_ip_udp,
     build_ipv4,
-    ipv4_checksum,
-    build_ipv4_udp,
+    build_ipv6,
     ike_header,
+    ipv4_checksum,
+    upper_checksum6,
 )
 
 NON_ESP_MARKER = b"\x00\x00\x00\x00"
@@ -45,30 +50,30 @@ def ike(
         flags = 0 if v1 else 0x08
     msg = ike_header(spi_i, spi_r, exchange, flags=flags, version=0x10 if v1 else 0x20, body=body)
     if natt:
-        return build_ipv4_udp(client, vip, sport, NATT_PORT, NON_ESP_MARKER + msg)
-    return build_ipv4_udp(client, vip, sport, IKE_PORT, msg)
+        return build_ip_udp(client, vip, sport, NATT_PORT, NON_ESP_MARKER + msg)
+    return build_ip_udp(client, vip, sport, IKE_PORT, msg)
 
 
 def esp(client: int, vip: int, spi: int, seq: int = 1, size: int = 64) -> bytes:
     """Raw ESP (proto 50): SPI, sequence and ``size`` bytes standing in for ciphertext."""
-    return build_ipv4(client, vip, PROTO_ESP, struct.pack(">II", spi, seq) + bytes(size))
+    return build_ip(client, vip, PROTO_ESP, struct.pack(">II", spi, seq) + bytes(size))
 
 
 def esp_in_udp(client: int, vip: int, spi: int, seq: int = 1, sport: int = NATT_PORT, size: int = 64) -> bytes:
     """ESP-in-UDP on 4500 (RFC 3948)."""
-    return build_ipv4_udp(client, vip, sport, NATT_PORT, struct.pack(">II", spi, seq) + bytes(size))
+    return build_ip_udp(client, vip, sport, NATT_PORT, struct.pack(">II", spi, seq) + bytes(size))
 
 
 def keepalive(client: int, vip: int, sport: int = NATT_PORT) -> bytes:
     """NAT-keepalive: one 0xFF byte on 4500 (RFC 3948 section 2.3)."""
-    return build_ipv4_udp(client, vip, sport, NATT_PORT, b"\xff")
+    return build_ip_udp(client, vip, sport, NATT_PORT, b"\xff")
 
 
 def ah(client: int, vip: int, spi: int, seq: int = 1, icv: int = 12) -> bytes:
     """AH (proto 51) with an ``icv``-byte ICV, next header 4, then a tiny payload."""
     payload_len = (12 + icv) // 4 - 2
     hdr = struct.pack(">BBHII", 4, payload_len, 0, spi, seq) + bytes(icv)
-    return build_ipv4(client, vip, PROTO_AH, hdr + bytes(20))
+    return build_ip(client, vip, PROTO_AH, hdr + bytes(20))
 
 
 def icmp_error(router: int, dst: int, quoted: bytes, *, itype: int = 3, code: int = 4, mtu: int = 1400,
@@ -80,3 +85,12 @@ def icmp_error(router: int, dst: int, quoted: bytes, *, itype: int = 3, code: in
     body = bytes(quoted[:quote])
     csum = ipv4_checksum(struct.pack(">BBH", itype, code, 0) + rest + body)
     return build_ipv4(router, dst, 1, struct.pack(">BBH", itype, code, csum) + rest + body, flags_frag=0)
+
+
+def icmp6_error(router: int, dst: int, quoted: bytes, *, itype: int = 2, code: int = 0, mtu: int = 1280,
+                quote: int = 48) -> bytes:
+    """An ICMPv6 error (RFC 4443) from ``router`` to ``dst`` quoting the first ``quote`` bytes of
+    ``quoted`` (48: its IPv6 header and 8 bytes); ``mtu`` is a packet too big's (type 2), else 0."""
+    body = struct.pack(">BBHI", itype, code, 0, mtu if itype == 2 else 0) + bytes(quoted[:quote])
+    csum = upper_checksum6(router, dst, 58, body)
+    return build_ipv6(router, dst, 58, body[:2] + csum.to_bytes(2, "big") + body[4:])
