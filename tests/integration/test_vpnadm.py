@@ -145,10 +145,10 @@ def test_stats_connections_zero_and_timeouts_after_real_traffic(director):
 
 REFUSED = [  # (argv, exit status, text the one-line message must contain)
     (["-A", "-V", "198.18.0.102", "-s", "nosuch"], 1, "scheduler: must be one of"),
-    (["-A", "-V", "198.18.0.300"], 1, "vip: not an IPv4 address"),
+    (["-A", "-V", "198.18.0.300"], 1, "vip: not an IPv4 or IPv6 address"),
     (["-A", "-V", "198.18.0.100"], 1, "vip: service 198.18.0.100 exists"),
     (["-a", "-V", "198.18.0.100", "-r", "198.18.1.14", "-w", "70000"], 1, "weight: must be 0..65535"),
-    (["-a", "-V", "198.18.0.100", "-r", "198.18.1.300"], 1, "address: not an IPv4 address"),
+    (["-a", "-V", "198.18.0.100", "-r", "198.18.1.300"], 1, "address: not an IPv4 or IPv6 address"),
     (["-A", "-V", "198.18.0.102", "--method", "nat", "--ah"], 1, "ah: AH cannot cross NAT"),
     (["-e", "-V", "198.18.0.100", "-r", "198.18.1.99", "-w", "2"], 1, "address: no real server 198.18.1.99"),
     (["-d", "-V", "198.18.0.100", "-r", "198.18.1.99"], 1, "address: no real server 198.18.1.99"),

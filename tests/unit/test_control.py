@@ -13,7 +13,7 @@ BASE = TWO_SERVERS
     ({"cmd": "add-service", "service": {"vip": "192.0.2.10"}}, "vip: service 192.0.2.10 exists"),
     ({"cmd": "add-service", "service": {"vip": "192.0.2.11", "scheduler": "nope"}}, "service.scheduler: must be one of"),
     ({"cmd": "add-service", "service": {"vip": "192.0.2.11", "method": "nat", "ah": True}}, "service.ah: AH cannot cross NAT"),
-    ({"cmd": "add-service", "service": {"vip": "bad"}}, "vip: not an IPv4 address"),
+    ({"cmd": "add-service", "service": {"vip": "bad"}}, "vip: not an IPv4 or IPv6 address"),
     ({"cmd": "add-server", "vip": "192.0.2.10", "server": {"address": "198.51.100.1"}}, "address: real server 198.51.100.1 exists"),
     ({"cmd": "add-server", "vip": "192.0.2.10", "server": {"address": "198.51.100.9", "weight": 70000}}, "service.server[2].weight: must be 0..65535"),
     ({"cmd": "edit-server", "vip": "192.0.2.10", "address": "198.51.100.9", "changes": {"weight": 1}}, "address: no real server 198.51.100.9"),
