@@ -88,6 +88,28 @@ static __always_inline int tc_tun(struct __sk_buff *skb, struct fp *f)
 	return tc_redirect(f);
 }
 
+/* DR and NAT66 (fastpath6.h). The old destination is read before anything changes. */
+static __always_inline int tc_dr_nat6(struct __sk_buff *skb, struct fp *f, int nat)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ipv6_hdr *h = data + ETH_HLEN;
+	struct addr6 old;
+
+	if ((void *)(h + 1) > data_end)
+		goto fail;
+	old = h->daddr;
+	if (nat && f->p.proto == IPPROTO_UDP &&
+	    skb_nat6_udp_csum(skb, ETH_HLEN + (f->p.ihl & (L4_OFF_MAX - 1)), &old, &f->rip6))
+		goto fail;
+	if (l3_rewrite6_in_place((void *)(long)skb->data, (void *)(long)skb->data_end, &f->rip6, nat, &f->fib))
+		goto fail;
+	return tc_redirect(f);
+fail:
+	fp_internal_drop(f);
+	return TC_ACT_SHOT;
+}
+
 SEC("tc")
 int director_tc(struct __sk_buff *skb)
 {
@@ -104,6 +126,8 @@ int director_tc(struct __sk_buff *skb)
 	case FP_TUN:
 		return tc_tun(skb, &f);
 	default:
+		if (f.v6)
+			return tc_dr_nat6(skb, &f, v == FP_NAT);
 		return tc_dr_nat(skb, &f, v == FP_NAT);
 	}
 }

@@ -44,7 +44,8 @@ int director_xdp(struct xdp_md *ctx)
 		return XDP_PASS;
 	if (v == FP_DROP)
 		return XDP_DROP;
-	if (f.kind == KIND_ESP_IN_UDP && xdp_udp_csum_partial(data, data_end, &f.p)) {
+	if (f.kind == KIND_ESP_IN_UDP &&
+	    (f.v6 ? xdp_udp_csum_partial6(data, data_end, &f.p) : xdp_udp_csum_partial(data, data_end, &f.p))) {
 		fp_pass(f.st, f.kind);
 		return XDP_PASS;
 	}
@@ -62,6 +63,8 @@ int director_xdp(struct xdp_md *ctx)
 			fp_pass(f.st, f.kind);
 			return XDP_PASS;
 		}
+	} else if (f.v6) {
+		rc = xdp_rewrite_dr_nat6(ctx, &f.p, &f.rip6, v == FP_NAT, &f.fib);
 	} else {
 		rc = xdp_rewrite_dr_nat(ctx, &f.p, f.rip, v == FP_NAT, &f.fib);
 	}

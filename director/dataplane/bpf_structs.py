@@ -20,6 +20,7 @@ from director.forwarding.method import Method
 __all__ = [
     "ADMIT",
     "ADMIT_SRC",
+    "CLIENT6_KEY",
     "CLIENT_KEY",
     "CLIENT_VAL",
     "DP_CONFIG",
@@ -33,6 +34,7 @@ __all__ = [
     "METHOD_NAT",
     "METHOD_TUN",
     "RS_STATS",
+    "SERVER6_VAL",
     "SERVER_VAL",
     "SERVER_IDS",
     "RS_STATS_SLOTS",
@@ -48,9 +50,11 @@ __all__ = [
     "Layout",
     "MapSpec",
     "addr",
+    "addr6",
     "addr_int",
     "admit",
     "admit_window",
+    "client6_key",
     "client_key",
     "client_val",
     "dp_config",
@@ -183,8 +187,11 @@ def unpack_ingress_tb(b: bytes) -> tuple[int, int]:
 
 
 #: Every struct of docs/fastpath.md, by its C name.
+CLIENT6_KEY = _layout("client6_key", ("vip", "16s"), ("client", "16s"), ("port", "H"), ("pad", "H"))
+SERVER6_VAL = _layout("server6_val", ("addr", "16s"))
+
 LAYOUTS = {l.name: l for l in (VIP_VAL, CLIENT_KEY, CLIENT_VAL, SERVER_VAL, DP_CONFIG, DP_STATS, RS_STATS,
-                               ADMIT, ADMIT_SRC, SPI_LABEL_CFG, LABEL_SEEN_VAL, LABEL_STATS)}
+                               ADMIT, ADMIT_SRC, SPI_LABEL_CFG, LABEL_SEEN_VAL, LABEL_STATS, CLIENT6_KEY, SERVER6_VAL)}
 
 U32 = struct.Struct("=I")  # __u32 keys (rs_id, array index) in host order
 _ADDR = struct.Struct("!I")  # an address: network order
@@ -215,6 +222,10 @@ MAPS = {
     "label_stats": MapSpec(4, LABEL_STATS.size, True, True),
     "ingress_cfg": MapSpec(4, INGRESS_CFG.size, False),
     "ingress_src": MapSpec(INGRESS_KEY.size, INGRESS_TB.size, False),
+    # IPv6 (docs/ipv6.md): servers and rs_stats are shared with IPv4
+    "vips6": MapSpec(16, VIP_VAL.size, False),
+    "clients6": MapSpec(CLIENT6_KEY.size, CLIENT_VAL.size, False),
+    "servers6": MapSpec(4, SERVER6_VAL.size, False, True),
 }
 
 
@@ -227,6 +238,23 @@ def addr(address: int) -> bytes:
     Key of ``vips`` (the VIP) and ``nat_replies`` (the RIP), value of ``nat_replies`` (the VIP).
     """
     return _ADDR.pack(address)
+
+
+def addr6(address: int) -> bytes:
+    """An IPv6 address (a 128-bit int, director.packet) as 16 bytes in network order: key of
+    ``vips6``, value of ``servers6``."""
+    return address.to_bytes(16, "big")
+
+
+def client6_key(vip: int, client: int, port: int = 0) -> bytes:
+    """Key of ``clients6``: as :func:`client_key`, with IPv6 addresses."""
+    return CLIENT6_KEY.struct.pack(vip.to_bytes(16, "big"), client.to_bytes(16, "big"), port, 0)
+
+
+def unpack_client6_key(b: bytes) -> tuple[int, int, int]:
+    """(vip, client, port) of a ``clients6`` key."""
+    vip, client, port, _pad = CLIENT6_KEY.struct.unpack(b)
+    return int.from_bytes(vip, "big"), int.from_bytes(client, "big"), port
 
 
 def addr_int(b: bytes) -> int:

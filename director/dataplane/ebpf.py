@@ -65,7 +65,9 @@ FILTER_PRIO = 0xC0DE  # our tc filter's priority on each interface: found and re
 INGRESS = "ffff:fff2"
 ADOPTED_SPI = 0xADAD_0000_0000_0000  # initiator "cookie" of entries rebuilt from the map (| port)
 _MAPS = ("vips", "clients", "servers", "nat_replies", "config", "stats", "rs_stats", "admit", "admit_src",
-         "spi_labels", "label_seen", "label_stats", "ingress_cfg", "ingress_src")  # fmt: skip
+         "spi_labels", "label_seen", "label_stats", "ingress_cfg", "ingress_src",
+         "vips6", "clients6", "servers6")  # fmt: skip
+_SIZED = ("clients", "clients6")  # sized daemon.capacity before load
 LABEL_DRAIN_MAX = 4096  # label_seen records turned into entries per tick, at most (a flood waits its turn)
 _RETURN_MAPS = ("return_vips", "return_macs", "return_stats")  # director_reply's own (include/return_path.h)
 _RET_DROP_BASE, _RET_FORWARDED, _RET_STATS = 80, 15, 16  # return_stats: [reason - 80], [15] forwarded
@@ -171,6 +173,8 @@ class FastPath:
         self.obj_dir = Path(obj_dir)
         self.fd: dict[str, int] = {}
         self.clients_map = clients_map
+        self.clients6_map: MapAccess | None = None  # IPv6 clients (``clients6``), opened by ``start``
+        self._written6: set[int] = set()  # ids with a servers6 entry
         self.projection: ClientProjection | None = None
         self._objs: list[libbpf.BpfObject] = []
         self.ncpus = 1
@@ -226,7 +230,7 @@ class FastPath:
                 self._objs.append(obj)
                 for m in obj.map_names:
                     if m in _MAPS:
-                        if m == "clients":
+                        if m in _SIZED:
                             obj.set_max_entries(m, self.d.table.capacity)
                         obj.set_pin_path(m, self.pin_dir / m)
                 obj.load()
@@ -243,6 +247,8 @@ class FastPath:
             raise FastPathUnavailable(f"cannot load the eBPF programs: {e}") from None
         if self.clients_map is None:
             self.clients_map = BpfMap(self.fd["clients"], bs.CLIENT_KEY.size, bs.CLIENT_VAL.size)
+        if self.clients6_map is None:
+            self.clients6_map = BpfMap(self.fd["clients6"], bs.CLIENT6_KEY.size, bs.CLIENT_VAL.size)
         self._ipr = ipr
         self._adopt_servers()
         if self.fib == "cached":  # subscribed before the first resolve: no change falls between
@@ -289,7 +295,7 @@ class FastPath:
                 info = libbpf.map_info(fd)
             finally:
                 libbpf.close_fd(fd)
-            want_entries = self.d.table.capacity if name == "clients" else info.max_entries
+            want_entries = self.d.table.capacity if name in _SIZED else info.max_entries
             is_array = info.type in (libbpf.BPF_MAP_TYPE_ARRAY, libbpf.BPF_MAP_TYPE_PERCPU_ARRAY)
             if (info.key_size, info.value_size, info.max_entries, is_array) == (
                     spec.key_size, spec.value_size, want_entries, spec.array):  # fmt: skip
@@ -333,9 +339,10 @@ class FastPath:
     def sync_services(self) -> None:
         """vips, servers and nat_replies equal the running services; clients of gone ones pruned."""
         d = self.d
-        vips, nat, labels, ingress = {}, {}, {}, {}
+        vips, nat, labels, ingress, vips6 = {}, {}, {}, {}, {}
         for svc in d.services.values():
-            if is_ipv6(svc.vip):  # the programs parse IPv4: an IPv6 service's packets pass to the queue
+            if is_ipv6(svc.vip):  # IPv6 (fastpath6.h): forwarding only; labels, limits and NAT66 replies are the queue's
+                vips6[bs.addr6(svc.vip)] = bs.vip_val(svc.id, bs.VIP_F_AH if svc.ah else 0)
                 continue
             vips[bs.addr(svc.vip)] = bs.vip_val(svc.id, bs.VIP_F_AH if svc.ah else 0)
             if svc.ingress:  # per-source ingress limits (ebpf/include/ingress.h)
@@ -350,7 +357,8 @@ class FastPath:
                 if svc.method_of(rs) == Method.NAT:
                     nat[bs.addr(rs.addr)] = bs.addr(svc.vip)
         self._write_servers()
-        for name, want in (("vips", vips), ("nat_replies", nat), ("spi_labels", labels), ("ingress_cfg", ingress)):
+        for name, want in (("vips", vips), ("nat_replies", nat), ("spi_labels", labels), ("ingress_cfg", ingress),
+                           ("vips6", vips6)):
             fd = self.fd[name]
             spec = bs.MAPS[name]
             for k in list(libbpf.map_keys(fd, spec.key_size)):
@@ -360,14 +368,16 @@ class FastPath:
                 libbpf.map_update(fd, k, v)
         self._sync_return(d)
         # a client whose VIP or real server is gone goes back to the slow path
-        m = self.clients_map
-        for k, v in m.items():
-            vip, _client, _port = bs.unpack_client_key(k)
-            rs, _seen = bs.unpack_client_val(v)
-            svc = d.service_by_vip(vip)
-            if svc is None or rs not in svc.servers:
-                m.delete(k)
-                self.stats["pruned"] += 1
+        for m, unpack in ((self.clients_map, bs.unpack_client_key), (self.clients6_map, bs.unpack_client6_key)):
+            if m is None:
+                continue
+            for k, v in m.items():
+                vip, _client, _port = unpack(k)
+                rs, _seen = bs.unpack_client_val(v)
+                svc = d.service_by_vip(vip)
+                if svc is None or rs not in svc.servers:
+                    m.delete(k)
+                    self.stats["pruned"] += 1
 
     # -- next hops (dataplane.nexthop; daemon.fastpath_fib = "cached") --------------------------------
     def _next_hop(self, addr: int) -> bs.NextHop | None:
@@ -383,9 +393,11 @@ class FastPath:
         client interface resolves none (the programs' lookup then says so, and passes)."""
         if self._ipr is None:
             return False
-        addrs = {rs.addr for svc in self.d.services.values() if not is_ipv6(svc.vip) for rs in svc.servers.values()}
-        fwd = nexthop.forwarding_enabled(_ifname(self._ipr, self.client_ifindex))
-        new = {a: nexthop.resolve(self._ipr, a) if fwd else nexthop.Resolution(None, None, "forwarding disabled")
+        addrs = {rs.addr for svc in self.d.services.values() for rs in svc.servers.values()}
+        ifname = _ifname(self._ipr, self.client_ifindex)
+        fwd = {False: nexthop.forwarding_enabled(ifname),
+               True: nexthop.forwarding_enabled(ifname, Path("/proc/sys/net/ipv6/conf"))}  # fmt: skip
+        new = {a: nexthop.resolve(self._ipr, a) if fwd[is_ipv6(a)] else nexthop.Resolution(None, None, "forwarding disabled")
                for a in addrs}  # fmt: skip
         changed = {a for a in addrs if a not in self.next_hops or self.next_hops[a].nh != new[a].nh}
         for a in changed:
@@ -474,8 +486,6 @@ class FastPath:
         fd = self.fd["servers"]
         now = {}
         for svc in self.d.services.values():
-            if is_ipv6(svc.vip):
-                continue
             for rs in svc.servers.values():
                 now[rs.id] = (rs.addr, int(svc.method_of(rs)))
         for rs_id in list(self.slots):
@@ -483,9 +493,17 @@ class FastPath:
                 del self.slots[rs_id]
         for rs_id in self._written - set(now):
             libbpf.map_update(fd, bs.u32(rs_id), bytes(bs.SERVER_VAL.size))
+        six = {rs_id for rs_id, (a, _m) in now.items() if is_ipv6(a)}
+        for rs_id in self._written6 - six:
+            libbpf.map_update(self.fd["servers6"], bs.u32(rs_id), bytes(bs.SERVER6_VAL.size))
         for rs_id, (a, m) in now.items():
-            libbpf.map_update(fd, bs.u32(rs_id), bs.server_val(a, m, self._next_hop(a), self._slot(rs_id)))
+            # an IPv6 server: its address in servers6, zero in servers (the IPv4 program's "none")
+            libbpf.map_update(fd, bs.u32(rs_id), bs.server_val(0 if rs_id in six else a, m, self._next_hop(a),
+                                                                self._slot(rs_id)))  # fmt: skip
+            if rs_id in six:
+                libbpf.map_update(self.fd["servers6"], bs.u32(rs_id), bs.addr6(a))
         self._written = set(now)
+        self._written6 = six
 
     # -- the return path through the director (include/return_path.h) ------------------------------
     def _sync_return(self, d: Director) -> None:
@@ -527,11 +545,13 @@ class FastPath:
         """Write the map keys of every client whose projection may have changed since the last flush."""
         if self.projection is None:
             return
-        m = self.clients_map
         for vip, client, port, rs in self.projection.drain():
-            if is_ipv6(vip):  # not in the programs' maps (sync_services)
+            if is_ipv6(vip):
+                m, key = self.clients6_map, bs.client6_key(vip, client, port)
+            else:
+                m, key = self.clients_map, bs.client_key(vip, client, port)
+            if m is None:  # no clients6 (a test's stand-in map): nothing to keep
                 continue
-            key = bs.client_key(vip, client, port)
             if rs is not None:
                 old = m.lookup(key)
                 if old is None or bs.unpack_client_val(old)[0] != rs:
@@ -543,8 +563,9 @@ class FastPath:
     def last_seen(self, vip: int, client: int, port: int) -> float | None:
         """When the fast path last forwarded for this key (seconds, monotonic), if ever."""
         if is_ipv6(vip):
-            return None
-        v = self.clients_map.lookup(bs.client_key(vip, client, port))
+            v = self.clients6_map.lookup(bs.client6_key(vip, client, port)) if self.clients6_map is not None else None
+        else:
+            v = self.clients_map.lookup(bs.client_key(vip, client, port))
         if v is None:
             return None
         seen = bs.unpack_client_val(v)[1]
@@ -553,8 +574,10 @@ class FastPath:
     def adopt(self, now: float | None = None) -> int:
         """Rebuild ESTABLISHED entries for the clients a previous daemon left in the map."""
         n = 0
-        for k, v in self.clients_map.items():
-            vip, client, port = bs.unpack_client_key(k)
+        items = [(bs.unpack_client_key(k), v) for k, v in self.clients_map.items()]
+        if self.clients6_map is not None:
+            items += [(bs.unpack_client6_key(k), v) for k, v in self.clients6_map.items()]
+        for (vip, client, port), v in items:
             rs, _seen = bs.unpack_client_val(v)
             if not port:
                 continue
@@ -647,9 +670,10 @@ class FastPath:
     def clients(self) -> list[tuple[str, str, int, int]]:
         """(vip, client, port, real server id) of every client in the map (for status and tests)."""
         out = []
-        for k, v in self.clients_map.items():
-            vip, client, port = bs.unpack_client_key(k)
-            out.append((int_to_ip(vip), int_to_ip(client), port, bs.unpack_client_val(v)[0]))
+        for m, unpack in ((self.clients_map, bs.unpack_client_key), (self.clients6_map, bs.unpack_client6_key)):
+            for k, v in (m.items() if m is not None else ()):
+                vip, client, port = unpack(k)
+                out.append((int_to_ip(vip), int_to_ip(client), port, bs.unpack_client_val(v)[0]))
         return sorted(out)
 
 

@@ -46,6 +46,8 @@ RTMGRP_LINK = 0x1
 RTMGRP_NEIGH = 0x4
 RTMGRP_IPV4_IFADDR = 0x10
 RTMGRP_IPV4_ROUTE = 0x40
+RTMGRP_IPV6_IFADDR = 0x100
+RTMGRP_IPV6_ROUTE = 0x400
 RTM_NEWNEIGH, RTM_DELNEIGH = 28, 29
 NLMSG_HDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
 NDMSG = struct.Struct("=BBHi")  # family, pad, pad, ifindex (then state, flags, type)
@@ -62,7 +64,8 @@ class Resolution:
 
 
 def forwarding_enabled(ifname: str, proc: Path = Path("/proc/sys/net/ipv4/conf")) -> bool:
-    """IPv4 forwarding on the client interface (bpf_fib_lookup's FWD_DISABLED check)."""
+    """IPv4 forwarding on the client interface (bpf_fib_lookup's FWD_DISABLED check); IPv6's with
+    ``proc`` = /proc/sys/net/ipv6/conf."""
     try:
         return (proc / ifname / "forwarding").read_text().strip() == "1"
     except OSError:
@@ -70,9 +73,11 @@ def forwarding_enabled(ifname: str, proc: Path = Path("/proc/sys/net/ipv4/conf")
 
 
 def resolve(ipr: IPRoute, addr: int) -> Resolution:
-    """The next hop toward ``addr`` (host-order IPv4) from the main routing decision."""
+    """The next hop toward ``addr`` (an address int of either family) from the main routing
+    decision; for IPv6 the neighbour comes from neighbour discovery as ARP's for IPv4."""
+    family = socket.AF_INET6 if addr >> 32 else socket.AF_INET
     try:
-        route = ipr.route("get", dst=int_to_ip(addr))[0]
+        route = ipr.route("get", dst=int_to_ip(addr), family=family)[0]
     except NetlinkError as e:
         return Resolution(None, None, f"no route ({e.args[1] if len(e.args) > 1 else e})")
     if route["type"] != RTN_UNICAST:
@@ -94,7 +99,7 @@ def resolve(ipr: IPRoute, addr: int) -> Resolution:
     if route_mtu:
         mtu = min(mtu, route_mtu)
     try:
-        neigh = ipr.neigh("get", dst=hop, ifindex=oif)[0]
+        neigh = ipr.neigh("get", dst=hop, ifindex=oif, family=family)[0]
     except NetlinkError:
         return Resolution(None, oif, f"no neighbour {hop}")
     lladdr = neigh.get_attr("NDA_LLADDR")
@@ -117,7 +122,8 @@ class Watch:
     def __init__(self) -> None:
         self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK, socket.NETLINK_ROUTE)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-        self.sock.bind((0, RTMGRP_LINK | RTMGRP_NEIGH | RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE))
+        self.sock.bind((0, RTMGRP_LINK | RTMGRP_NEIGH | RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE
+                        | RTMGRP_IPV6_IFADDR | RTMGRP_IPV6_ROUTE))
         self.events = 0  # messages read
         self.overflows = 0
 

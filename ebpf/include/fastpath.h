@@ -45,6 +45,8 @@ struct fp {
 	struct ipv4_hdr outer;     /* TUN: the outer header, checksum done */
 	struct pkt p;
 	struct dp_stats *st;
+	struct addr6 rip6; /* IPv6 (fastpath6.h): the real server's address */
+	int v6;      /* the packet is IPv6 (fp_decide6) */
 	__be32 rip;  /* the real server's address */
 	__u32 rs_id;
 	__u32 rs_slot; /* its counters' index in rs_stats */
@@ -292,6 +294,9 @@ static __always_inline int fp_route_tun(void *ctx, struct fp *f, const struct se
 	return FP_TUN;
 }
 
+static __always_inline int fp_decide6(void *ctx, void *data, void *data_end, __u32 frame_len, __u32 in_ifindex,
+				      struct fp *f);
+
 /* The decision for the frame [data, data_end) of frame_len bytes in all (more than data_end - data
  * when tc's skb is not linear). in_ifindex: the fib lookups' input interface when the config
  * names none. Packet pointers are not kept: the hook re-reads them for its rewrite. */
@@ -314,6 +319,9 @@ static __always_inline int fp_decide(void *ctx, void *data, void *data_end, __u3
 		return FP_PASS;
 	f->st = st;
 	f->labelled = 0;
+	f->v6 = 0;
+	if ((void *)(eth + 1) <= data_end && eth->h_proto == bpf_htons(ETH_P_IPV6))
+		return fp_decide6(ctx, data, data_end, frame_len, in_ifindex, f);
 	if ((void *)(eth + 1) > data_end || eth->h_proto != bpf_htons(ETH_P_IP)) {
 		st->not_ours++;
 		return FP_PASS;
@@ -440,5 +448,7 @@ static __always_inline int fp_decide(void *ctx, void *data, void *data_end, __u3
 		return fp_pass(st, kind);
 	}
 }
+
+#include "fastpath6.h"
 
 #endif

@@ -73,6 +73,29 @@ struct {
 	__type(value, struct admit_src);
 } admit_src SEC(".maps");
 
+/* -- IPv6 (docs/ipv6.md) -- */
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 256);
+	__type(key, struct addr6); /* an IPv6 VIP */
+	__type(value, struct vip_val);
+} vips6 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536); /* the loader sets daemon.capacity before load, as for clients */
+	__type(key, struct client6_key);
+	__type(value, struct client_val);
+} clients6 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, SERVER_IDS);
+	__type(key, __u32); /* rs_id, host order */
+	__type(value, struct server6_val);
+} servers6 SEC(".maps");
+
 /* -- SPI labels (docs/fastpath.md, "SPI labels"): decoding on a `clients` miss -- */
 
 struct {

@@ -29,6 +29,7 @@
  * min(IP bytes in the frame, >= 100), which answers every length check of classify() exactly as
  * the whole packet would. */
 #define PULL_LEN 128
+#define L4_OFF_MAX 1024 /* classify_upper's offsets stay below this (IPv4: at most 60; IPv6: at most V6_WALK_MAX) */
 
 /* A 20-byte IPv4 header without bitfields (linux/ip.h's version/ihl bitfields follow the
  * compiling host's byte order; this layout does not depend on it). */
@@ -47,27 +48,28 @@ struct ipv4_hdr {
 
 /* What the forwarding needs from a classified packet. */
 struct pkt {
-	__be32 src;
+	__be32 src;    /* IPv4 only (an IPv6 packet's addresses stay in the packet) */
 	__be32 dst;
-	__u16 ihl;     /* IP header length in bytes */
-	__u16 tot_len; /* IP total length, host order */
+	__u16 ihl;     /* IP header length in bytes; IPv6: where the upper-layer header starts */
 	__u16 sport;   /* UDP ports, host order (0 when not UDP) */
+	__u32 tot_len; /* IP total length, host order; IPv6: 40 + payload length */
 	__u16 dport;
 	__u8 proto;
-	__u8 ttl;
+	__u8 ttl;      /* IPv6: the hop limit */
 	__u8 tos;
-	__u8 pad;
+	__u8 pad[3];
 };
 
 /* Classify the IPv4 packet at ip, as director.packet.classify(data, reply): returns a Kind (>= 0)
  * and fills *p, or -DropReason for a malformed packet. reply selects the UDP source port instead
  * of the destination port, as classify(reply=True). */
+static __always_inline int classify_upper(void *ip, __u32 off, __u32 total, void *data_end, int reply,
+					  struct pkt *p);
+
 static __always_inline int classify(void *ip, void *data_end, int reply, struct pkt *p)
 {
 	struct ipv4_hdr *iph = ip;
-	struct udphdr *udp;
-	__u8 *l4, *pl;
-	__u32 ihl, total, plen, ulen, size, port;
+	__u32 ihl, total;
 	__u8 vihl;
 
 	if ((void *)(iph + 1) > data_end)
@@ -96,8 +98,19 @@ static __always_inline int classify(void *ip, void *data_end, int reply, struct 
 	/* A non-first fragment has no L4 header; a first one has only part of the message. */
 	if (iph->frag_off & bpf_htons(IP_MF_OR_OFFSET))
 		return KIND_FRAGMENT;
-	plen = total - ihl; /* the IP payload by the header, whatever the frame holds */
-	l4 = ip + ihl;
+	return classify_upper(ip, ihl, total, data_end, reply, p);
+}
+
+/* The upper-layer half of classify() and classify6(), director.packet._upper: the ESP, AH or UDP
+ * header at ip + off (off < L4_OFF_MAX), the packet ending at total by its IP header. */
+static __always_inline int classify_upper(void *ip, __u32 off, __u32 total, void *data_end, int reply, struct pkt *p)
+{
+	struct udphdr *udp;
+	__u8 *l4, *pl;
+	__u32 plen, ulen, size, port;
+
+	plen = total - off; /* the IP payload by the header, whatever the frame holds */
+	l4 = ip + (off & (L4_OFF_MAX - 1));
 
 	if (p->proto == IPPROTO_ESP) { /* RFC 4303 section 2: SPI 4, sequence 4 */
 		if (plen < 8 || (void *)(l4 + 8) > data_end)

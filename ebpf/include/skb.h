@@ -20,6 +20,7 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 #include "parsing.h"
+#include "parsing6.h"
 
 /* Make the headers classify() reads linear. tc sees a GRO'd or paged skb with possibly only part
  * of its headers in the linear area, where direct packet access ends (data_end). Only pull when
@@ -27,7 +28,8 @@
  * packet pointers: callers read skb->data/data_end after it. */
 static __always_inline void skb_pull_headers(struct __sk_buff *skb)
 {
-	__u32 want = skb->len < PULL_LEN ? skb->len : PULL_LEN;
+	__u32 most = skb->protocol == bpf_htons(ETH_P_IPV6) ? V6_PULL_LEN : PULL_LEN; /* parsing6.h */
+	__u32 want = skb->len < most ? skb->len : most;
 
 	if ((long)skb->data_end - (long)skb->data < (long)want)
 		bpf_skb_pull_data(skb, want);
@@ -60,6 +62,19 @@ static __always_inline int skb_nat_udp_csum(struct __sk_buff *skb, __u32 l4_off,
 {
 	return bpf_l4_csum_replace(skb, l4_off + offsetof(struct udphdr, check), old_addr, new_addr,
 				   BPF_F_PSEUDO_HDR | BPF_F_MARK_MANGLED_0 | sizeof(new_addr));
+}
+
+/* NAT66's change of the destination from old to new in the UDP checksum of an ESP-in-UDP packet at
+ * l4_off: four 32-bit words of the pseudo-header, each through the helper (flags as above).
+ * Invalidates every packet pointer. */
+static __always_inline int skb_nat6_udp_csum(struct __sk_buff *skb, __u32 l4_off, const struct addr6 *old,
+					     const struct addr6 *new)
+{
+	for (int i = 0; i < 4; i++)
+		if (bpf_l4_csum_replace(skb, l4_off + offsetof(struct udphdr, check), old->w[i], new->w[i],
+					BPF_F_PSEUDO_HDR | BPF_F_MARK_MANGLED_0 | sizeof(__u32)))
+			return -1;
+	return 0;
 }
 
 /* TTL - 1 with the IP checksum updated incrementally over the 16-bit word TTL|protocol, as the

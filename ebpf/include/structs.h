@@ -75,6 +75,25 @@ struct server_val {
 	__u16 pad;
 };
 
+/* -- IPv6 (docs/ipv6.md): its own maps beside the IPv4 ones; servers and rs_stats are shared -- */
+
+struct addr6 {
+	__be32 w[4]; /* an IPv6 address, network order */
+};
+
+struct client6_key {
+	struct addr6 vip;
+	struct addr6 client;
+	__u16 port; /* as client_key.port */
+	__u16 pad;  /* always 0 */
+};
+
+/* servers6 is an array indexed by real server id, as servers: an IPv6 real server's address
+ * (all zero: none). Its method, next hop and counter slot are in its servers entry. */
+struct server6_val {
+	struct addr6 addr;
+};
+
 struct dp_config {
 	__u32 lan_addr;       /* network order: TUN outer source */
 	__u32 lan_ifindex;    /* real-server-facing interface (the reply program's fib lookups) */
@@ -128,6 +147,9 @@ _Static_assert(sizeof(struct client_key) == 12, "client_key");
 _Static_assert(sizeof(struct client_val) == 16, "client_val");
 _Static_assert(sizeof(struct server_val) == 28, "server_val");
 _Static_assert(sizeof(struct dp_config) == 20, "dp_config");
+_Static_assert(sizeof(struct addr6) == 16, "addr6");
+_Static_assert(sizeof(struct client6_key) == 36, "client6_key");
+_Static_assert(sizeof(struct server6_val) == 16, "server6_val");
 _Static_assert(sizeof(struct dp_stats) == 8 * (3 * N_KINDS + 7 + N_DROP_REASONS), "dp_stats");
 _Static_assert(sizeof(struct rs_stats) == 8 * 2 * N_KINDS, "rs_stats");
 _Static_assert(sizeof(struct admit) == 32, "admit");

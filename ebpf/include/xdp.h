@@ -21,6 +21,7 @@
 #include "parsing.h"
 #include "csum.h"
 #include "rewrite.h"
+#include "parsing6.h"
 
 /* Egress interfaces the loader has checked can transmit XDP frames (ndo_xdp_xmit: a veth whose
  * peer runs XDP or has GRO on, a native-XDP NIC; never a bridge), key and value the ifindex.
@@ -100,6 +101,54 @@ static __always_inline int xdp_encap_tun(struct xdp_md *ctx, const struct ipv4_h
 	eth->h_proto = bpf_htons(ETH_P_IP);
 	__builtin_memcpy(data + ETH_HLEN, outer, sizeof(*outer));
 	return 0;
+}
+
+/* IPv6: xdp_udp_csum_partial over the IPv6 pseudo-header (RFC 8200 section 8.1: both addresses,
+ * the upper-layer length, next header 17). */
+static __always_inline int xdp_udp_csum_partial6(void *data, void *data_end, const struct pkt *p)
+{
+	struct ipv6_hdr *h = data + ETH_HLEN;
+	struct udphdr *udp;
+	__u32 s = 0;
+
+	if ((void *)(h + 1) > data_end)
+		return 1;
+	udp = (void *)h + (p->ihl & (L4_OFF_MAX - 1));
+	if ((void *)(udp + 1) > data_end)
+		return 1;
+	for (int i = 0; i < 4; i++) {
+		s += (h->saddr.w[i] & 0xffff) + (h->saddr.w[i] >> 16);
+		s += (h->daddr.w[i] & 0xffff) + (h->daddr.w[i] >> 16);
+	}
+	s += bpf_htons(IPPROTO_UDP) + udp->len;
+	return udp->check == (__u16)~csum_fold32(s);
+}
+
+/* DR and NAT66 on the frame in place (fastpath6.h: l3_rewrite6_in_place), NAT's UDP checksum of
+ * ESP-in-UDP by arithmetic over the four words of the address (unless zero). */
+static __always_inline int xdp_rewrite_dr_nat6(struct xdp_md *ctx, const struct pkt *p, const struct addr6 *rip,
+					       int nat, const struct bpf_fib_lookup *fib)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct ipv6_hdr *h = data + ETH_HLEN;
+
+	if ((void *)(h + 1) > data_end)
+		return -1;
+	if (nat && p->proto == IPPROTO_UDP) {
+		struct udphdr *udp = (void *)h + (p->ihl & (L4_OFF_MAX - 1));
+
+		if ((void *)(udp + 1) > data_end)
+			return -1;
+		if (udp->check) {
+			__u16 c = udp->check;
+
+			for (int i = 0; i < 4; i++)
+				c = csum_replace4(c, h->daddr.w[i], rip->w[i]);
+			udp->check = c ? c : CSUM_MANGLED_0;
+		}
+	}
+	return l3_rewrite6_in_place(data, data_end, rip, nat, fib);
 }
 
 #endif

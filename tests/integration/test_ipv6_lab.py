@@ -195,3 +195,50 @@ def test_health_probes_over_ipv6_take_a_silent_server_out(make_lab, run_director
     for c in d.connections():
         counts[c["rs_address"]] = counts.get(c["rs_address"], 0) + 1
     assert quiet not in counts and len(counts) == 2, counts
+
+
+@pytest.mark.parametrize("hook", ["tc", "xdp"])
+@pytest.mark.parametrize("mode", MODES)
+def test_established_ipv6_esp_stays_in_the_kernel(make_lab, mode, hook):
+    """The eBPF fast path forwards an established IPv6 client's raw ESP and ESP-in-UDP (DR, or
+    NAT66 with the UDP checksum rewritten: the real server's UDP socket takes only a valid one)
+    at tc and at XDP; not one reaches the daemon. The IPv4 client beside it is forwarded too."""
+    from director.lab.director_proc import DirectorProcess
+    from director.lab.wait import wait_for
+
+    lab = make_lab(mode, ipv6=True)
+    if hook == "xdp":  # as tests/integration/test_fastpath.py's xdp_lab
+        lab.run("sw", ["ethtool", "-K", "director-eth1", "gro", "on"])
+        for role in ("c1", "c2"):
+            lab.run(role, ["ethtool", "-K", "eth0", "tx", "off"])
+    d = DirectorProcess(lab, dataplane="ebpf", daemon_extra=f'fastpath_hook = "{hook}"').start()
+    try:
+        c1, c2v4 = LabClient(lab, "c1", V6), LabClient(lab, "c2")
+        c1.ikev2_connect()
+        c2v4.ikev2_connect()
+        wait_for(lambda: d.status()["fastpath"]["clients"] >= 4, what="both clients' keys in the maps")
+        slow_before = d.status()["stats"]["packets"]
+        for seq in range(1, 51):
+            c1.send_esp(0x6E1, seq)
+            c1.send_esp_in_udp(0x6E2, seq)
+            c2v4.send_esp(0x4E1, seq)
+
+        def at(spi: int) -> dict[int, int]:
+            out = {}
+            for i in range(3):
+                n = sum(1 for r in lab.received(i) if r["kind"] in ("esp", "esp_in_udp") and r["spi"] == spi)
+                if n:
+                    out[i] = n
+            return out
+
+        wait_for(lambda: [sum(at(s).values()) for s in (0x6E1, 0x6E2, 0x4E1)] == [50, 50, 50],
+                 what="150 ESP packets at the real servers")
+        st = d.status()
+        assert st["stats"]["packets"] == slow_before, st["stats"]  # not one reached the daemon
+        assert st["fastpath"]["forwarded"]["ESP"] == 100 and st["fastpath"]["forwarded"]["ESP_IN_UDP"] == 50
+        assert len(at(0x6E1)) == 1 and at(0x6E1).keys() == at(0x6E2).keys()  # one server for the client
+        rs = next(iter(at(0x6E1)))
+        want_dst = lab.vip6 if mode == "dr" else lab.rs_addrs6[rs]
+        assert {r["dst"] for r in lab.received(rs) if r["spi"] in (0x6E1, 0x6E2)} == {want_dst}
+    finally:
+        assert d.stop() == 0, d.log()
