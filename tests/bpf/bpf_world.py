@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from director.packet import ip_to_int
+from director.packet import int_to_ip, ip_to_int
 
 REPO = Path(__file__).resolve().parents[2]
 EBPF = REPO / "ebpf"
@@ -68,6 +68,11 @@ class Topo:
     rip_tun_mac: bytes = mac("02:00:00:00:01:0d")
     rip_smallmtu_mac: bytes = mac("02:00:00:00:03:0b")
     lan_mtu: int = 1500
+    # IPv6 (the same interfaces, their own prefixes; the real servers' MACs are the IPv4 ones')
+    client6_gw: int = ip_to_int("2001:db8:c::fe")
+    rip6_dr: int = ip_to_int("2001:db8:1::11")
+    rip6_nat: int = ip_to_int("2001:db8:1::12")
+    rip6_smallmtu: int = ip_to_int("2001:db8:2::11")
 
 
 TOPO = Topo()
@@ -149,6 +154,8 @@ class Netns:
         # FWD_DISABLED for an input interface that does not forward).
         _sh("ip", "netns", "exec", self.name, "sysctl", "-qw", "net.ipv4.conf.all.forwarding=1")
         _sh("ip", "netns", "exec", self.name, "sysctl", "-qw", "net.ipv4.conf.default.forwarding=1")
+        for key in ("net.ipv6.conf.all.forwarding=1", "net.ipv6.conf.default.accept_dad=0"):
+            _sh("ip", "netns", "exec", self.name, "sysctl", "-qw", key)
         for dev, peer, macaddr, addr, mtu in (
             ("cli0", "cli1", t.cli0_mac, "198.51.100.1/24", 1500),
             ("lan0", "lan1", t.lan0_mac, "10.1.0.1/24", t.lan_mtu),
@@ -168,6 +175,13 @@ class Netns:
         ):
             self._ip("neigh", "replace", _ip(addr), "lladdr", _hex_mac(lladdr), "dev", dev, "nud", "permanent")
         self._ip("route", "add", "203.0.113.0/24", "via", _ip(t.client_gw), "dev", "cli0")
+        for dev, addr in (("cli0", "2001:db8:c::1/64"), ("lan0", "2001:db8:1::1/64"), ("lan2", "2001:db8:2::1/64")):
+            self._ip("addr", "add", addr, "dev", dev, "nodad")
+        for addr, lladdr, dev in ((t.client6_gw, t.gw_mac, "cli0"), (t.rip6_dr, t.rip_dr_mac, "lan0"),
+                                  (t.rip6_nat, t.rip_nat_mac, "lan0"),
+                                  (t.rip6_smallmtu, t.rip_smallmtu_mac, "lan2")):  # fmt: skip
+            self._ip("neigh", "replace", int_to_ip(addr), "lladdr", _hex_mac(lladdr), "dev", dev, "nud", "permanent")
+        self._ip("-6", "route", "add", "2001:db8:77::/64", "via", int_to_ip(t.client6_gw), "dev", "cli0")
         self.ifindex = {d["ifname"]: d["ifindex"] for d in json.loads(self._ip("-j", "link", "show"))}
 
     def close(self) -> None:
@@ -248,13 +262,14 @@ class World:
         """Empty every hash map, zero the stats, the config and the admission limits."""
         L, S = self.L, self.S
         for name in ("vips", "clients", "nat_replies", "admit_src", "spi_labels", "label_seen", "ingress_cfg",
-                     "ingress_src"):
+                     "ingress_src", "vips6", "clients6"):
             fd = self.map_fd[name]
             for key in list(L.map_keys(fd, S.MAPS[name].key_size)):
                 L.map_delete(fd, key)
         # the arrays: `servers` indexes written by put(), the first RS_SLOTS_USED counter slots
         for key in self._servers_put:
             L.map_update(self.map_fd["servers"], key, bytes(S.SERVER_VAL.size))
+            L.map_update(self.map_fd["servers6"], key, bytes(S.SERVER6_VAL.size))
         self._servers_put = set()
         zero = S.percpu_zero(S.RS_STATS, self.ncpus)
         for slot in range(RS_SLOTS_USED):
@@ -265,7 +280,7 @@ class World:
         L.map_update(self.map_fd["admit"], S.u32(0), bytes(S.ADMIT.size))  # no admission limits
 
     def put(self, name: str, key: bytes, value: bytes) -> None:
-        if name == "servers":
+        if name in ("servers", "servers6"):
             self._servers_put.add(key)
         self.L.map_update(self.map_fd[name], key, value)
 

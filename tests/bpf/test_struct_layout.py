@@ -82,7 +82,7 @@ def test_python_mirror_matches_btf(c_structs, layout):
 
 def test_every_contract_struct_is_mirrored(c_structs):
     contract = {"vip_val", "client_key", "client_val", "server_val", "dp_config", "dp_stats", "rs_stats", "admit",
-                "admit_src", "spi_label_cfg", "label_seen_val", "label_stats"}  # fmt: skip
+                "admit_src", "spi_label_cfg", "label_seen_val", "label_stats", "client6_key", "server6_val"}  # fmt: skip
     assert contract <= set(c_structs)
     assert set(S.LAYOUTS) == contract
 
