@@ -1,9 +1,9 @@
 """The ISAKMP connection table: entries, three indexes, expiry, limits and drop-entry. Pure.
 
 Layout. Entries live in preallocated columns (``array.array``), one slot per entry, like a BPF
-hash map's value area: memory is fixed when the table is made (``capacity`` entries, about 170
-bytes each at a million; see docs/performance.md), so a flood cannot grow it, and an entry is
-named by its slot number, which is what the indexes, lists and timer wheel store. Real servers
+hash map's value area: memory is fixed when the table is made (``capacity`` entries, about 275
+bytes each at a million, clients of either family: docs/ipv6.md), so a flood cannot grow it, and
+an entry is named by its slot number, which is what the indexes, lists and timer wheel store. Real servers
 are referred to by id, never by object.
 
 Indexes. Three open-addressing hash indexes (linear probing, backward-shift deletion, load <= 0.5)
