@@ -19,6 +19,11 @@ Datagram (network byte order; at most ``MAX_DATAGRAM`` bytes)::
             pad 2, real server ADDRESS 4 (ids differ between directors), initiator SPI 8,
             responder SPI 8, remaining timeout in ms 4
 
+    With header flag 0x02 (IPV6) every record of the datagram is an IPv6 one: the same fields
+    with 16-byte VIP, client and real server address (76 bytes; at most 17 per datagram). A
+    datagram is one family; the sender frames each family apart. (A director older than this
+    rejects an IPv6 datagram as malformed: its length does not match 40-byte records.)
+
 Types: CHANGES (a batch of entry changes), SNAPSHOT (one part of a full table: the parts of one
 snapshot are sequence numbers 1..n of a fresh epoch, the last flagged END), REQUEST (a backup asks
 for a snapshot). A record is the whole entry, so applying one is an idempotent upsert (or a
@@ -48,12 +53,15 @@ MAGIC = b"VS"
 MAX_DATAGRAM = 1400
 HEADER = struct.Struct(">2sBBIQQBBH")  # 28 bytes
 RECORD = struct.Struct(">BBBxIIHxxIQQI")  # 40 bytes
+RECORD6 = struct.Struct(">BBBx16s16sHxx16sQQI")  # 76 bytes: an IPv6 entry (FLAG_IPV6)
 MAC_LEN = 32
 MAX_RECORDS = (MAX_DATAGRAM - HEADER.size - MAC_LEN) // RECORD.size  # 33
+MAX_RECORDS6 = (MAX_DATAGRAM - HEADER.size - MAC_LEN) // RECORD6.size  # 17
 WINDOW = 64
 MIN_KEY = 16
 
 FLAG_END = 0x01  # SNAPSHOT: the last part
+FLAG_IPV6 = 0x02  # every record of the datagram is an IPv6 one (RECORD6)
 REC_NATT = 0x01
 
 
@@ -91,14 +99,29 @@ class Record:
     remaining: float = 0.0  # seconds until the entry's idle timeout
     natt: bool = False
 
+    @property
+    def v6(self) -> bool:
+        return self.vip >> 32 != 0
+
     def pack(self) -> bytes:
         ms = max(0, min(0xFFFFFFFF, int(self.remaining * 1000)))
-        return RECORD.pack(self.kind, self.state, REC_NATT if self.natt else 0, self.vip, self.client,
+        flags = REC_NATT if self.natt else 0
+        if self.v6:
+            return RECORD6.pack(self.kind, self.state, flags, self.vip.to_bytes(16, "big"),
+                                self.client.to_bytes(16, "big"), self.cport, self.rs_addr.to_bytes(16, "big"),
+                                self.spi_i, self.spi_r, ms)  # fmt: skip
+        return RECORD.pack(self.kind, self.state, flags, self.vip, self.client,
                            self.cport, self.rs_addr, self.spi_i, self.spi_r, ms)
 
     @classmethod
-    def unpack_from(cls, buf: bytes, off: int) -> "Record":
-        kind, state, flags, vip, client, cport, rs, spi_i, spi_r, ms = RECORD.unpack_from(buf, off)
+    def unpack_from(cls, buf: bytes, off: int, v6: bool = False) -> "Record":
+        if v6:
+            kind, state, flags, vip, client, cport, rs, spi_i, spi_r, ms = RECORD6.unpack_from(buf, off)
+            vip, client, rs = (int.from_bytes(x, "big") for x in (vip, client, rs))
+            if vip >> 32 == 0 or client >> 32 == 0 or (rs and rs >> 32 == 0):
+                raise SyncError("record: an IPv6 record with an address in ::/96")
+        else:
+            kind, state, flags, vip, client, cport, rs, spi_i, spi_r, ms = RECORD.unpack_from(buf, off)
         try:
             return cls(RecKind(kind), State(state), vip, client, cport, rs, spi_i, spi_r, ms / 1000.0,
                        bool(flags & REC_NATT))
@@ -139,8 +162,12 @@ def parse_key(text: str) -> bytes:
 
 
 def encode(key: bytes, msg: Message) -> bytes:
-    if len(msg.records) > MAX_RECORDS:
-        raise ValueError(f"at most {MAX_RECORDS} records per datagram")
+    v6 = bool(msg.flags & FLAG_IPV6)
+    if any(r.v6 != v6 for r in msg.records):
+        raise ValueError("a datagram's records are all of one family, IPv6 ones flagged FLAG_IPV6")
+    most = MAX_RECORDS6 if v6 else MAX_RECORDS
+    if len(msg.records) > most:
+        raise ValueError(f"at most {most} records per datagram")
     body = HEADER.pack(MAGIC, VERSION, msg.type, msg.sender, msg.epoch, msg.seq, msg.flags,
                        len(msg.records), 0) + b"".join(r.pack() for r in msg.records)
     return body + hmac.new(key, body, hashlib.sha256).digest()
@@ -159,13 +186,15 @@ def decode(data: bytes) -> Message:
     magic, ver, typ, sender, epoch, seq, flags, count, _ = HEADER.unpack_from(data)
     if magic != MAGIC or ver != VERSION:
         raise SyncError(f"header: not a version {VERSION} sync message")
-    if len(data) != HEADER.size + count * RECORD.size + MAC_LEN:
+    v6 = bool(flags & FLAG_IPV6)
+    size = RECORD6.size if v6 else RECORD.size
+    if len(data) != HEADER.size + count * size + MAC_LEN:
         raise SyncError("datagram: length does not match the record count")
     try:
         mtype = MsgType(typ)
     except ValueError:
         raise SyncError(f"header: unknown type {typ}") from None
-    recs = tuple(Record.unpack_from(data, HEADER.size + i * RECORD.size) for i in range(count))
+    recs = tuple(Record.unpack_from(data, HEADER.size + i * size, v6) for i in range(count))
     return Message(mtype, sender, epoch, seq, flags, recs)
 
 
@@ -224,9 +253,7 @@ class Sender(TableListener):
         self.send_expiry = send_expiry
         self._upserts: dict[int, tuple[int, int, int, RecKind]] = {}  # slot -> (svc, client, spi_i, kind)
         self._removals: list[Record] = []
-        # the wire format carries IPv4 entries only: an IPv6 service's entries are not sent (yet),
-        # and counted here instead (docs/ipv6.md)
-        self.stats = {"sent": 0, "records_sent": 0, "snapshots_sent": 0, "ipv6_not_synced": 0}
+        self.stats = {"sent": 0, "records_sent": 0, "snapshots_sent": 0}
 
     def attach(self) -> None:
         self.d.listen(self)
@@ -236,11 +263,7 @@ class Sender(TableListener):
 
     def _upsert(self, s: int, kind: RecKind) -> None:
         if self.enabled:
-            svc, client, spi_i = self.d.table.conversation(s)
-            if client >> 32:
-                self.stats["ipv6_not_synced"] += 1
-                return
-            self._upserts[s] = (svc, client, spi_i, kind)
+            self._upserts[s] = (*self.d.table.conversation(s), kind)
 
     def created(self, s: int) -> None:
         self._upsert(s, RecKind.CREATE)
@@ -259,7 +282,7 @@ class Sender(TableListener):
             return
         v = self.d.table.view(s)
         svc = self.d.services.get(v.svc)
-        if svc is None or v.client >> 32:
+        if svc is None:
             return
         rs = self.d.server(v.rs)
         kind = RecKind.EXPIRE if event == Event.EXPIRE else RecKind.REMOVE
@@ -286,8 +309,6 @@ class Sender(TableListener):
             if e is None:
                 continue
             v, vip, rs_addr = e
-            if v.client >> 32:  # IPv6: not in the wire format
-                continue
             out.append(Record(kind, v.state, vip, v.client, v.cport, rs_addr, v.spi_i, v.spi_r,
                               max(0.0, v.expires - now), v.natt))
         return out
@@ -302,8 +323,7 @@ class Sender(TableListener):
                 if t.state_of(s) != State.FREE and t.conversation(s) == (svc, client, spi_i)]
         records = self._removals + self._records(now, live)
         self.clear()
-        return [self._frame(MsgType.CHANGES, records[i:i + MAX_RECORDS])
-                for i in range(0, len(records), MAX_RECORDS)]
+        return [self._frame(MsgType.CHANGES, c, f) for c, f in _chunks(records)]
 
     def snapshot(self, now: float, epoch: int | None = None, *, keep_pending: bool = False) -> list[bytes]:
         """The whole table (a scan) in a fresh epoch, parts numbered 1..n, the last flagged END.
@@ -314,14 +334,23 @@ class Sender(TableListener):
         if not keep_pending:
             self.clear()
         records = self._records(now, ((s, RecKind.SNAP) for s in self.d.table.slots()))
-        chunks = [records[i:i + MAX_RECORDS] for i in range(0, len(records), MAX_RECORDS)] or [[]]
+        chunks = _chunks(records) or [([], 0)]
         self.stats["snapshots_sent"] += 1
-        return [self._frame(MsgType.SNAPSHOT, c, FLAG_END if i == len(chunks) - 1 else 0)
-                for i, c in enumerate(chunks)]
+        return [self._frame(MsgType.SNAPSHOT, c, f | (FLAG_END if i == len(chunks) - 1 else 0))
+                for i, (c, f) in enumerate(chunks)]
 
     def request(self) -> bytes:
         """A REQUEST for a snapshot (sent by a backup that joins or rejoins)."""
         return self._frame(MsgType.REQUEST, [])
+
+
+def _chunks(records: list[Record]) -> list[tuple[list[Record], int]]:
+    """(records, header flags) per datagram: IPv4 records 33 at a time, then IPv6 ones 17 at a
+    time flagged FLAG_IPV6 (a datagram is one family)."""
+    four = [r for r in records if not r.v6]
+    six = [r for r in records if r.v6]
+    return ([(four[i:i + MAX_RECORDS], 0) for i in range(0, len(four), MAX_RECORDS)]
+            + [(six[i:i + MAX_RECORDS6], FLAG_IPV6) for i in range(0, len(six), MAX_RECORDS6)])  # fmt: skip
 
 
 class Outcome(IntEnum):

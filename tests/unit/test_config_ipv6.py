@@ -46,8 +46,8 @@ def test_ipv6_mistakes_get_one_line_naming_the_field(text, want):
     assert errors(text) == [want]
 
 
-def test_ipv6_vips_are_refused_with_bgp_or_sync():
+def test_ipv6_vips_are_refused_with_bgp():
     bgp = '[daemon.bgp]\nsocket = "/run/bird/bird.ctl"\ninclude = "/etc/bird/vips.conf"\n'
     got = errors(bgp + service("2001:db8::1", "2001:db8::5"))
-    assert got == ["service[0].vip: an IPv6 VIP is not announced by [daemon.bgp] or carried by [daemon.sync] yet: "
-                   "run IPv6 services on a director without them"]  # fmt: skip
+    assert got == ["service[0].vip: an IPv6 VIP is not announced by [daemon.bgp] yet: "
+                   "run IPv6 services on a director without it"]
