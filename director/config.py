@@ -408,9 +408,6 @@ def from_dict(raw: dict) -> Config:
     addresses: dict[str, str] = {}
     for i, s in enumerate(raw_services):
         services.append(_service(c, f"service[{i}]", s, vips, addresses))
-        if ":" in services[-1].vip and daemon.bgp is not None:
-            c.err(f"service[{i}].vip", "an IPv6 VIP is not announced by [daemon.bgp] yet: "
-                  "run IPv6 services on a director without it")
     if c.errors:
         raise ConfigErrors(c.errors)
     return Config(daemon, tuple(services))

@@ -77,3 +77,12 @@ def test_apply_against_a_missing_bird_raises_and_leaves_nothing_applied(tmp_path
 
 def test_proto_name():
     assert proto_name("10.0.0.1") == "vip_10_0_0_1"
+    assert proto_name("2001:DB8:0::1") == "vip6_2001_db8__1"  # RFC 5952 text, colons to underscores
+
+
+def test_an_ipv6_vip_is_a_slash_128_in_an_ipv6_channel_after_the_ipv4_ones():
+    text = render_include({"2001:db8::100": True, "198.18.10.100": False})
+    first, second = text.split("protocol static ")[1:]
+    assert first.startswith("vip_198_18_10_100") and "ipv4;" in first
+    assert second.startswith("vip6_2001_db8__100") and "ipv6;" in second
+    assert "route 2001:db8::100/128 blackhole;" in second and "disabled no;" in second

@@ -44,10 +44,3 @@ def test_a_dual_stack_config_reconciles_to_two_services():
 ])  # fmt: skip
 def test_ipv6_mistakes_get_one_line_naming_the_field(text, want):
     assert errors(text) == [want]
-
-
-def test_ipv6_vips_are_refused_with_bgp():
-    bgp = '[daemon.bgp]\nsocket = "/run/bird/bird.ctl"\ninclude = "/etc/bird/vips.conf"\n'
-    got = errors(bgp + service("2001:db8::1", "2001:db8::5"))
-    assert got == ["service[0].vip: an IPv6 VIP is not announced by [daemon.bgp] yet: "
-                   "run IPv6 services on a director without it"]
