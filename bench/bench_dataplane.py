@@ -48,6 +48,9 @@ NAT), in ``fp_rounds`` rounds (full 3) with the case order reversed every other 
   t2  the limit case at tc (layout of e2) and y2 at XDP (layout of x2), no daemon: bench/limit.bpf.c
       built in this run for rs1 (limit_case.py), forwarding every ESP frame with only the rewrite
       the mode needs and no lookup at all. e2 and x2 are also given as ratios to them.
+  --family 6 runs the group on a dual-stack lab's IPv6 path (modes dr6 and nat6: ESP from c1's
+  IPv6 address, a2 to rs1's IPv6 address, e2/x2/x0 to the IPv6 VIP; no limit or DNAT case), and
+  --family both runs the IPv4 and the IPv6 labs in one run.
   --bpf-stats adds the program's own run time per packet (kernel.bpf_stats_enabled) to e2, t2,
   x2, y2 and x0; --headroom nic gives the frames NIC-like headroom (generic XDP pass-through on
   the generator's switch port); --plot PNG draws the summary.
@@ -99,6 +102,7 @@ import platform
 import subprocess
 import sys
 import threading
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,6 +129,7 @@ OTHERS_LIMIT = 10.0  # % of a CPU used by other people's processes above which a
 QUIET_WAIT = 10.0  # before a repeat, wait this long at most for a quiet machine
 CAPACITY = 1 << 20  # table slots: a few seconds of initial-IKE flood fit without reclaiming
 ETH, IP, UDP, MARKER = 14, 20, 8, 4
+IP6 = 40
 # where pktgen writes its per-packet counter
 OFF_ESP_SEQ = ETH + IP + 4  # the ESP sequence number
 OFF_IKE_MSGID = ETH + IP + UDP + MARKER + 20  # message ID of an IKE message on 4500
@@ -337,14 +342,18 @@ class Case:
 class Bench:
     """Frames, sinks and counters for one Lab; ``run`` measures one case."""
 
-    def __init__(self, lab: Lab, prof: dict[str, Any], out: list[dict[str, Any]]) -> None:
+    def __init__(self, lab: Lab, prof: dict[str, Any], out: list[dict[str, Any]], v6: bool = False) -> None:
+        """``v6``: c1's traffic is IPv6 (a dual-stack lab, group f only): ESP from c1's IPv6 address,
+        sinks in ip6tables, the ESP sequence number 20 bytes further in."""
         self.lab = lab
         self.prof = prof
         self.out = out
-        self.c1 = lab.client_addr_ints["c1"]
+        self.v6 = v6
+        self.c1 = lab.client_addr6_ints["c1"] if v6 else lab.client_addr_ints["c1"]
+        self.seq_off = OFF_ESP_SEQ + (IP6 - IP if v6 else 0)
         dmac = self._mac("director", "eth0")
         smac = self._mac("c1", "eth0")
-        self.l2 = mac_bytes(dmac) + mac_bytes(smac) + b"\x08\x00"
+        self.l2 = mac_bytes(dmac) + mac_bytes(smac) + (b"\x86\xdd" if v6 else b"\x08\x00")
         self.rs_ipr = {role: lab.ipr(role) for role in lab.rs_roles}
         self.rs_idx = {role: ipr.link_lookup(ifname="eth0")[0] for role, ipr in self.rs_ipr.items()}
         self.c1_ipr = lab.ipr("c1")
@@ -393,15 +402,19 @@ class Bench:
 
         IKE sinks go in only after the client's handshake, which needs the responders.
         """
-        c1 = self.lab.client_addrs["c1"]
+        c1 = self.lab.client_addrs6["c1"] if self.v6 else self.lab.client_addrs["c1"]
         for role in self.lab.rs_roles:
             for match in self.SINKS[kind]:
-                self.lab.run(role, ["iptables", "-w", "-t", "raw", "-A", "PREROUTING", "-s", c1, *match, "-j", "DROP"])
+                self.lab.run(role, [self.iptables, "-w", "-t", "raw", "-A", "PREROUTING", "-s", c1, *match, "-j", "DROP"])
+
+    @property
+    def iptables(self) -> str:
+        return "ip6tables" if self.v6 else "iptables"
 
     def sink_total(self) -> int:
         total = 0
         for role in self.lab.rs_roles:
-            text = self.lab.run(role, ["iptables", "-w", "-t", "raw", "-L", "PREROUTING", "-n", "-v", "-x"]).stdout
+            text = self.lab.run(role, [self.iptables, "-w", "-t", "raw", "-L", "PREROUTING", "-n", "-v", "-x"]).stdout
             for line in text.splitlines()[2:]:
                 parts = line.split()
                 if len(parts) > 2 and parts[2] == "DROP":
@@ -801,24 +814,32 @@ class FastpathGroup:
         self.bpf_stats = bpf_stats  # the program's own run time per packet (kernel.bpf_stats_enabled)
         self.headroom = headroom
         lab = self.lab
+        self.v6 = bench.v6
+        self.mode = lab.mode + ("6" if bench.v6 else "")  # the rows' mode: dr6, nat6 for IPv6
         # the limit case: bench/limit.bpf.c built for this lab's rs1 (the server a2 forwards to)
         director = lab.ipr("director")
-        self.limit_obj = limit_case.build(
+        self.limit_obj = None if bench.v6 else limit_case.build(
             lab.mode, director.link_lookup(ifname="eth1")[0], mac_bytes(bench._mac("rs1", "eth0")),
             mac_bytes(bench._mac("director", "eth1")), lab.rs_addr_ints[0], lab.director_lan_int,
             BENCH / "build" / f"limit-{lab.mode}-{os.getpid()}.o")  # fmt: skip
         if headroom == "nic":
             limit_case.headroom_on(lab, limit_case.build_pass())
         lab.ipr("c1").route("replace", dst=lab.lan_net, gateway=lab.director_wan)
+        if bench.v6:
+            lab.ipr("c1").route("replace", dst="2001:db8:18:1::/64", gateway=lab.director_wan6, family=socket.AF_INET6)
         lab.run("sw", ["ethtool", "-K", "director-eth1", "gro", "on"])
         for table in ("raw", "mangle", "nat"):
             lab.run("director", ["iptables", "-w", "-t", table, "-S"])
+            if bench.v6:
+                lab.run("director", ["ip6tables", "-w", "-t", table, "-S"])
         lab.run("director", ["sh", "-c", f"echo {1 << DAEMON_CPU:x} > {RPS_PATH}"])
-        self.plain = bench.esp_to(lab.rs_addr_ints[0])
-        self.vip = bench.esp_to(lab.vip_int)
+        self.plain = bench.esp_to(lab.rs_addr6_ints[0] if bench.v6 else lab.rs_addr_ints[0])
+        self.vip = bench.esp_to(lab.vip6_int if bench.v6 else lab.vip_int)
         self.warmed: set[str] = set()
 
     def cases(self) -> list[str]:
+        if self.v6:  # no IPv6 limit case (limit.bpf.c forwards IPv4 ESP) and no ip6tables DNAT case
+            return ["a2", "e2"] + (["x2", "x0"] if self.hook_ok else [])
         out = ["a2", "e2", "t2"]
         if self.hook_ok:
             out += ["x2", "y2", "x0"]
@@ -834,11 +855,11 @@ class FastpathGroup:
     def measure(self, group: str, frame: str, rnd: int) -> None:
         b, lab = self.bench, self.lab
         if group not in self.warmed:
-            b.warm_up(frame, OFF_ESP_SEQ, f"{group} ESP")
+            b.warm_up(frame, b.seq_off, f"{group} ESP")
             self.warmed.add(group)
         for rate in self.rates():
             before = self.prog_stats(group)
-            row = b.run(Case(f"f.{group}", FP_LABELS[group], lab.mode, rate), frame, OFF_ESP_SEQ)
+            row = b.run(Case(f"f.{group}", FP_LABELS[group], self.mode, rate), frame, b.seq_off)
             row["round"] = rnd
             row["fixed_rate"] = bool(rate)
             row["headroom"] = self.headroom
@@ -849,8 +870,8 @@ class FastpathGroup:
                 self.fixed["rate"] = max(20_000, int(row["delivered_pps"] * FIXED_SHARE / 10_000) * 10_000)
                 print(f"   fixed rate for group f: {self.fixed['rate']:,} pps ({FIXED_SHARE}x a2's "
                       f"{row['delivered_pps']:,.0f}, rounded down)")
-                rest = self.bench.run(Case(f"f.{group}", FP_LABELS[group], lab.mode, self.fixed["rate"]), frame,
-                                      OFF_ESP_SEQ)  # fmt: skip
+                rest = self.bench.run(Case(f"f.{group}", FP_LABELS[group], self.mode, self.fixed["rate"]), frame,
+                                      b.seq_off)  # fmt: skip
                 rest["round"] = rnd
                 rest["fixed_rate"] = True
                 add_per_packet(rest)
@@ -905,7 +926,7 @@ class FastpathGroup:
         b.director, b.measured_pid = d, d.proc.pid
         threads: dict[int, str] = {}
         try:
-            client = LabClient(lab, "c1")
+            client = LabClient(lab, "c1", socket.AF_INET6 if self.v6 else socket.AF_INET)
             client.ikev2_connect()
             client.close()
             deadline = time.monotonic() + 5
@@ -974,7 +995,8 @@ class FastpathGroup:
         self.lab.run("director", ["sh", "-c", f"echo 0 > {RPS_PATH}"], check=False)
         if self.headroom == "nic":
             limit_case.headroom_off(self.lab)
-        self.limit_obj.unlink(missing_ok=True)
+        if self.limit_obj is not None:
+            self.limit_obj.unlink(missing_ok=True)
 
 
 def add_per_packet(row: dict[str, Any]) -> None:
@@ -999,10 +1021,12 @@ def fastpath_group(prof: dict[str, Any], rows: list[dict[str, Any]], fixed: dict
         print("   (x2/x0 skipped: this checkout has no daemon.fastpath_hook yet; they run once it exists)")
     fprof = dict(prof, seconds=prof["fp_seconds"], warm=prof["fp_warm"], tail=prof["fp_tail"],
                  settle=prof["fp_settle"])  # fmt: skip
-    for mode in prof["fp_modes"]:
-        with Lab(mode) as lab:
+    labs = [(mode, False) for mode in prof["fp_modes"] if 4 in prof["fp_families"]]
+    labs += [(mode, True) for mode in prof["fp_modes"] if 6 in prof["fp_families"] and mode != "tun"]
+    for mode, v6 in labs:
+        with Lab(mode, ipv6=v6) as lab:
             lab.start_responders()
-            bench = Bench(lab, fprof, rows)
+            bench = Bench(lab, fprof, rows, v6=v6)
             bench.install_sinks("esp")
             group = FastpathGroup(bench, fixed, hook_ok, prof.get("bpf_stats", False), prof.get("headroom", "veth"))
             try:
@@ -1026,7 +1050,7 @@ def summarize_fastpath(rows: list[dict[str, Any]]) -> dict[str, Any]:
     of the same lab (capacity = delivered at max; cost = CPU-1 and total µs per delivered packet)."""
     out: dict[str, Any] = {}
     fp = [r for r in rows if r["group"].startswith("f.")]
-    for mode in ("dr", "tun", "nat"):
+    for mode in ("dr", "tun", "nat", "dr6", "nat6"):
         for kind in ("fixed", "max"):
             for g in FP_CASES:
                 rs = [r for r in fp if r["mode"] == mode and r["group"] == f"f.{g}" and r["fixed_rate"] == (kind == "fixed")]
@@ -1109,7 +1133,7 @@ def plot_fastpath(s: dict[str, Any], path: str, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    modes = [m for m in ("dr", "tun", "nat") if any(k.startswith(f"{m}.") for k in s)]
+    modes = [m for m in ("dr", "tun", "nat", "dr6", "nat6") if any(k.startswith(f"{m}.") for k in s)]
     cases = [g for g in ("e2", "t2", "x2", "y2", "x0", "d2") if any(k.endswith(f".{g}") for k in s)]
     colors = {"e2": "#1f77b4", "t2": "#aec7e8", "x2": "#2ca02c", "y2": "#98df8a", "x0": "#bcbd22", "d2": "#d62728"}
     rows = [("max", "delivered_pps", 1e-3, "capacity, kpps delivered"),
@@ -1252,7 +1276,7 @@ class ReturnBench:
         d.start()
         pin(d.proc.pid, DAEMON_CPU)
         try:
-            client = LabClient(lab, "c1")
+            client = LabClient(lab, "c1", socket.AF_INET6 if self.v6 else socket.AF_INET)
             client.ikev2_connect()
             client.close()
             deadline = time.monotonic() + 5
@@ -1387,6 +1411,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="group f: the headroom of the frames reaching the director: what the generator's veth "
                          "gives (16 bytes, default) or a NIC's (256: generic XDP on the generator's switch port)")
     ap.add_argument("--plot", metavar="PNG", help="group f: draw the summary into this PNG (needs matplotlib)")
+    ap.add_argument("--family", choices=("4", "6", "both"), default="4",
+                    help="group f: IPv4 labs (default), IPv6 labs (dr6, nat6: the same cases on a dual-stack "
+                         "lab's IPv6 path, no limit or DNAT case), or both in one run")
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
         print("bench_dataplane: needs root (network namespaces, iptables, AF_PACKET)", file=sys.stderr)
@@ -1403,6 +1430,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.modes:
         prof["fp_modes"] = [m.strip() for m in args.modes.split(",") if m.strip()]
     prof["bpf_stats"], prof["headroom"] = args.bpf_stats, args.headroom
+    prof["fp_families"] = {"4": [4], "6": [6], "both": [4, 6]}[args.family]
     mach = machine()
     mach["commit"] = commit()
     load0 = loadavg()
