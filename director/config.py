@@ -527,12 +527,7 @@ def _service(c: _Checker, p: str, s: Any, vips: dict[str, int], addresses: dict[
         )
         server_paths.append(q)
     mask = _spi_labels(c, p, s.get("spi_label"), servers, server_paths)
-    if ":" in vip:  # IPv6: DR and NAT66 (docs/ipv6.md says what is not built yet)
-        if method == Method.TUN:
-            c.err(f"{p}.method", "tun is not built for IPv6 services yet: dr or nat")
-        for j, r in enumerate(servers):
-            if r.method == Method.TUN:
-                c.err(f"{server_paths[j]}.method", "tun is not built for IPv6 services yet: dr or nat")
+    if ":" in vip:  # IPv6 (docs/ipv6.md says what is not built yet)
         if return_path == "director" and method != Method.NAT:
             c.err(f"{p}.return_path", '"director" is not built for IPv6 DR services yet: "direct"')
     nat = ah_across_nat(ah, method, (r.method for r in servers))

@@ -109,6 +109,8 @@ class Daemon:
         vd = self.verdicts
         vd.lan_addr = ip_to_int(lan_addr)
         vd.lan_mtu = self._ipr.get_links(self._lan_index)[0].get_attr("IFLA_MTU")
+        lan6 = routing.interface_address6(self._ipr, self._lan_index)  # ip6ip6 envelopes' source, if any
+        vd.lan_addr6 = ip_to_int(lan6) if lan6 else 0
         routing.remove_all(self._ipr)  # leftovers of a crashed run
         if d.bgp is not None:  # ... and its announcement: nothing is announced until the dataplane is up
             self._withdraw_leftovers(d.bgp)

@@ -14,6 +14,8 @@
  * this program stands in for tunl0: it drops the outer header and lets the stack receive the
  * inner packet on eth0, whose destination is the VIP on lo.
  *
+ * IPv6 (ip6ip6, next header 41) likewise: decap6 below, in place of an ip6tnl device.
+ *
  * An outer header that was fragmented on the way (the envelope exceeded the 1500-byte MTU) cannot
  * be decapsulated here: tc sees each fragment alone, before IP reassembly. Those pass untouched;
  * the kernel reassembles them at local delivery and the lab responder (--decap) strips the outer
@@ -26,6 +28,31 @@
 #include <linux/pkt_cls.h>
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
+
+/* An IPv6 header without bitfields: only the version nibble and the next header are read. */
+struct ip6_hdr40 {
+	__u8 vtc;
+	__u8 rest[5];
+	__u8 nexthdr;
+	__u8 hop_limit;
+	__u8 addrs[32];
+};
+
+/* ip6ip6 (RFC 2473): an outer IPv6 header with next header 41 around an IPv6 packet. The
+ * director's envelopes carry no extension headers; a fragmented one (next header 44) passes, and
+ * the responder (--decap) takes it from a raw socket after reassembly, as for IPv4. */
+static __always_inline int decap6(struct __sk_buff *skb, void *data, void *data_end)
+{
+	struct ip6_hdr40 *outer = data + sizeof(struct ethhdr), *inner;
+
+	if ((void *)(outer + 1) > data_end || outer->nexthdr != 41)
+		return TC_ACT_OK;
+	inner = outer + 1;
+	if ((void *)(inner + 1) > data_end || inner->vtc >> 4 != 6)
+		return TC_ACT_OK;
+	bpf_skb_adjust_room(skb, -(int)sizeof(*outer), BPF_ADJ_ROOM_MAC, 0);
+	return TC_ACT_OK;
+}
 
 /* IPv4 flags/fragment-offset word: More Fragments bit | 13-bit offset (RFC 791). Either set means
  * this skb holds only part of the envelope. */
@@ -41,6 +68,8 @@ int rs_decap(struct __sk_buff *skb)
 
 	if ((void *)(eth + 1) > data_end)
 		return TC_ACT_OK;
+	if (eth->h_proto == bpf_htons(ETH_P_IPV6))
+		return decap6(skb, data, data_end);
 	if (eth->h_proto != bpf_htons(ETH_P_IP))
 		return TC_ACT_OK;
 

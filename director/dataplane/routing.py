@@ -102,3 +102,12 @@ def interface_address(ipr: IPRoute, ifname: str) -> tuple[int, str]:
     for a in ipr.get_addr(family=socket.AF_INET, index=idx[0]):
         return idx[0], a.get_attr("IFA_ADDRESS")
     raise ValueError(f"daemon.server_interface: interface '{ifname}' has no IPv4 address")
+
+
+def interface_address6(ipr: IPRoute, index: int) -> str | None:
+    """The first global IPv6 address of an interface (the source of ip6ip6 envelopes), or None."""
+    for a in ipr.get_addr(family=socket.AF_INET6, index=index):
+        text = a.get_attr("IFA_ADDRESS")
+        if text and not text.lower().startswith("fe80") and a["scope"] == 0:
+            return text
+    return None

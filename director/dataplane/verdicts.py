@@ -19,7 +19,8 @@ from typing import Callable
 
 from director.conntrack import NO_RS
 from director.core import Action, Director
-from director.forwarding.fragment import fragment
+from director.forwarding.fragment import fragment, fragment6
+from director.forwarding.rewrite6 import ip6ip6_encap
 from director.forwarding.rewrite import icmp_error_dnat, icmp_no_state, ipip_encap, nat_dnat, nat_snat
 from director.packet import PacketError, int_to_ip
 from director.ratelimit import TokenBucket
@@ -44,11 +45,13 @@ class Verdicts:
         self.raw6: socket.socket | None = None  # IPv6 answers: ICMPv6 parameter problem
         self.marks: dict[int, int] = {}  # real server id -> its DR fwmark
         self.lan_addr = 0
+        self.lan_addr6 = 0  # the server interface's IPv6 address: ip6ip6 envelopes' source (0: none)
         self.lan_mtu = 1500
         self.client_mtu = 1500  # the return path's replies leave on the client side
         self.senders = None  # director.dataplane.return_path.Senders: who sent a reply from a VIP
         self._icmp_bucket = TokenBucket(icmp_rate, now=clock())
         self._ident = 0
+        self._ident6 = 0  # fragment identification of ip6ip6 envelopes (32 bits, RFC 8200 section 4.5)
         self._dests: dict[int, tuple[str, int]] = {}  # sendto() addresses of real servers, by int
 
     def on_client(self, pkt) -> None:
@@ -117,11 +120,22 @@ class Verdicts:
             pass
 
     def _send_tunnel(self, data: bytes, rip: int) -> None:
-        self._ident = (self._ident + 1) & 0xFFFF
-        envelope = ipip_encap(data, self.lan_addr, rip, ident=self._ident)
         dest = self._dests.get(rip)
         if dest is None:
             dest = self._dests[rip] = (int_to_ip(rip), 0)
+        if rip >> 32:  # IPv6: ip6ip6 (RFC 2473), fragmented here with fragment headers if need be
+            if not self.lan_addr6:
+                self.stats["send_errors"] += 1  # no IPv6 address on the server interface
+                return
+            self._ident6 = (self._ident6 + 1) & 0xFFFFFFFF
+            try:
+                for piece in fragment6(ip6ip6_encap(data, self.lan_addr6, rip), self.lan_mtu, self._ident6):
+                    self.raw6.sendto(piece, dest)
+            except OSError:
+                self.stats["send_errors"] += 1
+            return
+        self._ident = (self._ident + 1) & 0xFFFF
+        envelope = ipip_encap(data, self.lan_addr, rip, ident=self._ident)
         try:
             for piece in fragment(envelope, self.lan_mtu):
                 self.raw.sendto(piece, dest)

@@ -1,9 +1,12 @@
-"""IPv4 fragmentation of an envelope (RFC 791), pure: for tunnel packets larger than the path MTU.
+"""IPv4 (RFC 791) and IPv6 (RFC 8200 section 4.5) fragmentation of an envelope, pure: for tunnel
+packets larger than the path MTU.
 
 The director sends IP-in-IP envelopes from its output path with a raw IP_HDRINCL socket, and the
 kernel refuses (EMSGSIZE) a raw packet larger than the device MTU instead of fragmenting it. The
 envelope's outer header has DF clear on purpose (the Moat lesson, docs/architecture.md), so it may be
 fragmented here; the inner packet rides inside the fragments untouched, its own DF bit intact.
+In IPv6 only the source fragments, and the director is the source of its ip6ip6 envelopes:
+:func:`fragment6` splits one with fragment headers.
 """
 
 from __future__ import annotations
@@ -73,4 +76,34 @@ def _copied_options(opts: bytes) -> bytearray:
         i += n
     while len(out) % 4:
         out.append(0)
+    return out
+
+
+def fragment6(pkt: bytes, mtu: int, ident: int) -> list[bytes]:
+    """``pkt`` itself when it fits ``mtu``, else its fragments (RFC 8200 section 4.5).
+
+    For the director's own envelopes: an IPv6 header with no extension headers, so the
+    unfragmentable part is the 40-byte header. Each fragment is that header (next header 44,
+    payload length its own) and a fragment header (the envelope's next header, the offset in
+    8-byte units, M on all but the last, ``ident``), then at most ``mtu - 48`` bytes of the
+    payload, a multiple of 8 in every fragment but the last. IPv6 links carry at least 1280.
+    """
+    if len(pkt) <= mtu:
+        return [pkt]
+    if len(pkt) < 40 or pkt[0] >> 4 != 6:
+        raise PacketError(DropReason.IP_TRUNCATED)
+    if mtu < 1280:
+        raise ValueError(f"fragment6: mtu {mtu} below IPv6's minimum 1280")
+    nh = pkt[6]
+    payload = memoryview(pkt)[40:]
+    room = (mtu - 48) & ~7
+    out = []
+    for pos in range(0, len(payload), room):
+        chunk = payload[pos : pos + room]
+        last = pos + room >= len(payload)
+        head = bytearray(pkt[:40])
+        struct.pack_into(">H", head, 4, 8 + len(chunk))
+        head[6] = 44
+        frag = struct.pack(">BBHI", nh, 0, (pos // 8) << 3 | (0 if last else 1), ident & 0xFFFFFFFF)
+        out.append(bytes(head) + frag + bytes(chunk))
     return out

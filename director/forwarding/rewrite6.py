@@ -16,11 +16,12 @@ import struct
 from director.drop_reasons import DropReason
 from director.packet import PacketError, ipv6_header, ipv6_upper, upper_checksum6
 
-__all__ = ["icmp6_error_dnat", "icmp6_param_problem", "nat6"]
+__all__ = ["icmp6_error_dnat", "icmp6_param_problem", "ip6ip6_encap", "nat6"]
 
 _M128 = (1 << 128) - 1
 _PROTO_UDP = 17
 _PROTO_ICMP6 = 58
+_PROTO_IPV6 = 41  # IPv6 in IPv6 (RFC 2473)
 _FIRST = 0xFFF8  # the offset bits of a fragment word: zero in an unfragmented packet or a first fragment
 _U16 = struct.Struct("!H")
 _UDP = struct.Struct("!HHHH")
@@ -67,6 +68,20 @@ def nat6(pkt, new_addr: int, new_port: int | None, dst: bool) -> bytes:
             _UDP.pack_into(buf, off, new_port, dport, ulen, uc)
     buf[24 if dst else 8:40 if dst else 24] = new_addr.to_bytes(16, "big")
     return bytes(buf)
+
+
+def ip6ip6_encap(pkt, src: int, dst: int, hop_limit: int = 64) -> bytes:
+    """The IPv6 packet ``pkt`` (trimmed to its payload length) inside an outer IPv6 header from
+    ``src`` to ``dst``, next header 41 (RFC 2473), the traffic class copied whole (RFC 6040
+    section 4.1, normal mode), flow label 0, no extension headers. The inner packet is not
+    touched (no hop limit decrement, as for the IPv4 envelope). Raises PacketError for a
+    truncated or malformed inner header; ValueError past 65,535 bytes of payload (no jumbograms)."""
+    buf, plen, _nh, _src, _dst = _whole(pkt)
+    if len(buf) > 0xFFFF:
+        raise ValueError("ip6ip6_encap: the envelope's payload would exceed 65,535 bytes")
+    tclass = (buf[0] & 0x0F) << 4 | buf[1] >> 4
+    head = struct.pack("!IHBB", 6 << 28 | tclass << 20, len(buf), _PROTO_IPV6, hop_limit)
+    return head + src.to_bytes(16, "big") + dst.to_bytes(16, "big") + bytes(buf)
 
 
 def icmp6_error_dnat(pkt, new_addr: int) -> bytes:

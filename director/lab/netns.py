@@ -290,8 +290,8 @@ class Lab:
         if return_via_director and (mode == "nat" or directors != 1):
             raise ValueError("return_via_director is for DR and TUN labs with one director")
         self.return_via_director = return_via_director
-        if ipv6 and (mode == "tun" or directors != 1 or return_via_director):
-            raise ValueError("ipv6 is for DR and NAT labs with one director")
+        if ipv6 and (directors != 1 or return_via_director):
+            raise ValueError("ipv6 is for labs with one director")
         self.ipv6 = ipv6
         self.directors = directors
         self.roles = ROLES + ((DIRECTOR2,) if directors == 2 else ())
@@ -462,8 +462,8 @@ class Lab:
             ]  # fmt: skip
             for role, addr in zip(RS_ROLES, self.rs_addrs6):
                 addrs.append((role, "eth0", addr, 64))
-                if self.mode == "dr":  # on lo: a real server answers neighbour solicitations only for
-                    addrs.append((role, "lo", self.vip6, 128))  # its interface's own addresses
+                if self.mode in ("dr", "tun"):  # on lo: a real server answers neighbour solicitations
+                    addrs.append((role, "lo", self.vip6, 128))  # only for its interface's own addresses
         return addrs
 
     def _address(self, iprs: dict[str, IPRoute]) -> None:
@@ -480,7 +480,7 @@ class Lab:
         for role in RS_ROLES:
             iprs[role].route("add", dst="0.0.0.0/0", gateway=gateway)
             if self.ipv6:
-                gw6 = self.gw_lan6 if self.mode == "dr" else self.director_lan6
+                gw6 = self.gw_lan6 if self.mode in ("dr", "tun") else self.director_lan6
                 iprs[role].route("add", dst="::/0", gateway=gw6, family=socket.AF_INET6)
 
     def _tune(self) -> None:
@@ -780,7 +780,7 @@ vrrp_instance VD {{
             if addr != self.rs_addrs[i]:  # the director's health probes go to the server's own address
                 argv += ["--addr", self.rs_addrs[i]]
             if self.ipv6:
-                argv += ["--addr", self.rs_addrs6[i]] + (["--addr", self.vip6] if self.mode == "dr" else [])
+                argv += ["--addr", self.rs_addrs6[i]] + (["--addr", self.vip6] if self.mode in ("dr", "tun") else [])
             if self.mode == "tun":
                 argv.append("--decap")
             if role in quiet:

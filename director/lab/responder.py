@@ -78,6 +78,7 @@ _TUNSETIFF = 0x400454CA
 _IFF_TUN = 0x0001
 _IFF_NO_PI = 0x1000
 TUN_NAME = "decap0"
+PROTO_IPV6_IN_IPV6 = 41
 
 
 def _dst_of(anc, default: str) -> str:
@@ -125,9 +126,18 @@ class Responder:
             sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, PROTO_IPIP)
             sock.setblocking(False)
             self.sel.register(sock, selectors.EVENT_READ, (self._on_ipip, PROTO_IPIP))
+            if any(":" in a for a in addrs):  # ip6ip6: an IPv6 raw socket gets the inner packet itself
+                sock = socket.socket(socket.AF_INET6, socket.SOCK_RAW, PROTO_IPV6_IN_IPV6)
+                sock.setblocking(False)
+                self.sel.register(sock, selectors.EVENT_READ, (self._on_ip6ip6, PROTO_IPV6_IN_IPV6))
         sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
         sock.setblocking(False)
         self.sel.register(sock, selectors.EVENT_READ, (self._on_icmp, socket.IPPROTO_ICMP))
+        if any(":" in a for a in addrs):  # ICMPv6 errors (types 1-4); the message comes without its IPv6 header
+            sock = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
+            sock.setblocking(False)
+            self.sel.register(sock, selectors.EVENT_READ, (self._on_icmp6, socket.IPPROTO_ICMPV6))
         self.icmp_out: IO[str] = open(log_path + ".icmp", "a", buffering=1)
         # Created last: its existence tells the lab every socket is bound.
         self.out: IO[str] = open(log_path, "a", buffering=1)
@@ -256,6 +266,25 @@ class Responder:
         self.icmp_out.write(json.dumps(rec) + "\n")
         self.icmp_out.flush()
 
+    def _on_icmp6(self, sock: socket.socket, _proto: int) -> None:
+        """An ICMPv6 error (RFC 4443: types 1-4), recorded as _on_icmp records ICMP ones; the quote
+        is the IPv6 header the error quotes (its addresses and next header)."""
+        try:
+            msg, anc, _flags, peer = sock.recvmsg(65535, socket.CMSG_SPACE(20))
+        except BlockingIOError:
+            return
+        if len(msg) < 8 + 40 or msg[0] not in (1, 2, 3, 4):
+            return
+        q = msg[8:]
+        rec = {
+            "t": time.time(), "src": peer[0].split("%")[0], "dst": _dst_of(anc, ""), "type": msg[0], "code": msg[1],
+            "mtu": struct.unpack_from(">I", msg, 4)[0],
+            "quote": {"src": socket.inet_ntop(socket.AF_INET6, q[8:24]), "dst": socket.inet_ntop(socket.AF_INET6, q[24:40]),
+                      "proto": q[6], "head": q[:48].hex()},
+        }  # fmt: skip
+        self.icmp_out.write(json.dumps(rec) + "\n")
+        self.icmp_out.flush()
+
     def _on_ipip(self, sock: socket.socket, _proto: int) -> None:
         try:
             data = sock.recv(65535)
@@ -269,6 +298,20 @@ class Responder:
         assert self.tun_fd is not None
         try:
             os.write(self.tun_fd, data[outer.header_len :])
+        except OSError as e:
+            log.warning("decap.write_failed err=%s", e)
+
+    def _on_ip6ip6(self, sock: socket.socket, _proto: int) -> None:
+        """A reassembled ip6ip6 envelope (RFC 2473): the socket gives the payload, the inner packet."""
+        try:
+            data = sock.recv(65535)
+        except BlockingIOError:
+            return
+        if len(data) < 40 or data[0] >> 4 != 6:
+            return
+        assert self.tun_fd is not None
+        try:
+            os.write(self.tun_fd, data)
         except OSError as e:
             log.warning("decap.write_failed err=%s", e)
 

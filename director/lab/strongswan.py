@@ -555,7 +555,7 @@ def responder_swanctl(lab: Lab, rs: int, *, pki: Pki | None = None, dpd_delay: s
     ``pki``, IKEv2 certificates (``cert``); local address = VIP (dr/tun) or its own (nat)."""
     local = lab.vip if lab.mode in ("dr", "tun") else lab.rs_addrs[rs]
     if getattr(lab, "ipv6", False):  # a dual-stack lab: the IPv6 VIP (dr) or address (nat) too
-        local += ", " + (lab.vip6 if lab.mode == "dr" else lab.rs_addrs6[rs])
+        local += ", " + (lab.vip6 if lab.mode in ("dr", "tun") else lab.rs_addrs6[rs])
     common = f"""\
     local_addrs = {local}
     pools = rs
@@ -743,20 +743,30 @@ def add_protected(lab: Lab) -> None:
 # Inline (python -c): no project imports, so it is reading within a few ms. argv[1] is the ready
 # file, created once the raw socket is open and decap0 attached.
 _DECAP_SCRIPT = """
-import fcntl, os, signal, socket, struct, sys
+import fcntl, os, select, signal, socket, struct, sys
 tun = os.open("/dev/net/tun", os.O_RDWR)
 fcntl.ioctl(tun, 0x400454CA, struct.pack("16sH22x", b"decap0", 0x0001 | 0x1000))
 sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, 4)
+socks = [sock]
+try:  # ip6ip6 (RFC 2473): an IPv6 raw socket gets the inner packet itself
+    socks.append(socket.socket(socket.AF_INET6, socket.SOCK_RAW, 41))
+except OSError:
+    pass
 signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
 open(sys.argv[1], "w").close()
 while True:
-    data = sock.recv(65535)
-    ihl = (data[0] & 0x0F) * 4
-    if len(data) >= ihl + 20 and data[ihl] >> 4 == 4:
-        try:
-            os.write(tun, data[ihl:])
-        except OSError:
-            pass
+    for s in select.select(socks, [], [])[0]:
+        data = s.recv(65535)
+        if s is sock:
+            ihl = (data[0] & 0x0F) * 4
+            inner = data[ihl:] if len(data) >= ihl + 20 and data[ihl] >> 4 == 4 else b""
+        else:
+            inner = data if len(data) >= 40 and data[0] >> 4 == 6 else b""
+        if inner:
+            try:
+                os.write(tun, inner)
+            except OSError:
+                pass
 """
 
 

@@ -1,7 +1,8 @@
 """IPv6 services in the lab: a dual-stack director (an IPv4 and an IPv6 VIP on the same real
-servers) in DR and NAT66, with the NFQUEUE dataplane alone and with the eBPF fast path loaded (the
-programs handle IPv4; IPv6 passes them to the queue). Real packets from real sockets, observed by
-the real servers' responders."""
+servers) in DR, TUN (ip6ip6, decapsulated by the lab's real servers) and NAT66, with the NFQUEUE
+dataplane alone and with the eBPF fast path loaded (DR and NAT66 forwarded in the kernel, the
+rest passed to the queue). Real packets from real sockets, observed by the real servers'
+responders."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import pytest
 from director.lab.client import LabClient
 from director.packet import EspHeader, build_ipv6, ip_to_int
 
-MODES = ["dr", "nat"]
+MODES = ["dr", "tun", "nat"]
+FASTPATH_MODES = ["dr", "nat"]  # the eBPF programs forward IPv6 by DR and NAT66; TUN envelopes are the queue's
 V6 = socket.AF_INET6
 
 
@@ -56,8 +58,8 @@ def test_dual_stack_clients_establish_and_their_esp_follows(make_lab, run_direct
         assert len(hits) == 1, f"{c.addr}'s packets reached several real servers: {hits}"
         (rs, records), = hits.items()
         assert {r["kind"] for r in records} == want, records
-        if mode == "dr":
-            assert {r["dst"] for r in records} == {c.vip}  # DR: still addressed to the VIP
+        if mode in ("dr", "tun"):
+            assert {r["dst"] for r in records} == {c.vip}  # DR, or TUN once decapsulated: addressed to the VIP
         else:
             assert {r["dst"] for r in records} == {(lab.rs_addrs6 if c.family == V6 else lab.rs_addrs)[rs]}
         seen[c.addr] = rs
@@ -198,7 +200,7 @@ def test_health_probes_over_ipv6_take_a_silent_server_out(make_lab, run_director
 
 
 @pytest.mark.parametrize("hook", ["tc", "xdp"])
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", FASTPATH_MODES)
 def test_established_ipv6_esp_stays_in_the_kernel(make_lab, mode, hook):
     """The eBPF fast path forwards an established IPv6 client's raw ESP and ESP-in-UDP (DR, or
     NAT66 with the UDP checksum rewritten: the real server's UDP socket takes only a valid one)
@@ -242,3 +244,37 @@ def test_established_ipv6_esp_stays_in_the_kernel(make_lab, mode, hook):
         assert {r["dst"] for r in lab.received(rs) if r["spi"] in (0x6E1, 0x6E2)} == {want_dst}
     finally:
         assert d.stop() == 0, d.log()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_packet_too_big_reaches_the_clients_real_server(make_lab, run_director, mode):
+    """A router on c1's path answers an ESP packet the IPv6 VIP sent to c1 with ICMPv6 packet too
+    big (RFC 4443 type 2, MTU 1280): the director relays it to the real server of c1's conversation
+    (NAT66: outer destination and quoted source rewritten to the server, checksum right, or its
+    kernel would not deliver it), no other server gets it, and one about no conversation is dropped."""
+    from director.lab import craft
+
+    lab = make_lab(mode, ipv6=True)
+    d = run_director(lab, scheduler="rr")
+    c1 = LabClient(lab, "c1", V6)
+    c1.ikev2_connect()
+    c1.send_esp(0x7000)
+    (rs, _), = wait_where(lab, lambda r: r["kind"] == "esp" and r["spi"] == 0x7000).items()
+    router = ip_to_int(lab.client_addrs6["c2"])  # a router on the way, for the test's purpose
+    raw = lab.socket("c2", V6, socket.SOCK_RAW, socket.IPPROTO_RAW)
+    about = craft.esp(lab.vip6_int, ip_to_int(c1.addr), 0xC1C1)  # what the VIP (the server) sent c1
+    raw.sendto(craft.icmp6_error(router, lab.vip6_int, about, mtu=1280), (lab.vip6, 0))
+    stranger = craft.esp(lab.vip6_int, ip_to_int("2001:db8:18::77"), 0xC2C2)
+    raw.sendto(craft.icmp6_error(router, lab.vip6_int, stranger, mtu=1280), (lab.vip6, 0))
+    deadline = time.monotonic() + 3.0
+    while not lab.received_icmp(rs) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    got = lab.received_icmp(rs)
+    assert len(got) == 1, got
+    e = got[0]
+    want_quoted_src = lab.vip6 if mode in ("dr", "tun") else lab.rs_addrs6[rs]
+    assert (e["type"], e["code"], e["mtu"], e["quote"]["src"], e["quote"]["dst"], e["quote"]["proto"]) == \
+        (2, 0, 1280, want_quoted_src, c1.addr, 50)
+    assert [lab.received_icmp(i) for i in range(3) if i != rs] == [[], []]
+    st = d.status()
+    assert st["stats"]["icmp_relayed"] == 1 and st["drops"].get("ICMP_NO_ENTRY") == 1, st

@@ -1,5 +1,5 @@
 """Real IPsec peers over IPv6: strongSwan road warriors to the IPv6 VIP of a dual-stack director,
-charon responders on the real servers, DR and NAT66, both dataplanes (``run_director``). The
+charon responders on the real servers, DR, TUN (ip6ip6) and NAT66, both dataplanes (``run_director``). The
 tunnels carry IPv4 inside (virtual IPs from each server's pool); the outer packets are IPv6 IKE
 and ESP-in-UDP (kernel-libipsec always encapsulates). A missing prerequisite fails, never skips.
 """
@@ -24,7 +24,7 @@ from director.lab.strongswan import (
 )
 from director.lab.wait import wait_for
 
-MODES = ["dr", "nat"]
+MODES = ["dr", "tun", "nat"]
 NFQUEUE_COPY = 4016
 SPLIT = r"splitting IKE message \((\d+) bytes\)"
 SENT_4500 = r"sending packet: from \S+\[4500\] to \S+\[4500\] \((\d+) bytes\)"

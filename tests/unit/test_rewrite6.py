@@ -93,3 +93,25 @@ def test_parameter_problem_suppressed(src, dst, proto):
     with pytest.raises(PacketError) as info:
         icmp_no_state(build_ipv6(ip_to_int(src), ip_to_int(dst), proto, ESP), V)
     assert info.value.reason is DropReason.ICMP_SUPPRESSED
+
+
+def test_ip6ip6_envelope_and_its_fragments():
+    from director.forwarding.fragment import fragment6
+    from director.forwarding.rewrite6 import ip6ip6_encap
+
+    director = ip_to_int("2001:db8:1::1")
+    inner = build_ipv6_udp(C, V, 500, 500, ike_header(7, 0, 34, body=bytes(3000)), tclass=0xB8)
+    env = ip6ip6_encap(inner + b"\0" * 4, director, R)  # link padding is not carried
+    p = S.IPv6(env)
+    assert (p.src, p.dst, p.nh, p.tc, p.plen) == (int_to_ip(director), int_to_ip(R), 41, 0xB8, len(inner))
+    assert env[40:] == inner  # the inner packet untouched (hop limit included)
+    pieces = fragment6(env, 1500, 0xABCD1234)
+    assert [len(x) for x in pieces[:-1]] == [1496] * (len(pieces) - 1) and all(len(x) <= 1500 for x in pieces)
+    whole = b""
+    for i, x in enumerate(pieces):
+        f = S.IPv6(x)
+        fh = f[S.IPv6ExtHdrFragment]
+        assert (f.nh, fh.nh, fh.id, fh.m, fh.offset * 8) == (44, 41, 0xABCD1234, int(i < len(pieces) - 1), len(whole))
+        whole += bytes(fh.payload)
+    assert whole == inner
+    assert fragment6(env[:1400], 1500, 1) == [env[:1400]]  # what fits is sent whole
