@@ -470,14 +470,10 @@ def parse_icmp_error(data: bytes | bytearray | memoryview) -> IcmpError | None:
     if proto != PROTO_ICMP or frag & _MF_OR_OFFSET:
         return None
     end = min(total, len(data))  # the bytes that are both in the packet and in the buffer
-    if end - ihl < 8:
-        raise PacketError(_R_ICMP_TRUNCATED)
-    itype, code = _ICMP_HEAD.unpack_from(data, ihl)
-    if itype not in ICMP_ERROR_TYPES:
+    head = _icmp_head(data, ihl, end, ICMP_ERROR_TYPES, 20)
+    if head is None:
         return None
-    q = ihl + 8
-    if end - q < 20:
-        raise PacketError(_R_ICMP_QUOTE_TRUNCATED)
+    itype, code, q = head
     qvihl, qtotal, qfrag, qproto, qsrc, qdst = _QUOTE.unpack_from(data, q)
     qihl = (qvihl & 0x0F) << 2
     if qvihl >> 4 != 4 or qihl < 20 or qtotal < qihl:
@@ -486,19 +482,37 @@ def parse_icmp_error(data: bytes | bytearray | memoryview) -> IcmpError | None:
     need = min(8, qtotal - qihl) if qfirst else 0  # a non-first fragment quotes no L4 header
     if end - q < qihl + need:
         raise PacketError(_R_ICMP_QUOTE_TRUNCATED)
-    sport = dport = spi = 0
-    if need == 8:
-        a, b, word = _QUOTE_L4.unpack_from(data, q + qihl)
-        if qproto == PROTO_UDP:
-            sport, dport = a, b
-        elif qproto == PROTO_ESP:
-            spi = (a << 16) | b
-        elif qproto == PROTO_AH:
-            spi = word
+    sport, dport, spi = _quoted_l4(data, q + qihl, qproto) if need == 8 else (0, 0, 0)
     return _new(IcmpError, (itype, code, src, dst, q, qproto, qsrc, qdst, sport, dport, spi, qfirst))
 
 
 _R_IP6_QUOTE = {DropReason.IP6_EXT_TRUNCATED: _R_ICMP_QUOTE_TRUNCATED}
+
+
+def _icmp_head(data, off: int, end: int, types: frozenset, quote_min: int) -> tuple[int, int, int] | None:
+    """(type, code, where the quote starts) of the ICMP or ICMPv6 message at ``off``, or None when
+    its type is not one of ``types``; its 8 bytes and ``quote_min`` bytes of quote must lie before
+    ``end`` (ICMP_TRUNCATED, ICMP_QUOTE_TRUNCATED)."""
+    if end - off < 8:
+        raise PacketError(_R_ICMP_TRUNCATED)
+    itype, code = _ICMP_HEAD.unpack_from(data, off)
+    if itype not in types:
+        return None
+    if end - off - 8 < quote_min:
+        raise PacketError(_R_ICMP_QUOTE_TRUNCATED)
+    return itype, code, off + 8
+
+
+def _quoted_l4(buf, at: int, qproto: int) -> tuple[int, int, int]:
+    """(UDP source port, destination port, ESP or AH SPI) of the 8 quoted bytes at ``at``."""
+    a, b, word = _QUOTE_L4.unpack_from(buf, at)
+    if qproto == PROTO_UDP:
+        return a, b, 0
+    if qproto == PROTO_ESP:
+        return 0, 0, (a << 16) | b
+    if qproto == PROTO_AH:
+        return 0, 0, word
+    return 0, 0, 0
 
 
 def _parse_icmp6_error(data) -> IcmpError | None:
@@ -512,14 +526,10 @@ def _parse_icmp6_error(data) -> IcmpError | None:
     if proto != PROTO_ICMP6 or frag:
         return None
     end = min(total, len(data))
-    if end - off < 8:
-        raise PacketError(_R_ICMP_TRUNCATED)
-    itype, code = _ICMP_HEAD.unpack_from(data, off)
-    if itype not in ICMP6_ERROR_TYPES:
+    head = _icmp_head(data, off, end, ICMP6_ERROR_TYPES, 40)
+    if head is None:
         return None
-    q = off + 8
-    if end - q < 40:
-        raise PacketError(_R_ICMP_QUOTE_TRUNCATED)
+    itype, code, q = head
     quote = data[q:end]
     try:
         qplen, qnh, qsrc, qdst = ipv6_header(quote)
@@ -530,15 +540,7 @@ def _parse_icmp6_error(data) -> IcmpError | None:
     need = min(8, 40 + qplen - qoff) if qfirst else 0
     if len(quote) - qoff < need:
         raise PacketError(_R_ICMP_QUOTE_TRUNCATED)
-    sport = dport = spi = 0
-    if need == 8:
-        a, b, word = _QUOTE_L4.unpack_from(quote, qoff)
-        if qproto == PROTO_UDP:
-            sport, dport = a, b
-        elif qproto == PROTO_ESP:
-            spi = (a << 16) | b
-        elif qproto == PROTO_AH:
-            spi = word
+    sport, dport, spi = _quoted_l4(quote, qoff, qproto) if need == 8 else (0, 0, 0)
     return _new(IcmpError, (itype, code, src, dst, q, qproto, qsrc, qdst, sport, dport, spi, qfirst))
 
 

@@ -18,19 +18,21 @@ def lab_config(lab: Lab, control: Path, *, scheduler: str = "rr", weights=(1, 1,
     """A TOML config for the lab: one service on the VIP, the three real servers, the lab's mode;
     in a dual-stack lab (``lab.ipv6``) a second service on the IPv6 VIP with the servers' IPv6
     addresses and the same settings (``extra_service`` included)."""
-    servers = "".join(
-        f'\n[[service.server]]\naddress = "{addr}"\nweight = {w}\n' for addr, w in zip(lab.rs_addrs, weights)
-    )
-    if getattr(lab, "ipv6", False):
-        servers += f"""
+    def service(vip: str, addrs) -> str:
+        servers = "".join(f'\n[[service.server]]\naddress = "{a}"\nweight = {w}\n' for a, w in zip(addrs, weights))
+        return f"""
 [[service]]
-vip = "{lab.vip6}"
+vip = "{vip}"
 scheduler = "{scheduler}"
 method = "{lab.mode}"
 ah = {"false" if lab.mode == "nat" else "true"}
 timeouts = {{ init = {init_timeout}, established = 3600 }}
 {extra_service}
-""" + "".join(f'\n[[service.server]]\naddress = "{addr}"\nweight = {w}\n' for addr, w in zip(lab.rs_addrs6, weights))
+{servers}"""
+
+    services = service(lab.vip, lab.rs_addrs)
+    if getattr(lab, "ipv6", False):
+        services += service(lab.vip6, lab.rs_addrs6)
     return f"""
 [daemon]
 client_interface = "eth0"
@@ -40,15 +42,7 @@ control_socket = "{control}"
 metrics = "{metrics}"
 bpf_pin_dir = "{pin_dir or f'/sys/fs/bpf/{lab.prefix}-director'}"
 {daemon_extra}
-
-[[service]]
-vip = "{lab.vip}"
-scheduler = "{scheduler}"
-method = "{lab.mode}"
-ah = {"false" if lab.mode == "nat" else "true"}
-timeouts = {{ init = {init_timeout}, established = 3600 }}
-{extra_service}
-{servers}"""
+{services}"""
 
 
 class DirectorProcess:

@@ -13,19 +13,12 @@ import pytest
 
 from director.lab.client import LabClient
 from director.packet import EspHeader, build_ipv6, ip_to_int
+from test_dataplane import where
+from test_fastpath import XDP, esp_at, xdp_lab
 
 MODES = ["dr", "tun", "nat"]
 FASTPATH_MODES = ["dr", "nat"]  # the eBPF programs forward IPv6 by DR and NAT66; TUN envelopes are the queue's
 V6 = socket.AF_INET6
-
-
-def where(lab, pred) -> dict[int, list[dict]]:
-    out = {}
-    for i in range(3):
-        hits = [r for r in lab.received(i) if pred(r)]
-        if hits:
-            out[i] = hits
-    return out
 
 
 def wait_where(lab, pred, timeout: float = 3.0) -> dict[int, list[dict]]:
@@ -209,11 +202,9 @@ def test_established_ipv6_esp_stays_in_the_kernel(make_lab, mode, hook):
     from director.lab.wait import wait_for
 
     lab = make_lab(mode, ipv6=True)
-    if hook == "xdp":  # as tests/integration/test_fastpath.py's xdp_lab
-        lab.run("sw", ["ethtool", "-K", "director-eth1", "gro", "on"])
-        for role in ("c1", "c2"):
-            lab.run(role, ["ethtool", "-K", "eth0", "tx", "off"])
-    d = DirectorProcess(lab, dataplane="ebpf", daemon_extra=f'fastpath_hook = "{hook}"').start()
+    if hook == "xdp":
+        xdp_lab(lab)
+    d = DirectorProcess(lab, dataplane="ebpf", daemon_extra=XDP if hook == "xdp" else "").start()
     try:
         c1, c2v4 = LabClient(lab, "c1", V6), LabClient(lab, "c2")
         c1.ikev2_connect()
@@ -225,21 +216,14 @@ def test_established_ipv6_esp_stays_in_the_kernel(make_lab, mode, hook):
             c1.send_esp_in_udp(0x6E2, seq)
             c2v4.send_esp(0x4E1, seq)
 
-        def at(spi: int) -> dict[int, int]:
-            out = {}
-            for i in range(3):
-                n = sum(1 for r in lab.received(i) if r["kind"] in ("esp", "esp_in_udp") and r["spi"] == spi)
-                if n:
-                    out[i] = n
-            return out
-
-        wait_for(lambda: [sum(at(s).values()) for s in (0x6E1, 0x6E2, 0x4E1)] == [50, 50, 50],
+        wait_for(lambda: [sum(esp_at(lab, s).values()) for s in (0x6E1, 0x6E2, 0x4E1)] == [50, 50, 50],
                  what="150 ESP packets at the real servers")
         st = d.status()
         assert st["stats"]["packets"] == slow_before, st["stats"]  # not one reached the daemon
         assert st["fastpath"]["forwarded"]["ESP"] == 100 and st["fastpath"]["forwarded"]["ESP_IN_UDP"] == 50
-        assert len(at(0x6E1)) == 1 and at(0x6E1).keys() == at(0x6E2).keys()  # one server for the client
-        rs = next(iter(at(0x6E1)))
+        raw, natt = esp_at(lab, 0x6E1), esp_at(lab, 0x6E2)
+        assert len(raw) == 1 and raw.keys() == natt.keys()  # one server for the client
+        rs = next(iter(esp_at(lab, 0x6E1)))
         want_dst = lab.vip6 if mode == "dr" else lab.rs_addrs6[rs]
         assert {r["dst"] for r in lab.received(rs) if r["spi"] in (0x6E1, 0x6E2)} == {want_dst}
     finally:
