@@ -105,8 +105,9 @@ OPTIONS = (
     Opt("method", ("--method",), "str", "dr|tun|nat", f"the service's forwarding method (default {DEFAULTS.method.label})"),
     Opt("affinity", ("--affinity",), "str", "ip|ip-port",
         f"a client keeps its real server per address, or per address and NAT-T port (default {DEFAULTS.affinity})"),
-    Opt("netmask", ("-M", "--netmask"), "str", "NETMASK",
-        "ipvsadm's persistence mask: only 255.255.255.255 (= --affinity ip)"),
+    Opt("netmask", ("-M", "--netmask"), "str", "NETMASK|PREFIX",
+        "ipvsadm's persistence mask, as a netmask (IPv4) or a prefix length (64 for IPv6): clients in one "
+        "prefix follow one real server (--affinity ip per prefix; the whole address = --affinity ip)"),
     Opt("persistent", ("-p", "--persistent"), "num", "SECONDS",
         "the ESTABLISHED timeout: how long an entry keeps its client's real server "
         f"(default {DEFAULTS.established_timeout:g})"),
@@ -436,11 +437,8 @@ def service_settings(a: dict[str, Any]) -> dict[str, Any]:
     if "expire-quiescent" in a or "no-expire-quiescent" in a:
         out["expire_quiescent"] = "expire-quiescent" in a
     if "netmask" in a:
-        if a["netmask"] != "255.255.255.255":
-            raise UsageError(f"-M {a['netmask']}: only 255.255.255.255 is supported: an IPsec client keeps "
-                             "its real server per address (--affinity ip) or per address and NAT-T port "
-                             "(--affinity ip-port), never per network")
         out["affinity"] = "ip"
+        out["affinity_prefix"] = _prefix_len(a["netmask"], a.get("vip", ""))
     if "ah" in a or "no-ah" in a:
         out["ah"] = "ah" in a
     if "drained" in a:
@@ -513,13 +511,28 @@ def _secs(v: float) -> str:
     return str(int(v)) if float(v).is_integer() else repr(float(v))
 
 
+def _prefix_len(text: str, vip: str) -> int:
+    """-M's value as ``affinity_prefix``: a prefix length, or an IPv4 netmask (255.255.255.0 = 24);
+    the whole address (32 for an IPv4 VIP, 128 for IPv6) is 0, per-address affinity."""
+    import ipaddress
+
+    bits = 128 if ":" in vip else 32
+    try:
+        n = int(text) if text.isdigit() else ipaddress.IPv4Network(f"0.0.0.0/{text}").prefixlen
+    except ValueError:
+        raise UsageError(f"-M {text}: not a prefix length or a contiguous IPv4 netmask") from None
+    if not 1 <= n <= bits:
+        raise UsageError(f"-M {text}: a prefix length is 1..{bits} for this VIP")
+    return 0 if n == bits else n
+
+
 def _scalar_text(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
     return _secs(v) if isinstance(v, float) else str(v)
 
 
-_SAVE_SERVICE_KEYS = {"vip", "scheduler", "scheduler_options", "method", "affinity", "ah", "timeouts",
+_SAVE_SERVICE_KEYS = {"vip", "scheduler", "scheduler_options", "method", "affinity", "affinity_prefix", "ah", "timeouts",
                       "retransmit_threshold", "soft_expiry", "expire_quiescent", "server", "drain", "spi_label",
                       "return_path", "ingress"}
 _SAVE_SERVER_KEYS = {"address", "weight", "method", "u_threshold", "l_threshold", "spi_label", "esp_spi_min",
@@ -544,7 +557,9 @@ def save_lines(services: list[dict]) -> Iterator[str]:
                 parts += ["--scheduler-option", f"{k}={_scalar_text(v)}"]
         if s.get("method", DEFAULTS.method.label) != DEFAULTS.method.label:
             parts += ["--method", s["method"]]
-        if s.get("affinity", DEFAULTS.affinity) != DEFAULTS.affinity:
+        if s.get("affinity_prefix"):
+            parts += ["-M", str(s["affinity_prefix"])]
+        elif s.get("affinity", DEFAULTS.affinity) != DEFAULTS.affinity:
             parts += ["--affinity", s["affinity"]]
         if not s.get("ah", True):
             parts.append("--no-ah")
@@ -638,7 +653,8 @@ def format_services(services: list[dict], fmt: str = "", exact: bool = False) ->
         on = [f for f, (sc, opt) in SCHED_FLAGS.items() if sc == sched and opts.get(opt) is True]
         if on:  # as ipvsadm -L: "mh (mh-fallback,mh-port)"
             sched += f" ({','.join(on)})"
-        flags = f" affinity {s['affinity']} {_secs(s['timeouts']['established'])}"
+        prefix = f"/{s['affinity_prefix']}" if s.get("affinity_prefix") else ""
+        flags = f" affinity {s['affinity']}{prefix} {_secs(s['timeouts']['established'])}"
         if s.get("expire_quiescent"):
             flags += " expire-quiescent"
         ann = s.get("announcement")  # route health injection: announced, or withdrawn and why

@@ -63,6 +63,7 @@ class ServiceConfig:
     scheduler_options: tuple[tuple[str, Any], ...] = ()
     method: Method = Method.DR
     affinity: str = "ip"
+    affinity_prefix: int = 0  # "ip" affinity per /N (ipvsadm -M); 0: the whole address
     ah: bool = True
     init_timeout: float = DEFAULT_INIT_TIMEOUT
     established_timeout: float = DEFAULT_ESTABLISHED_TIMEOUT
@@ -241,7 +242,7 @@ class Config:
 
 _DAEMON_KEYS = set(DaemonConfig.__dataclass_fields__)
 _SERVICE_KEYS = {
-    "vip", "scheduler", "scheduler_options", "method", "affinity", "ah", "timeouts",
+    "vip", "scheduler", "scheduler_options", "method", "affinity", "affinity_prefix", "ah", "timeouts",
     "retransmit_threshold", "soft_expiry", "health", "server", "drain", "spi_label",
     "expire_quiescent", "ingress", "return_path",
 }
@@ -457,6 +458,9 @@ def _service(c: _Checker, p: str, s: Any, vips: dict[str, int], addresses: dict[
         opts = {}
     method = c.method(f"{p}.method", s.get("method", "dr"))
     affinity = c.str_(f"{p}.affinity", s.get("affinity", "ip"), AFFINITY)
+    affinity_prefix = c.int_(f"{p}.affinity_prefix", s.get("affinity_prefix", 0), 0, 128 if ":" in vip else 32)
+    if affinity_prefix and affinity != "ip":
+        c.err(f"{p}.affinity_prefix", 'only with affinity = "ip" (a prefix groups addresses, not ports)')
     return_path = c.str_(f"{p}.return_path", s.get("return_path", "direct"), RETURN_PATHS)
     if return_path == "direct" and method == Method.NAT and "return_path" in s:
         c.err(f"{p}.return_path", 'a NAT service\'s replies always pass the director: "director" or leave it out')
@@ -539,6 +543,7 @@ def _service(c: _Checker, p: str, s: Any, vips: dict[str, int], addresses: dict[
         scheduler_options=tuple(sorted(opts.items())),
         method=method,
         affinity=affinity,
+        affinity_prefix=affinity_prefix,
         ah=ah,
         init_timeout=init,
         established_timeout=est,
@@ -618,6 +623,7 @@ def service_to_dict(s: ServiceConfig) -> dict:
         "scheduler": s.scheduler,
         "method": s.method.label,
         "affinity": s.affinity,
+        **({"affinity_prefix": s.affinity_prefix} if s.affinity_prefix else {}),
         "ah": s.ah,
         "timeouts": {"init": s.init_timeout, "established": s.established_timeout},
         "retransmit_threshold": s.retransmit_threshold,

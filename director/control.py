@@ -34,7 +34,7 @@ MUTATIONS = frozenset({
     "add-service", "edit-service", "del-service", "clear", "add-server", "edit-server", "del-server",
     "set-timeouts", "restore",
 })
-_EDITABLE_SERVICE = {"scheduler", "scheduler_options", "method", "affinity", "ah", "timeouts",
+_EDITABLE_SERVICE = {"scheduler", "scheduler_options", "method", "affinity", "affinity_prefix", "ah", "timeouts",
                      "retransmit_threshold", "soft_expiry", "health", "drain",
                      "expire_quiescent", "spi_label", "return_path", "ingress"}
 _EDITABLE_SERVER = {"weight", "method", "u_threshold", "l_threshold", "spi_label", "esp_spi_min", "esp_spi_max"}

@@ -48,7 +48,7 @@ from director.spi_label import ServerLabel, SpiLabels
 
 
 _SERVICE_FIELDS = frozenset({
-    "scheduler_name", "scheduler_options", "method", "affinity", "ah", "timeouts",
+    "scheduler_name", "scheduler_options", "method", "affinity", "affinity_prefix", "ah", "timeouts",
     "retransmit_threshold", "soft_limit", "soft_grace", "health", "spi_label", "expire_quiescent",
     "ingress",
     "return_path",
@@ -124,6 +124,51 @@ class _ServerCounts(TableListener):
 
     def removed(self, s: int, event: Event, state: int) -> None:
         self.count(self.table.rs_of(s), state, -1)
+
+
+class _PrefixGroups(TableListener):
+    """The live entries of each (service, client prefix), newest last, for services with an
+    ``affinity_prefix`` (ipvsadm's -M): a dict per prefix, insertion-ordered, so adding, removing
+    and finding the newest are O(1). Bounded by the table: one slot per entry at most."""
+
+    __slots__ = ("d", "groups")
+
+    def __init__(self, director: "Director") -> None:
+        self.d = director
+        self.groups: dict[tuple[int, int], dict[int, None]] = {}
+
+    def _key(self, s: int) -> tuple[int, int] | None:
+        t = self.d.table
+        svc = self.d.services.get(t.svc_of(s))
+        if svc is None or not svc.affinity_prefix or svc.affinity != "ip":
+            return None
+        return svc.id, svc.prefix_of(t.client_of(s))
+
+    def created(self, s: int) -> None:
+        k = self._key(s)
+        if k is not None:
+            self.groups.setdefault(k, {})[s] = None
+
+    def removed(self, s: int, event: Event, state: int) -> None:
+        k = self._key(s)
+        g = self.groups.get(k) if k is not None else None
+        if g is not None:
+            g.pop(s, None)
+            if not g:
+                del self.groups[k]
+
+    def newest(self, svc_id: int, prefix: int) -> int:
+        g = self.groups.get((svc_id, prefix))
+        return next(reversed(g)) if g else NO_SLOT
+
+    def rebuild(self, svc_id: int) -> None:
+        """After the service's prefix changed: its groups anew from the table (a scan: operator action)."""
+        for k in [k for k in self.groups if k[0] == svc_id]:
+            del self.groups[k]
+        t = self.d.table
+        for s in sorted(t.slots(), key=lambda s: t.view(s).created):
+            if t.svc_of(s) == svc_id:
+                self.created(s)
 
 
 class ClientProjection(TableListener):
@@ -215,6 +260,8 @@ class Director:
         client address (0 = no limit); ``pressure``: table fill above which drop-entry starts."""
         self.table = Table(capacity, now=now, pressure=pressure, seed=seed)
         self.table.listen(_ServerCounts(self.table, self._count))
+        self._prefixes = _PrefixGroups(self)
+        self.table.listen(self._prefixes)
         self._new_limit = TokenBucket(new_rate, now=now) if new_rate > 0 else None
         self._source_limit = SourceBuckets(new_per_source) if new_per_source > 0 else None
         self.services: dict[int, Service] = {}
@@ -292,6 +339,7 @@ class Director:
             self.remove_server(svc_id, rs_id)
         del self.services[svc_id]
         del self._by_vip[svc.vip]
+        self._prefixes.rebuild(svc_id)  # the service is gone: its prefix groups go too
         self._labels.pop(svc_id, None)
         self._ingress.pop(svc_id, None)
         del self.svc_counters[svc_id]
@@ -320,10 +368,13 @@ class Director:
         svc = self._service(svc_id)
         for rs_id in remove:
             self.remove_server(svc_id, rs_id)
+        grouping = (svc.affinity, svc.affinity_prefix)
         for k, v in (fields or {}).items():
             if k not in _SERVICE_FIELDS:
                 raise ConfigError(f"service.{k}: not a service setting")
             setattr(svc, k, v)
+        if (svc.affinity, svc.affinity_prefix) != grouping:
+            self._prefixes.rebuild(svc.id)
         if scheduler is not None:
             svc.scheduler = scheduler
         for rs_id, f in update:
@@ -777,6 +828,8 @@ class Director:
         """The client's newest live entry at the service's affinity granularity."""
         if svc.affinity == "ip-port":
             return self.table.natt_head(svc.id, c.src, c.sport)
+        if svc.affinity_prefix:
+            return self._prefixes.newest(svc.id, svc.prefix_of(c.src))
         return self.table.client_head(svc.id, c.src)
 
     def _reschedule(self, svc: Service, c, s: int, stat: str, exclude: int = NO_RS) -> RealServer | None:

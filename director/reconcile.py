@@ -59,6 +59,7 @@ def _service_fields(s: ServiceConfig) -> dict:
         "scheduler_options": dict(s.scheduler_options),
         "method": s.method,
         "affinity": s.affinity,
+        "affinity_prefix": s.affinity_prefix,
         "ah": s.ah,
         "timeouts": Timeouts(s.init_timeout, s.established_timeout),
         "retransmit_threshold": s.retransmit_threshold,

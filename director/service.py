@@ -26,6 +26,8 @@ class Service:
 
     ``affinity`` is the persistence granularity: ``ip`` sends all conversations of a client IP to
     one real server; ``ip-port`` tells apart many clients behind one NAT by their NAT-T port.
+    ``affinity_prefix`` widens ``ip`` to a prefix, as ipvsadm's ``-M``: every client in one /N
+    follows the newest live conversation of that prefix (0: the whole address).
     ``retransmit_threshold`` is the passive health signal: an initial packet repeated this many
     times without an answer reschedules the conversation (0 disables it).
     ``expire_quiescent`` (IPVS's expire_quiescent_template, per service here): a client whose live
@@ -39,6 +41,7 @@ class Service:
     method: Method = Method.DR
     timeouts: Timeouts = field(default_factory=Timeouts)
     affinity: str = "ip"
+    affinity_prefix: int = 0  # "ip" affinity per /N instead of per address (0: the whole address)
     ah: bool = True
     retransmit_threshold: int = 3
     soft_limit: int = 0
@@ -67,6 +70,11 @@ class Service:
             raise ConfigError(f"service.return_path: must be one of {', '.join(RETURN_PATHS)}, got '{self.return_path}'")
         if self.affinity not in AFFINITY:
             raise ConfigError(f"service.affinity: must be one of {', '.join(AFFINITY)}, got '{self.affinity}'")
+        bits = 32 if self.vip >> 32 == 0 else 128
+        if not 0 <= self.affinity_prefix <= bits:
+            raise ConfigError(f"service.affinity_prefix: must be 0..{bits}, got {self.affinity_prefix}")
+        if self.affinity_prefix and self.affinity != "ip":
+            raise ConfigError('service.affinity_prefix: only with affinity = "ip"')
         if self.retransmit_threshold < 0 or self.retransmit_threshold > 255:
             raise ConfigError(f"service.retransmit_threshold: must be 0..255, got {self.retransmit_threshold}")
         try:
@@ -75,6 +83,10 @@ class Service:
             raise ConfigError(f"service.scheduler: {e}") from None
         self.check_ah()
         self.scheduler.update(list(self.servers.values()))
+
+    def prefix_of(self, client: int) -> int:
+        """The client's affinity group: its address shifted right past the host bits (``affinity_prefix``)."""
+        return client >> ((32 if self.vip >> 32 == 0 else 128) - self.affinity_prefix)
 
     def check_family(self, rs: RealServer) -> None:
         """A service is one address family: its real servers are of its VIP's (DR, NAT66 and the

@@ -121,7 +121,7 @@ class Views:
                 })
             out.append({
                 "vip": int_to_ip(svc.vip), "scheduler": svc.scheduler_name, "method": svc.method.name.lower(),
-                "affinity": svc.affinity, "ah": svc.ah, "expire_quiescent": svc.expire_quiescent,
+                "affinity": svc.affinity, "affinity_prefix": svc.affinity_prefix, "ah": svc.ah, "expire_quiescent": svc.expire_quiescent,
                 "scheduler_options": dict(svc.scheduler_options),
                 "timeouts": {"init": svc.timeouts.init, "established": svc.timeouts.established},
                 "stats": {k: sum(r["stats"][k] for r in servers) for k in IPVS_COLUMNS},

@@ -157,7 +157,7 @@ REFUSED = [  # (argv, exit status, text the one-line message must contain)
     (["-Z", "-V", "198.18.0.199"], 1, "vip: no service 198.18.0.199"),
     (["-a", "-V", "198.18.0.100", "-r", "198.18.1.14", "--stats"], 2, "illegal option combination: -a with --stats"),
     (["-a", "-V", "198.18.0.100", "-r", "198.18.1.14", "-w", "lots"], 2, "-w: not an integer"),
-    (["-A", "-V", "198.18.0.102", "-M", "255.255.255.0"], 2, "-M 255.255.255.0: only 255.255.255.255"),
+    (["-A", "-V", "198.18.0.102", "-M", "255.0.255.0"], 2, "-M 255.0.255.0: not a prefix length"),
 ]
 
 

@@ -111,7 +111,8 @@ ILLEGAL = [
     (["-A", "-V", VIP, "--scheduler-option", "table_size"], "--scheduler-option: expected KEY=VALUE"),
     (["--set", "30"], "--set takes INIT ESTABLISHED"),
     (["--set", "30", "3600", "300"], "third value (ipvsadm's udp timeout) is not used"),
-    (["-A", "-V", VIP, "-M", "255.255.255.0"], "-M 255.255.255.0: only 255.255.255.255 is supported"),
+    (["-A", "-V", VIP, "-M", "255.0.255.0"], "-M 255.0.255.0: not a prefix length or a contiguous IPv4 netmask"),
+    (["-A", "-V", VIP, "-M", "33"], "-M 33: a prefix length is 1..32 for this VIP"),
 ]
 
 
@@ -153,7 +154,7 @@ def test_change_commands_send_only_what_was_given():
     assert run(["-A", "-V", VIP, "--method", "nat", "--no-ah", "-s", "sh", "-M", "255.255.255.255",
                 "-p", "600", "--soft-limit", "10", "--soft-grace", "3"])[0] == [
         ("add-service", {"service": {"vip": VIP, "ah": False, "scheduler": "sh", "method": "nat",
-                                     "affinity": "ip", "timeouts": {"established": 600},
+                                     "affinity": "ip", "affinity_prefix": 0, "timeouts": {"established": 600},
                                      "soft_expiry": {"limit": 10, "grace": 3}}})]
     assert run(["-E", "-V", VIP, "--init-timeout", "5"])[0] == [
         ("edit-service", {"vip": VIP, "changes": {"timeouts": {"init": 5}}})]
@@ -432,7 +433,7 @@ def test_list_connections_with_ipsec_columns():
 # -- main: exit codes and messages --------------------------------------------------------------------
 @pytest.mark.parametrize("argv", [
     ["-a", "-V", VIP, "-r", RIP1, "--stats"], ["--bogus"], ["-a", "-V", VIP, "-r", RIP1, "-w", "x"],
-    ["-A", "-V", VIP, "-M", "255.255.0.0"], ["-L", "-Z"], ["-u", "192.0.2.1:500"],
+    ["-A", "-V", VIP, "-M", "255.0.255.0"], ["-L", "-Z"], ["-u", "192.0.2.1:500"],
 ])
 def test_bad_invocation_exits_2_with_one_line(argv, capsys, monkeypatch):
     monkeypatch.setattr(cli, "control_request", lambda *a, **k: pytest.fail("no request may be sent"))
