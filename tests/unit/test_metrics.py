@@ -89,3 +89,22 @@ def test_route_health_injection_gauges():
     assert 'director_bgp_session_up{peer="uplink"} 1.0' in text
     assert 'director_bgp_session_up{peer="spare"} 0.0' in text
     assert "director_route_injection_error 0.0" in text
+
+
+def test_an_ipv6_service_is_labelled_in_rfc_5952_form():
+    d = Director(capacity=256)
+    reconcile.reconcile(d, parse('[[service]]\nvip = "2001:DB8:F:0::1"\nscheduler = "rr"\n'
+                                 '[[service.server]]\naddress = "2001:db8:5::0:1"\n'))  # fmt: skip
+    vip6, client6 = ip_to_int("2001:db8:f::1"), ip_to_int("2001:db8:c::5")
+    d.decide(craft.ike(client6, vip6, 7), 0.0)
+    d.decide(craft.ike(client6, vip6, 7, 8), 0.1)
+    for seq in range(2):
+        assert d.decide(craft.esp(client6, vip6, 9, seq), 1.0).action == Action.FORWARD
+    views = Views(d, clock=lambda: 1.0, latency={"client": Histogram(), "reply": Histogram()},
+                  stats={"icmp_sent": 0, "icmp_limited": 0, "icmp_suppressed": 0, "internal_errors": 0, "slow_iterations": 0})
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(Collector(views))
+    text = generate_latest(reg).decode()
+    assert 'director_packets_total{kind="esp",service="2001:db8:f::1",verdict="forward"} 2.0' in text
+    assert 'director_real_server_packets_total{direction="in",kind="esp",server="2001:db8:5::1",service="2001:db8:f::1"} 2.0' in text
+    assert "2001:db8:c:" not in text  # never a client address
