@@ -533,7 +533,7 @@ def _service(c: _Checker, p: str, s: Any, vips: dict[str, int], addresses: dict[
     mask = _spi_labels(c, p, s.get("spi_label"), servers, server_paths)
     if ":" in vip:  # IPv6 (docs/ipv6.md says what is not built yet)
         if return_path == "director" and method != Method.NAT:
-            c.err(f"{p}.return_path", '"director" is not built for IPv6 DR services yet: "direct"')
+            c.err(f"{p}.return_path", '"director" is not built for IPv6 DR and TUN services yet: "direct"')
     nat = ah_across_nat(ah, method, (r.method for r in servers))
     if nat is not None:
         c.err(f"{p}.ah" if nat < 0 else f"{server_paths[nat]}.method", AH_ACROSS_NAT)

@@ -40,7 +40,7 @@ def test_a_dual_stack_config_reconciles_to_two_services():
     (service("::10.0.0.1", "2001:db8::5"),
      "service[0].vip: not a global or unique-local unicast address: ::10.0.0.1 (multicast, link-local and ::/96 are refused)"),
     (service("2001:db8::1", "2001:db8::5", extra='return_path = "director"'),
-     'service[0].return_path: "director" is not built for IPv6 DR services yet: "direct"'),
+     'service[0].return_path: "director" is not built for IPv6 DR and TUN services yet: "direct"'),
     (service("2001:db8::1", "2001:db8:::5"), "service[0].server[0].address: not an IPv4 or IPv6 address: '2001:db8:::5'"),
 ])  # fmt: skip
 def test_ipv6_mistakes_get_one_line_naming_the_field(text, want):
