@@ -397,8 +397,8 @@ class FastPath:
         ifname = _ifname(self._ipr, self.client_ifindex)
         fwd = {False: nexthop.forwarding_enabled(ifname),
                True: nexthop.forwarding_enabled(ifname, Path("/proc/sys/net/ipv6/conf"))}  # fmt: skip
-        new = {a: nexthop.resolve(self._ipr, a) if fwd[is_ipv6(a)] else nexthop.Resolution(None, None, "forwarding disabled")
-               for a in addrs}  # fmt: skip
+        off = nexthop.Resolution(None, None, "forwarding disabled")
+        new = {a: nexthop.resolve(self._ipr, a) if fwd[is_ipv6(a)] else off for a in addrs}
         changed = {a for a in addrs if a not in self.next_hops or self.next_hops[a].nh != new[a].nh}
         for a in changed:
             was = self.next_hops.get(a)
@@ -466,6 +466,9 @@ class FastPath:
             slot = bs.server_slot(v)
             if want.get(rs_id) == a and slot not in self.slots.values():
                 self.slots[rs_id] = slot
+        # the IPv6 servers a previous daemon wrote: cleared by the next write if gone since
+        self._written6 = {i for i, v in enumerate(libbpf.array_values(self.fd["servers6"], bs.SERVER6_VAL.size,
+                                                                      bs.SERVER_IDS)) if any(v)}  # fmt: skip
 
     def _slot(self, rs_id: int) -> int:
         """rs_id's slot in ``rs_stats``, taken (and zeroed) on first use."""

@@ -131,7 +131,7 @@ class Verdicts:
             try:
                 for piece in fragment6(ip6ip6_encap(data, self.lan_addr6, rip), self.lan_mtu, self._ident6):
                     self.raw6.sendto(piece, dest)
-            except OSError:
+            except (OSError, AttributeError):  # no route or neighbour now; no IPv6 raw socket
                 self.stats["send_errors"] += 1
             return
         self._ident = (self._ident + 1) & 0xFFFF
