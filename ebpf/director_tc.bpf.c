@@ -35,6 +35,7 @@
 #include "csum.h"
 #include "fib.h"
 #include "fastpath.h"
+#include "fastpath6.h"
 #include "skb.h"
 #include "rewrite.h"
 
@@ -117,7 +118,7 @@ int director_tc(struct __sk_buff *skb)
 	int v;
 
 	skb_pull_headers(skb);
-	v = fp_decide(skb, (void *)(long)skb->data, (void *)(long)skb->data_end, skb->len, skb->ingress_ifindex, &f);
+	v = fp_decide_any(skb, (void *)(long)skb->data, (void *)(long)skb->data_end, skb->len, skb->ingress_ifindex, &f);
 	switch (v) {
 	case FP_PASS:
 		return TC_ACT_OK;

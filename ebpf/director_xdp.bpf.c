@@ -29,6 +29,7 @@
 #include "csum.h"
 #include "fib.h"
 #include "fastpath.h"
+#include "fastpath6.h"
 #include "xdp.h"
 
 SEC("xdp")
@@ -39,7 +40,7 @@ int director_xdp(struct xdp_md *ctx)
 	struct fp f;
 	int v, rc;
 
-	v = fp_decide(ctx, data, data_end, (__u32)(data_end - data), 0, &f);
+	v = fp_decide_any(ctx, data, data_end, (__u32)(data_end - data), 0, &f);
 	if (v == FP_PASS)
 		return XDP_PASS;
 	if (v == FP_DROP)

@@ -294,8 +294,17 @@ static __always_inline int fp_route_tun(void *ctx, struct fp *f, const struct se
 	return FP_TUN;
 }
 
-static __always_inline int fp_decide6(void *ctx, void *data, void *data_end, __u32 frame_len, __u32 in_ifindex,
-				      struct fp *f);
+/* Every decision starts here: the per-CPU stats, and the fields a verdict reads. 0: no stats map
+ * value (cannot happen once loaded): pass. */
+static __always_inline int fp_start(struct fp *f)
+{
+	__u32 zero = 0;
+
+	f->st = bpf_map_lookup_elem(&stats, &zero);
+	f->labelled = 0;
+	f->v6 = 0;
+	return f->st != 0;
+}
 
 /* The decision for the frame [data, data_end) of frame_len bytes in all (more than data_end - data
  * when tc's skb is not linear). in_ifindex: the fib lookups' input interface when the config
@@ -314,14 +323,9 @@ static __always_inline int fp_decide(void *ctx, void *data, void *data_end, __u3
 	void *ip;
 	int kind;
 
-	st = bpf_map_lookup_elem(&stats, &zero);
-	if (!st)
+	if (!fp_start(f))
 		return FP_PASS;
-	f->st = st;
-	f->labelled = 0;
-	f->v6 = 0;
-	if ((void *)(eth + 1) <= data_end && eth->h_proto == bpf_htons(ETH_P_IPV6))
-		return fp_decide6(ctx, data, data_end, frame_len, in_ifindex, f);
+	st = f->st;
 	if ((void *)(eth + 1) > data_end || eth->h_proto != bpf_htons(ETH_P_IP)) {
 		st->not_ours++;
 		return FP_PASS;
@@ -448,7 +452,5 @@ static __always_inline int fp_decide(void *ctx, void *data, void *data_end, __u3
 		return fp_pass(st, kind);
 	}
 }
-
-#include "fastpath6.h"
 
 #endif

@@ -1,5 +1,6 @@
-/* The client-side fast path for IPv6 (docs/ipv6.md): included by fastpath.h, whose fp_decide()
- * hands it every frame with the IPv6 ethertype. The same contract as IPv4 for what it does:
+/* The client-side fast path for IPv6 (docs/ipv6.md), beside fastpath.h's IPv4 one: fp_decide_any()
+ * hands a frame with the IPv6 ethertype to fp_decide6(), any other to fp_decide(). The same
+ * contract as IPv4 for what it does:
  * classified as director.packet.classify does (parsing6.h), malformed packets to a VIP dropped and
  * counted, ESP, AH (when the service takes it) and ESP-in-UDP of an ESTABLISHED client forwarded
  * by DR or NAT66, everything else passed untouched to the queue, and the stats invariant kept.
@@ -16,6 +17,7 @@
 #include "structs.h"
 #include "maps.h"
 #include "parsing6.h"
+#include "fastpath.h"
 
 #ifndef AF_INET6
 #define AF_INET6 10
@@ -45,12 +47,15 @@ static __always_inline int fp_decide6(void *ctx, void *data, void *data_end, __u
 	struct server_val *sv;
 	struct dp_config *cfg;
 	struct vip_val *vv;
-	struct dp_stats *st = f->st;
 	struct ipv6_hdr *h = data + ETH_HLEN;
+	struct dp_stats *st;
 	__u32 zero = 0;
 	long rc;
 	int kind;
 
+	if (!fp_start(f))
+		return FP_PASS;
+	st = f->st;
 	f->v6 = 1;
 	if ((void *)(h + 1) > data_end) {
 		st->not_ours++;
@@ -135,6 +140,17 @@ static __always_inline int fp_decide6(void *ctx, void *data, void *data_end, __u
 		return fp_pass(st, kind);
 	}
 	return sv->method == METHOD_DR ? FP_DR : FP_NAT;
+}
+
+/* The decision for any frame: IPv6 here, everything else as fastpath.h's fp_decide. */
+static __always_inline int fp_decide_any(void *ctx, void *data, void *data_end, __u32 frame_len, __u32 in_ifindex,
+					 struct fp *f)
+{
+	struct ethhdr *eth = data;
+
+	if ((void *)(eth + 1) <= data_end && eth->h_proto == bpf_htons(ETH_P_IPV6))
+		return fp_decide6(ctx, data, data_end, frame_len, in_ifindex, f);
+	return fp_decide(ctx, data, data_end, frame_len, in_ifindex, f);
 }
 
 /* DR and NAT66 on packet memory, both hooks: NAT's destination (IPv6 has no header checksum),
