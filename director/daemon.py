@@ -391,7 +391,7 @@ class Daemon:
                         os.read(rfd, 512)
                     elif hasattr(r, "drain"):
                         r.drain()
-                    elif prober is not None and (r is prober or r in (prober.icmp, prober.sock6, prober.icmp6)):
+                    elif prober is not None and r in prober.fds():
                         self._apply_health(prober.on_readable(t0))
                     elif r is self._sync:  # failover sync
                         self._sync.on_readable(t0)

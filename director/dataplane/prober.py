@@ -95,7 +95,7 @@ class Prober:
     targets: dict[int, _Target] = field(default_factory=dict)
     sock: socket.socket | None = None
     icmp: _IcmpSocket | None = None  # opened when a service asks for ICMP checks
-    sock6: "_IcmpSocket | _Udp6 | None" = None  # IKE probes to IPv6 real servers (opened when there are some)
+    sock6: _Udp6 | None = None  # IKE probes to IPv6 real servers (opened when there are some)
     icmp6: _IcmpSocket | None = None  # ICMPv6 echo for IPv6 real servers with ICMP checks
     ident: int = field(default_factory=lambda: int.from_bytes(os.urandom(2), "big"))
     _seq: int = 0

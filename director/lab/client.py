@@ -106,37 +106,41 @@ class LabClient:
                     return int.from_bytes(data[8:16], "big"), src
         return None
 
-    def recv_icmp_unreachable(self, timeout: float = 2.0) -> list[tuple[int, int, str, int]]:
-        """ICMP destination-unreachable messages seen: (type, code, source, quoted IP protocol)."""
-        out = []
-        end = time.monotonic() + timeout
-        while (left := end - time.monotonic()) > 0:
-            ready, _, _ = select.select([self.icmp], [], [], left)
-            if not ready:
-                break
-            data, (src, _) = self.icmp.recvfrom(65535)
-            ihl = (data[0] & 0x0F) * 4
-            icmp_type, code = data[ihl], data[ihl + 1]
-            if icmp_type == 3 and len(data) >= ihl + 8 + 20:
-                out.append((icmp_type, code, src, data[ihl + 8 + 9]))
-            if out:
-                break
-        return out
-
-    def recv_param_problem(self, timeout: float = 2.0) -> list[tuple[int, int, str, int, int]]:
-        """ICMPv6 parameter problems seen (an IPv6 raw socket gets the message without the IPv6
-        header): (type, code, source, pointer, the quoted packet's first next header)."""
-        out = []
+    def _recv_icmp(self, parse, timeout: float) -> list[tuple]:
+        """The first message of the ICMP socket that ``parse(data, source)`` turns into a tuple,
+        in a list (empty on timeout)."""
         end = time.monotonic() + timeout
         while (left := end - time.monotonic()) > 0:
             ready, _, _ = select.select([self.icmp], [], [], left)
             if not ready:
                 break
             data, peer = self.icmp.recvfrom(65535)
+            got = parse(data, peer[0])
+            if got is not None:
+                return [got]
+        return []
+
+    def recv_icmp_unreachable(self, timeout: float = 2.0) -> list[tuple[int, int, str, int]]:
+        """ICMP destination-unreachable messages seen: (type, code, source, quoted IP protocol)."""
+
+        def parse(data: bytes, src: str):
+            ihl = (data[0] & 0x0F) * 4
+            if data[ihl] == 3 and len(data) >= ihl + 8 + 20:
+                return data[ihl], data[ihl + 1], src, data[ihl + 8 + 9]
+            return None
+
+        return self._recv_icmp(parse, timeout)
+
+    def recv_param_problem(self, timeout: float = 2.0) -> list[tuple[int, int, str, int, int]]:
+        """ICMPv6 parameter problems seen (an IPv6 raw socket gets the message without the IPv6
+        header): (type, code, source, pointer, the quoted packet's first next header)."""
+
+        def parse(data: bytes, src: str):
             if data[0] == 4 and len(data) >= 8 + 40:
-                out.append((data[0], data[1], peer[0], int.from_bytes(data[4:8], "big"), data[8 + 6]))
-                break
-        return out
+                return data[0], data[1], src, int.from_bytes(data[4:8], "big"), data[8 + 6]
+            return None
+
+        return self._recv_icmp(parse, timeout)
 
     # -- whole exchanges ------------------------------------------------------------------------
     def ikev2_connect(self, timeout: float = 2.0) -> tuple[int, int, str]:
